@@ -1,0 +1,37 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# torch first, pinned: 2.14.1 + torchvision 0.29.1 is the pair with a working torchvision on our machines
+# (transformers' LLaVA-NeXT-Video video processor needs torchvision).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+QUESTION ?= What color is the circle?
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+demo: install
+	@echo "== video-llava ask video_llava/assets/sample.mp4 \"$(QUESTION)\" (embedded default model, CPU)"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/video-llava ask video_llava/assets/sample.mp4 "$(QUESTION)"
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) bench/decode.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

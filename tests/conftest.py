@@ -1,0 +1,65 @@
+"""Shared fixtures: real video files written with PyAV, and the embedded model built into a private cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# The suite must pass with no hub: everything it loads is local.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder is chatty
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from video_llava.synthetic import SAMPLE_SHAPES, MovingShape, render_frames, write_video  # noqa: E402
+
+FPS = 12.0
+NUM_FRAMES = 48
+WIDTH, HEIGHT = 320, 240
+
+
+@pytest.fixture(scope="session")
+def reference_frames() -> np.ndarray:
+    return render_frames(SAMPLE_SHAPES, num_frames=NUM_FRAMES, fps=FPS, width=WIDTH, height=HEIGHT)
+
+
+@pytest.fixture(scope="session")
+def video_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("videos")
+
+
+@pytest.fixture(scope="session")
+def video_files(video_dir: Path, reference_frames: np.ndarray) -> dict[str, Path]:
+    """One real file per container/codec we promise to read: 48 frames, 12 fps, 320x240."""
+    files = {}
+    for fmt, ext in [("mp4", "mp4"), ("mp4-mpeg4", "mp4"), ("avi", "avi"), ("webm", "webm"), ("mkv", "mkv"),
+                     ("mov", "mov"), ("mp4-hevc", "mp4"), ("mp4-av1", "mp4"), ("mjpeg", "avi")]:
+        path = video_dir / f"clip-{fmt}.{ext}"
+        write_video(path, reference_frames, fps=FPS, fmt=fmt)
+        files[fmt] = path
+    return files
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory) -> Path:
+    """A private cache for the embedded model so the suite never depends on ~/.cache."""
+    cache = tmp_path_factory.mktemp("video_llava_cache")
+    os.environ["VIDEO_LLAVA_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def embedded_model(embedded_cache):
+    from video_llava.model import VideoQAModel
+    from video_llava.settings import ModelSettings
+
+    return VideoQAModel(ModelSettings())
+
+
+def shapes_video(path: Path, num_frames: int, fps: float = FPS, width: int = WIDTH, height: int = HEIGHT,
+                 fmt: str = "mp4", **kwargs) -> Path:
+    frames = render_frames([MovingShape("circle", "red", "right")], num_frames=num_frames, fps=fps, width=width, height=height)
+    write_video(path, frames, fps=fps, fmt=fmt, **kwargs)
+    return path

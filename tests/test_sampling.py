@@ -1,0 +1,52 @@
+"""Frame sampling rules, as properties."""
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from video_llava.sampling import fps_indices, sample_frame_indices, uniform_indices
+
+totals = st.integers(min_value=1, max_value=20_000)
+wanted = st.integers(min_value=1, max_value=64)
+
+
+@given(totals, wanted)
+def test_uniform_indices_are_sorted_distinct_in_range_and_min_count(total, n):
+    idx = uniform_indices(total, n)
+    assert len(idx) == min(n, total)
+    assert np.all(np.diff(idx) > 0)
+    assert idx.min() >= 0 and idx.max() < total
+
+
+@given(totals, st.integers(min_value=2, max_value=64))
+def test_uniform_indices_cover_the_whole_video(total, n):
+    idx = uniform_indices(total, n)
+    assert idx[0] == 0 and idx[-1] == total - 1
+    # no gap between neighbours is more than one step wider than an even spread
+    if len(idx) > 1:
+        assert np.diff(idx).max() <= np.ceil((total - 1) / (len(idx) - 1)) + 1
+
+
+@given(totals, wanted, st.floats(min_value=1.0, max_value=120.0), st.floats(min_value=0.1, max_value=5.0))
+def test_fps_indices_one_per_interval_or_uniform_when_too_many(total, n, fps, sample_fps):
+    idx = fps_indices(total, fps, n, sample_fps)
+    assert 1 <= len(idx) <= n
+    assert np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < total
+    step = max(1, round(fps / sample_fps))
+    expected_count = len(range(0, total, step))
+    if expected_count <= n:
+        assert len(idx) == expected_count and np.all(np.diff(idx) == step)
+    else:
+        np.testing.assert_array_equal(idx, uniform_indices(total, n))
+
+
+def test_fewer_frames_than_asked_returns_every_frame_once():
+    np.testing.assert_array_equal(uniform_indices(5, 32), np.arange(5))
+
+
+def test_single_frame_request_takes_the_middle():
+    assert uniform_indices(101, 1).tolist() == [50]
+
+
+def test_fps_mode_on_a_30fps_ten_second_clip_gives_one_frame_per_second():
+    assert sample_frame_indices(300, 32, "fps", avg_fps=30.0).tolist() == list(range(0, 300, 30))

@@ -1,0 +1,209 @@
+"""``video-llava`` command line: ``ask`` a question about a video, or get its ``info``.
+
+    video-llava ask clip.mp4 "What color is the circle?" [--frames 32] [--model ID_OR_PATH] [--json]
+    video-llava info clip.mp4 [--frames 32] [--json]
+
+Errors print one line (``error: ...``) and exit non-zero; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+from video_llava.sampling import SamplingMode
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="video-llava", description="Ask LLaVA-NeXT-Video about a video.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("video", help="path to a video file")
+        p.add_argument("--frames", type=int, default=None, help="frames to sample (default 32; at most --max-frames)")
+        p.add_argument("--sampling", choices=[m.value for m in SamplingMode], default="uniform")
+        p.add_argument("--fps", type=float, default=1.0, help="frames per second in --sampling fps mode")
+        p.add_argument("--model", default="embedded", help="'embedded' (default), a hub id or a local checkpoint path")
+        p.add_argument("--max-frames", type=int, default=56, help="largest frame count allowed (sets the RoPE factor)")
+        p.add_argument("--rope-factor", type=float, default=None, help="force the RoPE linear scaling factor")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed for decoding the video")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ask = sub.add_parser("ask", help="answer a question about a video")
+    common(ask)
+    ask.add_argument("question")
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--device", default="auto")
+
+    info = sub.add_parser("info", help="metadata, sampled frames and token budget of a video")
+    common(info)
+    info.add_argument("--question", default="Describe the video in detail.", help="question used for the budget check")
+    return parser
+
+
+def _settings(args: argparse.Namespace, **extra):
+    from video_llava.settings import ModelSettings
+
+    frames = args.frames if args.frames is not None else min(32, args.max_frames)
+    if frames < 1:
+        raise ValueError(f"--frames must be at least 1, got {frames}")
+    return ModelSettings(
+        model=args.model,
+        num_frames=min(frames, args.max_frames),
+        max_frames=args.max_frames,
+        sampling=args.sampling,
+        sample_fps=args.fps,
+        rope_scaling_factor=args.rope_factor,
+        max_new_tokens=args.max_new_tokens,
+        **extra,
+    ), frames
+
+
+def _decode(args: argparse.Namespace, frames: int):
+    from video_llava.isolated_decode import decode_video
+    from video_llava.video import DecodeOptions
+
+    options = DecodeOptions(num_frames=frames, mode=args.sampling, sample_fps=args.fps, short_side=336)
+    start = time.perf_counter()
+    video = decode_video(args.video, options, timeout_s=args.timeout)
+    return video, time.perf_counter() - start
+
+
+def _ask(args: argparse.Namespace) -> dict:
+    from video_llava.model import VideoQAModel
+
+    settings, frames = _settings(args, device=args.device)
+    video, decode_s = _decode(args, frames)
+    start = time.perf_counter()
+    model = VideoQAModel(settings)
+    load_s = time.perf_counter() - start
+    model.check_request(video.num_frames, args.question, args.max_new_tokens)
+    (answer,) = model.answer([video], [args.question], max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return {
+        "answer": answer.text,
+        "model": model.model_id,
+        "question": args.question,
+        "num_frames": answer.num_frames,
+        "visual_tokens": answer.visual_tokens,
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "finish_reason": answer.finish_reason,
+        "timings": {"decode_s": round(decode_s, 3), "load_s": round(load_s, 3), "generate_s": round(answer.generate_s, 3)},
+        "video": {k: v for k, v in video.describe().items() if k not in ("sampled_indices", "timestamps")},
+    }
+
+
+def _info(args: argparse.Namespace) -> dict:
+    from transformers import LlavaNextVideoProcessor
+
+    from video_llava.budget import ContextBudgetError, TokenBudget
+    from video_llava.model import _offline, resolve_config, resolve_source
+    from video_llava.prompts import build_prompt
+
+    settings, frames = _settings(args)
+    video, decode_s = _decode(args, frames)
+    source = resolve_source(settings)
+    resolved = resolve_config(settings, source)
+    processor = LlavaNextVideoProcessor.from_pretrained(source, local_files_only=_offline(settings))
+    ids = processor.tokenizer(build_prompt(processor, args.question, settings.chat_template))["input_ids"]
+    prompt_tokens = len(ids) - ids.count(processor.video_token_id)
+    budget = TokenBudget(resolved.budget_context, resolved.per_frame, settings.max_frames)
+    try:
+        needed = budget.check(video.num_frames, prompt_tokens, settings.max_new_tokens)
+        fits, reason = True, None
+    except ContextBudgetError as exc:
+        needed, fits, reason = exc.needed, False, str(exc)
+    return {
+        **video.describe(),
+        "decode_s": round(decode_s, 3),
+        "model": settings.model,
+        "tokens_per_frame": resolved.per_frame,
+        "visual_tokens": video.num_frames * resolved.per_frame,
+        "prompt_tokens": prompt_tokens,
+        "max_new_tokens": settings.max_new_tokens,
+        "tokens_needed": needed,
+        "context": resolved.budget_context,
+        "rope_scaling_factor": resolved.rope_factor,
+        "fits_context": fits,
+        "max_frames_that_fit": budget.frames_that_fit(prompt_tokens, settings.max_new_tokens),
+        "budget_error": reason,
+    }
+
+
+def _print_human(command: str, result: dict) -> None:
+    if command == "ask":
+        print(result["answer"])
+        t = result["timings"]
+        print(
+            f"[{result['model']}: {result['num_frames']} frames, {result['visual_tokens']} visual + "
+            f"{result['prompt_tokens']} prompt -> {result['completion_tokens']} tokens; decode {t['decode_s']}s, "
+            f"load {t['load_s']}s, generate {t['generate_s']}s]",
+            file=sys.stderr,
+        )
+        return
+    rows = [
+        ("container / codec", f"{result['container']} / {result['codec']} (decoded with {result['backend']})"),
+        ("size", f"{result['width']}x{result['height']}" + (f", rotated {result['rotation']} deg" if result["rotation"] else "")),
+        ("frames / fps / duration", f"{result['frame_count']} / {result['fps']} / {result['duration']} s"),
+        ("sampled", f"{result['num_sampled']} frames: indices {result['sampled_indices']}"),
+        ("timestamps (s)", str(result["timestamps"])),
+        ("visual tokens", f"{result['num_sampled']} x {result['tokens_per_frame']} = {result['visual_tokens']}"),
+        ("context", f"{result['tokens_needed']} needed of {result['context']} (RoPE x{result['rope_scaling_factor']:g})"),
+        ("fits", "yes" if result["fits_context"] else f"NO: {result['budget_error']}"),
+    ]
+    for name, value in rows:
+        print(f"{name:>24}: {value}")
+    for warning in result["warnings"]:
+        print(f"{'warning':>24}: {warning}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    from video_llava.budget import ContextBudgetError
+    from video_llava.model import ModelLoadError
+    from video_llava.video import VideoDecodeError
+
+    try:
+        result = _ask(args) if args.command == "ask" else _info(args)
+    except (VideoDecodeError, ContextBudgetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:  # invalid settings (pydantic's ValidationError is a ValueError)
+        print(f"error: invalid option: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_human(args.command, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Load LLaVA-NeXT-Video through transformers' own classes and answer questions about videos in batches."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from video_llava.budget import TokenBudget, rope_factor_for_frames, tokens_per_frame
+from video_llava.embedded import embedded_path
+from video_llava.prompts import build_prompt
+from video_llava.settings import EMBEDDED, ModelSettings
+from video_llava.video import SampledVideo
+
+log = logging.getLogger(__name__)
+
+LLAVA_NEXT_VIDEO_TYPE = "llava_next_video"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One generated answer with the token counts that produced it."""
+
+    text: str
+    num_frames: int
+    visual_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
+    generate_s: float
+
+
+def declared_rope_factor(text_config: Any) -> float | None:
+    """The linear RoPE factor a checkpoint declares, whatever shape its config has.
+
+    Handles a proper ``rope_parameters``/``rope_scaling`` block and the loose ``factor``/``type`` keys that
+    ``llava-hf/LLaVA-NeXT-Video-7B-hf``'s config.json carries in ``text_config`` (which transformers would
+    otherwise ignore, silently running unscaled).
+    """
+    for name in ("rope_parameters", "rope_scaling"):
+        block = getattr(text_config, name, None)
+        if isinstance(block, dict):
+            kind = block.get("rope_type", block.get("type"))
+            if kind == "linear" and block.get("factor"):
+                return float(block["factor"])
+    loose_type = getattr(text_config, "type", None)
+    loose_factor = getattr(text_config, "factor", None)
+    if loose_type == "linear" and loose_factor:
+        return float(loose_factor)
+    return None
+
+
+def apply_rope_scaling(text_config: Any, factor: float) -> None:
+    """Set linear RoPE scaling ``factor`` (1.0 = none) on ``text_config`` and drop loose legacy keys."""
+    current = getattr(text_config, "rope_parameters", None) or {}
+    theta = current.get("rope_theta") or getattr(text_config, "rope_theta", None) or 10000.0
+    if factor > 1.0:
+        text_config.rope_parameters = {"rope_type": "linear", "factor": float(factor), "rope_theta": theta}
+    else:
+        text_config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    for loose in ("type", "factor"):
+        if hasattr(text_config, loose):
+            try:
+                delattr(text_config, loose)
+            except AttributeError:
+                pass
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device={setting!r} but no CUDA GPU is visible; use device='cpu' or 'auto'")
+    return setting
+
+
+def resolve_dtype(setting: str, device: str):
+    import torch
+
+    if setting == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, setting)
+
+
+def resolve_attention(setting: str, device: str) -> str:
+    if setting != "auto":
+        if setting == "flash_attention_2" and not _flash_attn_available():
+            raise ModelLoadError("attn_implementation='flash_attention_2' needs the gpu extra: pip install '.[gpu]'")
+        return setting
+    if device.startswith("cuda") and _flash_attn_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _flash_attn_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_source(settings: ModelSettings) -> str:
+    """A local directory or hub id for ``settings.model``; 'embedded' resolves to the tiny default."""
+    if settings.model == EMBEDDED:
+        return str(embedded_path())
+    path = Path(settings.model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} exists but has no config.json: not a transformers checkpoint directory")
+        return str(path)
+    return settings.model
+
+
+def _offline(settings: ModelSettings) -> bool:
+    return settings.local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+@dataclass
+class ResolvedConfig:
+    """A checkpoint's config with our settings applied, and the numbers derived from it."""
+
+    config: Any
+    per_frame: int
+    base_context: int
+    rope_factor: float
+    declared_factor: float | None
+
+    @property
+    def budget_context(self) -> int:
+        return int(self.base_context * self.rope_factor)
+
+
+def resolve_config(settings: ModelSettings, source: str | None = None) -> ResolvedConfig:
+    """Load only the config (no weights) and apply pooling and RoPE scaling as ``settings`` say."""
+    from transformers import AutoConfig
+
+    source = source or resolve_source(settings)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=settings.revision, local_files_only=_offline(settings))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot load model {settings.model!r}: {str(exc).splitlines()[0]} "
+            "(give a local checkpoint directory, or a hub id that is cached or reachable)"
+        ) from exc
+    if config.model_type != LLAVA_NEXT_VIDEO_TYPE:
+        raise ModelLoadError(
+            f"{settings.model!r} is a {config.model_type!r} checkpoint; a LLaVA-NeXT-Video checkpoint "
+            f"(model_type {LLAVA_NEXT_VIDEO_TYPE!r}) is needed"
+        )
+    if config.spatial_pool_stride != 2:
+        raise ModelLoadError(
+            f"checkpoint pools with stride {config.spatial_pool_stride}; only stride 2 gives the token count "
+            "transformers' processor assumes (144 per frame at 336 px)"
+        )
+    if config.spatial_pool_mode in ("average", "max"):  # parameter-free modes; "conv" has weights, keep it
+        config.spatial_pool_mode = settings.spatial_pool_mode
+    declared = declared_rope_factor(config.text_config)
+    per_frame = tokens_per_frame(config.vision_config.image_size, config.vision_config.patch_size, config.spatial_pool_stride)
+    base_context = settings.base_context or int(config.text_config.max_position_embeddings)
+    if settings.rope_scaling_factor is not None:
+        factor = float(settings.rope_scaling_factor)
+    else:
+        factor = max(rope_factor_for_frames(settings.max_frames, per_frame, base_context), declared or 1.0)
+    if declared and factor != declared:
+        log.info("RoPE linear factor %.2f (checkpoint declares %.2f)", factor, declared)
+    apply_rope_scaling(config.text_config, factor)
+    return ResolvedConfig(config, per_frame, base_context, factor, declared)
+
+
+class VideoQAModel:
+    """LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration`` + ``LlavaNextVideoProcessor``) ready to answer."""
+
+    def __init__(self, settings: ModelSettings | None = None):
+        self.settings = settings or ModelSettings()
+        self.source = resolve_source(self.settings)
+        self.device = resolve_device(self.settings.device)
+        self.dtype = resolve_dtype(self.settings.dtype, self.device)
+        self.attn_implementation = resolve_attention(self.settings.attn_implementation, self.device)
+        resolved = resolve_config(self.settings, self.source)
+        self.config = resolved.config
+        self.per_frame = resolved.per_frame
+        self.base_context = resolved.base_context
+        self.rope_factor = resolved.rope_factor
+        self.declared_factor = resolved.declared_factor
+        self.model, self.processor = self._load_weights()
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # batched generate needs the prompts aligned on the right
+        self.model_id = EMBEDDED if self.settings.model == EMBEDDED else self.settings.model
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    def _load_weights(self):
+        import torch
+        from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor
+
+        kwargs = dict(revision=self.settings.revision, local_files_only=_offline(self.settings))
+        try:
+            processor = LlavaNextVideoProcessor.from_pretrained(self.source, **kwargs)
+            model = LlavaNextVideoForConditionalGeneration.from_pretrained(
+                self.source, config=self.config, dtype=self.dtype, attn_implementation=self.attn_implementation, **kwargs
+            )
+        except (OSError, ValueError, ImportError) as exc:
+            raise ModelLoadError(f"cannot load weights of {self.settings.model!r}: {str(exc).splitlines()[0]}") from exc
+        if getattr(processor, "patch_size", None) is None:  # older processor configs omit it
+            processor.patch_size = self.config.vision_config.patch_size
+            processor.vision_feature_select_strategy = self.config.vision_feature_select_strategy
+        model.to(self.device).eval()
+        torch.set_grad_enabled(False)
+        return model, processor
+
+    # ---- budget --------------------------------------------------------------------------------------------
+    @property
+    def budget(self) -> TokenBudget:
+        return TokenBudget(context=int(self.base_context * self.rope_factor), per_frame=self.per_frame, max_frames=self.settings.max_frames)
+
+    def prompt_for(self, question: str) -> str:
+        return build_prompt(self.processor, question, self.settings.chat_template)
+
+    def count_prompt_tokens(self, question: str) -> int:
+        """Text tokens of the full prompt, the ``<video>`` placeholder excluded."""
+        ids = self.tokenizer(self.prompt_for(question), add_special_tokens=True)["input_ids"]
+        return len(ids) - ids.count(self.processor.video_token_id)
+
+    def check_request(self, num_frames: int, question: str, max_new_tokens: int | None = None) -> int:
+        """Raise ``ContextBudgetError`` unless the request fits; returns the tokens it needs."""
+        new = max_new_tokens or self.settings.max_new_tokens
+        return self.budget.check(num_frames, self.count_prompt_tokens(question), new)
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def answer(
+        self,
+        videos: Sequence[np.ndarray | SampledVideo],
+        questions: Sequence[str],
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Answer]:
+        """Answer ``questions[i]`` about ``videos[i]`` (frames ``(N,H,W,3)`` uint8) with one batched ``generate``.
+
+        Videos with different frame counts cannot share one pixel tensor, so they run as one batch per count.
+        """
+        if len(videos) != len(questions):
+            raise ValueError(f"{len(videos)} videos but {len(questions)} questions")
+        frames = [v.frames if isinstance(v, SampledVideo) else np.asarray(v) for v in videos]
+        for i, f in enumerate(frames):
+            if f.ndim != 4 or f.shape[-1] != 3 or f.shape[0] < 1:
+                raise ValueError(f"video {i}: expected frames of shape (N, H, W, 3), got {f.shape}")
+        new_tokens = max_new_tokens or self.settings.max_new_tokens
+        prompt_counts = []
+        for f, q in zip(frames, questions):  # refuse the whole batch before any compute if one does not fit
+            n = self.count_prompt_tokens(q)
+            self.budget.check(f.shape[0], n, new_tokens)
+            prompt_counts.append(n)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, f in enumerate(frames):
+            groups[f.shape[0]].append(i)
+        results: list[Answer | None] = [None] * len(frames)
+        for count, members in groups.items():
+            texts, completions, reasons, elapsed = self._generate(
+                [frames[i] for i in members], [questions[i] for i in members], new_tokens, temperature, top_p, seed
+            )
+            for j, i in enumerate(members):
+                results[i] = Answer(
+                    text=texts[j],
+                    num_frames=count,
+                    visual_tokens=count * self.per_frame,
+                    prompt_tokens=prompt_counts[i],
+                    completion_tokens=completions[j],
+                    finish_reason=reasons[j],
+                    generate_s=elapsed,
+                )
+        return results  # type: ignore[return-value]
+
+    def _generate(self, frames, questions, max_new_tokens, temperature, top_p, seed):
+        import torch
+
+        prompts = [self.prompt_for(q) for q in questions]
+        inputs = self.processor(text=prompts, videos=list(frames), padding=True, return_tensors="pt")
+        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+        gen: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if temperature > 0:
+            gen.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if seed is not None:
+            torch.manual_seed(seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **gen)
+        elapsed = time.perf_counter() - start
+        new = output[:, inputs["input_ids"].shape[1] :].cpu()
+        eos = self._eos_ids()
+        texts, completions, reasons = [], [], []
+        for row in new.tolist():
+            stop_at = next((k for k, t in enumerate(row) if t in eos), None)
+            kept = row if stop_at is None else row[:stop_at]
+            kept = [t for t in kept if t != self.tokenizer.pad_token_id]
+            texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
+            completions.append(len(kept) + (0 if stop_at is None else 1))
+            reasons.append("length" if stop_at is None else "stop")
+        return texts, completions, reasons, elapsed
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+    def describe(self) -> dict:
+        """Settings as resolved at load time (JSON-ready)."""
+        return {
+            "model": self.model_id,
+            "source": self.source,
+            "device": self.device,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "attn_implementation": self.attn_implementation,
+            "tokens_per_frame": self.per_frame,
+            "spatial_pool": f"{self.config.spatial_pool_mode} stride {self.config.spatial_pool_stride}",
+            "rope_scaling_factor": self.rope_factor,
+            "declared_rope_factor": self.declared_factor,
+            "context": self.budget.context,
+            "max_frames": self.settings.max_frames,
+        }

@@ -1,0 +1,59 @@
+"""Chat templates of the LLaVA-NeXT-Video family, and the prompt for one video question.
+
+Named templates follow LLaVA-NeXT's ``conversation.py``: ``vicuna_v1`` (7B, 7B-DPO), ``mistral_direct``
+(34B-DPO), ``qwen_1_5`` (32B-Qwen). ``auto`` uses the chat template saved with the checkpoint's processor
+(llava-hf checkpoints and our embedded default carry one), falling back to ``vicuna_v1``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+ChatTemplateName = Literal["auto", "vicuna_v1", "mistral_direct", "qwen_1_5"]
+
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+# Jinja template saved with the embedded model's processor: the llava-hf layout (USER:/ASSISTANT:, media first).
+LLAVA_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] + ' ' }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'video' %}{{ '<video>\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _user_content(question: str, video_token: str) -> str:
+    return f"{video_token}\n{question.strip()}"
+
+
+def render_named(template: ChatTemplateName, question: str, video_token: str = "<video>") -> str:
+    """The generation prompt for one video question in a LLaVA-NeXT conversation style."""
+    user = _user_content(question, video_token)
+    if template == "vicuna_v1":
+        return f"{VICUNA_SYSTEM} USER: {user} ASSISTANT:"
+    if template == "mistral_direct":
+        return f"<|im_start|>system\nAnswer the questions.<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    if template == "qwen_1_5":
+        return (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        )
+    raise ValueError(f"unknown chat template {template!r}")
+
+
+def build_prompt(processor, question: str, template: ChatTemplateName = "auto") -> str:
+    """Prompt text with one ``<video>`` placeholder, in the template the settings ask for."""
+    video_token = getattr(processor, "video_token", "<video>")
+    if template == "auto":
+        if getattr(processor, "chat_template", None):
+            conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question.strip()}]}]
+            return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        template = "vicuna_v1"
+    return render_named(template, question, video_token)

@@ -1,0 +1,54 @@
+"""``ModelSettings``: every knob of the video recipe and the runtime, validated once."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from video_llava.prompts import ChatTemplateName
+from video_llava.sampling import SamplingMode
+
+EMBEDDED = "embedded"
+
+
+class ModelSettings(BaseModel):
+    """How to load LLaVA-NeXT-Video and shape its inputs.
+
+    ``rope_scaling_factor``: ``None`` derives it: the smallest factor that fits ``max_frames`` by LLaVA-NeXT's
+    rule (ceil((max_frames x 144 + 1000) / 4096)), but never below a factor the checkpoint declares (it was
+    fine-tuned with that one). A number forces that factor; 1.0 turns scaling off.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(EMBEDDED, description="'embedded', a hub id such as llava-hf/LLaVA-NeXT-Video-7B-hf, or a local path")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    num_frames: int = Field(32, ge=1, description="frames sampled per video by default")
+    max_frames: int = Field(56, ge=1, le=512, description="largest frame count a request may use")
+    sampling: SamplingMode = Field(SamplingMode.UNIFORM, description="default frame sampling mode")
+    sample_fps: float = Field(1.0, gt=0, description="frames per second in fps sampling mode")
+    spatial_pool_stride: int = Field(2, description="stride of the pooling of the 24x24 patch grid (must be 2)")
+    spatial_pool_mode: Literal["average", "max"] = "average"
+    rope_scaling_factor: float | None = Field(None, ge=1.0, description="RoPE linear scaling; None derives it")
+    base_context: int | None = Field(None, ge=256, description="positions the LLM was trained on; None reads the config")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    chat_template: ChatTemplateName = "auto"
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+    local_files_only: bool = Field(False, description="never contact the hub (also implied by HF_HUB_OFFLINE=1)")
+
+    @field_validator("spatial_pool_stride")
+    @classmethod
+    def _stride_is_two(cls, value: int) -> int:
+        if value != 2:
+            raise ValueError(
+                f"spatial_pool_stride={value} is not supported: transformers' LlavaNextVideoProcessor counts "
+                "video tokens as patches // 4, which is only right for stride 2 (12x12 = 144 tokens per frame)"
+            )
+        return value
+
+    def model_post_init(self, __context) -> None:
+        if self.num_frames > self.max_frames:
+            raise ValueError(f"num_frames={self.num_frames} exceeds max_frames={self.max_frames}; lower num_frames or raise max_frames")
