@@ -84,10 +84,11 @@ def test_variable_frame_rate_timestamps_come_from_the_container(tmp_path, backen
     np.testing.assert_allclose(video.timestamps, times, atol=2e-3)
 
 
-@pytest.mark.parametrize("size", [(202, 114), (120, 360), (1280, 8)])
+@pytest.mark.parametrize("size", [(202, 114), (120, 360), (1280, 8), (321, 241), (97, 55)])
 def test_unusual_frame_sizes(tmp_path, size):
     width, height = size
-    path = shapes_video(tmp_path / "odd.mp4", num_frames=6, width=width, height=height)
+    odd = width % 2 or height % 2
+    path = shapes_video(tmp_path / "odd.mkv", num_frames=6, width=width, height=height, fmt="mkv-444" if odd else "mkv")
     video = sample_video(path, DecodeOptions(num_frames=3))
     assert video.frames.shape == (3, height, width, 3)
 

@@ -36,6 +36,7 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "mkv": ("matroska", "libx264", "yuv420p"),
     "mov": ("mov", "libx264", "yuv420p"),
     "mjpeg": ("avi", "mjpeg", "yuvj420p"),
+    "mkv-444": ("matroska", "libx264", "yuv444p"),  # no chroma subsampling: odd widths/heights allowed
 }
 
 
@@ -97,11 +98,13 @@ def write_video(
     fmt: str = "mp4",
     rotation: int = 0,
     frame_times: Sequence[float] | None = None,
+    gop: int | None = None,
 ) -> None:
     """Encode RGB ``frames`` into ``dest`` as ``fmt`` (a key of ``FORMATS``).
 
     ``rotation`` stores display-rotation metadata (degrees counter-clockwise) as phones do.
     ``frame_times`` (seconds, increasing) gives a variable frame rate; otherwise frames are 1/fps apart.
+    ``gop``: keyframe interval in frames (encoder default when ``None``; phones use about one second).
     """
     import av
 
@@ -118,6 +121,8 @@ def write_video(
             stream.options = {"preset": "ultrafast", "x265-params": "log-level=error"}
         if codec == "libsvtav1":
             stream.options = {"preset": "12"}
+        if gop is not None:
+            stream.codec_context.gop_size = gop
         if frame_times is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         if rotation:

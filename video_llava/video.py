@@ -45,10 +45,13 @@ class DecodeOptions:
     sample_fps: float = 1.0
     short_side: int | None = None
     backend: Backend = "auto"
+    threads: int = 1  # decoder threads per video; 1 suits many videos decoded in parallel workers, 0 = all cores
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.short_side is not None and self.short_side < 8:
             raise ValueError(f"short_side must be >= 8 pixels, got {self.short_side}")
         object.__setattr__(self, "mode", SamplingMode(self.mode))
@@ -161,7 +164,7 @@ def probe_stream_info(source: str | bytes) -> dict:
 def _decode_decord(source: str | bytes, opts: DecodeOptions, rotation: int) -> tuple:
     import decord
 
-    reader = decord.VideoReader(_open_for_reader(source), ctx=decord.cpu(0), num_threads=1)
+    reader = decord.VideoReader(_open_for_reader(source), ctx=decord.cpu(0), num_threads=opts.threads)
     total = len(reader)
     if total < 1:
         raise VideoDecodeError("the video has zero frames")
@@ -171,7 +174,7 @@ def _decode_decord(source: str | bytes, opts: DecodeOptions, rotation: int) -> t
         width, height = _resized_dims(display_w, display_h, opts.short_side)
         if (width, height) != (display_w, display_h):
             reader = decord.VideoReader(
-                _open_for_reader(source), ctx=decord.cpu(0), num_threads=1, width=width, height=height
+                _open_for_reader(source), ctx=decord.cpu(0), num_threads=opts.threads, width=width, height=height
             )
     fps = float(reader.get_avg_fps() or 0.0)
     indices = sample_frame_indices(total, opts.num_frames, opts.mode, fps, opts.sample_fps)
@@ -220,6 +223,7 @@ def _decode_pyav(source: str | bytes, opts: DecodeOptions, rotation: int) -> tup
         with av.open(_open_for_reader(source), metadata_errors="ignore") as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = opts.threads
             coded_w, coded_h = stream.codec_context.width, stream.codec_context.height
             width, height = _resized_dims(coded_w, coded_h, opts.short_side)
             display = (coded_h, coded_w) if rotation % 180 == 90 else (coded_w, coded_h)

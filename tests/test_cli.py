@@ -1,0 +1,103 @@
+"""The ``video-llava`` command, end to end in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SAMPLE = Path(__file__).resolve().parents[1] / "video_llava" / "assets" / "sample.mp4"
+
+
+def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "video_llava.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_bundled_sample_is_small_and_decodes():
+    from video_llava.video import sample_video
+
+    assert SAMPLE.stat().st_size < 100_000
+    assert sample_video(SAMPLE).metadata.frame_count == 48
+
+
+def test_ask_json_answers_with_token_counts(embedded_cache):
+    result = run_cli("ask", str(SAMPLE), "What color is the circle?", "--frames", "16", "--max-new-tokens", "8", "--json", cache=embedded_cache)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert isinstance(out["answer"], str)
+    assert out["num_frames"] == 16 and out["visual_tokens"] == 16 * 144
+    assert 1 <= out["completion_tokens"] <= 8
+    assert out["model"] == "embedded" and out["video"]["frame_count"] == 48
+
+
+def test_ask_prints_the_answer_on_stdout(embedded_cache):
+    result = run_cli("ask", str(SAMPLE), "What color is the circle?", "--max-new-tokens", "4", cache=embedded_cache)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() != "" or "completion" in result.stderr
+    assert "32 frames" in result.stderr
+
+
+def test_info_json_reports_indices_timestamps_and_budget(embedded_cache):
+    result = run_cli("info", str(SAMPLE), "--frames", "8", "--json", cache=embedded_cache)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["sampled_indices"] == [0, 7, 13, 20, 27, 34, 40, 47]
+    assert info["timestamps"] == pytest.approx([i / 12 for i in info["sampled_indices"]], abs=1e-3)
+    assert info["visual_tokens"] == 8 * 144 and info["fits_context"] is True
+    assert info["context"] == 12288 and info["rope_scaling_factor"] == 3.0
+    assert (info["width"], info["height"], info["fps"], info["duration"]) == (320, 240, 12.0, 4.0)
+
+
+def test_info_says_when_a_video_does_not_fit(embedded_cache, tmp_path):
+    from tests.conftest import shapes_video
+
+    long_clip = shapes_video(tmp_path / "long.mp4", num_frames=240, width=64, height=48)
+    result = run_cli("info", str(long_clip), "--frames", "200", "--max-frames", "512", "--rope-factor", "3", "--json", cache=embedded_cache)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["fits_context"] is False and info["num_sampled"] == 200
+    assert 80 <= info["max_frames_that_fit"] <= 84 and "use at most" in info["budget_error"]
+
+
+@pytest.mark.parametrize(
+    "make_input,expected",
+    [
+        (lambda d: d / "missing.mp4", "no such file"),
+        (lambda d: (d / "notes.mp4").write_text("hello") and d / "notes.mp4", "not a readable video"),
+        (lambda d: (d / "empty.mp4").write_bytes(b"") or d / "empty.mp4", "empty file"),
+    ],
+)
+def test_bad_video_prints_one_error_line_and_exits_nonzero(embedded_cache, tmp_path, make_input, expected):
+    path = make_input(tmp_path)
+    result = run_cli("ask", str(path), "What?", cache=embedded_cache)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
+
+
+def test_too_many_frames_is_refused_with_the_budget(embedded_cache, tmp_path):
+    from tests.conftest import shapes_video
+
+    clip = shapes_video(tmp_path / "long.mp4", num_frames=240, width=64, height=48)
+    result = run_cli("ask", str(clip), "What?", "--frames", "200", cache=embedded_cache)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "exceeds max_frames=56" in result.stderr and "use at most 56 frames" in result.stderr
+
+
+def test_invalid_options_are_one_line_errors(embedded_cache):
+    result = run_cli("ask", str(SAMPLE), "What?", "--frames", "0", cache=embedded_cache)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_unknown_model_is_a_one_line_error(embedded_cache):
+    result = run_cli("ask", str(SAMPLE), "What?", "--model", "nobody/none", cache=embedded_cache)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: cannot load model")

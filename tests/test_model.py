@@ -1,0 +1,199 @@
+"""The model layer: transformers' LLaVA-NeXT-Video classes, 144 tokens per frame, RoPE scaling, budget, batching."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from video_llava.budget import ContextBudgetError, rope_factor_for_frames, tokens_per_frame
+from video_llava.embedded import build_embedded, embedded_path
+from video_llava.model import ModelLoadError, VideoQAModel, resolve_config
+from video_llava.settings import ModelSettings
+from video_llava.synthetic import SAMPLE_SHAPES, MovingShape, render_frames
+
+
+@pytest.fixture(scope="module")
+def clip() -> np.ndarray:
+    return render_frames(SAMPLE_SHAPES, num_frames=16, fps=12)
+
+
+def _checkpoint_copy(tmp_path: Path, edit_text_config) -> Path:
+    """The embedded checkpoint with ``text_config`` rewritten (weights linked, not copied)."""
+    src = embedded_path()
+    dest = tmp_path / "ckpt"
+    dest.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.name == "config.json":
+            config = json.loads(item.read_text())
+            edit_text_config(config["text_config"])
+            (dest / "config.json").write_text(json.dumps(config))
+        else:
+            os.symlink(item, dest / item.name)
+    return dest
+
+
+def _unscaled(text_config: dict) -> None:
+    text_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def _llava_hf_7b_shape(text_config: dict) -> None:
+    """Like llava-hf/LLaVA-NeXT-Video-7B-hf's config.json: factor/type as loose keys, no scaling block."""
+    text_config.pop("rope_parameters")
+    text_config.update({"factor": 2.0, "type": "linear", "rope_theta": 10000.0})
+
+
+def test_rule_16_frames_unscaled_32_doubles_56_triples():
+    assert [rope_factor_for_frames(n) for n in (16, 32, 56)] == [1.0, 2.0, 3.0]
+    assert tokens_per_frame(336, 14, 2) == 144
+
+
+def test_llm_receives_exactly_144_visual_tokens_per_frame(embedded_model, clip):
+    processor = embedded_model.processor
+    prompt = embedded_model.prompt_for("What color is the circle?")
+    inputs = processor(text=[prompt], videos=[clip], return_tensors="pt")
+    assert int((inputs["input_ids"] == processor.video_token_id).sum()) == 16 * 144
+    features = embedded_model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"])
+    pooled = features.pooler_output
+    assert pooled.shape[:2] == (1, 16 * 144)
+    assert pooled.shape[-1] == embedded_model.config.text_config.hidden_size
+
+
+def test_pooling_is_stride_2_average_of_the_24x24_patch_grid(embedded_model):
+    pooler = embedded_model.model.model.vision_resampler.pool
+    assert isinstance(pooler, torch.nn.AvgPool2d) and pooler.stride == 2
+    grid = torch.arange(24 * 24, dtype=torch.float32).reshape(1, 576, 1)
+    pooled = embedded_model.model.model.vision_resampler(grid)
+    assert pooled.shape == (1, 144, 1)
+    assert pooled[0, 0, 0].item() == pytest.approx((0 + 1 + 24 + 25) / 4)
+
+
+@pytest.mark.parametrize("max_frames,factor", [(16, 1.0), (32, 2.0), (56, 3.0)])
+def test_factor_is_derived_from_max_frames_for_an_unscaled_checkpoint(tmp_path, embedded_cache, max_frames, factor):
+    ckpt = _checkpoint_copy(tmp_path, _unscaled)
+    resolved = resolve_config(ModelSettings(model=str(ckpt), max_frames=max_frames, num_frames=min(16, max_frames)))
+    assert resolved.rope_factor == factor
+    params = resolved.config.text_config.rope_parameters
+    assert params["rope_type"] == ("default" if factor == 1.0 else "linear")
+    assert resolved.budget_context == 4096 * int(factor)
+
+
+def test_loaded_model_rotary_frequencies_are_divided_by_the_factor(tmp_path, embedded_cache):
+    ckpt = _checkpoint_copy(tmp_path, _unscaled)
+    plain = VideoQAModel(ModelSettings(model=str(ckpt), max_frames=16, num_frames=16))
+    scaled = VideoQAModel(ModelSettings(model=str(ckpt), max_frames=56))
+    assert scaled.model.config.text_config.rope_parameters["rope_type"] == "linear"
+    assert scaled.model.config.text_config.rope_parameters["factor"] == 3.0
+    plain_freq = plain.model.model.language_model.rotary_emb.inv_freq
+    scaled_freq = scaled.model.model.language_model.rotary_emb.inv_freq
+    torch.testing.assert_close(scaled_freq * 3.0, plain_freq)
+
+
+def test_config_with_loose_factor_keys_like_llava_hf_7b_is_scaled_not_silently_unscaled(tmp_path, embedded_cache):
+    ckpt = _checkpoint_copy(tmp_path, _llava_hf_7b_shape)
+    # transformers alone ignores the loose keys: this is the bug we guard against
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(ckpt).text_config.rope_parameters.get("rope_type", "default") == "default"
+    model = VideoQAModel(ModelSettings(model=str(ckpt), max_frames=16, num_frames=16))
+    assert model.declared_factor == 2.0
+    assert model.rope_factor == 2.0  # 16 frames alone would need none, but the checkpoint was tuned at 2
+    assert model.model.config.text_config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    plain = VideoQAModel(ModelSettings(model=str(_checkpoint_copy(tmp_path / "u", _unscaled)), max_frames=16, num_frames=16))
+    torch.testing.assert_close(
+        model.model.model.language_model.rotary_emb.inv_freq * 2.0, plain.model.model.language_model.rotary_emb.inv_freq
+    )
+    assert model.budget.context == 8192
+
+
+def test_explicit_factor_wins(tmp_path, embedded_cache):
+    ckpt = _checkpoint_copy(tmp_path, _llava_hf_7b_shape)
+    assert resolve_config(ModelSettings(model=str(ckpt), rope_scaling_factor=4.0)).rope_factor == 4.0
+
+
+def test_200_frames_are_refused_with_the_numbers_and_the_largest_count_that_fits(embedded_model):
+    with pytest.raises(ContextBudgetError) as info:
+        embedded_model.check_request(200, "What color is the circle?")
+    message = str(info.value)
+    assert "200 frames x 144 = 28800 visual tokens" in message
+    assert "context 12288" in message and "use at most 56 frames" in message
+    assert info.value.max_frames_that_fit == 56
+
+
+def test_a_question_too_long_for_the_context_is_refused_naming_the_budget(embedded_model):
+    question = "why " * 12000
+    with pytest.raises(ContextBudgetError, match="shorten the question"):
+        embedded_model.check_request(32, question)
+
+
+def test_56_frames_fit_and_are_answered(embedded_model):
+    frames = render_frames(SAMPLE_SHAPES, num_frames=56, fps=12, width=160, height=120)
+    (answer,) = embedded_model.answer([frames], ["What color is the circle?"], max_new_tokens=4)
+    assert answer.num_frames == 56 and answer.visual_tokens == 56 * 144
+    assert 1 <= answer.completion_tokens <= 4
+
+
+def test_batched_generate_with_left_padding_matches_one_at_a_time(embedded_model, clip):
+    other = render_frames([MovingShape("square", "green", "up")], num_frames=16, fps=12)
+    videos = [clip, other, clip[:8]]
+    questions = ["What color is the circle?", "Which way does the green square move? Answer in one word.", "Hi"]
+    batched = embedded_model.answer(videos, questions, max_new_tokens=8)
+    single = [embedded_model.answer([v], [q], max_new_tokens=8)[0] for v, q in zip(videos, questions)]
+    assert embedded_model.tokenizer.padding_side == "left"
+    assert [a.text for a in batched] == [a.text for a in single]
+    assert [a.prompt_tokens for a in batched] == [a.prompt_tokens for a in single]
+    assert batched[0].prompt_tokens != batched[1].prompt_tokens  # the batch really needed padding
+    assert [a.num_frames for a in batched] == [16, 16, 8]
+
+
+def test_cpu_defaults_are_float32_and_sdpa(embedded_model):
+    described = embedded_model.describe()
+    assert described["device"] == "cpu" and described["dtype"] == "float32"
+    assert described["attn_implementation"] == "sdpa"
+    assert described["tokens_per_frame"] == 144 and described["rope_scaling_factor"] == 3.0
+
+
+def test_settings_refuse_pooling_strides_the_processor_cannot_count():
+    with pytest.raises(ValueError, match="stride 2"):
+        ModelSettings(spatial_pool_stride=4)
+    with pytest.raises(ValueError, match="exceeds max_frames"):
+        ModelSettings(num_frames=64, max_frames=56)
+
+
+def test_unknown_model_offline_is_a_clear_load_error(embedded_cache):
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        VideoQAModel(ModelSettings(model="nobody/no-such-model-xyz"))
+
+
+def test_directory_without_config_or_of_another_type_is_refused(tmp_path, embedded_cache):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        VideoQAModel(ModelSettings(model=str(tmp_path / "empty")))
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ModelLoadError, match="'llama' checkpoint"):
+        VideoQAModel(ModelSettings(model=str(tmp_path / "llama")))
+
+
+def test_embedded_checkpoint_is_built_deterministically(tmp_path):
+    first, second = build_embedded(tmp_path / "a"), build_embedded(tmp_path / "b")
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_embedded_tokenizer_round_trips_any_text(embedded_model):
+    tokenizer = embedded_model.tokenizer
+    for text in ["What color is the circle?", "¿Qué pasa? 日本語 🎥", "x" * 50]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+
+
+def test_embedded_checkpoint_is_small(embedded_cache):
+    size = sum(f.stat().st_size for f in embedded_path().iterdir())
+    assert size < 20 * 2**20
