@@ -43,6 +43,13 @@ def test_av1_which_decord_cannot_open_falls_back_to_pyav(video_files):
     assert any("decord" in w for w in video.warnings)
 
 
+def test_animated_gif_decodes(tmp_path):
+    path = shapes_video(tmp_path / "anim.gif", num_frames=24, width=160, height=120, fmt="gif")
+    video = sample_video(path, DecodeOptions(num_frames=8))
+    assert video.metadata.frame_count == 24 and video.frames.shape == (8, 120, 160, 3)
+    assert video.metadata.duration == pytest.approx(2.0, abs=0.1)
+
+
 @pytest.mark.parametrize("source_kind", ["path", "bytes", "fileobj"])
 def test_path_bytes_and_file_object_give_the_same_frames(video_files, source_kind):
     path = video_files["mp4"]

@@ -36,7 +36,8 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "mkv": ("matroska", "libx264", "yuv420p"),
     "mov": ("mov", "libx264", "yuv420p"),
     "mjpeg": ("avi", "mjpeg", "yuvj420p"),
-    "mkv-444": ("matroska", "libx264", "yuv444p"),  # no chroma subsampling: odd widths/heights allowed
+    "mkv-444": ("matroska", "libx264", "yuv444p"),
+    "gif": ("gif", "gif", "rgb8"),  # animated GIF: what chat apps send as "video"  # no chroma subsampling: odd widths/heights allowed
 }
 
 
