@@ -8,7 +8,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -312,6 +312,67 @@ class VideoQAModel:
             completions.append(len(kept) + (0 if stop_at is None else 1))
             reasons.append("length" if stop_at is None else "stop")
         return texts, completions, reasons, elapsed
+
+    def stream_answer(
+        self,
+        frames: np.ndarray,
+        question: str,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ) -> Iterator[str | Answer]:
+        """Yield the answer's text as it is generated, then one final ``Answer`` with the counts."""
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        frames = np.asarray(frames)
+        new_tokens = max_new_tokens or self.settings.max_new_tokens
+        prompt_tokens = self.count_prompt_tokens(question)
+        self.budget.check(frames.shape[0], prompt_tokens, new_tokens)
+        inputs = self.processor(text=[self.prompt_for(question)], videos=[frames], return_tensors="pt")
+        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        gen: dict[str, Any] = dict(max_new_tokens=new_tokens, pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
+        if temperature > 0:
+            gen.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    result["output"] = self.model.generate(**inputs, **gen)
+            except BaseException as exc:  # surfaced to the caller below, after the streamer ends
+                result["error"] = exc
+                streamer.end()
+
+        start = time.perf_counter()
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        pieces = []
+        for piece in streamer:
+            if piece:
+                pieces.append(piece)
+                yield piece
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        row = result["output"][0, inputs["input_ids"].shape[1] :].tolist()
+        eos = self._eos_ids()
+        stop_at = next((k for k, t in enumerate(row) if t in eos), None)
+        kept = row if stop_at is None else row[:stop_at]
+        yield Answer(
+            text="".join(pieces).strip(),
+            num_frames=int(frames.shape[0]),
+            visual_tokens=int(frames.shape[0]) * self.per_frame,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(kept) + (0 if stop_at is None else 1),
+            finish_reason="length" if stop_at is None else "stop",
+            generate_s=time.perf_counter() - start,
+        )
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

@@ -1,0 +1,1 @@
+"""The REST service: Ray Serve deployments (ingress + model), schemas, URL fetching, serving logic."""

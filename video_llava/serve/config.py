@@ -1,0 +1,70 @@
+"""``ServeArgs``: the validated ``args:`` block of ``serve_configs/*.yaml`` (the typed application builder's input)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from video_llava.settings import ModelSettings
+
+
+class LimitSettings(BaseModel):
+    """What the service accepts. Anything beyond is a 4xx with a JSON reason."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_upload_bytes: int = Field(200 * 2**20, ge=1, description="largest upload or fetched video")
+    max_duration_s: float = Field(600.0, gt=0, description="longest video accepted")
+    max_question_chars: int = Field(8000, ge=1)
+    fetch_timeout_s: float = Field(20.0, gt=0, description="time allowed to fetch a video URL")
+    decode_timeout_s: float = Field(60.0, gt=0, description="time allowed to decode one video")
+    # SSRF: by default URLs may only point at public addresses. Tests and private deployments list the
+    # hosts (names or CIDR blocks) they trust; file:// is never fetched.
+    url_allowlist: list[str] = Field(default_factory=list, description="hosts/CIDRs allowed even if private")
+    allow_private_urls: bool = Field(False, description="allow loopback/private/link-local targets (unsafe)")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto) for s3:// URLs")
+
+
+class BatchSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1, le=256, description="requests per generate call")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
+    max_batch_visual_tokens: int = Field(64 * 144 * 8, ge=144, description="visual tokens per generate call")
+
+
+class DeploymentSettings(BaseModel):
+    """Replica resources and scaling for the model deployment (the ingress scales alongside on CPUs)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1, description="beyond this Serve answers 503 (-1: unbounded)")
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(1, ge=0)
+    decode_workers: int = Field(2, ge=1, description="decode processes per ingress replica")
+
+
+class ServeArgs(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    batching: BatchSettings = Field(default_factory=BatchSettings)
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeArgs":
+        if self.deployment.min_replicas > self.deployment.max_replicas:
+            raise ValueError("deployment.min_replicas must be <= deployment.max_replicas")
+        per_video = self.model.max_frames * 144
+        if self.batching.max_batch_visual_tokens < per_video:
+            raise ValueError(
+                f"batching.max_batch_visual_tokens={self.batching.max_batch_visual_tokens} cannot hold one video of "
+                f"max_frames={self.model.max_frames} ({per_video} tokens); raise it or lower max_frames"
+            )
+        return self

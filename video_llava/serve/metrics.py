@@ -1,0 +1,33 @@
+"""Our Prometheus metrics, exported next to Ray Serve's own (``ray_serve_*``) by Ray's metrics agent."""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Histogram
+
+LATENCY_BUCKETS_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60]
+
+
+class ModelMetrics:
+    """Recorded by the model deployment."""
+
+    def __init__(self) -> None:
+        self.batch_size = Histogram(
+            "video_llava_batch_size", description="Requests per generate call.", boundaries=[1, 2, 4, 8, 16, 32, 64]
+        )
+        self.visual_tokens = Counter("video_llava_visual_tokens", description="Visual tokens fed to the LLM.")
+        self.generate_latency = Histogram(
+            "video_llava_generate_seconds", description="Time in generate per batch.", boundaries=LATENCY_BUCKETS_S
+        )
+
+
+class IngressMetrics:
+    """Recorded by the ingress deployment."""
+
+    def __init__(self) -> None:
+        self.frames_decoded = Counter("video_llava_frames_decoded", description="Frames decoded and sampled.")
+        self.decode_latency = Histogram(
+            "video_llava_decode_seconds", description="Time to decode and sample one video.", boundaries=LATENCY_BUCKETS_S
+        )
+        self.rejected = Counter(
+            "video_llava_rejected_requests", description="Requests answered with an error.", tag_keys=("code",)
+        )

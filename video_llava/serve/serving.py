@@ -1,0 +1,226 @@
+"""Serving logic behind the routes: validate, fetch, decode on CPU workers, ask the model deployment, shape replies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator
+
+from video_llava.isolated_decode import IsolatedDecoder
+from video_llava.serve.config import ServeArgs
+from video_llava.serve.fetch import fetch_video
+from video_llava.serve.metrics import IngressMetrics
+from video_llava.serve.protocol import (
+    ChatCompletionRequest,
+    GenerationOptions,
+    QAResponse,
+    ServiceError,
+    Timings,
+    Usage,
+    chat_chunk,
+    chat_response,
+    completion_id,
+)
+from video_llava.video import DecodeOptions, SampledVideo, VideoDecodeError
+
+# Frames are resized while decoding so the shorter side is 336 px, the model's input size: the processor
+# would do it anyway, and it keeps 4K uploads from costing gigabytes per request.
+MODEL_SHORT_SIDE = 336
+RETRY_AFTER_S = "2"
+
+
+class QAService:
+    """Everything a request needs between HTTP and the model deployment."""
+
+    def __init__(self, model_handle: Any, args: ServeArgs):
+        self.model = model_handle
+        self.args = args
+        self.limits = args.limits
+        self.decoder = IsolatedDecoder(workers=args.deployment.decode_workers, timeout_s=args.limits.decode_timeout_s)
+        self.metrics = IngressMetrics()
+        self.model_name = args.model.model
+
+    def close(self) -> None:
+        self.decoder.close()
+
+    # ---- validation ------------------------------------------------------------------------------------------
+    def _frames_wanted(self, opts: GenerationOptions) -> int:
+        settings = self.args.model
+        frames = opts.num_frames or settings.num_frames
+        if frames > settings.max_frames:
+            raise ServiceError(
+                400, f"num_frames={frames} exceeds max_frames={settings.max_frames}; use at most {settings.max_frames}",
+                code="too_many_frames", param="num_frames",
+            )
+        return frames
+
+    def _check_question(self, question: str) -> str:
+        question = question.strip()
+        if not question:
+            raise ServiceError(400, "question is empty", param="question")
+        if len(question) > self.limits.max_question_chars:
+            raise ServiceError(
+                400, f"question has {len(question)} characters; the limit is {self.limits.max_question_chars}",
+                code="context_length_exceeded", param="question",
+            )
+        return question
+
+    # ---- decode ----------------------------------------------------------------------------------------------
+    async def decode(self, data: bytes, opts: GenerationOptions) -> tuple[SampledVideo, float]:
+        settings = self.args.model
+        options = DecodeOptions(
+            num_frames=self._frames_wanted(opts),
+            mode=opts.sampling or settings.sampling,
+            sample_fps=opts.sample_fps or settings.sample_fps,
+            short_side=MODEL_SHORT_SIDE,
+        )
+        start = time.perf_counter()
+        try:
+            video = await asyncio.to_thread(self.decoder.decode, data, options)
+        except VideoDecodeError as exc:
+            raise ServiceError(422, f"could not read the video: {exc.reason}", code="invalid_video", param="video")
+        elapsed = time.perf_counter() - start
+        if video.metadata.duration > self.limits.max_duration_s:
+            raise ServiceError(
+                422, f"video is {video.metadata.duration:.1f} s long; the limit is {self.limits.max_duration_s:g} s",
+                code="video_too_long", param="video",
+            )
+        self.metrics.frames_decoded.inc(video.num_frames)
+        self.metrics.decode_latency.observe(elapsed)
+        return video, elapsed
+
+    async def fetch(self, url: str):
+        return await fetch_video(url, self.limits)
+
+    # ---- model -----------------------------------------------------------------------------------------------
+    def _item(self, video: SampledVideo, question: str, opts: GenerationOptions, new_tokens: int | None) -> dict:
+        return {
+            "frames": video.frames,
+            "question": question,
+            "max_new_tokens": new_tokens or opts.max_new_tokens,
+            "temperature": opts.temperature,
+            "top_p": opts.top_p,
+        }
+
+    async def _ask_model(self, item: dict) -> dict:
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            result = await self.model.answer.remote(item)
+        except BackPressureError:
+            raise ServiceError(
+                503, "the service is at capacity; retry shortly", type="overloaded", code="queue_full",
+                headers={"Retry-After": RETRY_AFTER_S},
+            )
+        if "error" in result:
+            err = result["error"]
+            raise ServiceError(err["status"], err["message"], code=err["code"], param=err.get("param"))
+        return result
+
+    # ---- /v1/video/qa ----------------------------------------------------------------------------------------
+    async def answer(self, data: bytes, question: str, opts: GenerationOptions, fetch_s: float = 0.0) -> QAResponse:
+        start = time.perf_counter() - fetch_s
+        question = self._check_question(question)
+        video, decode_s = await self.decode(data, opts)
+        result = await self._ask_model(self._item(video, question, opts, None))
+        return self._qa_response(video, result, fetch_s, decode_s, start)
+
+    def _qa_response(self, video: SampledVideo, result: dict, fetch_s: float, decode_s: float, start: float) -> QAResponse:
+        usage = Usage(
+            visual_tokens=result["visual_tokens"],
+            prompt_tokens=result["prompt_tokens"],
+            completion_tokens=result["completion_tokens"],
+            total_tokens=result["visual_tokens"] + result["prompt_tokens"] + result["completion_tokens"],
+        )
+        described = video.describe()
+        return QAResponse(
+            answer=result["text"],
+            model=self.model_name,
+            num_frames=result["num_frames"],
+            sampled_indices=described.pop("sampled_indices"),
+            timestamps=described.pop("timestamps"),
+            finish_reason=result["finish_reason"],
+            usage=usage,
+            timings=Timings(
+                fetch_s=round(fetch_s, 4),
+                decode_s=round(decode_s, 4),
+                queue_s=round(result["queue_s"], 4),
+                generate_s=round(result["generate_s"], 4),
+                total_s=round(time.perf_counter() - start, 4),
+            ),
+            video=described,
+        )
+
+    # ---- /v1/chat/completions --------------------------------------------------------------------------------
+    @staticmethod
+    def _chat_inputs(request: ChatCompletionRequest) -> tuple[str, list[str]]:
+        """The question (text of the last user message) and the video URLs of the conversation."""
+        urls: list[str] = []
+        question = ""
+        for message in request.messages:
+            if message.role != "user":
+                continue
+            if isinstance(message.content, str):
+                question = message.content
+                continue
+            texts = []
+            for part in message.content or []:
+                if part.type == "video_url":
+                    urls.append(part.video_url.url)
+                else:
+                    texts.append(part.text)
+            question = " ".join(t for t in texts if t.strip()) or question
+        if not urls:
+            raise ServiceError(400, "no video: add a content part {'type': 'video_url', 'video_url': {'url': ...}}", param="messages")
+        if len(urls) > 1:
+            raise ServiceError(400, f"{len(urls)} videos in one request; one video per request is supported", param="messages")
+        if not question.strip():
+            raise ServiceError(400, "no question: add a text content part to the user message", param="messages")
+        return question, urls
+
+    async def chat(self, request: ChatCompletionRequest) -> dict:
+        start = time.perf_counter()
+        question, urls = self._chat_inputs(request)
+        question = self._check_question(question)
+        fetched = await self.fetch(urls[0])
+        video, decode_s = await self.decode(fetched.data, request)
+        result = await self._ask_model(self._item(video, question, request, request.new_tokens()))
+        reply = self._qa_response(video, result, fetched.seconds, decode_s, start)
+        extra = {"num_frames": reply.num_frames, "sampled_indices": reply.sampled_indices, "timings": reply.timings.model_dump()}
+        return chat_response(completion_id(), self.model_name, reply.answer, reply.finish_reason, reply.usage, extra)
+
+    async def prepare_stream(self, request: ChatCompletionRequest) -> dict:
+        """Everything before the first token (errors here are still plain HTTP errors)."""
+        question, urls = self._chat_inputs(request)
+        question = self._check_question(question)
+        fetched = await self.fetch(urls[0])
+        video, _ = await self.decode(fetched.data, request)
+        item = self._item(video, question, request, request.new_tokens())
+        problem = await self.model.check.remote(video.num_frames, question, item["max_new_tokens"])
+        if problem:
+            err = problem["error"]
+            raise ServiceError(err["status"], err["message"], code=err["code"], param=err.get("param"))
+        return item
+
+    async def stream(self, item: dict) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+        cid = completion_id()
+        yield _sse(chat_chunk(cid, self.model_name, {"role": "assistant", "content": ""}))
+        finish = "stop"
+        async for event in self.model.options(stream=True).stream.remote(item):
+            if "delta" in event:
+                yield _sse(chat_chunk(cid, self.model_name, {"content": event["delta"]}))
+            elif "done" in event:
+                finish = event["done"]["finish_reason"]
+            elif "error" in event:
+                err = event["error"]
+                yield _sse({"error": {"message": err["message"], "type": "invalid_request_error", "code": err["code"]}})
+                yield "data: [DONE]\n\n"
+                return
+        yield _sse(chat_chunk(cid, self.model_name, {}, finish_reason=finish))
+        yield "data: [DONE]\n\n"
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
