@@ -1,0 +1,288 @@
+"""The REST service end to end: real Ray, real Serve on 127.0.0.1, real HTTP, a real S3 endpoint (moto)."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import http.server
+import os
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import shapes_video
+
+pytestmark = pytest.mark.slow
+
+SAMPLE = Path(__file__).resolve().parents[1] / "video_llava" / "assets" / "sample.mp4"
+MAX_UPLOAD = 2 * 2**20
+MAX_QUESTION_CHARS = 9000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Files(http.server.SimpleHTTPRequestHandler):
+    """Serves the test's video directory; /to-metadata redirects to a link-local address."""
+
+    def do_GET(self):
+        if self.path == "/to-metadata":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("www")
+    (root / "sample.mp4").write_bytes(SAMPLE.read_bytes())
+    (root / "notes.txt").write_text("not a video")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _Files(*a, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="videos")
+    client.put_object(Bucket="videos", Key="clips/sample.mp4", Body=SAMPLE.read_bytes())
+    client.put_object(Bucket="videos", Key="clips/broken.mp4", Body=b"\x00\x00\x00 ftypisom broken")
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def service(embedded_cache, http_files, s3):
+    import ray
+    from ray import serve
+
+    from video_llava.serve.app import build_app
+    from video_llava.serve.config import ServeArgs
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = ServeArgs.model_validate(
+        {
+            "model": {"max_new_tokens": 8},
+            "limits": {
+                "max_upload_bytes": MAX_UPLOAD,
+                "max_question_chars": MAX_QUESTION_CHARS,
+                "url_allowlist": ["127.0.0.1"],  # the test's own HTTP server
+                "s3_endpoint_url": s3,
+            },
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
+            "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "max_ongoing_requests": 64, "max_queued_requests": 256},
+        }
+    )
+    serve.run(build_app(args), name="video_llava", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    yield base
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _qa_upload(base: str, data: bytes, question: str = "What color is the circle?", **fields) -> httpx.Response:
+    form = {"question": question, **{k: str(v) for k, v in fields.items()}}
+    return httpx.post(f"{base}/v1/video/qa", files={"video": ("clip.mp4", data, "video/mp4")}, data=form, timeout=120)
+
+
+def _assert_still_answers(base: str) -> None:
+    response = _qa_upload(base, SAMPLE.read_bytes(), num_frames=8)
+    assert response.status_code == 200, response.text
+
+
+def _error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert body["message"]
+    if code:
+        assert body["code"] == code, body
+    return body
+
+
+# ---- happy paths -------------------------------------------------------------------------------------------
+def test_upload_qa_answers_with_counts_and_timings(service):
+    response = _qa_upload(service, SAMPLE.read_bytes(), num_frames=16)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "embedded" and isinstance(body["answer"], str)
+    assert body["num_frames"] == 16 and len(body["sampled_indices"]) == 16
+    assert body["usage"]["visual_tokens"] == 16 * 144 and 1 <= body["usage"]["completion_tokens"] <= 8
+    assert set(body["timings"]) >= {"decode_s", "queue_s", "generate_s"}
+    assert body["video"]["frame_count"] == 48
+
+
+def test_fps_sampling_per_request(service):
+    response = _qa_upload(service, SAMPLE.read_bytes(), sampling="fps", sample_fps=2)
+    assert response.status_code == 200, response.text
+    assert response.json()["sampled_indices"] == [0, 6, 12, 18, 24, 30, 36, 42]
+
+
+def test_url_qa_from_an_allow_listed_http_server(service, http_files):
+    base_url, _ = http_files
+    response = httpx.post(f"{service}/v1/video/qa", json={"video_url": f"{base_url}/sample.mp4", "question": "What moves?", "num_frames": 8}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["num_frames"] == 8 and response.json()["timings"]["fetch_s"] > 0
+
+
+def test_s3_qa_against_moto(service):
+    response = httpx.post(f"{service}/v1/video/qa", json={"video_url": "s3://videos/clips/sample.mp4", "question": "What?", "num_frames": 8}, timeout=120)
+    assert response.status_code == 200, response.text
+
+
+def test_data_url_qa(service):
+    url = "data:video/mp4;base64," + base64.b64encode(SAMPLE.read_bytes()).decode()
+    response = httpx.post(f"{service}/v1/video/qa", json={"video_url": url, "question": "What?", "num_frames": 4}, timeout=120)
+    assert response.status_code == 200, response.text
+
+
+def test_openai_client_chat_completion_and_stream(service):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{service}/v1", api_key="unused")
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video_url", "video_url": {"url": "s3://videos/clips/sample.mp4"}},
+                {"type": "text", "text": "What color is the circle?"},
+            ],
+        }
+    ]
+    completion = client.chat.completions.create(model="embedded", messages=messages, max_tokens=6)
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.usage.completion_tokens <= 6 and completion.usage.prompt_tokens > 32 * 144
+    chunks = list(client.chat.completions.create(model="embedded", messages=messages, max_tokens=6, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed.strip() == completion.choices[0].message.content  # greedy: same text either way
+
+
+def test_models_health_and_docs(service):
+    assert httpx.get(f"{service}/healthz").json()["status"] == "ok"
+    assert httpx.get(f"{service}/v1/models").json()["data"][0]["id"] == "embedded"
+    assert httpx.get(f"{service}/docs").status_code == 200
+    assert "/v1/video/qa" in httpx.get(f"{service}/openapi.json").json()["paths"]
+
+
+def test_32_concurrent_requests_are_all_answered_in_shared_batches(service):
+    from ray import serve
+
+    data = SAMPLE.read_bytes()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda i: _qa_upload(service, data, f"Question {i}?", num_frames=8), range(32)))
+    assert [r.status_code for r in responses] == [200] * 32
+    handle = serve.get_deployment_handle("VideoQAModel", app_name="video_llava")
+    assert max(handle.recent_batch_sizes.remote().result()) > 1
+
+
+# ---- bad input: 4xx with a JSON reason, and the service keeps answering -----------------------------------------
+@pytest.mark.parametrize(
+    "data,code",
+    [(b"this is not a video" * 20, "invalid_video"), (SAMPLE.read_bytes()[:4000], "invalid_video")],
+    ids=["text", "truncated"],
+)
+def test_corrupt_upload_returns_422_and_service_keeps_answering(service, data, code):
+    _error(_qa_upload(service, data), 422, code)
+    _assert_still_answers(service)
+
+
+def test_empty_upload_is_422(service):
+    _error(_qa_upload(service, b""), 422, "invalid_video")
+
+
+def test_oversized_upload_is_413(service):
+    _error(_qa_upload(service, b"\x00" * (MAX_UPLOAD + 1)), 413, "video_too_large")
+    _assert_still_answers(service)
+
+
+def test_question_over_the_character_limit_is_400(service):
+    _error(_qa_upload(service, SAMPLE.read_bytes(), "why " * 3000), 400, "context_length_exceeded")
+
+
+def test_question_too_long_for_the_context_names_the_token_budget(service, tmp_path):
+    clip = shapes_video(tmp_path / "long.mp4", num_frames=60, width=64, height=48).read_bytes()
+    question = "動画" * 2500  # 5000 characters (under the limit), ~15000 byte-level tokens (over the context)
+    body = _error(_qa_upload(service, clip, question, num_frames=56), 400, "context_length_exceeded")
+    assert "context 12288" in body["message"] and "visual tokens" in body["message"]
+    _assert_still_answers(service)
+
+
+def test_too_many_frames_and_bad_fields_are_400(service):
+    _error(_qa_upload(service, SAMPLE.read_bytes(), num_frames=57), 400, "too_many_frames")
+    _error(_qa_upload(service, SAMPLE.read_bytes(), num_frames="many"), 400)
+    _error(_qa_upload(service, SAMPLE.read_bytes(), temperature=-1), 400)
+    _error(httpx.post(f"{service}/v1/video/qa", files={"video": ("a.mp4", SAMPLE.read_bytes())}, timeout=60), 400)
+    _error(httpx.post(f"{service}/v1/video/qa", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    _error(httpx.post(f"{service}/v1/video/qa", content=b"x", headers={"content-type": "text/plain"}), 415)
+
+
+def test_non_video_url_and_missing_objects_are_4xx(service, http_files):
+    base_url, _ = http_files
+    post = lambda url: httpx.post(f"{service}/v1/video/qa", json={"video_url": url, "question": "What?"}, timeout=120)
+    _error(post(f"{base_url}/notes.txt"), 422, "invalid_video")
+    _error(post(f"{base_url}/missing.mp4"), 400, "fetch_failed")
+    _error(post("s3://videos/clips/none.mp4"), 400, "video_not_found")
+    _error(post("s3://no-such-bucket/x.mp4"), 400, "video_not_found")
+    _error(post("s3://videos"), 400, "invalid_video_url")
+    _error(post("s3://videos/clips/broken.mp4"), 422, "invalid_video")
+    _error(post("data:video/mp4;base64,@@@"), 400, "invalid_video_url")
+    _assert_still_answers(service)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "/etc/passwd",
+        "ftp://example.com/a.mp4",
+        "http://10.1.2.3/a.mp4",
+        "http://192.168.0.10/a.mp4",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:8000/a.mp4",
+        "http://0.0.0.0/a.mp4",
+    ],
+)
+def test_ssrf_attempts_are_refused(service, url):
+    response = httpx.post(f"{service}/v1/video/qa", json={"video_url": url, "question": "What?"}, timeout=60)
+    _error(response, 400, "url_not_allowed")
+
+
+def test_redirect_to_a_link_local_address_is_refused(service, http_files):
+    base_url, _ = http_files
+    response = httpx.post(f"{service}/v1/video/qa", json={"video_url": f"{base_url}/to-metadata", "question": "What?"}, timeout=60)
+    body = _error(response, 400, "url_not_allowed")
+    assert "169.254.169.254" in body["message"]
+
+
+def test_chat_without_a_video_or_with_a_bad_one_is_400(service):
+    post = lambda body: httpx.post(f"{service}/v1/chat/completions", json=body, timeout=60)
+    _error(post({"messages": [{"role": "user", "content": "hello"}]}), 400)
+    _error(post({"messages": []}), 400)
+    bad = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "http://10.0.0.1/x.mp4"}}, {"type": "text", "text": "Hi"}]}], "stream": True}
+    _error(post(bad), 400, "url_not_allowed")
