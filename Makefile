@@ -21,8 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	@echo "== video-llava ask video_llava/assets/sample.mp4 \"$(QUESTION)\" (embedded default model, CPU)"
-	HF_HUB_OFFLINE=1 $(VENV)/bin/video-llava ask video_llava/assets/sample.mp4 "$(QUESTION)"
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(PY) -m video_llava.demo --question "$(QUESTION)"
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

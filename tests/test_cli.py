@@ -101,3 +101,15 @@ def test_unknown_model_is_a_one_line_error(embedded_cache):
     result = run_cli("ask", str(SAMPLE), "What?", "--model", "nobody/none", cache=embedded_cache)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: cannot load model")
+
+
+@pytest.mark.slow
+def test_make_demo_entry_point_answers_over_rest_and_shuts_down(embedded_cache):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(embedded_cache), "RAY_AUTH_MODE": "disabled"}
+    result = subprocess.run(
+        [sys.executable, "-m", "video_llava.demo", "--question", "What color is the circle?"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "answer: " in result.stdout and "32 frames" in result.stdout
+    assert "== shutting down" in result.stdout

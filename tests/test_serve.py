@@ -6,9 +6,11 @@ import base64
 import concurrent.futures
 import http.server
 import os
+import signal
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -286,3 +288,60 @@ def test_chat_without_a_video_or_with_a_bad_one_is_400(service):
     _error(post({"messages": []}), 400)
     bad = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "http://10.0.0.1/x.mp4"}}, {"type": "text", "text": "Hi"}]}], "stream": True}
     _error(post(bad), 400, "url_not_allowed")
+
+
+def test_full_queue_answers_503_with_retry_after_and_recovers(service):
+    """A second app with room for one request in flight and one queued: a burst overflows it."""
+    from ray import serve
+
+    from video_llava.serve.app import build_app
+    from video_llava.serve.config import ServeArgs
+
+    tight = ServeArgs.model_validate(
+        {
+            "model": {"max_new_tokens": 32},
+            "batching": {"max_batch_size": 1},
+            "deployment": {"num_cpus": 0.25, "ingress_num_cpus": 0.25, "max_ongoing_requests": 1,
+                           "max_queued_requests": 1, "decode_workers": 1},
+        }
+    )
+    serve.run(build_app(tight), name="tight", route_prefix="/tight", blocking=False)
+    url = f"{service}/tight/v1/video/qa"
+    deadline = time.time() + 120
+    while httpx.get(f"{service}/tight/healthz").status_code != 200 and time.time() < deadline:
+        time.sleep(0.5)
+    data = SAMPLE.read_bytes()
+
+    def ask(i):
+        return httpx.post(url, files={"video": ("a.mp4", data)}, data={"question": f"Q{i}?", "num_frames": "56"}, timeout=120)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(ask, range(16)))
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        rejected = next(r for r in responses if r.status_code == 503)
+        assert rejected.headers["retry-after"] and rejected.json()["error"]["code"] == "queue_full"
+        assert ask(99).status_code == 200
+    finally:
+        serve.delete("tight")
+
+
+def test_a_killed_model_replica_is_replaced_and_the_service_keeps_answering(service):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("VideoQAModel", app_name="video_llava")
+    pid = handle.describe.remote().result()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 120
+    answered = False
+    while time.time() < deadline:
+        try:
+            if _qa_upload(service, SAMPLE.read_bytes(), num_frames=4).status_code == 200:
+                answered = True
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    assert answered
+    assert handle.describe.remote().result()["pid"] != pid

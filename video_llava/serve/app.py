@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from typing import Any, Iterator
@@ -73,7 +74,7 @@ class VideoQAServer:
         log.info("model ready: %s", self.model.describe())
 
     def describe(self) -> dict:
-        return {**self.model.describe(), "batching": self.args.batching.model_dump()}
+        return {**self.model.describe(), "batching": self.args.batching.model_dump(), "pid": os.getpid()}
 
     def recent_batch_sizes(self) -> list[int]:
         return list(self.batch_sizes[-1000:])

@@ -27,6 +27,9 @@ def _error_response(exc: ServiceError) -> JSONResponse:
 
 @api.exception_handler(ServiceError)
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.rejected.inc(tags={"code": exc.code or exc.type})
     return _error_response(exc)
 
 
@@ -51,6 +54,7 @@ class QAIngress:
 
         self.args = args
         self.service = QAService(model_handle, args)
+        api.state.metrics = self.service.metrics
 
     def __del__(self) -> None:
         service = getattr(self, "service", None)

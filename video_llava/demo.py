@@ -1,0 +1,91 @@
+"""``make demo``: start the REST service locally, ask about the bundled clip over HTTP, print the answer, stop.
+
+    python -m video_llava.demo [--config serve_configs/local.yaml] [--question "..."] [--video PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+SAMPLE = Path(__file__).parent / "assets" / "sample.mp4"
+
+
+def _app_args(config_path: Path) -> dict:
+    config = yaml.safe_load(config_path.read_text())
+    return config["applications"][0].get("args", {}), config.get("http_options", {})
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("serve_configs/local.yaml"))
+    parser.add_argument("--question", default="What color is the circle?")
+    parser.add_argument("--video", type=Path, default=SAMPLE)
+    parser.add_argument("--port", type=int, default=0, help="HTTP port (default: the config's, else 8000)")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import httpx
+    import ray
+    from ray import serve
+
+    from video_llava.serve.app import build_app
+    from video_llava.serve.config import ServeArgs
+
+    app_args, http_options = _app_args(args.config)
+    port = args.port or int(http_options.get("port", 8000))
+    if not _port_free(port):
+        port = _free_port()  # a demo should not fail because something already listens on 8000
+    print(f"== starting Ray and Serve ({args.config}) ...", flush=True)
+    start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(ServeArgs.model_validate(app_args)), name="video_llava", route_prefix="/", blocking=False)
+        print(f"== service up in {time.perf_counter() - start:.1f} s at http://127.0.0.1:{port}", flush=True)
+        print(f"== POST /v1/video/qa  video={args.video.name}  question={args.question!r}", flush=True)
+        with args.video.open("rb") as video:
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/v1/video/qa",
+                files={"video": (args.video.name, video, "video/mp4")},
+                data={"question": args.question},
+                timeout=300,
+            )
+        body = response.json()
+        if response.status_code != 200:
+            print(f"error: HTTP {response.status_code}: {body.get('error', {}).get('message')}", file=sys.stderr)
+            return 1
+        print(f"answer: {body['answer']}")
+        usage, timings = body["usage"], body["timings"]
+        print(f"        ({body['model']}: {body['num_frames']} frames, {usage['visual_tokens']} visual + "
+              f"{usage['prompt_tokens']} prompt tokens -> {usage['completion_tokens']} tokens; decode "
+              f"{timings['decode_s']} s, generate {timings['generate_s']} s)")
+        return 0
+    finally:
+        print("== shutting down", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
