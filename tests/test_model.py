@@ -197,3 +197,26 @@ def test_embedded_tokenizer_round_trips_any_text(embedded_model):
 def test_embedded_checkpoint_is_small(embedded_cache):
     size = sum(f.stat().st_size for f in embedded_path().iterdir())
     assert size < 20 * 2**20
+
+
+def test_cached_vision_features_give_the_same_answer_and_skip_the_tower(embedded_model, clip):
+    fresh = clip.copy()
+    fresh[:, :4, :4] = 7  # content not seen before by this model instance
+    first = embedded_model.answer([fresh], ["What color is the circle?"], max_new_tokens=6)[0]
+    calls = embedded_model.vision_calls
+    second = embedded_model.answer([fresh], ["What color is the circle?"], max_new_tokens=6)[0]
+    assert not first.vision_cached and second.vision_cached
+    assert embedded_model.vision_calls == calls
+    assert second.text == first.text
+
+
+def test_our_inputs_embeds_path_matches_transformers_own_pixel_path(embedded_model, clip):
+    """Caching vision features must not change answers: compare with generate(pixel_values_videos=...)."""
+    question = "Which way does the circle move?"
+    processor, model = embedded_model.processor, embedded_model.model
+    inputs = processor(text=[embedded_model.prompt_for(question)], videos=[clip], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    reference = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    ours = embedded_model.answer([clip], [question], max_new_tokens=8)[0]
+    assert ours.text == reference

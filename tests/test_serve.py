@@ -345,3 +345,19 @@ def test_a_killed_model_replica_is_replaced_and_the_service_keeps_answering(serv
         time.sleep(1)
     assert answered
     assert handle.describe.remote().result()["pid"] != pid
+
+
+def test_a_second_question_about_the_same_video_skips_decode_and_the_vision_tower(service, tmp_path):
+    from ray import serve
+
+    clip = shapes_video(tmp_path / "fresh.mp4", num_frames=30, width=96, height=64).read_bytes()
+    handle = serve.get_deployment_handle("VideoQAModel", app_name="video_llava")
+    first = _qa_upload(service, clip, "What color is the circle?", num_frames=12).json()
+    calls_after_first = handle.describe.remote().result()["vision_calls"]
+    second = _qa_upload(service, clip, "Which way does it move?", num_frames=12).json()
+    assert first["cached"] == {"decode": False, "vision": False}
+    assert second["cached"] == {"decode": True, "vision": True}
+    assert handle.describe.remote().result()["vision_calls"] == calls_after_first
+    # other sampling of the same bytes is decoded anew
+    third = _qa_upload(service, clip, "What?", num_frames=10).json()
+    assert third["cached"] == {"decode": False, "vision": False}

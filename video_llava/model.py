@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from video_llava.cache import LRUCache, content_key
 from video_llava.budget import TokenBudget, rope_factor_for_frames, tokens_per_frame
 from video_llava.embedded import embedded_path
 from video_llava.prompts import build_prompt
@@ -38,6 +38,7 @@ class Answer:
     completion_tokens: int
     finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
     generate_s: float
+    vision_cached: bool = False  # the vision tower was skipped: features came from the cache
 
 
 def declared_rope_factor(text_config: Any) -> float | None:
@@ -199,6 +200,8 @@ class VideoQAModel:
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generate needs the prompts aligned on the right
         self.model_id = EMBEDDED if self.settings.model == EMBEDDED else self.settings.model
+        self.feature_cache = LRUCache(self.settings.feature_cache_mb * 2**20, lambda t: t.numel() * t.element_size())
+        self.vision_calls = 0  # frames batches run through the vision tower (cache misses)
 
     # ---- loading -------------------------------------------------------------------------------------------
     def _load_weights(self):
@@ -250,7 +253,8 @@ class VideoQAModel:
     ) -> list[Answer]:
         """Answer ``questions[i]`` about ``videos[i]`` (frames ``(N,H,W,3)`` uint8) with one batched ``generate``.
 
-        Videos with different frame counts cannot share one pixel tensor, so they run as one batch per count.
+        Prompts are left-padded; videos may have different frame counts. Vision features of frames seen
+        before come from a content-keyed cache, so a second question about a video skips the vision tower.
         """
         if len(videos) != len(questions):
             raise ValueError(f"{len(videos)} videos but {len(questions)} questions")
@@ -264,54 +268,95 @@ class VideoQAModel:
             n = self.count_prompt_tokens(q)
             self.budget.check(f.shape[0], n, new_tokens)
             prompt_counts.append(n)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, f in enumerate(frames):
-            groups[f.shape[0]].append(i)
-        results: list[Answer | None] = [None] * len(frames)
-        for count, members in groups.items():
-            texts, completions, reasons, elapsed = self._generate(
-                [frames[i] for i in members], [questions[i] for i in members], new_tokens, temperature, top_p, seed
-            )
-            for j, i in enumerate(members):
-                results[i] = Answer(
-                    text=texts[j],
-                    num_frames=count,
-                    visual_tokens=count * self.per_frame,
+        embeds, mask, cached = self._inputs_embeds(frames, questions)
+        rows, elapsed = self._run_generate(embeds, mask, new_tokens, temperature, top_p, seed)
+        answers = []
+        for i, row in enumerate(rows):
+            text, completion, reason = self._finish(row)
+            answers.append(
+                Answer(
+                    text=text,
+                    num_frames=int(frames[i].shape[0]),
+                    visual_tokens=int(frames[i].shape[0]) * self.per_frame,
                     prompt_tokens=prompt_counts[i],
-                    completion_tokens=completions[j],
-                    finish_reason=reasons[j],
+                    completion_tokens=completion,
+                    finish_reason=reason,
                     generate_s=elapsed,
+                    vision_cached=cached[i],
                 )
-        return results  # type: ignore[return-value]
+            )
+        return answers
 
-    def _generate(self, frames, questions, max_new_tokens, temperature, top_p, seed):
+    def video_features(self, frames: np.ndarray) -> tuple[Any, bool]:
+        """Projected, pooled features ``(frames x 144, hidden)`` of one video, and whether they were cached."""
         import torch
 
-        prompts = [self.prompt_for(q) for q in questions]
-        inputs = self.processor(text=prompts, videos=list(frames), padding=True, return_tensors="pt")
-        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+        key = content_key(str(frames.shape), frames.tobytes()) if self.feature_cache.max_bytes else None
+        if key is not None:
+            hit = self.feature_cache.get(key)
+            if hit is not None:
+                return hit, True
+        pixels = self.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
+        with torch.inference_mode():
+            out = self.model.get_video_features(pixel_values_videos=pixels.to(self.device, self.dtype))
+        self.vision_calls += 1
+        features = out.pooler_output[0]
+        if key is not None:
+            self.feature_cache.put(key, features)
+        return features, False
+
+    def _inputs_embeds(self, frames: Sequence[np.ndarray], questions: Sequence[str]):
+        """Token embeddings with each video's features in place of its expanded ``<video>`` tokens.
+
+        This is what ``LlavaNextVideoForConditionalGeneration`` does inside ``forward``; doing it here lets the
+        vision features be cached (``generate(inputs_embeds=...)`` is transformers' documented path for this).
+        """
+        import torch
+
+        token = self.processor.video_token
+        prompts = [
+            self.prompt_for(q).replace(token, token * (f.shape[0] * self.per_frame), 1) for f, q in zip(frames, questions)
+        ]
+        batch = self.tokenizer(prompts, padding=True, return_tensors="pt")
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        features, cached = zip(*(self.video_features(f) for f in frames))
+        with torch.inference_mode():
+            embeds = self.model.get_input_embeddings()(ids)
+            video_positions = (ids == self.processor.video_token_id).unsqueeze(-1).expand_as(embeds)
+            stacked = torch.cat(features).to(embeds.device, embeds.dtype)
+            embeds = embeds.masked_scatter(video_positions, stacked)
+        return embeds, mask, list(cached)
+
+    def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
         gen: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
         if temperature > 0:
             gen.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return gen
+
+    def _run_generate(self, embeds, mask, max_new_tokens, temperature, top_p, seed):
+        import torch
+
         if seed is not None:
             torch.manual_seed(seed)
         start = time.perf_counter()
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **gen)
-        elapsed = time.perf_counter() - start
-        new = output[:, inputs["input_ids"].shape[1] :].cpu()
+            # With inputs_embeds and no input_ids, generate returns only the new tokens.
+            output = self.model.generate(
+                inputs_embeds=embeds, attention_mask=mask, **self._generation_kwargs(max_new_tokens, temperature, top_p)
+            )
+        return output.cpu().tolist(), time.perf_counter() - start
+
+    def _finish(self, row: list[int]) -> tuple[str, int, str]:
+        """Text, completion token count and finish reason of one generated row."""
         eos = self._eos_ids()
-        texts, completions, reasons = [], [], []
-        for row in new.tolist():
-            stop_at = next((k for k, t in enumerate(row) if t in eos), None)
-            kept = row if stop_at is None else row[:stop_at]
-            kept = [t for t in kept if t != self.tokenizer.pad_token_id]
-            texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
-            completions.append(len(kept) + (0 if stop_at is None else 1))
-            reasons.append("length" if stop_at is None else "stop")
-        return texts, completions, reasons, elapsed
+        stop_at = next((k for k, t in enumerate(row) if t in eos), None)
+        kept = row if stop_at is None else row[:stop_at]
+        kept = [t for t in kept if t != self.tokenizer.pad_token_id]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return text, len(kept) + (0 if stop_at is None else 1), "length" if stop_at is None else "stop"
 
     def stream_answer(
         self,
@@ -331,20 +376,15 @@ class VideoQAModel:
         new_tokens = max_new_tokens or self.settings.max_new_tokens
         prompt_tokens = self.count_prompt_tokens(question)
         self.budget.check(frames.shape[0], prompt_tokens, new_tokens)
-        inputs = self.processor(text=[self.prompt_for(question)], videos=[frames], return_tensors="pt")
-        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        gen: dict[str, Any] = dict(max_new_tokens=new_tokens, pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
-        if temperature > 0:
-            gen.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        embeds, mask, cached = self._inputs_embeds([frames], [question])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600)
+        gen = dict(self._generation_kwargs(new_tokens, temperature, top_p), streamer=streamer)
         result: dict[str, Any] = {}
 
         def run() -> None:
             try:
                 with torch.inference_mode():
-                    result["output"] = self.model.generate(**inputs, **gen)
+                    result["output"] = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
             except BaseException as exc:  # surfaced to the caller below, after the streamer ends
                 result["error"] = exc
                 streamer.end()
@@ -360,18 +400,16 @@ class VideoQAModel:
         worker.join()
         if "error" in result:
             raise result["error"]
-        row = result["output"][0, inputs["input_ids"].shape[1] :].tolist()
-        eos = self._eos_ids()
-        stop_at = next((k for k, t in enumerate(row) if t in eos), None)
-        kept = row if stop_at is None else row[:stop_at]
+        _, completion, reason = self._finish(result["output"][0].tolist())
         yield Answer(
             text="".join(pieces).strip(),
             num_frames=int(frames.shape[0]),
             visual_tokens=int(frames.shape[0]) * self.per_frame,
             prompt_tokens=prompt_tokens,
-            completion_tokens=len(kept) + (0 if stop_at is None else 1),
-            finish_reason="length" if stop_at is None else "stop",
+            completion_tokens=completion,
+            finish_reason=reason,
             generate_s=time.perf_counter() - start,
+            vision_cached=cached[0],
         )
 
     def _eos_ids(self) -> set[int]:

@@ -37,6 +37,9 @@ class ModelSettings(BaseModel):
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     chat_template: ChatTemplateName = "auto"
     max_new_tokens: int = Field(128, ge=1, le=4096)
+    feature_cache_mb: int = Field(
+        256, ge=0, description="vision features kept for repeat questions about the same frames (0 disables)"
+    )
     local_files_only: bool = Field(False, description="never contact the hub (also implied by HF_HUB_OFFLINE=1)")
 
     @field_validator("spatial_pool_stride")

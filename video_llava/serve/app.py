@@ -36,6 +36,7 @@ def _answer_dict(answer, queued_s: float) -> dict:
         "finish_reason": answer.finish_reason,
         "generate_s": answer.generate_s,
         "queue_s": queued_s,
+        "vision_cached": answer.vision_cached,
     }
 
 
@@ -74,7 +75,13 @@ class VideoQAServer:
         log.info("model ready: %s", self.model.describe())
 
     def describe(self) -> dict:
-        return {**self.model.describe(), "batching": self.args.batching.model_dump(), "pid": os.getpid()}
+        return {
+            **self.model.describe(),
+            "batching": self.args.batching.model_dump(),
+            "pid": os.getpid(),
+            "feature_cache": self.model.feature_cache.stats(),
+            "vision_calls": self.model.vision_calls,
+        }
 
     def recent_batch_sizes(self) -> list[int]:
         return list(self.batch_sizes[-1000:])

@@ -47,6 +47,7 @@ class DeploymentSettings(BaseModel):
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(1, ge=0)
     decode_workers: int = Field(2, ge=1, description="decode processes per ingress replica")
+    decode_cache_mb: int = Field(512, ge=0, description="decoded frames kept per ingress replica for repeat questions")
 
 
 class ServeArgs(BaseModel):

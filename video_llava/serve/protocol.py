@@ -56,6 +56,11 @@ class Timings(BaseModel):
     total_s: float = 0.0
 
 
+class CacheUse(BaseModel):
+    decode: bool = False  # frames came from the ingress cache (same bytes, same sampling)
+    vision: bool = False  # vision features came from the model replica's cache
+
+
 class Usage(BaseModel):
     visual_tokens: int
     prompt_tokens: int
@@ -72,6 +77,7 @@ class QAResponse(BaseModel):
     finish_reason: str
     usage: Usage
     timings: Timings
+    cached: CacheUse
     video: dict[str, Any]
 
 

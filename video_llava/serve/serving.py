@@ -7,11 +7,13 @@ import json
 import time
 from typing import Any, AsyncIterator
 
+from video_llava.cache import LRUCache, content_key
 from video_llava.isolated_decode import IsolatedDecoder
 from video_llava.serve.config import ServeArgs
 from video_llava.serve.fetch import fetch_video
 from video_llava.serve.metrics import IngressMetrics
 from video_llava.serve.protocol import (
+    CacheUse,
     ChatCompletionRequest,
     GenerationOptions,
     QAResponse,
@@ -39,6 +41,8 @@ class QAService:
         self.limits = args.limits
         self.decoder = IsolatedDecoder(workers=args.deployment.decode_workers, timeout_s=args.limits.decode_timeout_s)
         self.metrics = IngressMetrics()
+        # Same bytes + same sampling = same frames: a repeat question skips decoding entirely.
+        self.frames_cache = LRUCache(args.deployment.decode_cache_mb * 2**20, lambda v: v.frames.nbytes)
         self.model_name = args.model.model
 
     def close(self) -> None:
@@ -67,7 +71,7 @@ class QAService:
         return question
 
     # ---- decode ----------------------------------------------------------------------------------------------
-    async def decode(self, data: bytes, opts: GenerationOptions) -> tuple[SampledVideo, float]:
+    async def decode(self, data: bytes, opts: GenerationOptions) -> tuple[SampledVideo, float, bool]:
         settings = self.args.model
         options = DecodeOptions(
             num_frames=self._frames_wanted(opts),
@@ -76,6 +80,10 @@ class QAService:
             short_side=MODEL_SHORT_SIDE,
         )
         start = time.perf_counter()
+        key = content_key(data, repr(options)) if self.frames_cache.max_bytes else None
+        cached = self.frames_cache.get(key) if key else None
+        if cached is not None:
+            return cached, time.perf_counter() - start, True
         try:
             video = await asyncio.to_thread(self.decoder.decode, data, options)
         except VideoDecodeError as exc:
@@ -88,7 +96,9 @@ class QAService:
             )
         self.metrics.frames_decoded.inc(video.num_frames)
         self.metrics.decode_latency.observe(elapsed)
-        return video, elapsed
+        if key:
+            self.frames_cache.put(key, video)
+        return video, elapsed, False
 
     async def fetch(self, url: str):
         return await fetch_video(url, self.limits)
@@ -122,11 +132,13 @@ class QAService:
     async def answer(self, data: bytes, question: str, opts: GenerationOptions, fetch_s: float = 0.0) -> QAResponse:
         start = time.perf_counter() - fetch_s
         question = self._check_question(question)
-        video, decode_s = await self.decode(data, opts)
+        video, decode_s, decode_cached = await self.decode(data, opts)
         result = await self._ask_model(self._item(video, question, opts, None))
-        return self._qa_response(video, result, fetch_s, decode_s, start)
+        return self._qa_response(video, result, fetch_s, decode_s, start, decode_cached)
 
-    def _qa_response(self, video: SampledVideo, result: dict, fetch_s: float, decode_s: float, start: float) -> QAResponse:
+    def _qa_response(
+        self, video: SampledVideo, result: dict, fetch_s: float, decode_s: float, start: float, decode_cached: bool
+    ) -> QAResponse:
         usage = Usage(
             visual_tokens=result["visual_tokens"],
             prompt_tokens=result["prompt_tokens"],
@@ -149,6 +161,7 @@ class QAService:
                 generate_s=round(result["generate_s"], 4),
                 total_s=round(time.perf_counter() - start, 4),
             ),
+            cached=CacheUse(decode=decode_cached, vision=result.get("vision_cached", False)),
             video=described,
         )
 
@@ -184,10 +197,15 @@ class QAService:
         question, urls = self._chat_inputs(request)
         question = self._check_question(question)
         fetched = await self.fetch(urls[0])
-        video, decode_s = await self.decode(fetched.data, request)
+        video, decode_s, decode_cached = await self.decode(fetched.data, request)
         result = await self._ask_model(self._item(video, question, request, request.new_tokens()))
-        reply = self._qa_response(video, result, fetched.seconds, decode_s, start)
-        extra = {"num_frames": reply.num_frames, "sampled_indices": reply.sampled_indices, "timings": reply.timings.model_dump()}
+        reply = self._qa_response(video, result, fetched.seconds, decode_s, start, decode_cached)
+        extra = {
+            "num_frames": reply.num_frames,
+            "sampled_indices": reply.sampled_indices,
+            "timings": reply.timings.model_dump(),
+            "cached": reply.cached.model_dump(),
+        }
         return chat_response(completion_id(), self.model_name, reply.answer, reply.finish_reason, reply.usage, extra)
 
     async def prepare_stream(self, request: ChatCompletionRequest) -> dict:
@@ -195,7 +213,7 @@ class QAService:
         question, urls = self._chat_inputs(request)
         question = self._check_question(question)
         fetched = await self.fetch(urls[0])
-        video, _ = await self.decode(fetched.data, request)
+        video, _, _ = await self.decode(fetched.data, request)
         item = self._item(video, question, request, request.new_tokens())
         problem = await self.model.check.remote(video.num_frames, question, item["max_new_tokens"])
         if problem:
