@@ -361,3 +361,18 @@ def test_a_second_question_about_the_same_video_skips_decode_and_the_vision_towe
     # other sampling of the same bytes is decoded anew
     third = _qa_upload(service, clip, "What?", num_frames=10).json()
     assert third["cached"] == {"decode": False, "vision": False}
+
+
+def test_several_videos_in_one_chat_message_share_the_frame_budget(service, http_files):
+    base_url, _ = http_files
+    content = [
+        {"type": "video_url", "video_url": {"url": f"{base_url}/sample.mp4"}},
+        {"type": "video_url", "video_url": {"url": "s3://videos/clips/sample.mp4"}},
+        {"type": "text", "text": "Do the first and the second video show the same thing?"},
+    ]
+    response = httpx.post(f"{service}/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "max_tokens": 4}, timeout=120)
+    assert response.status_code == 200, response.text
+    extra = response.json()["video_llava"]
+    assert len(extra["videos"]) == 2
+    assert extra["num_frames"] == 2 * 28  # default 32 frames shrink to max_frames // 2 each
+    assert response.json()["usage"]["prompt_tokens"] > 56 * 144

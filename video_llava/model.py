@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -181,6 +181,24 @@ def resolve_config(settings: ModelSettings, source: str | None = None) -> Resolv
     return ResolvedConfig(config, per_frame, base_context, factor, declared)
 
 
+VideoArg = Union[np.ndarray, SampledVideo, Sequence[Union[np.ndarray, SampledVideo]]]
+
+
+def _as_frame_list(video: VideoArg, index: int) -> list[np.ndarray]:
+    """One question's videos as a list of ``(N, H, W, 3)`` arrays."""
+    if isinstance(video, SampledVideo) or (isinstance(video, np.ndarray) and video.ndim == 4):
+        items = [video]
+    else:
+        items = list(video)
+    clips = [v.frames if isinstance(v, SampledVideo) else np.asarray(v) for v in items]
+    if not clips:
+        raise ValueError(f"question {index}: no video")
+    for clip in clips:
+        if clip.ndim != 4 or clip.shape[-1] != 3 or clip.shape[0] < 1:
+            raise ValueError(f"question {index}: expected frames of shape (N, H, W, 3), got {clip.shape}")
+    return clips
+
+
 class VideoQAModel:
     """LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration`` + ``LlavaNextVideoProcessor``) ready to answer."""
 
@@ -228,23 +246,23 @@ class VideoQAModel:
     def budget(self) -> TokenBudget:
         return TokenBudget(context=int(self.base_context * self.rope_factor), per_frame=self.per_frame, max_frames=self.settings.max_frames)
 
-    def prompt_for(self, question: str) -> str:
-        return build_prompt(self.processor, question, self.settings.chat_template)
+    def prompt_for(self, question: str, num_videos: int = 1) -> str:
+        return build_prompt(self.processor, question, self.settings.chat_template, num_videos)
 
-    def count_prompt_tokens(self, question: str) -> int:
-        """Text tokens of the full prompt, the ``<video>`` placeholder excluded."""
-        ids = self.tokenizer(self.prompt_for(question), add_special_tokens=True)["input_ids"]
+    def count_prompt_tokens(self, question: str, num_videos: int = 1) -> int:
+        """Text tokens of the full prompt, the ``<video>`` placeholders excluded."""
+        ids = self.tokenizer(self.prompt_for(question, num_videos), add_special_tokens=True)["input_ids"]
         return len(ids) - ids.count(self.processor.video_token_id)
 
-    def check_request(self, num_frames: int, question: str, max_new_tokens: int | None = None) -> int:
-        """Raise ``ContextBudgetError`` unless the request fits; returns the tokens it needs."""
+    def check_request(self, num_frames: int, question: str, max_new_tokens: int | None = None, num_videos: int = 1) -> int:
+        """Raise ``ContextBudgetError`` unless the request fits (``num_frames`` summed over its videos)."""
         new = max_new_tokens or self.settings.max_new_tokens
-        return self.budget.check(num_frames, self.count_prompt_tokens(question), new)
+        return self.budget.check(num_frames, self.count_prompt_tokens(question, num_videos), new)
 
     # ---- generation ----------------------------------------------------------------------------------------
     def answer(
         self,
-        videos: Sequence[np.ndarray | SampledVideo],
+        videos: Sequence[VideoArg],
         questions: Sequence[str],
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
@@ -253,22 +271,21 @@ class VideoQAModel:
     ) -> list[Answer]:
         """Answer ``questions[i]`` about ``videos[i]`` (frames ``(N,H,W,3)`` uint8) with one batched ``generate``.
 
+        ``videos[i]`` may also be a list of videos for one question (placed in order before the text).
         Prompts are left-padded; videos may have different frame counts. Vision features of frames seen
         before come from a content-keyed cache, so a second question about a video skips the vision tower.
         """
         if len(videos) != len(questions):
             raise ValueError(f"{len(videos)} videos but {len(questions)} questions")
-        frames = [v.frames if isinstance(v, SampledVideo) else np.asarray(v) for v in videos]
-        for i, f in enumerate(frames):
-            if f.ndim != 4 or f.shape[-1] != 3 or f.shape[0] < 1:
-                raise ValueError(f"video {i}: expected frames of shape (N, H, W, 3), got {f.shape}")
+        per_question = [_as_frame_list(v, i) for i, v in enumerate(videos)]
         new_tokens = max_new_tokens or self.settings.max_new_tokens
         prompt_counts = []
-        for f, q in zip(frames, questions):  # refuse the whole batch before any compute if one does not fit
-            n = self.count_prompt_tokens(q)
-            self.budget.check(f.shape[0], n, new_tokens)
+        for clips, q in zip(per_question, questions):  # refuse the whole batch before any compute if one does not fit
+            n = self.count_prompt_tokens(q, len(clips))
+            self.budget.check(sum(c.shape[0] for c in clips), n, new_tokens)
             prompt_counts.append(n)
-        embeds, mask, cached = self._inputs_embeds(frames, questions)
+        frames = [sum(c.shape[0] for c in clips) for clips in per_question]
+        embeds, mask, cached = self._inputs_embeds(per_question, questions)
         rows, elapsed = self._run_generate(embeds, mask, new_tokens, temperature, top_p, seed)
         answers = []
         for i, row in enumerate(rows):
@@ -276,8 +293,8 @@ class VideoQAModel:
             answers.append(
                 Answer(
                     text=text,
-                    num_frames=int(frames[i].shape[0]),
-                    visual_tokens=int(frames[i].shape[0]) * self.per_frame,
+                    num_frames=frames[i],
+                    visual_tokens=frames[i] * self.per_frame,
                     prompt_tokens=prompt_counts[i],
                     completion_tokens=completion,
                     finish_reason=reason,
@@ -305,7 +322,7 @@ class VideoQAModel:
             self.feature_cache.put(key, features)
         return features, False
 
-    def _inputs_embeds(self, frames: Sequence[np.ndarray], questions: Sequence[str]):
+    def _inputs_embeds(self, videos: Sequence[list[np.ndarray]], questions: Sequence[str]):
         """Token embeddings with each video's features in place of its expanded ``<video>`` tokens.
 
         This is what ``LlavaNextVideoForConditionalGeneration`` does inside ``forward``; doing it here lets the
@@ -314,19 +331,27 @@ class VideoQAModel:
         import torch
 
         token = self.processor.video_token
-        prompts = [
-            self.prompt_for(q).replace(token, token * (f.shape[0] * self.per_frame), 1) for f, q in zip(frames, questions)
-        ]
+        prompts = []
+        for clips, question in zip(videos, questions):
+            prompt = self.prompt_for(question, len(clips))
+            pieces = prompt.split(token)  # one more piece than placeholders; expand each in order
+            expanded = pieces[0]
+            for clip, rest in zip(clips, pieces[1:]):
+                expanded += token * (clip.shape[0] * self.per_frame) + rest
+            prompts.append(expanded)
         batch = self.tokenizer(prompts, padding=True, return_tensors="pt")
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
-        features, cached = zip(*(self.video_features(f) for f in frames))
+        flat = [(i, clip) for i, clips in enumerate(videos) for clip in clips]
+        computed = [self.video_features(clip) for _, clip in flat]
+        features = [f for f, _ in computed]
+        cached = [all(hit for (j, _), (_, hit) in zip(flat, computed) if j == i) for i in range(len(videos))]
         with torch.inference_mode():
             embeds = self.model.get_input_embeddings()(ids)
             video_positions = (ids == self.processor.video_token_id).unsqueeze(-1).expand_as(embeds)
             stacked = torch.cat(features).to(embeds.device, embeds.dtype)
             embeds = embeds.masked_scatter(video_positions, stacked)
-        return embeds, mask, list(cached)
+        return embeds, mask, cached
 
     def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
         gen: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
@@ -360,7 +385,7 @@ class VideoQAModel:
 
     def stream_answer(
         self,
-        frames: np.ndarray,
+        video: VideoArg,
         question: str,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
@@ -372,11 +397,12 @@ class VideoQAModel:
         import torch
         from transformers import TextIteratorStreamer
 
-        frames = np.asarray(frames)
+        clips = _as_frame_list(video, 0)
+        total_frames = sum(c.shape[0] for c in clips)
         new_tokens = max_new_tokens or self.settings.max_new_tokens
-        prompt_tokens = self.count_prompt_tokens(question)
-        self.budget.check(frames.shape[0], prompt_tokens, new_tokens)
-        embeds, mask, cached = self._inputs_embeds([frames], [question])
+        prompt_tokens = self.count_prompt_tokens(question, len(clips))
+        self.budget.check(total_frames, prompt_tokens, new_tokens)
+        embeds, mask, cached = self._inputs_embeds([clips], [question])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600)
         gen = dict(self._generation_kwargs(new_tokens, temperature, top_p), streamer=streamer)
         result: dict[str, Any] = {}
@@ -403,8 +429,8 @@ class VideoQAModel:
         _, completion, reason = self._finish(result["output"][0].tolist())
         yield Answer(
             text="".join(pieces).strip(),
-            num_frames=int(frames.shape[0]),
-            visual_tokens=int(frames.shape[0]) * self.per_frame,
+            num_frames=total_frames,
+            visual_tokens=total_frames * self.per_frame,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion,
             finish_reason=reason,

@@ -29,13 +29,13 @@ LLAVA_HF_CHAT_TEMPLATE = (
 )
 
 
-def _user_content(question: str, video_token: str) -> str:
-    return f"{video_token}\n{question.strip()}"
+def _user_content(question: str, video_token: str, num_videos: int = 1) -> str:
+    return f"{video_token}\n" * num_videos + question.strip()
 
 
-def render_named(template: ChatTemplateName, question: str, video_token: str = "<video>") -> str:
-    """The generation prompt for one video question in a LLaVA-NeXT conversation style."""
-    user = _user_content(question, video_token)
+def render_named(template: ChatTemplateName, question: str, video_token: str = "<video>", num_videos: int = 1) -> str:
+    """The generation prompt for a question about ``num_videos`` videos in a LLaVA-NeXT conversation style."""
+    user = _user_content(question, video_token, num_videos)
     if template == "vicuna_v1":
         return f"{VICUNA_SYSTEM} USER: {user} ASSISTANT:"
     if template == "mistral_direct":
@@ -48,12 +48,13 @@ def render_named(template: ChatTemplateName, question: str, video_token: str = "
     raise ValueError(f"unknown chat template {template!r}")
 
 
-def build_prompt(processor, question: str, template: ChatTemplateName = "auto") -> str:
-    """Prompt text with one ``<video>`` placeholder, in the template the settings ask for."""
+def build_prompt(processor, question: str, template: ChatTemplateName = "auto", num_videos: int = 1) -> str:
+    """Prompt text with ``num_videos`` ``<video>`` placeholders (videos first, in order), in the asked template."""
     video_token = getattr(processor, "video_token", "<video>")
     if template == "auto":
         if getattr(processor, "chat_template", None):
-            conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question.strip()}]}]
+            parts = [{"type": "video"}] * num_videos + [{"type": "text", "text": question.strip()}]
+            conversation = [{"role": "user", "content": parts}]
             return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         template = "vicuna_v1"
-    return render_named(template, question, video_token)
+    return render_named(template, question, video_token, num_videos)

@@ -40,6 +40,10 @@ def _answer_dict(answer, queued_s: float) -> dict:
     }
 
 
+def _total_frames(item: dict) -> int:
+    return sum(clip.shape[0] for clip in item["videos"])
+
+
 def _token_units(args: ServeArgs) -> int:
     return math.ceil(args.batching.max_batch_visual_tokens / args.batching.max_batch_size)
 
@@ -86,10 +90,10 @@ class VideoQAServer:
     def recent_batch_sizes(self) -> list[int]:
         return list(self.batch_sizes[-1000:])
 
-    def check(self, num_frames: int, question: str, max_new_tokens: int | None) -> dict | None:
+    def check(self, num_frames: int, question: str, max_new_tokens: int | None, num_videos: int = 1) -> dict | None:
         """``None`` when the request fits the context, else the error (used before a stream starts)."""
         try:
-            self.model.check_request(num_frames, question, max_new_tokens)
+            self.model.check_request(num_frames, question, max_new_tokens, num_videos)
         except ContextBudgetError as exc:
             return _error(400, str(exc), "context_length_exceeded", "question")
         return None
@@ -97,14 +101,14 @@ class VideoQAServer:
     async def answer(self, item: dict) -> dict:
         """Answer one request (``frames``, ``question``, generation options); errors come back as ``{"error": ...}``."""
         try:
-            self.model.check_request(item["frames"].shape[0], item["question"], item.get("max_new_tokens"))
+            self.model.check_request(_total_frames(item), item["question"], item.get("max_new_tokens"), len(item["videos"]))
         except ContextBudgetError as exc:
             return _error(400, str(exc), "context_length_exceeded", "question")
         item = {
             **item,
             "enqueued_at": time.perf_counter(),
             "token_unit": _token_units(self.args),
-            "visual_tokens": item["frames"].shape[0] * self.model.per_frame,
+            "visual_tokens": _total_frames(item) * self.model.per_frame,
         }
         return await self._answer_batch(item)
 
@@ -122,7 +126,7 @@ class VideoQAServer:
             try:
                 answers = await asyncio.to_thread(
                     self.model.answer,
-                    [items[i]["frames"] for i in members],
+                    [items[i]["videos"] for i in members],
                     [items[i]["question"] for i in members],
                     max_new_tokens=new_tokens,
                     temperature=temperature,
@@ -144,7 +148,7 @@ class VideoQAServer:
         """Token text as generated (``{"delta": str}``), then ``{"done": answer}``; or one ``{"error": ...}``."""
         try:
             for piece in self.model.stream_answer(
-                item["frames"], item["question"], item.get("max_new_tokens"), item.get("temperature", 0.0), item.get("top_p", 1.0)
+                item["videos"], item["question"], item.get("max_new_tokens"), item.get("temperature", 0.0), item.get("top_p", 1.0)
             ):
                 if isinstance(piece, str):
                     yield {"delta": piece}

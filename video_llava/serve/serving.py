@@ -30,6 +30,7 @@ from video_llava.video import DecodeOptions, SampledVideo, VideoDecodeError
 # would do it anyway, and it keeps 4K uploads from costing gigabytes per request.
 MODEL_SHORT_SIDE = 336
 RETRY_AFTER_S = "2"
+MAX_VIDEOS_PER_REQUEST = 8
 
 
 class QAService:
@@ -49,9 +50,10 @@ class QAService:
         self.decoder.close()
 
     # ---- validation ------------------------------------------------------------------------------------------
-    def _frames_wanted(self, opts: GenerationOptions) -> int:
+    def _frames_wanted(self, opts: GenerationOptions, num_videos: int = 1) -> int:
+        """Frames per video: as asked, else the default shared so that all videos fit ``max_frames``."""
         settings = self.args.model
-        frames = opts.num_frames or settings.num_frames
+        frames = opts.num_frames or max(1, min(settings.num_frames, settings.max_frames // num_videos))
         if frames > settings.max_frames:
             raise ServiceError(
                 400, f"num_frames={frames} exceeds max_frames={settings.max_frames}; use at most {settings.max_frames}",
@@ -71,10 +73,10 @@ class QAService:
         return question
 
     # ---- decode ----------------------------------------------------------------------------------------------
-    async def decode(self, data: bytes, opts: GenerationOptions) -> tuple[SampledVideo, float, bool]:
+    async def decode(self, data: bytes, opts: GenerationOptions, num_videos: int = 1) -> tuple[SampledVideo, float, bool]:
         settings = self.args.model
         options = DecodeOptions(
-            num_frames=self._frames_wanted(opts),
+            num_frames=self._frames_wanted(opts, num_videos),
             mode=opts.sampling or settings.sampling,
             sample_fps=opts.sample_fps or settings.sample_fps,
             short_side=MODEL_SHORT_SIDE,
@@ -104,9 +106,9 @@ class QAService:
         return await fetch_video(url, self.limits)
 
     # ---- model -----------------------------------------------------------------------------------------------
-    def _item(self, video: SampledVideo, question: str, opts: GenerationOptions, new_tokens: int | None) -> dict:
+    def _item(self, videos: list[SampledVideo], question: str, opts: GenerationOptions, new_tokens: int | None) -> dict:
         return {
-            "frames": video.frames,
+            "videos": [video.frames for video in videos],
             "question": question,
             "max_new_tokens": new_tokens or opts.max_new_tokens,
             "temperature": opts.temperature,
@@ -133,7 +135,7 @@ class QAService:
         start = time.perf_counter() - fetch_s
         question = self._check_question(question)
         video, decode_s, decode_cached = await self.decode(data, opts)
-        result = await self._ask_model(self._item(video, question, opts, None))
+        result = await self._ask_model(self._item([video], question, opts, None))
         return self._qa_response(video, result, fetch_s, decode_s, start, decode_cached)
 
     def _qa_response(
@@ -168,7 +170,7 @@ class QAService:
     # ---- /v1/chat/completions --------------------------------------------------------------------------------
     @staticmethod
     def _chat_inputs(request: ChatCompletionRequest) -> tuple[str, list[str]]:
-        """The question (text of the last user message) and the video URLs of the conversation."""
+        """The question (text of the last user message) and the video URLs of the conversation, in order."""
         urls: list[str] = []
         question = ""
         for message in request.messages:
@@ -186,23 +188,33 @@ class QAService:
             question = " ".join(t for t in texts if t.strip()) or question
         if not urls:
             raise ServiceError(400, "no video: add a content part {'type': 'video_url', 'video_url': {'url': ...}}", param="messages")
-        if len(urls) > 1:
-            raise ServiceError(400, f"{len(urls)} videos in one request; one video per request is supported", param="messages")
+        if len(urls) > MAX_VIDEOS_PER_REQUEST:
+            raise ServiceError(
+                400, f"{len(urls)} videos in one request; at most {MAX_VIDEOS_PER_REQUEST}", param="messages"
+            )
         if not question.strip():
             raise ServiceError(400, "no question: add a text content part to the user message", param="messages")
         return question, urls
 
-    async def chat(self, request: ChatCompletionRequest) -> dict:
-        start = time.perf_counter()
+    async def _chat_videos(self, request: ChatCompletionRequest) -> tuple[str, list[SampledVideo], float, float, bool]:
+        """Fetch and decode every video of the conversation concurrently (videos are placed in order)."""
         question, urls = self._chat_inputs(request)
         question = self._check_question(question)
-        fetched = await self.fetch(urls[0])
-        video, decode_s, decode_cached = await self.decode(fetched.data, request)
-        result = await self._ask_model(self._item(video, question, request, request.new_tokens()))
-        reply = self._qa_response(video, result, fetched.seconds, decode_s, start, decode_cached)
+        fetched = await asyncio.gather(*(self.fetch(url) for url in urls))
+        decoded = await asyncio.gather(*(self.decode(f.data, request, len(urls)) for f in fetched))
+        videos = [video for video, _, _ in decoded]
+        fetch_s = max(f.seconds for f in fetched)
+        decode_s = max(seconds for _, seconds, _ in decoded)
+        return question, videos, fetch_s, decode_s, all(hit for _, _, hit in decoded)
+
+    async def chat(self, request: ChatCompletionRequest) -> dict:
+        start = time.perf_counter()
+        question, videos, fetch_s, decode_s, decode_cached = await self._chat_videos(request)
+        result = await self._ask_model(self._item(videos, question, request, request.new_tokens()))
+        reply = self._qa_response(videos[0], result, fetch_s, decode_s, start, decode_cached)
         extra = {
             "num_frames": reply.num_frames,
-            "sampled_indices": reply.sampled_indices,
+            "videos": [{"sampled_indices": [int(i) for i in v.indices], "duration": v.metadata.duration} for v in videos],
             "timings": reply.timings.model_dump(),
             "cached": reply.cached.model_dump(),
         }
@@ -210,12 +222,10 @@ class QAService:
 
     async def prepare_stream(self, request: ChatCompletionRequest) -> dict:
         """Everything before the first token (errors here are still plain HTTP errors)."""
-        question, urls = self._chat_inputs(request)
-        question = self._check_question(question)
-        fetched = await self.fetch(urls[0])
-        video, _, _ = await self.decode(fetched.data, request)
-        item = self._item(video, question, request, request.new_tokens())
-        problem = await self.model.check.remote(video.num_frames, question, item["max_new_tokens"])
+        question, videos, _, _, _ = await self._chat_videos(request)
+        item = self._item(videos, question, request, request.new_tokens())
+        frames = sum(v.num_frames for v in videos)
+        problem = await self.model.check.remote(frames, question, item["max_new_tokens"], len(videos))
         if problem:
             err = problem["error"]
             raise ServiceError(err["status"], err["message"], code=err["code"], param=err.get("param"))
