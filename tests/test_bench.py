@@ -21,3 +21,14 @@ def test_decode_bench_quick_run_ends_with_its_figures_as_json():
     assert figures["bench"] == "decode" and figures["machine"]["cpus"] >= 1
     assert {row["frames"] for row in figures["rows"]} == {16}
     assert all(row["decord_ms"] > 0 and row["pyav_ms"] > 0 for row in figures["rows"])
+
+
+@pytest.mark.slow
+def test_serve_bench_quick_run_reports_the_ratios_the_readme_quotes():
+    result = subprocess.run(
+        [sys.executable, "bench/serve.py", "--quick", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["batching_speedup_c8"] > 0 and figures["repeat_question_latency_ratio"] > 0
+    assert {"decode_s", "queue_s", "vision_s", "generate_s"} <= set(figures["runs"]["batched"][0]["mean_stage_s"])

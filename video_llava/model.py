@@ -39,6 +39,7 @@ class Answer:
     finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
     generate_s: float
     vision_cached: bool = False  # the vision tower was skipped: features came from the cache
+    vision_s: float = 0.0  # time in the vision tower + projector for this question's videos
 
 
 def declared_rope_factor(text_config: Any) -> float | None:
@@ -285,7 +286,7 @@ class VideoQAModel:
             self.budget.check(sum(c.shape[0] for c in clips), n, new_tokens)
             prompt_counts.append(n)
         frames = [sum(c.shape[0] for c in clips) for clips in per_question]
-        embeds, mask, cached = self._inputs_embeds(per_question, questions)
+        embeds, mask, cached, vision_s = self._inputs_embeds(per_question, questions)
         rows, elapsed = self._run_generate(embeds, mask, new_tokens, temperature, top_p, seed)
         answers = []
         for i, row in enumerate(rows):
@@ -300,6 +301,7 @@ class VideoQAModel:
                     finish_reason=reason,
                     generate_s=elapsed,
                     vision_cached=cached[i],
+                    vision_s=vision_s[i],
                 )
             )
         return answers
@@ -342,16 +344,19 @@ class VideoQAModel:
         batch = self.tokenizer(prompts, padding=True, return_tensors="pt")
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
-        flat = [(i, clip) for i, clips in enumerate(videos) for clip in clips]
-        computed = [self.video_features(clip) for _, clip in flat]
-        features = [f for f, _ in computed]
-        cached = [all(hit for (j, _), (_, hit) in zip(flat, computed) if j == i) for i in range(len(videos))]
+        features, cached, vision_s = [], [], []
+        for clips in videos:
+            start = time.perf_counter()
+            results = [self.video_features(clip) for clip in clips]
+            vision_s.append(time.perf_counter() - start)
+            features += [f for f, _ in results]
+            cached.append(all(hit for _, hit in results))
         with torch.inference_mode():
             embeds = self.model.get_input_embeddings()(ids)
             video_positions = (ids == self.processor.video_token_id).unsqueeze(-1).expand_as(embeds)
             stacked = torch.cat(features).to(embeds.device, embeds.dtype)
             embeds = embeds.masked_scatter(video_positions, stacked)
-        return embeds, mask, cached
+        return embeds, mask, cached, vision_s
 
     def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
         gen: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
@@ -402,7 +407,7 @@ class VideoQAModel:
         new_tokens = max_new_tokens or self.settings.max_new_tokens
         prompt_tokens = self.count_prompt_tokens(question, len(clips))
         self.budget.check(total_frames, prompt_tokens, new_tokens)
-        embeds, mask, cached = self._inputs_embeds([clips], [question])
+        embeds, mask, cached, vision_s = self._inputs_embeds([clips], [question])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600)
         gen = dict(self._generation_kwargs(new_tokens, temperature, top_p), streamer=streamer)
         result: dict[str, Any] = {}
@@ -436,6 +441,7 @@ class VideoQAModel:
             finish_reason=reason,
             generate_s=time.perf_counter() - start,
             vision_cached=cached[0],
+            vision_s=vision_s[0],
         )
 
     def _eos_ids(self) -> set[int]:

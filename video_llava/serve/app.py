@@ -37,6 +37,7 @@ def _answer_dict(answer, queued_s: float) -> dict:
         "generate_s": answer.generate_s,
         "queue_s": queued_s,
         "vision_cached": answer.vision_cached,
+        "vision_s": answer.vision_s,
     }
 
 

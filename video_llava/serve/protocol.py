@@ -52,6 +52,7 @@ class Timings(BaseModel):
     fetch_s: float = 0.0
     decode_s: float = 0.0
     queue_s: float = 0.0
+    vision_s: float = 0.0  # vision tower + projector, before generate_s (0 when the features were cached)
     generate_s: float = 0.0
     total_s: float = 0.0
 

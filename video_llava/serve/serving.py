@@ -160,6 +160,7 @@ class QAService:
                 fetch_s=round(fetch_s, 4),
                 decode_s=round(decode_s, 4),
                 queue_s=round(result["queue_s"], 4),
+                vision_s=round(result.get("vision_s", 0.0), 4),
                 generate_s=round(result["generate_s"], 4),
                 total_s=round(time.perf_counter() - start, 4),
             ),
