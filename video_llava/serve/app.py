@@ -159,9 +159,12 @@ class VideoQAServer:
             yield _error(400, str(exc), "context_length_exceeded", "question")
 
 
-def build_app(args: ServeArgs) -> Application:
-    """Typed application builder: ``args`` is the validated ``args:`` block of a serve config."""
+def build_app(args: ServeArgs | dict) -> Application:
+    """Application builder: ``args`` is the ``args:`` block of a serve config, validated here as ``ServeArgs``."""
     from video_llava.serve.routes import QAIngress
+
+    # Validate explicitly: Serve hands a plain dict to builders whose annotation it cannot resolve.
+    args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
 
     d = args.deployment
     options: dict[str, Any] = dict(

@@ -1,0 +1,93 @@
+"""The shipped Serve configs validate, and `serve run serve_configs/local.yaml` really serves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "serve_configs"
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml"])
+def test_config_validates_with_ray_and_our_args_model(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    from video_llava.serve.config import ServeArgs
+
+    config = _load(name)
+    ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "video_llava.serve.app:build_app"
+    ServeArgs.model_validate(app["args"])
+
+
+def test_local_config_is_cpu_embedded_and_keeps_the_ssrf_guard():
+    from video_llava.serve.config import ServeArgs
+
+    args = ServeArgs.model_validate(_load("local.yaml")["applications"][0]["args"])
+    assert args.model.model == "embedded" and args.deployment.num_gpus == 0
+    assert args.limits.url_allowlist == [] and args.limits.allow_private_urls is False
+
+
+def test_gpu_config_is_7b_one_gpu_per_replica_32_frames_factor_2_autoscaling():
+    from video_llava.serve.config import ServeArgs
+
+    args = ServeArgs.model_validate(_load("gpu.yaml")["applications"][0]["args"])
+    assert args.model.model == "llava-hf/LLaVA-NeXT-Video-7B-hf"
+    assert args.model.num_frames == 32 and args.model.rope_scaling_factor == 2.0
+    assert args.deployment.num_gpus == 1 and args.deployment.min_replicas < args.deployment.max_replicas
+
+
+@pytest.mark.slow
+def test_serve_run_with_the_local_config_answers_over_http(tmp_path, embedded_cache):
+    config = _load("local.yaml")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config["http_options"]["port"] = port
+    path = tmp_path / "local.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(embedded_cache),
+           "RAY_TMPDIR": ray_tmp}
+    serve_bin = Path(sys.executable).with_name("serve")
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "serve run exited early:\n" + (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        sample = (ROOT / "video_llava" / "assets" / "sample.mp4").read_bytes()
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/video/qa", files={"video": ("s.mp4", sample)},
+                              data={"question": "What color is the circle?", "num_frames": "8"}, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["num_frames"] == 8
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
