@@ -94,6 +94,7 @@ def service(embedded_cache, http_files, s3):
             "limits": {
                 "max_upload_bytes": MAX_UPLOAD,
                 "max_question_chars": MAX_QUESTION_CHARS,
+                "max_duration_s": 30,
                 "url_allowlist": ["127.0.0.1"],  # the test's own HTTP server
                 "s3_endpoint_url": s3,
             },
@@ -221,6 +222,12 @@ def test_empty_upload_is_422(service):
 def test_oversized_upload_is_413(service):
     _error(_qa_upload(service, b"\x00" * (MAX_UPLOAD + 1)), 413, "video_too_large")
     _assert_still_answers(service)
+
+
+def test_video_over_the_duration_limit_is_422(service, tmp_path):
+    long_clip = shapes_video(tmp_path / "slow.mp4", num_frames=40, fps=1.0, width=64, height=48).read_bytes()
+    body = _error(_qa_upload(service, long_clip), 422, "video_too_long")
+    assert "limit is 30 s" in body["message"]
 
 
 def test_question_over_the_character_limit_is_400(service):
