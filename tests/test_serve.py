@@ -85,7 +85,10 @@ def service(embedded_cache, http_files, s3):
     from video_llava.serve.config import ServeArgs
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    metrics_port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
+             _metrics_export_port=metrics_port)
+    os.environ["VIDEO_LLAVA_TEST_METRICS_PORT"] = str(metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = ServeArgs.model_validate(
@@ -184,6 +187,30 @@ def test_openai_client_chat_completion_and_stream(service):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert streamed.strip() == completion.choices[0].message.content  # greedy: same text either way
+
+
+def test_our_metrics_are_exported_next_to_ray_serves(service):
+    _assert_still_answers(service)
+    url = f"http://127.0.0.1:{os.environ['VIDEO_LLAVA_TEST_METRICS_PORT']}/metrics"
+    wanted = ["video_llava_batch_size", "video_llava_frames_decoded", "video_llava_decode_seconds",
+              "video_llava_generate_seconds", "video_llava_visual_tokens", "ray_serve_"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        try:
+            text = httpx.get(url, timeout=5).text
+        except httpx.HTTPError:
+            text = ""
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    assert [name for name in wanted if name not in text] == []
+
+
+def test_url_fetch_over_the_size_limit_is_413(service, http_files):
+    base_url, root = http_files
+    (root / "big.mp4").write_bytes(b"\x00" * (MAX_UPLOAD + 10))
+    response = httpx.post(f"{service}/v1/video/qa", json={"video_url": f"{base_url}/big.mp4", "question": "What?"}, timeout=60)
+    _error(response, 413, "video_too_large")
 
 
 def test_models_health_and_docs(service):

@@ -1,6 +1,7 @@
 """HTTP routes (FastAPI) of the ingress deployment; the work is done in ``serving.QAService``."""
 
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,6 +37,14 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return _error_response(_from_validation(exc.errors()))
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # A bug or an infrastructure failure, not bad input: still JSON, and logged with its traceback by Serve.
+    logging.getLogger("ray.serve").exception("unhandled error on %s", request.url.path)
+    body = ServiceError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error").body()
+    return JSONResponse(body, status_code=500)
 
 
 def _from_validation(errors: list[dict]) -> ServiceError:
