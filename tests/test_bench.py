@@ -32,3 +32,14 @@ def test_serve_bench_quick_run_reports_the_ratios_the_readme_quotes():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["batching_speedup_c8"] > 0 and figures["repeat_question_latency_ratio"] > 0
     assert {"decode_s", "queue_s", "vision_s", "generate_s"} <= set(figures["runs"]["batched"][0]["mean_stage_s"])
+
+
+@pytest.mark.slow
+def test_caption_bench_small_run_reports_both_rates():
+    result = subprocess.run(
+        [sys.executable, "bench/caption.py", "--videos", "4", "--decode-workers", "1", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["sequential_videos_per_s"] > 0 and figures["pipeline"][0]["videos_per_s"] > 0

@@ -1,0 +1,119 @@
+"""Batch captioning: the Ray Data pipeline vs a plain sequential loop over the same bucket, in one run.
+
+    python bench/caption.py [--videos 24] [--decode-workers 1 2] [--json]
+
+A moto S3 server on 127.0.0.1 holds the videos (distinct clips, 320x240, 3 s). The sequential loop reads,
+decodes (decord, in process) and captions one video at a time with the same model and settings. The pipeline
+runs ``jobs.caption`` once per decode-worker count (Ray started with decode workers + 1 logical CPUs).
+Both include model loading. Reported: videos/s and the pipeline/sequential ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import describe_machine  # noqa: E402
+from video_llava.synthetic import COLORS, DIRECTIONS, SHAPES, MovingShape, render_frames, video_bytes  # noqa: E402
+
+FRAMES = 16
+NEW_TOKENS = 16
+PROMPT = "Describe the video in detail."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill_bucket(client, n: int) -> None:
+    colors, directions = list(COLORS), list(DIRECTIONS)
+    client.create_bucket(Bucket="bench")
+    for i in range(n):
+        shape = MovingShape(SHAPES[i % 3], colors[i % len(colors)], directions[i % 4], start=(0.1 + 0.02 * i, 0.5))
+        data = video_bytes(render_frames([shape], num_frames=36, fps=12, width=320, height=240), fps=12)
+        client.put_object(Bucket="bench", Key=f"videos/clip{i:03d}.mp4", Body=data)
+
+
+def sequential(client, endpoint: str) -> float:
+    from video_llava.model import VideoQAModel
+    from video_llava.settings import ModelSettings
+    from video_llava.video import DecodeOptions, sample_video
+
+    start = time.perf_counter()
+    model = VideoQAModel(ModelSettings(num_frames=FRAMES, max_new_tokens=NEW_TOKENS))
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="bench", Prefix="videos/")["Contents"]]
+    for key in keys:
+        data = client.get_object(Bucket="bench", Key=key)["Body"].read()
+        video = sample_video(data, DecodeOptions(num_frames=FRAMES, short_side=336))
+        model.answer([video], [PROMPT])
+    return len(keys) / (time.perf_counter() - start)
+
+
+def pipeline(endpoint: str, decode_workers: int, n: int) -> float:
+    import ray
+
+    from jobs.caption import CaptionConfig, main
+
+    ray.init(num_cpus=decode_workers + 1, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    try:
+        cfg = CaptionConfig(input="s3://bench/videos/", output=f"s3://bench/out-{decode_workers}-{time.time_ns()}/",
+                            endpoint_url=endpoint, frames=FRAMES, max_new_tokens=NEW_TOKENS, batch_size=4,
+                            decode_workers=decode_workers)
+        start = time.perf_counter()
+        manifest = main(cfg)
+        assert manifest["ok"] == n, manifest
+        return n / (time.perf_counter() - start)
+    finally:
+        ray.shutdown()
+
+
+def main_bench() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=24)
+    parser.add_argument("--decode-workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    machine = describe_machine(("ray", "torch", "decord"))
+    print(f"machine: {machine['cpu']} x{machine['cpus']}; {args.videos} videos, {FRAMES} frames, {NEW_TOKENS} new tokens")
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        fill_bucket(client, args.videos)
+        seq = sequential(client, endpoint)
+        print(f"sequential loop:              {seq:.3f} videos/s", flush=True)
+        rows = []
+        for workers in args.decode_workers:
+            rate = pipeline(endpoint, workers, args.videos)
+            rows.append({"decode_workers": workers, "videos_per_s": round(rate, 3), "vs_sequential": round(rate / seq, 2)})
+            print(f"ray data, {workers} decode worker(s): {rate:.3f} videos/s  ({rate / seq:.2f}x sequential)", flush=True)
+    finally:
+        server.stop()
+    figures = {"bench": "caption", "machine": machine, "videos": args.videos, "frames": FRAMES,
+               "sequential_videos_per_s": round(seq, 3), "pipeline": rows,
+               "best_pipeline_over_sequential": max(r["vs_sequential"] for r in rows)}
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main_bench()
