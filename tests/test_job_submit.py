@@ -1,0 +1,57 @@
+"""Jobs run on a Ray cluster through the stock client: `ray start --head` then `ray job submit`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(embedded_cache):
+    """A local one-node cluster with the job server, as `ray start --head` makes it."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(embedded_cache),
+           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    dashboard = _free_port()
+    start = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(_free_port()),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
+             "--temp-dir", tempfile.mkdtemp(prefix="ray-", dir="/tmp")]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    yield f"http://127.0.0.1:{dashboard}", env
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_caption_job_submitted_with_ray_job_submit_succeeds(cluster, tmp_path):
+    address, env = cluster
+    from video_llava.synthetic import SAMPLE_SHAPES, render_frames, write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(3):
+        write_video(videos / f"clip{i}.mp4", render_frames(SAMPLE_SHAPES, num_frames=12, fps=12, width=96, height=64))
+    runtime_env = '{"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".venv", ".git", "tests", "bench"]}'
+    result = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json", runtime_env,
+         "--", "python", "-m", "jobs.caption", "--input", str(videos), "--output", str(tmp_path / "out"),
+         "--frames", "4", "--max-new-tokens", "4"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "succeeded" in result.stdout.lower()
+    assert "3 captioned this run" in result.stdout
+    assert (tmp_path / "out" / "_manifest.json").exists()
