@@ -1,6 +1,6 @@
 """Caption every video under an S3 prefix (or a local directory) with Ray Data; resumable, nothing lost.
 
-    python -m jobs.caption --input s3://bucket/videos/ --output s3://bucket/captions/ [--frames 32]
+    python -m jobs.caption --input s3://bucket/videos/ --output s3://bucket/captions/ [--config caption.yaml] [--frames 32]
         [--prompt "Describe the video in detail."] [--model embedded] [--endpoint-url http://127.0.0.1:9000]
         [--batch-size 4] [--concurrency 1] [--decode-workers 1] [--num-gpus 0]
     ray job submit --working-dir . -- python -m jobs.caption --input s3://... --output s3://...
@@ -191,6 +191,7 @@ def _parse(argv: list[str] | None) -> tuple[CaptionConfig, bool]:
     parser = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.splitlines()[0])
     fields = CaptionConfig.model_fields
     parser.add_argument("--show", action="store_true", help="print the final view of --output as JSON lines and exit")
+    parser.add_argument("--config", default=None, help="YAML file of these options; command-line flags override it")
     for name, field in fields.items():
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
@@ -199,10 +200,17 @@ def _parse(argv: list[str] | None) -> tuple[CaptionConfig, bool]:
             parser.add_argument(flag, default=None, help=field.description)
     args = vars(parser.parse_args(argv))
     show = args.pop("show")
+    config_path = args.pop("config")
+    base: dict[str, Any] = {}
+    if config_path:
+        import yaml
+
+        with open(config_path) as f:
+            base = {k.replace("-", "_"): v for k, v in (yaml.safe_load(f) or {}).items()}
     if show:
         args.setdefault("input", args.get("input") or "-")
         args["input"] = args["input"] or "-"
-    values: dict[str, Any] = {k: v for k, v in args.items() if v not in (None, False)}
+    values: dict[str, Any] = {**base, **{k: v for k, v in args.items() if v not in (None, False)}}
     return CaptionConfig.model_validate(values), show
 
 

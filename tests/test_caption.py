@@ -144,18 +144,23 @@ def test_a_job_killed_midway_and_rerun_captions_everything_exactly_once(s3, embe
     assert sum(r["status"] == "ok" for r in rows) == GOOD
 
 
-def test_local_directory_in_and_out(tmp_path, embedded_cache):
+def test_local_directory_in_and_out_with_a_yaml_config(tmp_path, embedded_cache):
     source = tmp_path / "videos"
     for key, body in _clips().items():
         if key.startswith("inbox/a/") or key == "inbox/broken.mp4":
             path = source / key
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(body)
-    result = run_job(str(source), str(tmp_path / "out"), None, embedded_cache)
+    config = tmp_path / "caption.yaml"
+    config.write_text(f"input: {source}\noutput: {tmp_path / 'out'}\nframes: 8\nmax_new_tokens: 4\nbatch_size: 2\n")
+    result = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(config), "--num-cpus", "2"],
+                            cwd=ROOT, env=_env(embedded_cache), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = final_rows(str(tmp_path / "out"), None)
-    assert len(rows) == len(list(source.rglob("*.*"))) and (tmp_path / "out" / "_manifest.json").exists()
+    assert sorted(r["key"] for r in rows) == sorted(p.relative_to(source).as_posix() for p in source.rglob("*.*"))
+    assert (tmp_path / "out" / "_manifest.json").exists()
     assert {r["status"] for r in rows} == {"ok", "error"}
+    assert all(r["num_frames"] == 8 for r in rows if r["status"] == "ok")
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,7 @@ class Location:
 
 @dataclass(frozen=True)
 class StoredObject:
-    key: str  # s3 key, or absolute local path
+    key: str  # s3 key, or the path relative to the local directory
     size: int
     etag: str
 
@@ -101,7 +101,7 @@ def list_objects(location: Location, endpoint_url: str | None = None) -> Iterato
                 stat = path.stat()
                 # A local "etag": changes when the file is rewritten, like S3's.
                 etag = hashlib.blake2b(f"{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=8).hexdigest()
-                yield StoredObject(str(path), stat.st_size, etag)
+                yield StoredObject(path.relative_to(root).as_posix(), stat.st_size, etag)
         return
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -121,7 +121,7 @@ def is_video_key(key: str) -> bool:
 def read_object(location: Location, key: str, client=None) -> bytes:
     """The bytes of one object (``client``: a boto3 S3 client to reuse)."""
     if location.scheme == "file":
-        return Path(key).read_bytes()
+        return (Path(location.prefix) / key).read_bytes()
     return client.get_object(Bucket=location.bucket, Key=key)["Body"].read()
 
 
