@@ -1,0 +1,88 @@
+"""Write the deterministic synthetic video-QA dataset (train/val/test) the training jobs use.
+
+    python -m jobs.make_synthetic --output data/synthetic [--train 2000] [--val 200] [--test 200] [--seed 0]
+    ray job submit --working-dir . -- python -m jobs.make_synthetic --output /shared/data/synthetic
+
+Layout: ``<output>/videos/<split>/<id>.mp4`` and ``<output>/<split>.jsonl`` (LLaVA-style records with a
+detailed ``caption`` per clip), plus ``<output>/meta.json``. The same arguments give the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from video_llava.synthetic import render_frames, write_video
+from video_llava.synthetic_qa import QA_TYPES, all_visible, make_record, random_clip
+
+SPLITS = ("train", "val", "test")
+
+
+class SyntheticConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    output: Path
+    train: int = Field(2000, ge=0)
+    val: int = Field(200, ge=0)
+    test: int = Field(200, ge=0)
+    seed: int = 0
+    frames: int = Field(16, ge=2, le=120, description="frames per clip")
+    fps: float = Field(8.0, gt=0)
+    size: int = Field(112, ge=32, le=672, description="clip width and height in pixels")
+
+
+def write_split(cfg: SyntheticConfig, split: str, count: int) -> int:
+    # One generator per split, seeded from (seed, split): splits do not shift when another split's size changes.
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split)])
+    video_dir = cfg.output / "videos" / split
+    video_dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg.output / f"{split}.jsonl", "w") as out:
+        for i in range(count):
+            while True:  # redraw clips where a shape is hidden in some frame: every answer must be visible
+                spec = random_clip(rng)
+                frames = render_frames(spec.shapes, num_frames=cfg.frames, fps=cfg.fps, width=cfg.size, height=cfg.size)
+                if all_visible(spec, frames):
+                    break
+            record_id = f"{split}-{i:06d}"
+            relative = f"videos/{split}/{record_id}.mp4"
+            write_video(cfg.output / relative, frames, fps=cfg.fps, fmt="mp4")
+            qa_type = QA_TYPES[i % len(QA_TYPES)]  # balanced question types
+            out.write(json.dumps(make_record(record_id, relative, spec, qa_type, rng)) + "\n")
+            if (i + 1) % 500 == 0:
+                print(f"  {split}: {i + 1}/{count}", flush=True)
+    return count
+
+
+def main(cfg: SyntheticConfig) -> dict:
+    start = time.perf_counter()
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    counts = {split: write_split(cfg, split, getattr(cfg, split)) for split in SPLITS}
+    settings = json.loads(cfg.model_dump_json(exclude={"output"}))  # where it was written is not part of the data
+    meta = {"config": settings, "counts": counts, "qa_types": list(QA_TYPES)}
+    (cfg.output / "meta.json").write_text(json.dumps(meta, indent=2))
+    print(f"make_synthetic: {counts} written to {cfg.output} in {time.perf_counter() - start:.1f} s", flush=True)
+    return meta
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.make_synthetic", description=__doc__.splitlines()[0])
+    for name, field in SyntheticConfig.model_fields.items():
+        parser.add_argument("--" + name.replace("_", "-"), default=None, required=field.is_required(), help=field.description)
+    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    try:
+        cfg = SyntheticConfig.model_validate(values)
+    except ValueError as exc:
+        print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    main(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

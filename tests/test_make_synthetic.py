@@ -1,0 +1,67 @@
+"""The synthetic video-QA dataset: deterministic, LLaVA-style, and its answers are true of its pixels."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.make_synthetic import SyntheticConfig, main
+from video_llava.synthetic import COLORS
+from video_llava.synthetic_qa import NUMBER_WORDS, QA_TYPES, answer_choices
+from video_llava.video import DecodeOptions, sample_video
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    main(SyntheticConfig(output=out, train=16, val=8, test=8, seed=3))
+    return out
+
+
+def _records(root: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_arguments_give_identical_files(dataset, tmp_path):
+    again = tmp_path / "again"
+    main(SyntheticConfig(output=again, train=16, val=8, test=8, seed=3))
+    assert _digest(again) == _digest(dataset)
+
+
+def test_records_are_llava_style_with_a_caption_and_balanced_question_types(dataset):
+    records = _records(dataset, "train")
+    assert len(records) == 16
+    for r in records:
+        human, gpt = r["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<video>\n")
+        assert gpt == {"from": "gpt", "value": r["answer"]}
+        assert r["answer"] in answer_choices(r["qa_type"])
+        assert r["caption"].startswith("The video shows") and (dataset / r["video"]).exists()
+    assert Counter(r["qa_type"] for r in records) == {t: 4 for t in QA_TYPES}
+    ids = [r["id"] for split in ("train", "val", "test") for r in _records(dataset, split)]
+    assert len(ids) == len(set(ids)) == 32
+
+
+def _has_color(frame: np.ndarray, color: str) -> bool:
+    return bool((np.abs(frame.astype(int) - COLORS[color]).sum(-1) < 60).sum() > 30)
+
+
+def test_answers_are_true_of_the_decoded_pixels(dataset):
+    for split in ("train", "val", "test"):
+        for r in _records(dataset, split):
+            frame = sample_video(dataset / r["video"], DecodeOptions(num_frames=1)).frames[0]
+            present = {c for c in COLORS if _has_color(frame, c)}
+            assert present == {s["color"] for s in r["shapes"]}, r["id"]
+            if r["qa_type"] == "color":
+                assert r["answer"] in present
+            if r["qa_type"] == "count":
+                assert NUMBER_WORDS.index(r["answer"]) == len(present)

@@ -1,0 +1,94 @@
+"""A deterministic synthetic video-QA dataset: clips of moving shapes, questions with one right answer each,
+and a detailed caption per clip (the evidence an AI-feedback judge scores answers against).
+
+Records are LLaVA-style: ``{"id", "video", "conversations": [{"from": "human", "value": "<video>\\n..."},
+{"from": "gpt", "value": ...}], "caption", "qa_type", "answer"}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from video_llava.synthetic import COLORS, DIRECTIONS, SHAPES, MovingShape
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
+QA_TYPES = ("color", "shape", "count", "direction")
+# Start positions that keep up to three shapes apart (fractions of width/height).
+STARTS = [(0.25, 0.3), (0.7, 0.35), (0.45, 0.75)]
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """The shapes of one clip; colours and shape types are distinct within a clip so questions are unambiguous."""
+
+    shapes: tuple[MovingShape, ...]
+
+    def caption(self) -> str:
+        parts = [f"a {s.color} {s.shape} moving {s.direction}" for s in self.shapes]
+        listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        count = NUMBER_WORDS[len(self.shapes)]
+        noun = "shape" if len(self.shapes) == 1 else "shapes"
+        return f"The video shows {count} {noun} on a light background: {listed}."
+
+
+def random_clip(rng: np.random.Generator) -> ClipSpec:
+    count = int(rng.integers(1, 4))
+    colors = rng.choice(list(COLORS), size=count, replace=False)
+    shapes = rng.choice(list(SHAPES), size=count, replace=False)
+    directions = rng.choice(list(DIRECTIONS), size=count, replace=True)
+    return ClipSpec(tuple(
+        MovingShape(str(shapes[i]), str(colors[i]), str(directions[i]), start=STARTS[i], size=0.22, speed=0.25)
+        for i in range(count)
+    ))
+
+
+def all_visible(spec: ClipSpec, frames: np.ndarray, min_pixels: int = 40) -> bool:
+    """Every shape's colour shows in every frame (no shape hidden behind another or wrapped off-screen)."""
+    for color in {s.color for s in spec.shapes}:
+        target = np.array(COLORS[color], dtype=np.int16)
+        visible = (np.abs(frames.astype(np.int16) - target).sum(-1) < 30).sum(axis=(1, 2))
+        if visible.min() < min_pixels:
+            return False
+    return True
+
+
+def question_for(spec: ClipSpec, qa_type: str, rng: np.random.Generator) -> tuple[str, str]:
+    """(question, short answer) of the given type about the clip."""
+    target = spec.shapes[int(rng.integers(len(spec.shapes)))]
+    if qa_type == "color":
+        return f"What color is the {target.shape}?", target.color
+    if qa_type == "shape":
+        return f"What shape is the {target.color} object?", target.shape
+    if qa_type == "count":
+        return "How many shapes are in the video?", NUMBER_WORDS[len(spec.shapes)]
+    if qa_type == "direction":
+        return f"Which way does the {target.color} {target.shape} move?", target.direction
+    raise ValueError(f"unknown qa_type {qa_type!r}")
+
+
+def answer_choices(qa_type: str) -> list[str]:
+    """Every possible answer of a question type (for accuracy and for sampling wrong answers)."""
+    return {
+        "color": list(COLORS),
+        "shape": list(SHAPES),
+        "count": NUMBER_WORDS[1:4],
+        "direction": list(DIRECTIONS),
+    }[qa_type]
+
+
+def make_record(record_id: str, video_path: str, spec: ClipSpec, qa_type: str, rng: np.random.Generator) -> dict:
+    question, answer = question_for(spec, qa_type, rng)
+    return {
+        "id": record_id,
+        "video": video_path,
+        "conversations": [
+            {"from": "human", "value": f"<video>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+        "caption": spec.caption(),
+        "qa_type": qa_type,
+        "answer": answer,
+        "shapes": [{"shape": s.shape, "color": s.color, "direction": s.direction} for s in spec.shapes],
+    }
