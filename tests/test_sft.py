@@ -1,0 +1,66 @@
+"""SFT with Ray Train: the real entry point, a tiny synthetic set, a few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.make_synthetic import SyntheticConfig
+from jobs.make_synthetic import main as make_synthetic
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("syn")
+    make_synthetic(SyntheticConfig(output=out, train=8, val=0, test=0, seed=1))
+    return out
+
+
+def run_sft(data: Path, output: Path, cache: Path, steps: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(cache),
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
+    args = [sys.executable, "-m", "jobs.sft", "--data", str(data), "--output", str(output), "--name", "run",
+            "--max-steps", str(steps), "--batch-size", "4", "--checkpoint-every", "2", "--frames", "4"]
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_steps_lower_the_loss_train_the_projector_and_keep_the_vision_tower(data, tmp_path, embedded_cache):
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    from video_llava.embedded import embedded_path
+
+    result = run_sft(data, tmp_path, embedded_cache, steps=6)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    losses = [m["loss"] for m in _metrics(tmp_path)]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    before = LlavaNextVideoForConditionalGeneration.from_pretrained(embedded_path())
+    after = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "run" / "model")
+    b, a = before.state_dict(), after.state_dict()
+    projector = [k for k in b if "multi_modal_projector" in k]
+    vision = [k for k in b if "vision_tower" in k]
+    assert projector and vision
+    assert any(not torch.equal(b[k], a[k]) for k in projector)
+    assert all(torch.equal(b[k], a[k]) for k in vision)
+
+
+def test_a_rerun_resumes_from_the_last_checkpoint_and_continues_the_step_count(data, tmp_path, embedded_cache):
+    first = run_sft(data, tmp_path, embedded_cache, steps=4)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    second = run_sft(data, tmp_path, embedded_cache, steps=6)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert "finished at step 6" in second.stdout
