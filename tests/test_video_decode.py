@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import FPS, HEIGHT, NUM_FRAMES, WIDTH, shapes_video
 from video_llava.isolated_decode import IsolatedDecoder
-from video_llava.synthetic import render_frames, video_bytes, write_video
+from video_llava.synthetic import render_frames, write_video
 from video_llava.video import DecodeOptions, VideoDecodeError, sample_video
 
 FORMATS_BOTH_BACKENDS = ["mp4", "mp4-mpeg4", "avi", "webm", "mkv", "mov", "mp4-hevc", "mjpeg"]

@@ -14,16 +14,6 @@ import numpy as np
 
 from video_llava.storage import Location, read_object, s3_client
 
-OUTPUT_COLUMNS = [
-    "key", "size", "etag", "status", "caption", "error", "num_frames", "sampled_indices", "timestamps",
-    "duration", "model", "prompt", "decode_s", "caption_s", "captioned_at",
-]
-
-
-def _column(batch: dict, name: str) -> list:
-    return list(batch[name]) if name in batch else []
-
-
 class DecodeStep:
     """Read each object and sample frames in isolated, time-limited decoder processes (CPU)."""
 

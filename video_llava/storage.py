@@ -45,11 +45,6 @@ class Location:
         path = Path(uri.removeprefix("file://")).expanduser().resolve()
         return cls("file", "", str(path))
 
-    def uri(self, key: str = "") -> str:
-        if self.scheme == "s3":
-            return f"s3://{self.bucket}/{key}"
-        return key if os.path.isabs(key) else os.path.join(self.prefix, key)
-
     def join(self, name: str) -> str:
         """A path under this location, as the pyarrow filesystem names it."""
         if self.scheme == "s3":

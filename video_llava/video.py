@@ -211,7 +211,7 @@ def _decode_pyav(source: str | bytes, opts: DecodeOptions, rotation: int) -> tup
     times, rate = _packet_times(source)
     if not times:
         raise VideoDecodeError("the video has zero frames")
-    for attempt in range(2):
+    for _ in range(2):  # a second pass only when fewer frames decode than packets
         total = len(times)
         span = times[-1] - times[0]
         fps = rate or ((total - 1) / span if span > 0 else 0.0)
