@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from video_llava.job_cli import add_config_flags, config_from_flags
 from video_llava.storage import Location, StorageError, is_video_key, list_objects, pyarrow_filesystem
 
 DEFAULT_PROMPT = "Describe the video in detail."
@@ -189,15 +190,9 @@ def main(cfg: CaptionConfig) -> dict:
 
 def _parse(argv: list[str] | None) -> tuple[CaptionConfig, bool]:
     parser = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.splitlines()[0])
-    fields = CaptionConfig.model_fields
     parser.add_argument("--show", action="store_true", help="print the final view of --output as JSON lines and exit")
     parser.add_argument("--config", default=None, help="YAML file of these options; command-line flags override it")
-    for name, field in fields.items():
-        flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
-            parser.add_argument(flag, action="store_true", help=field.description)
-        else:
-            parser.add_argument(flag, default=None, help=field.description)
+    add_config_flags(parser, CaptionConfig, required=False)  # --input/--output may come from --config
     args = vars(parser.parse_args(argv))
     show = args.pop("show")
     config_path = args.pop("config")
@@ -207,11 +202,9 @@ def _parse(argv: list[str] | None) -> tuple[CaptionConfig, bool]:
 
         with open(config_path) as f:
             base = {k.replace("-", "_"): v for k, v in (yaml.safe_load(f) or {}).items()}
-    if show:
-        args.setdefault("input", args.get("input") or "-")
-        args["input"] = args["input"] or "-"
-    values: dict[str, Any] = {**base, **{k: v for k, v in args.items() if v not in (None, False)}}
-    return CaptionConfig.model_validate(values), show
+    if show and not args["input"]:
+        args["input"] = "-"  # --show reads only --output
+    return config_from_flags(CaptionConfig, args, base), show
 
 
 def cli(argv: list[str] | None = None) -> int:

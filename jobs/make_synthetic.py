@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from video_llava.job_cli import add_config_flags, config_from_flags
 from video_llava.synthetic import render_frames, write_video
 from video_llava.synthetic_qa import QA_TYPES, all_visible, make_record, random_clip
 
@@ -72,11 +73,9 @@ def main(cfg: SyntheticConfig) -> dict:
 
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.make_synthetic", description=__doc__.splitlines()[0])
-    for name, field in SyntheticConfig.model_fields.items():
-        parser.add_argument("--" + name.replace("_", "-"), default=None, required=field.is_required(), help=field.description)
-    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    add_config_flags(parser, SyntheticConfig)
     try:
-        cfg = SyntheticConfig.model_validate(values)
+        cfg = config_from_flags(SyntheticConfig, vars(parser.parse_args(argv)))
     except ValueError as exc:
         print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

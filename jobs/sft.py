@@ -21,6 +21,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from video_llava.job_cli import add_config_flags, config_from_flags
+
 
 class SFTConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -148,15 +150,9 @@ def main(cfg: SFTConfig):
 
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.sft", description=__doc__.splitlines()[0])
-    for name, field in SFTConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
-            parser.add_argument(flag, action="store_true", help=field.description)
-        else:
-            parser.add_argument(flag, default=None, required=field.is_required(), help=field.description)
-    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v not in (None, False)}
+    add_config_flags(parser, SFTConfig)
     try:
-        cfg = SFTConfig.model_validate(values)
+        cfg = config_from_flags(SFTConfig, vars(parser.parse_args(argv)))
     except ValueError as exc:
         print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

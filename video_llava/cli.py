@@ -118,15 +118,14 @@ def _info(args: argparse.Namespace) -> dict:
 
     from video_llava.budget import ContextBudgetError, TokenBudget
     from video_llava.model import _offline, resolve_config, resolve_source
-    from video_llava.prompts import build_prompt
+    from video_llava.prompts import count_prompt_tokens
 
     settings, frames = _settings(args)
     video, decode_s = _decode(args, frames)
     source = resolve_source(settings)
     resolved = resolve_config(settings, source)
     processor = LlavaNextVideoProcessor.from_pretrained(source, local_files_only=_offline(settings))
-    ids = processor.tokenizer(build_prompt(processor, args.question, settings.chat_template))["input_ids"]
-    prompt_tokens = len(ids) - ids.count(processor.video_token_id)
+    prompt_tokens = count_prompt_tokens(processor, args.question, settings.chat_template)
     budget = TokenBudget(resolved.budget_context, resolved.per_frame, settings.max_frames)
     try:
         needed = budget.check(video.num_frames, prompt_tokens, settings.max_new_tokens)

@@ -14,7 +14,7 @@ import numpy as np
 from video_llava.cache import LRUCache, content_key
 from video_llava.budget import TokenBudget, rope_factor_for_frames, tokens_per_frame
 from video_llava.embedded import embedded_path
-from video_llava.prompts import build_prompt
+from video_llava.prompts import build_prompt, count_prompt_tokens
 from video_llava.settings import EMBEDDED, ModelSettings
 from video_llava.video import SampledVideo
 
@@ -252,8 +252,7 @@ class VideoQAModel:
 
     def count_prompt_tokens(self, question: str, num_videos: int = 1) -> int:
         """Text tokens of the full prompt, the ``<video>`` placeholders excluded."""
-        ids = self.tokenizer(self.prompt_for(question, num_videos), add_special_tokens=True)["input_ids"]
-        return len(ids) - ids.count(self.processor.video_token_id)
+        return count_prompt_tokens(self.processor, question, self.settings.chat_template, num_videos)
 
     def check_request(self, num_frames: int, question: str, max_new_tokens: int | None = None, num_videos: int = 1) -> int:
         """Raise ``ContextBudgetError`` unless the request fits (``num_frames`` summed over its videos)."""

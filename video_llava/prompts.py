@@ -48,6 +48,12 @@ def render_named(template: ChatTemplateName, question: str, video_token: str = "
     raise ValueError(f"unknown chat template {template!r}")
 
 
+def count_prompt_tokens(processor, question: str, template: ChatTemplateName = "auto", num_videos: int = 1) -> int:
+    """Text tokens of the full prompt, the ``<video>`` placeholders excluded (they become visual tokens)."""
+    ids = processor.tokenizer(build_prompt(processor, question, template, num_videos), add_special_tokens=True)["input_ids"]
+    return len(ids) - ids.count(processor.video_token_id)
+
+
 def build_prompt(processor, question: str, template: ChatTemplateName = "auto", num_videos: int = 1) -> str:
     """Prompt text with ``num_videos`` ``<video>`` placeholders (videos first, in order), in the asked template."""
     video_token = getattr(processor, "video_token", "<video>")

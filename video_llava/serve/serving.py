@@ -126,8 +126,7 @@ class QAService:
                 headers={"Retry-After": RETRY_AFTER_S},
             )
         if "error" in result:
-            err = result["error"]
-            raise ServiceError(err["status"], err["message"], code=err["code"], param=err.get("param"))
+            raise _model_error(result)
         return result
 
     # ---- /v1/video/qa ----------------------------------------------------------------------------------------
@@ -228,8 +227,7 @@ class QAService:
         frames = sum(v.num_frames for v in videos)
         problem = await self.model.check.remote(frames, question, item["max_new_tokens"], len(videos))
         if problem:
-            err = problem["error"]
-            raise ServiceError(err["status"], err["message"], code=err["code"], param=err.get("param"))
+            raise _model_error(problem)
         return item
 
     async def stream(self, item: dict) -> AsyncIterator[str]:
@@ -249,6 +247,12 @@ class QAService:
                 return
         yield _sse(chat_chunk(cid, self.model_name, {}, finish_reason=finish))
         yield "data: [DONE]\n\n"
+
+
+def _model_error(reply: dict) -> ServiceError:
+    """The ``{"error": ...}`` reply of the model deployment as the HTTP error it stands for."""
+    err = reply["error"]
+    return ServiceError(err["status"], err["message"], code=err["code"], param=err.get("param"))
 
 
 def _sse(payload: dict) -> str:

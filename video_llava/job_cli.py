@@ -1,0 +1,26 @@
+"""Command-line flags for a job's typed config: one ``--flag`` per pydantic field, validated once."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type[BaseModel], required: bool = True) -> None:
+    """``--field-name`` for every field; booleans are switches. ``required=False`` when a file may supply them."""
+    for name, field in config_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, action="store_true", help=field.description)
+        else:
+            parser.add_argument(flag, default=None, required=required and field.is_required(), help=field.description)
+
+
+def config_from_flags(config_cls: type[ConfigT], flags: dict[str, Any], base: dict[str, Any] | None = None) -> ConfigT:
+    """The config from ``base`` (e.g. a YAML file) overridden by the flags given; raises ``ValueError`` if invalid."""
+    given = {k: v for k, v in flags.items() if v not in (None, False)}
+    return config_cls.model_validate({**(base or {}), **given})
