@@ -47,7 +47,7 @@ class TinySpec:
     base_context: int = BASE_CONTEXT
     max_frames: int = 56
     seed: int = 0
-    format_version: int = 1
+    format_version: int = 2
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -160,6 +160,11 @@ def build_embedded(dest: str | os.PathLike, spec: TinySpec = TinySpec()) -> Path
     )
     torch.manual_seed(spec.seed)
     model = LlavaNextVideoForConditionalGeneration(config).eval()
+    # The projector's default init (std 0.02) shrinks a random tower's features ~100x, below the text embeddings,
+    # and a tiny LLM then takes thousands of steps to start using them. Unit-gain init keeps them at scale.
+    with torch.no_grad():
+        for layer in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+            torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

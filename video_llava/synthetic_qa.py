@@ -26,7 +26,7 @@ class ClipSpec:
     shapes: tuple[MovingShape, ...]
 
     def caption(self) -> str:
-        parts = [f"a {s.color} {s.shape} moving {s.direction}" for s in self.shapes]
+        parts = [f"{'an' if s.color[0] in 'aeiou' else 'a'} {s.color} {s.shape} moving {s.direction}" for s in self.shapes]
         listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         count = NUMBER_WORDS[len(self.shapes)]
         noun = "shape" if len(self.shapes) == 1 else "shapes"

@@ -1,0 +1,175 @@
+"""Direct preference optimisation (DPO) of LLaVA-NeXT-Video on AI-feedback pairs, with Ray Train.
+
+    python -m jobs.dpo --preferences data/prefs --model runs/sft/model --output runs --name dpo
+        [--beta 0.1] [--lr 5e-7] [--epochs 3] [--batch-size 8]
+    ray job submit --working-dir . -- python -m jobs.dpo --preferences /shared/prefs --model /shared/runs/sft/model ...
+
+The policy starts from ``--model`` (the SFT checkpoint) and a frozen copy of it is the reference. Pairs are the
+``status == "pair"`` rows of ``jobs.make_preferences``, read with Ray Data and split across workers. Defaults
+are LLaVA-NeXT-Video-7B-DPO's (beta 0.1, lr 5e-7, 3 epochs, vision tower and projector frozen). Checkpoints
+every ``--checkpoint-every`` steps; rerunning with the same ``--output``/``--name`` resumes. ``metrics.jsonl``
+logs loss, the chosen-minus-rejected log-ratio margin and reward accuracy per step.
+
+Why not TRL's ``DPOTrainer``: its collator builds image inputs only (``pixel_values_videos`` needs a collator
+subclass), it drives HF ``Trainer`` rather than our Ray Train loop, and it reloads the reference model from a
+saved config. The loss itself is three lines (``video_llava.training.dpo_loss``), so the job shares the SFT
+job's data, checkpoint and resume code instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from video_llava.job_cli import add_config_flags, config_from_flags
+
+
+class DPOConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preferences: Path = Field(..., description="output directory of jobs.make_preferences")
+    output: Path = Field(..., description="Ray Train storage directory")
+    name: str = "dpo"
+    model: str = Field(..., description="the SFT checkpoint: policy start and frozen reference")
+    beta: float = Field(0.1, gt=0)
+    lr: float = Field(5e-7, gt=0)
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (default: all epochs)")
+    batch_size: int = Field(8, ge=1, description="pairs per step per worker")
+    frames: int = Field(8, ge=1, le=56)
+    train_projector: bool = Field(False, description="also train the projector (the 7B-DPO recipe froze it)")
+    checkpoint_every: int = Field(50, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(2, ge=1)
+    seed: int = 0
+
+
+def train_loop(config: dict) -> None:
+    """Runs on each Ray Train worker: epochs over its shard of the pairs in a seeded order per epoch."""
+    import math
+    import random
+
+    import numpy as np
+    import ray.train
+    import torch
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    from video_llava.feedback import load_media
+    from video_llava.model import resolve_source
+    from video_llava.prompts import build_prompt
+    from video_llava.settings import ModelSettings
+    from video_llava.train_run import MetricsLog, load_for_training, report
+    from video_llava.training import answer_logprobs, collate, dpo_loss, sft_example
+
+    cfg = DPOConfig.model_validate(config)
+    torch.manual_seed(cfg.seed)
+    source = resolve_source(ModelSettings(model=cfg.model))
+    model, processor, state, base = load_for_training(source)
+    if not cfg.train_projector:
+        for param in model.model.multi_modal_projector.parameters():
+            param.requires_grad_(False)
+    device = ray.train.torch.get_device()
+    reference = LlavaNextVideoForConditionalGeneration.from_pretrained(source).to(device).eval().requires_grad_(False)
+    start_step = state["step"] if state else 0
+    model.train()
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+
+    rank = ray.train.get_context().get_world_rank()
+    pairs = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))
+    if not pairs:
+        raise ValueError("this worker got no preference pairs")
+    per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    frames_cache: dict[str, np.ndarray] = {}
+    ref_cache: dict[str, tuple[float, float]] = {}  # the reference is frozen: score each pair once
+
+    def examples(pair: dict) -> list[dict]:
+        if pair["video"] not in frames_cache:
+            frames_cache[pair["video"]] = load_media(pair["video"], pair["image"], cfg.frames)
+        prompt = build_prompt(processor, pair["question"])
+        return [sft_example(processor, prompt, pair[k], frames_cache[pair["video"]]) for k in ("chosen", "rejected")]
+
+    log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank)
+    for step in range(start_step + 1, total + 1):
+        epoch, position = divmod(step - 1, per_epoch)
+        order = list(range(len(pairs)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)  # the same order again on resume
+        batch_pairs = [pairs[k] for k in order[position * cfg.batch_size:(position + 1) * cfg.batch_size]]
+        rows = [e for p in batch_pairs for e in examples(p)]  # chosen, rejected, chosen, rejected, ...
+        batch = {k: v.to(device) for k, v in collate(rows, processor.tokenizer.pad_token_id).items()}
+        missing = [p["id"] for p in batch_pairs if p["id"] not in ref_cache]
+        if missing:
+            with torch.no_grad():
+                ref = answer_logprobs(reference, batch).view(-1, 2).tolist()
+            for p, (c, r) in zip(batch_pairs, ref):
+                ref_cache[p["id"]] = (c, r)
+        ref = torch.tensor([ref_cache[p["id"]] for p in batch_pairs], device=device)
+        policy = answer_logprobs(model, batch).view(-1, 2)
+        loss, margin, accuracy = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], cfg.beta)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        metrics = {"step": step, "epoch": epoch + 1, "loss": float(loss.detach()),
+                   "margin": float(margin.mean()), "reward_accuracy": float(accuracy.mean())}
+        log.write(metrics)
+        report(metrics, model, processor, optimizer, base, step % cfg.checkpoint_every == 0 or step == total)
+
+
+def read_pairs(preferences: Path):
+    """The ``pair`` rows of a preferences output as a Ray Dataset."""
+    import ray
+
+    shards = preferences / "shards"
+    if not shards.is_dir() or not any(shards.glob("*.json")):
+        raise FileNotFoundError(f"no preference shards in {shards} (make them with python -m jobs.make_preferences)")
+    ds = ray.data.read_json(str(shards.resolve())).filter(lambda row: row["status"] == "pair")
+    ds = ds.select_columns(["id", "video", "image", "question", "chosen", "rejected"]).materialize()
+    if ds.count() == 0:
+        raise ValueError(f"{preferences} has no preference pairs (every question tied or failed; see its summary.json)")
+    return ds
+
+
+def main(cfg: DPOConfig):
+    import ray
+
+    from video_llava.train_run import fit
+
+    if not ray.is_initialized():
+        ray.init()
+    pairs = read_pairs(cfg.preferences)
+    print(f"dpo: {pairs.count()} pairs, beta {cfg.beta}, lr {cfg.lr}, {cfg.epochs} epochs from {cfg.model}", flush=True)
+    result, final = fit(train_loop, cfg.model_dump(mode="json"), name=cfg.name, output=cfg.output,
+                        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+                        datasets={"train": pairs})
+    m = result.metrics
+    print(f"dpo: finished at step {m.get('step')} loss {m.get('loss'):.4f} margin {m.get('margin'):.3f}; model in {final}")
+    return result
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.dpo", description=__doc__.splitlines()[0])
+    add_config_flags(parser, DPOConfig)
+    try:
+        cfg = config_from_flags(DPOConfig, vars(parser.parse_args(argv)))
+    except ValueError as exc:
+        print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        main(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

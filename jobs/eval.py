@@ -1,0 +1,105 @@
+"""Evaluate a checkpoint on a held-out split: QA accuracy and the judge's mean reward (1-5), per question type.
+
+    python -m jobs.eval --data data/synthetic --model runs/dpo/model [--split test] [--json-out eval.json]
+    ray job submit --working-dir . -- python -m jobs.eval --data /shared/data --model /shared/runs/dpo/model
+
+One greedy answer per question (Ray Data, an actor pool of model replicas), scored by the judge
+(``--judge caption`` offline, or ``--judge openai --judge-url ...``). An answer is correct when the first
+possible answer of its question type it names is the reference (so "red, not blue" counts as red); records
+without a ``qa_type`` are correct when every word of the reference appears. Prints a table and, last, one
+JSON line of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from pydantic import Field
+
+from jobs.make_preferences import GenerationConfig, build_pipeline
+from video_llava.job_cli import add_config_flags, config_from_flags
+
+
+class EvalConfig(GenerationConfig):
+    split: str = "test"
+    json_out: Path | None = Field(None, description="also write the figures (and every answer) to this JSON file")
+
+
+def is_correct(answer: str, reference: str, qa_type: str) -> bool:
+    from video_llava.synthetic_qa import QA_TYPES, answer_choices
+
+    words = re.findall(r"[a-z0-9]+", answer.lower())
+    if qa_type in QA_TYPES:
+        choices = set(answer_choices(qa_type))
+        named = next((w for w in words if w in choices), None)
+        return named == reference.lower()
+    return all(w in words for w in re.findall(r"[a-z0-9]+", reference.lower()))
+
+
+def score(rows: list[dict]) -> dict:
+    """Accuracy and mean judge reward, overall and per question type."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups["all"].append(row)
+        groups[row["qa_type"] or "other"].append(row)
+    figures = {}
+    for name, group in sorted(groups.items()):
+        answered = [r for r in group if not r["error"]]
+        rewards = [r["scores"][0] for r in answered if r["scores"]]
+        figures[name] = {
+            "n": len(group),
+            "errors": len(group) - len(answered),
+            "accuracy": round(sum(is_correct(r["candidates"][0], r["reference"], r["qa_type"]) for r in answered)
+                              / len(group), 4) if group else None,
+            "mean_reward": round(sum(rewards) / len(rewards), 4) if rewards else None,
+        }
+    return figures
+
+
+def main(cfg: EvalConfig) -> dict:
+    import ray
+
+    records = cfg.data / f"{cfg.split}.jsonl"
+    if not records.is_file():
+        raise FileNotFoundError(f"no {cfg.split}.jsonl in {cfg.data}")
+    if not ray.is_initialized():
+        ray.init(num_cpus=cfg.num_cpus if not os.environ.get("RAY_ADDRESS") else None)
+    rows = sorted(build_pipeline(cfg, records, samples=1, temperature=0.0).take_all(), key=lambda r: r["id"])
+    figures = score(rows)
+    result = {"model": cfg.model, "split": cfg.split, "judge": cfg.judge, "frames": cfg.frames, **figures}
+    print(f"{'type':<10} {'n':>5} {'accuracy':>9} {'reward':>7}")
+    for name, f in figures.items():
+        print(f"{name:<10} {f['n']:>5} {f['accuracy']:>9} {f['mean_reward'] if f['mean_reward'] is not None else '-':>7}")
+    if cfg.json_out:
+        answers = [{k: r[k] for k in ("id", "question", "reference", "qa_type", "candidates", "scores", "reasons", "error")}
+                   for r in rows]
+        cfg.json_out.parent.mkdir(parents=True, exist_ok=True)
+        cfg.json_out.write_text(json.dumps({**result, "answers": answers}, indent=1, default=list))
+    print(json.dumps(result))
+    return result
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.eval", description=__doc__.splitlines()[0])
+    add_config_flags(parser, EvalConfig)
+    try:
+        cfg = config_from_flags(EvalConfig, vars(parser.parse_args(argv)))
+    except ValueError as exc:
+        print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    try:
+        main(cfg)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,119 @@
+"""Judges score answers 1-5 against the caption; preference pairs always prefer the higher score."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from video_llava.feedback import pick_pair
+from video_llava.judges import CaptionJudge, JudgeConfig, JudgeError, OpenAIJudge, make_judge, parse_judgement
+
+CAPTION = "The video shows two shapes on a light background: a red circle moving right and a blue square moving down."
+QUESTION = "What color is the circle?"
+
+
+@pytest.mark.parametrize(
+    "candidate, expected",
+    [
+        ("red", 5),
+        ("The circle is red.", 5),
+        ("red and purple", 4),  # right, plus a claim the caption does not support
+        ("blue", 2),  # wrong, but blue is in the video
+        ("green", 1),  # wrong and not in the video
+        ("circle", 1),  # repeats the question
+        ("", 1),
+    ],
+)
+def test_caption_judge_grades_answers_against_the_reference_and_the_caption(candidate, expected):
+    verdict = CaptionJudge().judge(CAPTION, QUESTION, "red", candidate)
+    assert verdict.score == expected
+    assert verdict.reason
+
+
+def test_caption_judge_gives_partial_credit_for_part_of_a_multi_word_answer():
+    verdict = CaptionJudge().judge(CAPTION, "What moves right?", "red circle", "a red one")
+    assert verdict.score == 3
+
+
+def test_judge_replies_are_parsed_from_json_or_a_bare_score_and_garbage_is_an_error():
+    assert parse_judgement('Sure! {"score": 4, "reason": "mostly right"}').score == 4
+    assert parse_judgement("Score: 2. The colour is wrong.").score == 2
+    with pytest.raises(JudgeError):
+        parse_judgement("I cannot decide.")
+    with pytest.raises(JudgeError):
+        parse_judgement('{"score": 9}')
+
+
+@given(st.lists(st.tuples(st.sampled_from(["red", "blue", "a red circle", "green", ""]), st.integers(1, 5)), max_size=8),
+       st.integers(1, 4))
+def test_a_pair_always_has_the_chosen_score_above_the_rejected_by_the_margin(scored, margin):
+    candidates, scores = [c for c, _ in scored], [s for _, s in scored]
+    pair = pick_pair(candidates, scores, margin)
+    if pair is None:
+        return
+    best, worst = pair
+    assert scores[best] - scores[worst] >= margin
+    assert scores[best] == max(scores) and scores[worst] == min(scores)
+    assert candidates[best].strip() != candidates[worst].strip()
+
+
+class _FakeLLM(BaseHTTPRequestHandler):
+    """A stand-in for a hosted LLM behind the OpenAI chat API (an external service, not our code)."""
+
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(body)
+        if "broken" in body["messages"][-1]["content"]:
+            self.send_response(500)
+            self.end_headers()
+            return
+        candidate = body["messages"][-1]["content"].rsplit("Candidate answer:", 1)[1].strip()
+        content = json.dumps({"score": 5 if candidate == "red" else 2, "reason": f"judged {candidate}"})
+        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_llm():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeLLM)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_openai_judge_sends_caption_question_reference_and_candidate_and_reads_the_score(fake_llm):
+    judge = OpenAIJudge(fake_llm, "judge-model", max_retries=0)
+    assert judge.judge(CAPTION, QUESTION, "red", "red").score == 5
+    verdict = judge.judge(CAPTION, QUESTION, "red", "blue")
+    assert (verdict.score, verdict.reason) == (2, "judged blue")
+    sent = _FakeLLM.requests[-1]
+    assert sent["model"] == "judge-model" and sent["temperature"] == 0.0
+    assert all(part in sent["messages"][-1]["content"] for part in (CAPTION, QUESTION, "Reference answer: red"))
+
+
+def test_openai_judge_failures_are_judge_errors_not_crashes(fake_llm):
+    judge = OpenAIJudge(fake_llm, "judge-model", max_retries=0)
+    with pytest.raises(JudgeError, match="judge endpoint failed"):
+        judge.judge(CAPTION, QUESTION, "red", "broken")
+
+
+def test_judge_config_needs_an_endpoint_for_the_openai_backend():
+    assert isinstance(make_judge(JudgeConfig()), CaptionJudge)
+    with pytest.raises(ValueError, match="judge-url"):
+        JudgeConfig(judge="openai")

@@ -1,0 +1,120 @@
+"""AI feedback -> DPO -> eval with the real entry points, real Ray and the embedded default on a tiny synthetic set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from jobs.make_synthetic import SyntheticConfig
+from jobs.make_synthetic import main as make_synthetic
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_job(module: str, *args: str, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(cache),
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("syn")
+    make_synthetic(SyntheticConfig(output=out, train=10, val=0, test=8, seed=3))
+    # One record whose video is not a video: it must come back as an error row, not vanish or stop the job.
+    (out / "videos" / "train" / "broken.mp4").write_bytes(b"not a video at all")
+    with open(out / "train.jsonl", "a") as f:
+        record = {"id": "train-broken", "video": "videos/train/broken.mp4", "caption": "Nothing.", "qa_type": "color",
+                  "conversations": [{"from": "human", "value": "<video>\nWhat color is it?"}, {"from": "gpt", "value": "red"}]}
+        f.write(json.dumps(record) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def preferences(data, tmp_path_factory, embedded_cache) -> Path:
+    out = tmp_path_factory.mktemp("prefs")
+    # A high temperature makes the few samples disagree, so this small set yields pairs.
+    result = run_job("jobs.make_preferences", "--data", str(data), "--output", str(out), "--samples", "6",
+                     "--temperature", "2.0", "--frames", "4", "--max-new-tokens", "4", cache=embedded_cache)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return out
+
+
+def _rows(prefs: Path) -> list[dict]:
+    from jobs.make_preferences import read_preferences
+
+    return read_preferences(prefs)
+
+
+def test_every_record_comes_back_with_all_candidates_scored_and_reasoned(preferences):
+    rows = _rows(preferences)
+    assert len(rows) == 11
+    broken = next(r for r in rows if r["id"] == "train-broken")
+    assert broken["status"] == "error" and "sample:" in broken["error"]
+    for row in rows:
+        if row["status"] != "error":
+            assert len(row["candidates"]) == len(row["scores"]) == len(row["reasons"]) == 6
+            assert all(1 <= s <= 5 for s in row["scores"]) and all(row["reasons"])
+    summary = json.loads((preferences / "summary.json").read_text())
+    assert summary["records"] == 11 and summary["errors"] == 1
+    assert summary["pairs"] + summary["no_pair"] + summary["errors"] == 11
+
+
+def test_preference_pairs_prefer_the_higher_scored_answer(preferences):
+    pairs = [r for r in _rows(preferences) if r["status"] == "pair"]
+    assert pairs, "no pairs: the sampled answers all scored the same"
+    for pair in pairs:
+        assert pair["chosen_score"] > pair["rejected_score"]
+        assert pair["chosen_score"] == max(pair["scores"]) and pair["rejected_score"] == min(pair["scores"])
+        assert pair["chosen"] in pair["candidates"] and pair["rejected"] in pair["candidates"]
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_dpo_steps_raise_the_margin_and_a_rerun_resumes_the_step_count(preferences, tmp_path, embedded_cache):
+    from video_llava.embedded import embedded_path
+
+    common = ["--preferences", str(preferences), "--model", str(embedded_path()), "--output", str(tmp_path),
+              "--name", "dpo", "--lr", "1e-3", "--batch-size", "2", "--frames", "4", "--checkpoint-every", "2"]
+    first = run_job("jobs.dpo", *common, "--max-steps", "2", cache=embedded_cache)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    second = run_job("jobs.dpo", *common, "--max-steps", "6", cache=embedded_cache)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    metrics = _metrics(tmp_path / "dpo" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert metrics[0]["margin"] == pytest.approx(0.0, abs=1e-3)  # the policy starts as the reference
+    assert metrics[-1]["margin"] > 0.1 and metrics[-1]["loss"] < metrics[0]["loss"]
+    assert (tmp_path / "dpo" / "model" / "model.safetensors").exists()
+
+
+def test_eval_reports_accuracy_and_judge_reward_per_question_type(data, tmp_path, embedded_cache):
+    out = tmp_path / "eval.json"
+    result = run_job("jobs.eval", "--data", str(data), "--frames", "4", "--max-new-tokens", "4", "--json-out", str(out),
+                     cache=embedded_cache)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["all"]["n"] == 8 and figures["all"]["errors"] == 0
+    assert 0.0 <= figures["all"]["accuracy"] <= 1.0 and 1.0 <= figures["all"]["mean_reward"] <= 5.0
+    assert set(figures) >= {"color", "shape", "count", "direction"}
+    answers = json.loads(out.read_text())["answers"]
+    assert len(answers) == 8 and all(len(a["candidates"]) == 1 for a in answers)
+
+
+def test_is_correct_takes_the_first_answer_the_text_names():
+    from jobs.eval import is_correct
+
+    assert is_correct("red", "red", "color")
+    assert is_correct("It is red, not blue.", "red", "color")
+    assert not is_correct("blue, or maybe red", "red", "color")
+    assert not is_correct("", "red", "color")
+    assert is_correct("a big red ball", "red ball", "")

@@ -1,0 +1,131 @@
+"""Ray Data steps of AI feedback: sample answers with the current model, judge them, pick preference pairs.
+
+Used by ``jobs/make_preferences.py`` (K samples at temperature 1.0, top_p 0.95, as in LLaVA-Hound) and
+``jobs/eval.py`` (one greedy answer). Each step is a callable class whose ``__call__`` maps a batch of rows
+(dict of columns) so Ray Data can run it in an actor pool; a bad video or a judge failure becomes an ``error``
+row with the reason, never a crashed job.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from video_llava.training import question_answer
+
+
+def _media_path(value: Any, root: Path) -> str:
+    if not value:
+        return ""
+    return str(value) if Path(str(value)).is_absolute() else str((root / str(value)).resolve())
+
+
+def flatten_record(record: dict[str, Any], root: Path) -> dict[str, Any]:
+    """One LLaVA-style record as the flat row the steps use: id, media (absolute paths; relative ones are under
+    ``root``), question, reference answer, caption, qa_type."""
+    question, reference = question_answer(record)
+    return {
+        "id": str(record["id"]),
+        "video": _media_path(record.get("video"), root),
+        "image": _media_path(record.get("image"), root),
+        "question": question,
+        "reference": reference,
+        "caption": str(record.get("caption") or ""),
+        "qa_type": str(record.get("qa_type") or ""),
+    }
+
+
+def load_media(video: str, image: str, num_frames: int) -> np.ndarray:
+    """Frames ``(N, H, W, 3)`` of a row's video, or its image as one frame."""
+    from video_llava.video import DecodeOptions, sample_video
+
+    if video:
+        return sample_video(video, DecodeOptions(num_frames=num_frames)).frames
+    from PIL import Image
+
+    with Image.open(image) as img:
+        return np.asarray(img.convert("RGB"))[None]
+
+
+class AnswerSampler:
+    """A model replica: ``samples`` answers per row (one batched ``generate`` per row, seeded by the row id)."""
+
+    def __init__(self, settings: dict[str, Any], samples: int, temperature: float, top_p: float,
+                 max_new_tokens: int, frames: int, seed: int = 0):
+        from video_llava.model import VideoQAModel
+        from video_llava.settings import ModelSettings
+
+        self.model = VideoQAModel(ModelSettings.model_validate(settings))
+        self.samples, self.temperature, self.top_p = samples, temperature, top_p
+        self.max_new_tokens, self.frames, self.seed = max_new_tokens, frames, seed
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        n = len(batch["id"])
+        candidates: list[list[str]] = [[] for _ in range(n)]
+        errors = [""] * n
+        for i in range(n):
+            try:
+                frames = load_media(batch["video"][i], batch["image"][i], self.frames)
+                seed = self.seed + zlib.crc32(str(batch["id"][i]).encode())  # same row, same samples, any batching
+                answers = self.model.answer([frames] * self.samples, [batch["question"][i]] * self.samples,
+                                            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                            top_p=self.top_p, seed=seed)
+                candidates[i] = [a.text for a in answers]
+            except Exception as exc:  # a broken video costs one row, reported with its reason
+                errors[i] = f"sample: {type(exc).__name__}: {str(exc)[:300]}"
+        return {**{k: list(v) for k, v in batch.items()}, "candidates": candidates, "error": errors,
+                "model": [self.model.model_id] * n}
+
+
+class JudgeStep:
+    """Scores every candidate of a row and, with ``min_margin``, picks the best and worst as chosen/rejected."""
+
+    def __init__(self, judge_config: dict[str, Any], min_margin: int = 1):
+        from video_llava.judges import JudgeConfig, make_judge
+
+        self.judge = make_judge(JudgeConfig.model_validate(judge_config))
+        self.min_margin = min_margin
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        from video_llava.judges import JudgeError
+
+        n = len(batch["id"])
+        out: dict[str, list] = {k: [] for k in ("scores", "reasons", "status", "chosen", "rejected",
+                                                "chosen_score", "rejected_score", "margin")}
+        errors = list(batch["error"])
+        for i in range(n):
+            candidates = list(batch["candidates"][i])
+            scores, reasons = [], []
+            if not errors[i]:
+                try:
+                    for text in candidates:
+                        verdict = self.judge.judge(batch["caption"][i], batch["question"][i], batch["reference"][i], text)
+                        scores.append(verdict.score)
+                        reasons.append(verdict.reason)
+                except JudgeError as exc:
+                    errors[i], scores, reasons = f"judge: {exc}", [], []
+            row = pick_pair(candidates, scores, self.min_margin) if not errors[i] else None
+            out["scores"].append(scores)
+            out["reasons"].append(reasons)
+            out["status"].append("error" if errors[i] else ("pair" if row else "no_pair"))
+            best, worst = row or (None, None)
+            out["chosen"].append(candidates[best] if row else "")
+            out["rejected"].append(candidates[worst] if row else "")
+            out["chosen_score"].append(scores[best] if row else 0)
+            out["rejected_score"].append(scores[worst] if row else 0)
+            out["margin"].append(scores[best] - scores[worst] if row else 0)
+        return {**{k: list(v) for k, v in batch.items()}, **out, "error": errors}
+
+
+def pick_pair(candidates: list[str], scores: list[int], min_margin: int) -> tuple[int, int] | None:
+    """Indices (best, worst) when the best outscores the worst by ``min_margin`` with different texts, else None."""
+    if len(scores) < 2:
+        return None
+    best = max(range(len(scores)), key=lambda k: (scores[k], -k))
+    worst = min(range(len(scores)), key=lambda k: (scores[k], k))
+    if scores[best] - scores[worst] < max(min_margin, 1) or candidates[best].strip() == candidates[worst].strip():
+        return None
+    return best, worst
