@@ -30,7 +30,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from video_llava.job_cli import add_config_flags, config_from_flags
-from video_llava.storage import Location, StorageError, is_video_key, list_objects, pyarrow_filesystem
+from video_llava.storage import (
+    Location,
+    StorageError,
+    is_video_key,
+    list_objects,
+    pyarrow_filesystem,
+)
 
 DEFAULT_PROMPT = "Describe the video in detail."
 
@@ -52,6 +58,10 @@ class CaptionConfig(BaseModel):
     num_gpus: float = Field(0, ge=0, description="GPUs per model replica")
     decode_workers: int = Field(1, ge=1, description="decoder actors (1 CPU each)")
     decode_timeout_s: float = Field(120, gt=0)
+    decode_resource: str | None = Field(None, description="custom resource each decoder actor takes one unit of "
+                                        "(cluster.yaml's CPU nodes advertise 'decode'); keeps decoding off GPU nodes")
+    model_resource: str | None = Field(None, description="custom resource each model actor takes one unit of "
+                                       "(cluster.yaml's GPU nodes advertise 'model'); --num-gpus places them too")
     retry_errors: bool = Field(False, description="caption again objects whose earlier row is an error")
     num_cpus: int | None = Field(None, description="CPUs of a local Ray started by this job (ignored on a cluster)")
 
@@ -129,6 +139,7 @@ def _build_pipeline(cfg: CaptionConfig, todo: list[dict]):
         batch_size=cfg.batch_size,
         concurrency=cfg.decode_workers,
         num_cpus=1,
+        resources={cfg.decode_resource: 1} if cfg.decode_resource else None,
     )
     return ds.map_batches(
         CaptionPredictor,
@@ -137,6 +148,7 @@ def _build_pipeline(cfg: CaptionConfig, todo: list[dict]):
         concurrency=cfg.concurrency,
         num_gpus=cfg.num_gpus,
         num_cpus=0 if cfg.num_gpus else 1,
+        resources={cfg.model_resource: 1} if cfg.model_resource else None,
     )
 
 

@@ -18,21 +18,17 @@ job's data, checkpoint and resume code instead.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from video_llava.job_cli import add_config_flags, config_from_flags
+from video_llava.job_cli import run_job
+from video_llava.train_run import TrainRunConfig, fit
 
 
-class DPOConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class DPOConfig(TrainRunConfig):
     preferences: Path = Field(..., description="output directory of jobs.make_preferences")
-    output: Path = Field(..., description="Ray Train storage directory")
     name: str = "dpo"
     model: str = Field(..., description="the SFT checkpoint: policy start and frozen reference")
     beta: float = Field(0.1, gt=0)
@@ -40,13 +36,7 @@ class DPOConfig(BaseModel):
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (default: all epochs)")
     batch_size: int = Field(8, ge=1, description="pairs per step per worker")
-    frames: int = Field(8, ge=1, le=56)
     train_projector: bool = Field(False, description="also train the projector (the 7B-DPO recipe froze it)")
-    checkpoint_every: int = Field(50, ge=1)
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: int = Field(2, ge=1)
-    seed: int = 0
 
 
 def train_loop(config: dict) -> None:
@@ -63,11 +53,16 @@ def train_loop(config: dict) -> None:
     from video_llava.model import resolve_source
     from video_llava.prompts import build_prompt
     from video_llava.settings import ModelSettings
-    from video_llava.train_run import MetricsLog, load_for_training, report
+    from video_llava.train_run import (
+        MetricsLog,
+        load_for_training,
+        report,
+        setup_worker,
+    )
     from video_llava.training import answer_logprobs, collate, dpo_loss, sft_example
 
     cfg = DPOConfig.model_validate(config)
-    torch.manual_seed(cfg.seed)
+    setup_worker(cfg)
     source = resolve_source(ModelSettings(model=cfg.model))
     model, processor, state, base = load_for_training(source)
     if not cfg.train_projector:
@@ -92,10 +87,14 @@ def train_loop(config: dict) -> None:
     ref_cache: dict[str, tuple[float, float]] = {}  # the reference is frozen: score each pair once
 
     def examples(pair: dict) -> list[dict]:
-        if pair["video"] not in frames_cache:
-            frames_cache[pair["video"]] = load_media(pair["video"], pair["image"], cfg.frames)
+        key = pair["video"] or pair["image"]
+        if key not in frames_cache:
+            frames_cache[key] = load_media(pair["video"], pair["image"], cfg.frames)
         prompt = build_prompt(processor, pair["question"])
-        return [sft_example(processor, prompt, pair[k], frames_cache[pair["video"]]) for k in ("chosen", "rejected")]
+        media = frames_cache[key]
+        if pair["image"]:
+            return [sft_example(processor, prompt, pair[k], image=media[0]) for k in ("chosen", "rejected")]
+        return [sft_example(processor, prompt, pair[k], media) for k in ("chosen", "rejected")]
 
     log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank)
     for step in range(start_step + 1, total + 1):
@@ -140,35 +139,18 @@ def read_pairs(preferences: Path):
 def main(cfg: DPOConfig):
     import ray
 
-    from video_llava.train_run import fit
-
     if not ray.is_initialized():
         ray.init()
     pairs = read_pairs(cfg.preferences)
     print(f"dpo: {pairs.count()} pairs, beta {cfg.beta}, lr {cfg.lr}, {cfg.epochs} epochs from {cfg.model}", flush=True)
-    result, final = fit(train_loop, cfg.model_dump(mode="json"), name=cfg.name, output=cfg.output,
-                        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
-                        datasets={"train": pairs})
+    result, final = fit(train_loop, cfg, datasets={"train": pairs})
     m = result.metrics
     print(f"dpo: finished at step {m.get('step')} loss {m.get('loss'):.4f} margin {m.get('margin'):.3f}; model in {final}")
     return result
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.dpo", description=__doc__.splitlines()[0])
-    add_config_flags(parser, DPOConfig)
-    try:
-        cfg = config_from_flags(DPOConfig, vars(parser.parse_args(argv)))
-    except ValueError as exc:
-        print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        main(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_job(DPOConfig, main, "python -m jobs.dpo", __doc__, argv, expected=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ JSON line of the figures.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -23,7 +22,8 @@ from pathlib import Path
 from pydantic import Field
 
 from jobs.make_preferences import GenerationConfig, build_pipeline
-from video_llava.job_cli import add_config_flags, config_from_flags
+from video_llava.job_cli import run_job
+from video_llava.train_run import absolute_paths
 
 
 class EvalConfig(GenerationConfig):
@@ -68,6 +68,7 @@ def main(cfg: EvalConfig) -> dict:
     records = cfg.data / f"{cfg.split}.jsonl"
     if not records.is_file():
         raise FileNotFoundError(f"no {cfg.split}.jsonl in {cfg.data}")
+    cfg = absolute_paths(cfg)  # actors may run in other directories (or on other nodes)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.num_cpus if not os.environ.get("RAY_ADDRESS") else None)
     rows = sorted(build_pipeline(cfg, records, samples=1, temperature=0.0).take_all(), key=lambda r: r["id"])
@@ -86,19 +87,7 @@ def main(cfg: EvalConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.eval", description=__doc__.splitlines()[0])
-    add_config_flags(parser, EvalConfig)
-    try:
-        cfg = config_from_flags(EvalConfig, vars(parser.parse_args(argv)))
-    except ValueError as exc:
-        print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    try:
-        main(cfg)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_job(EvalConfig, main, "python -m jobs.eval", __doc__, argv, expected=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ person to audit) and, where the best beats the worst by ``--min-margin``, ``chos
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,8 +24,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from video_llava.job_cli import add_config_flags, config_from_flags
+from video_llava.job_cli import run_job
 from video_llava.judges import JudgeConfig
+from video_llava.train_run import absolute_paths
 
 
 class GenerationConfig(JudgeConfig):
@@ -117,6 +117,7 @@ def main(cfg: PreferenceConfig) -> dict:
             raise FileExistsError(f"{shards} exists; pass --overwrite to replace it")
         shutil.rmtree(shards)
     start = time.perf_counter()
+    cfg = absolute_paths(cfg)  # actors may run in other directories (or on other nodes)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.num_cpus if not os.environ.get("RAY_ADDRESS") else None)
     print(f"make_preferences: {cfg.samples} samples per question from {cfg.model}, judge={cfg.judge}", flush=True)
@@ -133,19 +134,7 @@ def main(cfg: PreferenceConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.make_preferences", description=__doc__.splitlines()[0])
-    add_config_flags(parser, PreferenceConfig)
-    try:
-        cfg = config_from_flags(PreferenceConfig, vars(parser.parse_args(argv)))
-    except ValueError as exc:
-        print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    try:
-        main(cfg)
-    except (FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_job(PreferenceConfig, main, "python -m jobs.make_preferences", __doc__, argv, expected=(FileNotFoundError, FileExistsError))
 
 
 if __name__ == "__main__":

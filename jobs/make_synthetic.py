@@ -9,7 +9,6 @@ detailed ``caption`` per clip), plus ``<output>/meta.json``. The same arguments 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from video_llava.job_cli import add_config_flags, config_from_flags
+from video_llava.job_cli import run_job
 from video_llava.synthetic import render_frames, write_video
 from video_llava.synthetic_qa import QA_TYPES, all_visible, make_record, random_clip
 
@@ -72,15 +71,7 @@ def main(cfg: SyntheticConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.make_synthetic", description=__doc__.splitlines()[0])
-    add_config_flags(parser, SyntheticConfig)
-    try:
-        cfg = config_from_flags(SyntheticConfig, vars(parser.parse_args(argv)))
-    except ValueError as exc:
-        print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    main(cfg)
-    return 0
+    return run_job(SyntheticConfig, main, "python -m jobs.make_synthetic", __doc__, argv, expected=())
 
 
 if __name__ == "__main__":

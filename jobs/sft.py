@@ -13,34 +13,24 @@ step and loss as training goes.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from video_llava.job_cli import add_config_flags, config_from_flags
+from video_llava.job_cli import run_job
+from video_llava.train_run import TrainRunConfig, fit
 
 
-class SFTConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    data: Path = Field(..., description="dataset directory with train.jsonl and videos/")
-    output: Path = Field(..., description="Ray Train storage directory")
+class SFTConfig(TrainRunConfig):
+    data: Path = Field(..., description="dataset directory with train.jsonl (video and/or image records) and the media")
     name: str = "sft"
-    model: str = "embedded"
-    frames: int = Field(8, ge=1, le=56)
+    model: str = Field("embedded", description="starting checkpoint: a directory, a hub id, 'embedded' or 'embedded-init'")
     max_steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
-    checkpoint_every: int = Field(50, ge=1)
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: int = Field(2, ge=1, description="CPUs reserved per worker (Ray sets torch's thread count from it)")
     train_vision_tower: bool = Field(False, description="also train the vision tower (for a tower that is not pretrained, like the embedded model's)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the LLM's attention projections (PEFT); 0 trains the full LLM")
-    seed: int = 0
 
 
 def train_loop(config: dict) -> None:
@@ -51,15 +41,20 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch
 
+    from video_llava.feedback import flatten_record, load_media
     from video_llava.model import resolve_source
     from video_llava.prompts import build_prompt
     from video_llava.settings import ModelSettings
-    from video_llava.train_run import MetricsLog, load_for_training, report
-    from video_llava.training import collate, question_answer, sft_example
-    from video_llava.video import DecodeOptions, sample_video
+    from video_llava.train_run import (
+        MetricsLog,
+        load_for_training,
+        report,
+        setup_worker,
+    )
+    from video_llava.training import collate, sft_example
 
     cfg = SFTConfig.model_validate(config)
-    torch.manual_seed(cfg.seed)
+    setup_worker(cfg)
     model, processor, state, base = load_for_training(resolve_source(ModelSettings(model=cfg.model)), cfg.lora_rank,
                                                  freeze_vision=not cfg.train_vision_tower)
     start_step = state["step"] if state else 0
@@ -71,19 +66,25 @@ def train_loop(config: dict) -> None:
 
     rank = ray.train.get_context().get_world_rank()
     records = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))
-    order = random.Random(cfg.seed + rank)
-    frames_cache: dict[str, np.ndarray] = {}
+    media_cache: dict[str, np.ndarray] = {}
 
     def example(record: dict) -> dict:
-        if record["video"] not in frames_cache:
-            frames_cache[record["video"]] = sample_video(cfg.data / record["video"], DecodeOptions(num_frames=cfg.frames)).frames
-        question, answer = question_answer(record)
-        return sft_example(processor, build_prompt(processor, question), answer, frames_cache[record["video"]])
+        """A video record, or an image record (``image`` instead of ``video``): both may share a batch."""
+        row = flatten_record(record, cfg.data.resolve())
+        key = row["video"] or row["image"]
+        if key not in media_cache:
+            media_cache[key] = load_media(row["video"], row["image"], cfg.frames)
+        prompt = build_prompt(processor, row["question"])
+        if row["image"]:
+            return sft_example(processor, prompt, row["reference"], image=media_cache[key][0])
+        return sft_example(processor, prompt, row["reference"], media_cache[key])
 
     log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank)
     device = ray.train.torch.get_device()
     for step in range(start_step + 1, cfg.max_steps + 1):
-        batch = collate([example(r) for r in order.sample(records, min(cfg.batch_size, len(records)))],
+        # Seeded by step: a resumed run draws the same batches as an uninterrupted one.
+        drawn = random.Random(f"{cfg.seed}-{rank}-{step}").sample(records, min(cfg.batch_size, len(records)))
+        batch = collate([example(r) for r in drawn],
                         processor.tokenizer.pad_token_id)
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         optimizer.zero_grad()
@@ -98,35 +99,18 @@ def train_loop(config: dict) -> None:
 def main(cfg: SFTConfig):
     import ray
 
-    from video_llava.train_run import fit
-
     records = cfg.data / "train.jsonl"
     if not records.is_file():
         raise FileNotFoundError(f"no train.jsonl in {cfg.data} (make one with python -m jobs.make_synthetic)")
     if not ray.is_initialized():
         ray.init()
-    result, final = fit(train_loop, cfg.model_dump(mode="json"), name=cfg.name, output=cfg.output,
-                        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
-                        datasets={"train": ray.data.read_json(str(records.resolve())).materialize()})
+    result, final = fit(train_loop, cfg, datasets={"train": ray.data.read_json(str(records.resolve())).materialize()})
     print(f"sft: finished at step {result.metrics.get('step')} loss {result.metrics.get('loss'):.4f}; model in {final}")
     return result
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sft", description=__doc__.splitlines()[0])
-    add_config_flags(parser, SFTConfig)
-    try:
-        cfg = config_from_flags(SFTConfig, vars(parser.parse_args(argv)))
-    except ValueError as exc:
-        print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        main(cfg)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_job(SFTConfig, main, "python -m jobs.sft", __doc__, argv, expected=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -43,3 +43,29 @@ def test_caption_bench_small_run_reports_both_rates():
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["sequential_videos_per_s"] > 0 and figures["pipeline"][0]["videos_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_on_a_cpu_with_the_tiny_shape():
+    result = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--shape", "tiny", "--frames", "2", "--batch", "2", "--new-tokens", "3",
+         "--repeat", "1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["bench"] == "gpu" and figures["device"] == "cpu" and figures["tokens_per_frame"] == 144
+    row = figures["rows"][0]
+    assert row["frames"] == 2 and row["prompt_tokens"] > 2 * 144
+    assert row["vision_ms_per_frame"] > 0 and row["batched_speedup"] > 0 and row["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_train_bench_reports_sft_and_dpo_throughput_and_memory():
+    result = subprocess.run(
+        [sys.executable, "bench/train.py", "--frames", "2", "--batch", "2", "--steps", "1", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [row["job"] for row in figures["rows"]] == ["sft", "dpo"]
+    assert all(row["samples_per_s"] > 0 and row["peak_memory_gib"] > 0 for row in figures["rows"])

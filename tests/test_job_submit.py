@@ -55,3 +55,42 @@ def test_caption_job_submitted_with_ray_job_submit_succeeds(cluster, tmp_path):
     assert "succeeded" in result.stdout.lower()
     assert "3 captioned this run" in result.stdout
     assert (tmp_path / "out" / "_manifest.json").exists()
+
+
+def _submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    runtime_env = '{"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".venv", ".git", "tests", "bench", "data", "runs"]}'
+    return subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json", runtime_env,
+         "--", "python", "-m", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+
+
+def test_sft_and_dpo_jobs_submitted_with_ray_job_submit_succeed(cluster, tmp_path):
+    import json
+
+    from jobs.make_synthetic import SyntheticConfig
+    from jobs.make_synthetic import main as make_synthetic
+
+    address, env = cluster
+    data = tmp_path / "data"
+    make_synthetic(SyntheticConfig(output=data, train=4, val=0, test=0, seed=2))
+    sft = _submit(address, env, "jobs.sft", "--data", str(data), "--output", str(tmp_path / "runs"), "--name", "sft",
+                  "--max-steps", "2", "--batch-size", "2", "--frames", "2", "--cpus-per-worker", "1")
+    assert sft.returncode == 0, (sft.stdout + sft.stderr)[-3000:]
+    assert "succeeded" in sft.stdout.lower() and "finished at step 2" in sft.stdout
+    # Preference pairs as jobs.make_preferences writes them (one JSON shard), for a short DPO run.
+    shards = tmp_path / "prefs" / "shards"
+    shards.mkdir(parents=True)
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    with open(shards / "part-0.json", "w") as f:
+        for r in rows:
+            f.write(json.dumps({"id": r["id"], "video": str(data / r["video"]), "image": "", "status": "pair",
+                                "question": r["conversations"][0]["value"].replace("<video>\n", ""),
+                                "chosen": r["answer"], "rejected": "purple"}) + "\n")
+    dpo = _submit(address, env, "jobs.dpo", "--preferences", str(tmp_path / "prefs"), "--model",
+                  str(tmp_path / "runs" / "sft" / "model"), "--output", str(tmp_path / "runs"), "--name", "dpo",
+                  "--max-steps", "2", "--batch-size", "2", "--frames", "2", "--cpus-per-worker", "1")
+    assert dpo.returncode == 0, (dpo.stdout + dpo.stderr)[-3000:]
+    assert "succeeded" in dpo.stdout.lower() and "finished at step 2" in dpo.stdout
+    assert (tmp_path / "runs" / "dpo" / "model" / "config.json").exists()

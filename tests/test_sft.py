@@ -21,8 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    from video_llava.synthetic import SAMPLE_SHAPES, render_frames
+
     out = tmp_path_factory.mktemp("syn")
     make_synthetic(SyntheticConfig(output=out, train=8, val=0, test=0, seed=1))
+    # Image records beside the video ones: batches mix both (LLaVA-NeXT trains on images and videos together).
+    (out / "images").mkdir()
+    with open(out / "train.jsonl", "a") as f:
+        for i in range(4):
+            Image.fromarray(render_frames(SAMPLE_SHAPES, num_frames=1, width=96, height=72)[0]).save(out / "images" / f"{i}.png")
+            f.write(json.dumps({"id": f"img-{i}", "image": f"images/{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is the circle?"}, {"from": "gpt", "value": "red"}]}) + "\n")
     return out
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from video_llava.storage import Location, read_object, s3_client
 
+
 class DecodeStep:
     """Read each object and sample frames in isolated, time-limited decoder processes (CPU)."""
 

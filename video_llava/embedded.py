@@ -79,7 +79,14 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(vocab_size: int):
     """Byte-level BPE with our special tokens, wrapped as a ``PreTrainedTokenizerFast`` (left padding)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(unk_token=None))
@@ -178,6 +185,7 @@ def build_embedded(dest: str | os.PathLike, spec: TinySpec = TinySpec()) -> Path
         chat_template=LLAVA_HF_CHAT_TEMPLATE,
         patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, as in llava-hf's processors
     )
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest)
@@ -193,9 +201,10 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def embedded_path(cache_dir: str | os.PathLike | None = None, spec: TinySpec = TinySpec()) -> Path:
-    """Local directory of the embedded checkpoint, building it into the cache the first time."""
-    if (PACKAGED_DIR / "config.json").exists():
+def embedded_path(cache_dir: str | os.PathLike | None = None, spec: TinySpec = TinySpec(), packaged: bool = True) -> Path:
+    """Local directory of the embedded checkpoint: the trained one shipped in the package when there is one (and
+    ``packaged``), else the untrained build, made in the cache the first time."""
+    if packaged and (PACKAGED_DIR / "config.json").exists():
         return PACKAGED_DIR
     target = Path(cache_dir or default_cache_dir()) / f"embedded-{spec.key()}"
     if (target / "video_llava_embedded.json").exists():

@@ -14,7 +14,14 @@ import queue
 import threading
 from multiprocessing.connection import Connection
 
-from video_llava.video import DecodeOptions, SampledVideo, VideoDecodeError, VideoInput, _as_source, sample_video
+from video_llava.video import (
+    DecodeOptions,
+    SampledVideo,
+    VideoDecodeError,
+    VideoInput,
+    _as_source,
+    sample_video,
+)
 
 
 def _worker_main(conn: Connection) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -24,3 +27,23 @@ def config_from_flags(config_cls: type[ConfigT], flags: dict[str, Any], base: di
     """The config from ``base`` (e.g. a YAML file) overridden by the flags given; raises ``ValueError`` if invalid."""
     given = {k: v for k, v in flags.items() if v not in (None, False)}
     return config_cls.model_validate({**(base or {}), **given})
+
+
+def run_job(config_cls: type[ConfigT], main: Callable[[ConfigT], Any], prog: str, doc: str | None,
+            argv: list[str] | None = None, expected: tuple[type[Exception], ...] = ()) -> int:
+    """A job's command line: flags -> validated config -> ``main(config)``. Invalid flags, and the ``expected``
+    errors (a missing input, say), print one ``error:`` line and return 2 instead of a traceback."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").strip().splitlines()[0])
+    add_config_flags(parser, config_cls)
+    try:
+        cfg = config_from_flags(config_cls, vars(parser.parse_args(argv)))
+    except ValueError as exc:
+        print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    try:
+        main(cfg)
+    except expected as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -11,11 +11,11 @@ from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 
-from video_llava.cache import LRUCache, content_key
 from video_llava.budget import TokenBudget, rope_factor_for_frames, tokens_per_frame
+from video_llava.cache import LRUCache, content_key
 from video_llava.embedded import embedded_path
 from video_llava.prompts import build_prompt, count_prompt_tokens
-from video_llava.settings import EMBEDDED, ModelSettings
+from video_llava.settings import EMBEDDED, EMBEDDED_INIT, ModelSettings
 from video_llava.video import SampledVideo
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,12 @@ def _flash_attn_available() -> bool:
 
 
 def resolve_source(settings: ModelSettings) -> str:
-    """A local directory or hub id for ``settings.model``; 'embedded' resolves to the tiny default."""
+    """A local directory or hub id for ``settings.model``; 'embedded' resolves to the tiny default (the trained one
+    shipped in the package), 'embedded-init' to its untrained, deterministic starting point (what training starts from)."""
     if settings.model == EMBEDDED:
         return str(embedded_path())
+    if settings.model == EMBEDDED_INIT:
+        return str(embedded_path(packaged=False))
     path = Path(settings.model).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -200,6 +203,20 @@ def _as_frame_list(video: VideoArg, index: int) -> list[np.ndarray]:
     return clips
 
 
+def complete_processor(processor, config) -> None:
+    """Fill in processor fields that older or hand-made processor configs leave out, from the model's config.
+
+    ``patch_size``/``vision_feature_select_strategy`` size the visual-token placeholders; ``num_additional_image_tokens``
+    is 1 for CLIP towers (the CLS token): left at 0, the processor expands ``<image>`` one token per image short
+    and a forward with images fails with "Image features and image tokens do not match".
+    """
+    if getattr(processor, "patch_size", None) is None:
+        processor.patch_size = config.vision_config.patch_size
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    if not getattr(processor, "num_additional_image_tokens", 0) and config.vision_config.model_type == "clip_vision_model":
+        processor.num_additional_image_tokens = 1
+
+
 class VideoQAModel:
     """LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration`` + ``LlavaNextVideoProcessor``) ready to answer."""
 
@@ -225,7 +242,10 @@ class VideoQAModel:
     # ---- loading -------------------------------------------------------------------------------------------
     def _load_weights(self):
         import torch
-        from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor
+        from transformers import (
+            LlavaNextVideoForConditionalGeneration,
+            LlavaNextVideoProcessor,
+        )
 
         kwargs = dict(revision=self.settings.revision, local_files_only=_offline(self.settings))
         try:
@@ -235,9 +255,7 @@ class VideoQAModel:
             )
         except (OSError, ValueError, ImportError) as exc:
             raise ModelLoadError(f"cannot load weights of {self.settings.model!r}: {str(exc).splitlines()[0]}") from exc
-        if getattr(processor, "patch_size", None) is None:  # older processor configs omit it
-            processor.patch_size = self.config.vision_config.patch_size
-            processor.vision_feature_select_strategy = self.config.vision_feature_select_strategy
+        complete_processor(processor, self.config)
         model.to(self.device).eval()
         torch.set_grad_enabled(False)
         return model, processor

@@ -10,6 +10,7 @@ from video_llava.prompts import ChatTemplateName
 from video_llava.sampling import SamplingMode
 
 EMBEDDED = "embedded"
+EMBEDDED_INIT = "embedded-init"  # the untrained tiny model the embedded default was trained from
 
 
 class ModelSettings(BaseModel):
@@ -22,7 +23,7 @@ class ModelSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str = Field(EMBEDDED, description="'embedded', a hub id such as llava-hf/LLaVA-NeXT-Video-7B-hf, or a local path")
+    model: str = Field(EMBEDDED, description="'embedded', 'embedded-init', a hub id such as llava-hf/LLaVA-NeXT-Video-7B-hf, or a local path")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     num_frames: int = Field(32, ge=1, description="frames sampled per video by default")
     max_frames: int = Field(56, ge=1, le=512, description="largest frame count a request may use")

@@ -67,7 +67,11 @@ def s3_client(endpoint_url: str | None = None):
 
 
 def _explain(exc: Exception, location: Location) -> StorageError:
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+    )
 
     where = f"s3://{location.bucket}/{location.prefix}"
     if isinstance(exc, NoCredentialsError):

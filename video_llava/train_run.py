@@ -14,7 +14,33 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import BaseModel, ConfigDict, Field
+
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)$"
+
+
+class TrainRunConfig(BaseModel):
+    """What every Ray Train job here takes: where checkpoints go, workers, frames, checkpoint cadence, seed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    output: Path = Field(..., description="Ray Train storage directory")
+    name: str = Field("run", description="run name: checkpoints under <output>/<name>; rerun the same to resume")
+    frames: int = Field(8, ge=1, le=56)
+    checkpoint_every: int = Field(50, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(2, ge=1, description="CPUs reserved per worker (torch uses as many threads)")
+    seed: int = 0
+
+
+def setup_worker(cfg: TrainRunConfig) -> None:
+    """Seed torch and, on CPU, use the threads reserved (Ray leaves torch at one thread per physical core)."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    if not cfg.use_gpu:
+        torch.set_num_threads(cfg.cpus_per_worker)
 
 
 def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, freeze_vision: bool = True):
@@ -26,8 +52,12 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
     """
     import ray.train
     import torch
-    from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor
+    from transformers import (
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+    )
 
+    from video_llava.model import complete_processor
     from video_llava.training import freeze_vision_tower
 
     def freeze(model) -> None:
@@ -35,8 +65,10 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
             freeze_vision_tower(model)
 
     def load(path) -> tuple:
-        return (LlavaNextVideoForConditionalGeneration.from_pretrained(path),
-                LlavaNextVideoProcessor.from_pretrained(path))
+        model = LlavaNextVideoForConditionalGeneration.from_pretrained(path)
+        processor = LlavaNextVideoProcessor.from_pretrained(path)
+        complete_processor(processor, model.config)
+        return model, processor
 
     def with_lora(model, adapter: Path | None):
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -88,13 +120,14 @@ class MetricsLog:
 
 
 def report(metrics: dict[str, Any], model, processor, optimizer, base_source: str, save: bool) -> None:
-    """``ray.train.report`` the step's metrics, with a checkpoint when ``save`` (written by rank 0 only)."""
+    """At a checkpoint step (``save``), ``ray.train.report`` the metrics with a checkpoint (written by rank 0 only)."""
     import ray.train
     import torch
     from ray.train import Checkpoint
 
     if not save:
-        ray.train.report(metrics)
+        # ray.train.report blocks until the controller polls the worker (seconds): reporting every step would
+        # cap training at that rate. Steps go to metrics.jsonl; Ray Train sees the metrics of each checkpoint.
         return
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,27 +146,39 @@ def report(metrics: dict[str, Any], model, processor, optimizer, base_source: st
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
-def fit(train_loop: Callable[[dict], None], config: dict, *, name: str, output: Path, num_workers: int,
-        use_gpu: bool, cpus_per_worker: int, datasets: dict | None = None):
-    """Run ``train_loop`` under a ``TorchTrainer``; copy the last checkpoint's model to ``<output>/<name>/model``."""
+def absolute_paths(cfg: BaseModel) -> BaseModel:
+    """``cfg`` with its path fields, and a ``model`` that names a local directory, made absolute (on the driver)."""
+    update = {name: value.resolve() for name, value in cfg if isinstance(value, Path)}
+    model = getattr(cfg, "model", None)
+    if isinstance(model, str) and Path(model).expanduser().is_dir():
+        update["model"] = str(Path(model).expanduser().resolve())
+    return cfg.model_copy(update=update)
+
+
+def fit(train_loop: Callable[[dict], None], cfg: TrainRunConfig, datasets: dict | None = None):
+    """Run ``train_loop`` under a ``TorchTrainer``; copy the last checkpoint's model to ``<output>/<name>/model``.
+
+    Paths are made absolute first: workers run in their own directories, where relative ones point elsewhere.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    cfg = absolute_paths(cfg)
     if not ray.is_initialized():
         ray.init()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(output.resolve()),
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=str(cfg.output),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=0)),
         datasets=datasets,
     )
     result = trainer.fit()
-    final = output.resolve() / name / "model"
+    final = cfg.output / cfg.name / "model"
     with result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / "model", final, dirs_exist_ok=True)
     return result, final

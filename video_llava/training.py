@@ -18,30 +18,45 @@ def load_records(path: str | Path) -> list[dict]:
 
 
 def question_answer(record: dict) -> tuple[str, str]:
-    """The first human turn (without its ``<video>`` placeholder) and the gpt answer that follows it."""
+    """The first human turn (without its ``<video>``/``<image>`` placeholder) and the gpt answer that follows it."""
     turns = record["conversations"]
     human = next(t["value"] for t in turns if t["from"] == "human")
     answer = next(t["value"] for t in turns if t["from"] == "gpt")
-    return human.replace("<video>", "").strip(), answer.strip()
+    return human.replace("<video>", "").replace("<image>", "").strip(), answer.strip()
 
 
-def sft_example(processor, prompt: str, answer: str, frames: np.ndarray) -> dict[str, Any]:
-    """Token ids of prompt + answer + EOS with labels only on the answer (the prompt and video are context)."""
-    tokenizer = processor.tokenizer
-    prompt_inputs = processor(text=[prompt], videos=[frames], return_tensors="pt")
-    prompt_ids = prompt_inputs["input_ids"][0]
-    answer_ids = tokenizer(" " + answer, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+def sft_example(processor, prompt: str, answer: str, frames: np.ndarray | None = None, image: np.ndarray | None = None
+                ) -> dict[str, Any]:
+    """Token ids of prompt + answer + EOS with labels only on the answer (the prompt and media are context).
+
+    ``prompt`` carries one ``<video>`` placeholder; give ``frames`` ``(N, H, W, 3)`` for a video record or ``image``
+    ``(H, W, 3)`` for an image record (the placeholder becomes ``<image>``, processed LLaVA-NeXT's anyres way).
+    """
     import torch
 
+    tokenizer = processor.tokenizer
+    if image is not None:
+        prompt = prompt.replace(processor.video_token, processor.image_token)
+        inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+        media = {"pixel_values": inputs["pixel_values"][0], "image_sizes": inputs["image_sizes"][0]}
+    else:
+        inputs = processor(text=[prompt], videos=[frames], return_tensors="pt")
+        media = {"pixel_values_videos": inputs["pixel_values_videos"][0]}
+    prompt_ids = inputs["input_ids"][0]
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     eos = torch.tensor([tokenizer.eos_token_id])
     input_ids = torch.cat([prompt_ids, answer_ids, eos])
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[len(prompt_ids):] = input_ids[len(prompt_ids):]
-    return {"input_ids": input_ids, "labels": labels, "pixel_values_videos": prompt_inputs["pixel_values_videos"][0]}
+    return {"input_ids": input_ids, "labels": labels, **media}
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
-    """Right-pad a list of ``sft_example`` outputs into a batch (all videos must have the same frame count)."""
+    """Right-pad ``sft_example`` outputs into one batch; image and video examples may be mixed.
+
+    Videos must share a frame count. Images' anyres patch stacks are zero-padded to the longest (the model reads
+    each image's real patch count from ``image_sizes``).
+    """
     import torch
 
     longest = max(len(e["input_ids"]) for e in examples)
@@ -51,8 +66,22 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = e["input_ids"], e["labels"], 1
-    pixels = torch.stack([e["pixel_values_videos"] for e in examples])
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values_videos": pixels}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    videos = [e["pixel_values_videos"] for e in examples if "pixel_values_videos" in e]
+    if videos:
+        batch["pixel_values_videos"] = torch.stack(videos)
+    images = [e for e in examples if "pixel_values" in e]
+    if images:
+        patches = max(e["pixel_values"].shape[0] for e in images)
+        stack = torch.zeros((len(images), patches, *images[0]["pixel_values"].shape[1:]), dtype=images[0]["pixel_values"].dtype)
+        for i, e in enumerate(images):
+            stack[i, : e["pixel_values"].shape[0]] = e["pixel_values"]
+        batch["pixel_values"] = stack
+        batch["image_sizes"] = torch.stack([e["image_sizes"] for e in images])
+    return batch
+
+
+MEDIA_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos")
 
 
 def freeze_vision_tower(model) -> dict[str, int]:
@@ -68,8 +97,8 @@ def answer_logprobs(model, batch: dict[str, Any]):
     """Summed log-probability of each row's labelled (answer) tokens under ``model``: shape ``(rows,)``."""
     import torch
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values_videos=batch["pixel_values_videos"]).logits[:, :-1].float()
+    media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **media).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)

@@ -11,7 +11,13 @@ from pydantic import ValidationError
 from ray import serve
 
 from video_llava.serve.config import ServeArgs
-from video_llava.serve.protocol import ChatCompletionRequest, GenerationOptions, QARequest, QAResponse, ServiceError
+from video_llava.serve.protocol import (
+    ChatCompletionRequest,
+    GenerationOptions,
+    QARequest,
+    QAResponse,
+    ServiceError,
+)
 
 api = FastAPI(
     title="video_llava",

@@ -1,0 +1,63 @@
+"""Training examples: answer-only labels, and image and video records mixed in one batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from video_llava.prompts import build_prompt
+from video_llava.synthetic import SAMPLE_SHAPES, render_frames
+from video_llava.training import IGNORE_INDEX, answer_logprobs, collate, dpo_loss, sft_example
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(embedded_cache):
+    from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor
+
+    from video_llava.embedded import embedded_path
+
+    from video_llava.model import complete_processor
+
+    path = embedded_path()
+    model, processor = LlavaNextVideoForConditionalGeneration.from_pretrained(path), LlavaNextVideoProcessor.from_pretrained(path)
+    complete_processor(processor, model.config)
+    return model, processor
+
+
+def test_labels_cover_only_the_answer_and_eos(model_and_processor):
+    _, processor = model_and_processor
+    frames = render_frames(SAMPLE_SHAPES, num_frames=2, width=64, height=48)
+    example = sft_example(processor, build_prompt(processor, "What color is the circle?"), "red", frames)
+    labelled = example["input_ids"][example["labels"] != IGNORE_INDEX].tolist()
+    assert processor.tokenizer.decode(labelled[:-1]).strip() == "red"
+    assert labelled[-1] == processor.tokenizer.eos_token_id
+
+
+def test_image_and_video_records_share_one_batch(model_and_processor):
+    import torch
+
+    model, processor = model_and_processor
+    video = render_frames(SAMPLE_SHAPES, num_frames=2, width=64, height=48)
+    image = render_frames(SAMPLE_SHAPES, num_frames=1, width=96, height=40)[0]  # an odd aspect: anyres tiles
+    prompt = build_prompt(processor, "What color is the circle?")
+    examples = [sft_example(processor, prompt, "red", video), sft_example(processor, prompt, "red", image=image),
+                sft_example(processor, prompt, "blue", video), sft_example(processor, prompt, "red", image=image[:20])]
+    batch = collate(examples, processor.tokenizer.pad_token_id)
+    assert batch["pixel_values_videos"].shape[:2] == (2, 2) and batch["pixel_values"].shape[0] == 2
+    assert (batch["input_ids"] == processor.image_token_id).any(1).tolist() == [False, True, False, True]
+    assert (batch["input_ids"] == processor.video_token_id).any(1).tolist() == [True, False, True, False]
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()  # gradients flow through both the image and the video path
+    logps = answer_logprobs(model, batch)
+    assert logps.shape == (4,) and bool((logps < 0).all())
+
+
+def test_dpo_loss_is_log_two_at_the_start_and_falls_as_the_margin_grows():
+    import torch
+
+    zero = torch.zeros(3)
+    loss, margin, accuracy = dpo_loss(zero, zero, zero, zero, beta=0.1)
+    assert loss.item() == pytest.approx(np.log(2)) and margin.abs().max().item() == 0
+    better, _, acc = dpo_loss(zero + 2, zero - 2, zero, zero, beta=0.1)
+    assert better.item() < loss.item() and acc.mean().item() == 1.0
