@@ -15,6 +15,12 @@ import numpy as np
 from video_llava.storage import Location, read_object, s3_client
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 class DecodeStep:
     """Read each object and sample frames in isolated, time-limited decoder processes (CPU)."""
 
@@ -57,6 +63,7 @@ class DecodeStep:
             out["timestamps"].append(stamps)
             out["duration"].append(duration)
             out["decode_s"].append(round(time.perf_counter() - start, 4))
+        out["decode_node"] = [_node_id()] * len(out["key"])  # where the work ran: placement is auditable
         return out
 
 
@@ -109,5 +116,7 @@ class CaptionPredictor:
             "prompt": [self.prompt] * n,
             "decode_s": [float(d) for d in batch["decode_s"]],
             "caption_s": caption_s,
+            "decode_node": [str(d) for d in batch["decode_node"]],
+            "caption_node": [_node_id()] * n,
             "captioned_at": [now] * n,
         }
