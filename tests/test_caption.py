@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from video_llava.synthetic import COLORS, DIRECTIONS, SHAPES, MovingShape, render_frames, video_bytes
+from video_llava.synthetic import (
+    COLORS,
+    DIRECTIONS,
+    SHAPES,
+    MovingShape,
+    render_frames,
+    video_bytes,
+)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -11,15 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.local_cluster import free_port, stop_cluster
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +22,13 @@ def cluster(embedded_cache):
     """A local one-node cluster with the job server, as `ray start --head` makes it."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(embedded_cache),
            "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    dashboard = _free_port()
-    start = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(_free_port()),
+    dashboard, port = free_port(), free_port()
+    start = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(port),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
              "--temp-dir", tempfile.mkdtemp(prefix="ray-", dir="/tmp")]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     yield f"http://127.0.0.1:{dashboard}", env
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    stop_cluster(port)
 
 
 def test_caption_job_submitted_with_ray_job_submit_succeeds(cluster, tmp_path):

@@ -11,7 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from video_llava.feedback import pick_pair
-from video_llava.judges import CaptionJudge, JudgeConfig, JudgeError, OpenAIJudge, make_judge, parse_judgement
+from video_llava.judges import (
+    CaptionJudge,
+    JudgeConfig,
+    JudgeError,
+    OpenAIJudge,
+    make_judge,
+    parse_judgement,
+)
 
 CAPTION = "The video shows two shapes on a light background: a red circle moving right and a blue square moving down."
 QUESTION = "What color is the circle?"

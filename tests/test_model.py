@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from video_llava.budget import ContextBudgetError, rope_factor_for_frames, tokens_per_frame
+from video_llava.budget import (
+    ContextBudgetError,
+    rope_factor_for_frames,
+    tokens_per_frame,
+)
 from video_llava.embedded import build_embedded, embedded_path
 from video_llava.model import ModelLoadError, VideoQAModel, resolve_config
 from video_llava.settings import ModelSettings

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.local_cluster import free_port, pids, stop_cluster
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -21,40 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids(*markers: str, program: str = "") -> list[int]:
-    """PIDs of processes whose command line contains every marker (and whose program name contains ``program``)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if program in cmd.split(" ")[0] and all(m in cmd for m in markers):
-                pids.append(int(proc.name))
-    return pids
-
-
-def _stop_cluster(port: int) -> None:
-    """Kill this test's Ray processes only (``ray stop`` would stop every Ray instance on the machine)."""
-    for pid in _pids(str(port)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture
 def two_nodes(embedded_cache):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(embedded_cache),
            "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    port = _free_port()
+    port = free_port()
     head = [str(BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2", "--resources",
             '{"decode": 2}', "--include-dashboard", "false", "--temp-dir", tempfile.mkdtemp(prefix="ray-", dir="/tmp")]
     subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
@@ -65,7 +38,7 @@ def two_nodes(embedded_cache):
 
     add_model_node()
     yield f"127.0.0.1:{port}", env, add_model_node, port
-    _stop_cluster(port)
+    stop_cluster(port)
 
 
 def _videos(root: Path, count: int) -> Path:
@@ -108,7 +81,7 @@ def test_decoding_and_captioning_land_on_the_nodes_with_their_resources_and_a_lo
     while time.time() < deadline and job.poll() is None and not any(shards.glob("*.parquet")):
         time.sleep(0.5)
     # The model node dies part-way (SIGKILL of its raylet); a replacement joins, as an autoscaler would bring one.
-    killed = _pids(str(port), "model", program="raylet")
+    killed = pids(str(port), "model", program="raylet")
     assert len(killed) == 1 and job.poll() is None, "the model node must die while the job runs"
     done_before = len(final_view(str(out)))
     os.kill(killed[0], signal.SIGKILL)
@@ -133,3 +106,64 @@ def test_decoding_and_captioning_land_on_the_nodes_with_their_resources_and_a_lo
     assert {r["caption_node"] for r in rows} <= model_nodes  # captioning only where `model` is
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["missing"] == 0 and manifest["rows"] == 40
+
+
+def _replica_nodes(class_marker: str) -> set[str]:
+    """Nodes where a live Serve replica of the deployment runs (from the GCS actor table; no dashboard needed)."""
+    from ray._private.state import actors
+
+    return {a["Address"]["NodeID"] for a in actors().values()
+            if a["State"] == "ALIVE" and class_marker in a.get("ActorClassName", "")}
+
+
+def _ask(base: str) -> httpx.Response:
+    sample = ROOT / "video_llava" / "assets" / "sample.mp4"
+    return httpx.post(f"{base}/v1/video/qa", files={"video": ("clip.mp4", sample.read_bytes(), "video/mp4")},
+                      data={"question": "What color is the circle?", "num_frames": "4"}, timeout=120)
+
+
+def test_serve_places_model_replicas_by_resource_and_recovers_when_their_node_is_lost(two_nodes):
+    import ray
+    from ray import serve
+
+    from video_llava.serve.app import build_app
+
+    address, env, add_model_node, port = two_nodes
+    os.environ["VIDEO_LLAVA_CACHE"] = env["VIDEO_LLAVA_CACHE"]
+    ray.init(address=address)
+    try:
+        http = free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http})
+        args = {"model": {"num_frames": 4, "max_new_tokens": 4},
+                "deployment": {"model_resources": {"model": 1}, "ingress_num_cpus": 1, "decode_workers": 1}}
+        serve.run(build_app(args), name="video_llava", route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{http}"
+        deadline = time.time() + 180
+        while time.time() < deadline and _ask_status(base) != 200:
+            time.sleep(1)
+        assert _ask(base).status_code == 200
+        model_node = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("model")}
+        assert _replica_nodes("VideoQAModel") == model_node  # the replica sits where `model` is, not on the head
+
+        killed = pids(str(port), "model", program="raylet")
+        assert len(killed) == 1
+        os.kill(killed[0], signal.SIGKILL)
+        add_model_node()
+        deadline = time.time() + 240  # Serve notices the dead replica and starts a new one on the new node
+        while time.time() < deadline and _ask_status(base) != 200:
+            time.sleep(2)
+        answer = _ask(base)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["answer"]
+        new_node = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("model")}
+        assert new_node != model_node and _replica_nodes("VideoQAModel") == new_node
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _ask_status(base: str) -> int:
+    try:
+        return _ask(base).status_code
+    except httpx.HTTPError:
+        return 0

@@ -7,15 +7,23 @@ import pytest
 
 from video_llava.prompts import build_prompt
 from video_llava.synthetic import SAMPLE_SHAPES, render_frames
-from video_llava.training import IGNORE_INDEX, answer_logprobs, collate, dpo_loss, sft_example
+from video_llava.training import (
+    IGNORE_INDEX,
+    answer_logprobs,
+    collate,
+    dpo_loss,
+    sft_example,
+)
 
 
 @pytest.fixture(scope="module")
 def model_and_processor(embedded_cache):
-    from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor
+    from transformers import (
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+    )
 
     from video_llava.embedded import embedded_path
-
     from video_llava.model import complete_processor
 
     path = embedded_path()

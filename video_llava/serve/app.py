@@ -168,7 +168,7 @@ def build_app(args: ServeArgs | dict) -> Application:
 
     d = args.deployment
     options: dict[str, Any] = dict(
-        ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus, "resources": dict(d.model_resources)},
         max_ongoing_requests=max(d.max_ongoing_requests, args.batching.max_batch_size),
         max_queued_requests=d.max_queued_requests,
     )
@@ -181,4 +181,5 @@ def build_app(args: ServeArgs | dict) -> Application:
             "target_ongoing_requests": d.target_ongoing_requests,
         }
     model = VideoQAServer.options(**options).bind(args)
-    return QAIngress.options(num_replicas=d.ingress_replicas, ray_actor_options={"num_cpus": d.ingress_num_cpus}).bind(model, args)
+    ingress = {"num_cpus": d.ingress_num_cpus, "resources": dict(d.ingress_resources)}
+    return QAIngress.options(num_replicas=d.ingress_replicas, ray_actor_options=ingress).bind(model, args)

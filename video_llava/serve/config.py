@@ -39,6 +39,10 @@ class DeploymentSettings(BaseModel):
 
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, ge=0)
+    model_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom resources per model replica, e.g. {model: 1} to pin replicas to nodes that advertise it"
+    )
+    ingress_resources: dict[str, float] = Field(default_factory=dict, description="custom resources per ingress replica")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)

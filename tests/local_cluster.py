@@ -1,0 +1,40 @@
+"""Helpers for tests that start Ray clusters with `ray start`: free ports, and stopping only their own processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pids(*markers: str, program: str = "") -> list[int]:
+    """PIDs of processes whose command line contains every marker (and whose program name contains ``program``)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if program in cmd.split(" ")[0] and all(m in cmd for m in markers):
+                found.append(int(proc.name))
+    return found
+
+
+def stop_cluster(gcs_port: int) -> None:
+    """Kill the Ray processes of the cluster whose GCS listens on ``gcs_port`` (every one of them names it).
+
+    ``ray stop`` would stop every Ray instance on the machine, a developer's own included.
+    """
+    for pid in pids(f":{gcs_port}") + pids(f"={gcs_port}"):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
