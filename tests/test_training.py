@@ -69,3 +69,41 @@ def test_dpo_loss_is_log_two_at_the_start_and_falls_as_the_margin_grows():
     assert loss.item() == pytest.approx(np.log(2)) and margin.abs().max().item() == 0
     better, _, acc = dpo_loss(zero + 2, zero - 2, zero, zero, beta=0.1)
     assert better.item() < loss.item() and acc.mean().item() == 1.0
+
+
+def test_records_may_name_their_media_by_s3_uri(tmp_path, monkeypatch):
+    import io
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from PIL import Image
+
+    from video_llava.feedback import flatten_record, load_media
+    from video_llava.synthetic import write_video
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+            monkeypatch.setenv(k, v)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="train")
+        write_video(tmp_path / "clip.mp4", render_frames(SAMPLE_SHAPES, num_frames=6, width=64, height=48))
+        client.put_object(Bucket="train", Key="v/clip.mp4", Body=(tmp_path / "clip.mp4").read_bytes())
+        png = io.BytesIO()
+        Image.fromarray(render_frames(SAMPLE_SHAPES, num_frames=1, width=40, height=30)[0]).save(png, format="PNG")
+        client.put_object(Bucket="train", Key="i/frame.png", Body=png.getvalue())
+
+        record = {"id": "a", "video": "s3://train/v/clip.mp4",
+                  "conversations": [{"from": "human", "value": "<video>\nQ?"}, {"from": "gpt", "value": "A"}]}
+        row = flatten_record(record, tmp_path)
+        assert row["video"] == "s3://train/v/clip.mp4"  # not joined to the dataset directory
+        assert load_media(row["video"], "", 3).shape == (3, 48, 64, 3)
+        assert load_media("", "s3://train/i/frame.png", 3).shape == (1, 30, 40, 3)
+    finally:
+        server.stop()

@@ -20,12 +20,15 @@ from video_llava.training import question_answer
 def _media_path(value: Any, root: Path) -> str:
     if not value:
         return ""
-    return str(value) if Path(str(value)).is_absolute() else str((root / str(value)).resolve())
+    value = str(value)
+    if "://" in value or Path(value).is_absolute():
+        return value
+    return str((root / value).resolve())
 
 
 def flatten_record(record: dict[str, Any], root: Path) -> dict[str, Any]:
     """One LLaVA-style record as the flat row the steps use: id, media (absolute paths; relative ones are under
-    ``root``), question, reference answer, caption, qa_type."""
+    ``root``; ``s3://`` URIs are kept), question, reference answer, caption, qa_type."""
     question, reference = question_answer(record)
     return {
         "id": str(record["id"]),
@@ -38,15 +41,29 @@ def flatten_record(record: dict[str, Any], root: Path) -> dict[str, Any]:
     }
 
 
+def _read_s3(uri: str) -> bytes:
+    """An ``s3://bucket/key`` object's bytes (credentials and ``AWS_ENDPOINT_URL`` the usual boto3 way)."""
+    from urllib.parse import urlsplit
+
+    from video_llava.storage import s3_client
+
+    parts = urlsplit(uri)
+    return s3_client().get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"].read()
+
+
 def load_media(video: str, image: str, num_frames: int) -> np.ndarray:
-    """Frames ``(N, H, W, 3)`` of a row's video, or its image as one frame."""
+    """Frames ``(N, H, W, 3)`` of a row's video, or its image as one frame; local paths or ``s3://`` URIs."""
     from video_llava.video import DecodeOptions, sample_video
 
     if video:
-        return sample_video(video, DecodeOptions(num_frames=num_frames)).frames
+        source = _read_s3(video) if video.startswith("s3://") else video
+        return sample_video(source, DecodeOptions(num_frames=num_frames)).frames
+    import io
+
     from PIL import Image
 
-    with Image.open(image) as img:
+    source = io.BytesIO(_read_s3(image)) if image.startswith("s3://") else image
+    with Image.open(source) as img:
         return np.asarray(img.convert("RGB"))[None]
 
 
