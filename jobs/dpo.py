@@ -56,6 +56,7 @@ def train_loop(config: dict) -> None:
     from video_llava.train_run import (
         MetricsLog,
         load_for_training,
+        prepare_training,
         report,
         setup_worker,
     )
@@ -70,12 +71,7 @@ def train_loop(config: dict) -> None:
             param.requires_grad_(False)
     device = ray.train.torch.get_device()
     reference = LlavaNextVideoForConditionalGeneration.from_pretrained(source).to(device).eval().requires_grad_(False)
-    start_step = state["step"] if state else 0
-    model.train()
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    model, optimizer, start_step = prepare_training(model, state, cfg.lr)
 
     rank = ray.train.get_context().get_world_rank()
     pairs = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))

@@ -39,7 +39,6 @@ def train_loop(config: dict) -> None:
 
     import numpy as np
     import ray.train
-    import torch
 
     from video_llava.feedback import flatten_record, load_media
     from video_llava.model import resolve_source
@@ -48,6 +47,7 @@ def train_loop(config: dict) -> None:
     from video_llava.train_run import (
         MetricsLog,
         load_for_training,
+        prepare_training,
         report,
         setup_worker,
     )
@@ -57,12 +57,7 @@ def train_loop(config: dict) -> None:
     setup_worker(cfg)
     model, processor, state, base = load_for_training(resolve_source(ModelSettings(model=cfg.model)), cfg.lora_rank,
                                                  freeze_vision=not cfg.train_vision_tower)
-    start_step = state["step"] if state else 0
-    model.train()
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    model, optimizer, start_step = prepare_training(model, state, cfg.lr)
 
     rank = ray.train.get_context().get_world_rank()
     records = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))

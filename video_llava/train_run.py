@@ -100,10 +100,17 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
     return model, processor, state, source
 
 
-def base_model(model):
-    """The ``LlavaNextVideoForConditionalGeneration`` inside DDP and PEFT wrappers."""
-    model = model.module if hasattr(model, "module") else model
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def prepare_training(model, state: dict | None, lr: float):
+    """(DDP-ready model, AdamW over its trainable parameters, first step): restores the optimizer when resuming."""
+    import ray.train
+    import torch
+
+    model.train()
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return model, optimizer, state["step"] if state else 0
 
 
 class MetricsLog:
