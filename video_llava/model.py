@@ -334,7 +334,8 @@ class VideoQAModel:
                 return hit, True
         pixels = self.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
         with torch.inference_mode():
-            out = self.model.get_video_features(pixel_values_videos=pixels.to(self.device, self.dtype))
+            # positional: the parameter was renamed (pixel_values -> pixel_values_videos) within transformers 5.x
+            out = self.model.get_video_features(pixels.to(self.device, self.dtype))
         self.vision_calls += 1
         features = out.pooler_output[0]
         if key is not None:
