@@ -69,3 +69,15 @@ def test_train_bench_reports_sft_and_dpo_throughput_and_memory():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert [row["job"] for row in figures["rows"]] == ["sft", "dpo"]
     assert all(row["samples_per_s"] > 0 and row["peak_memory_gib"] > 0 for row in figures["rows"])
+
+
+@pytest.mark.slow
+def test_gpu_service_bench_runs_the_service_model_path_on_a_cpu():
+    result = subprocess.run(
+        [sys.executable, "bench/gpu_service.py", "--shape", "tiny", "--frames", "2", "--batch", "2", "--new-tokens", "2",
+         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["device"] == "cpu" and figures["dtype"] == "float32" and figures["attention"] == "sdpa"
+    assert figures["visual_tokens_per_video"] == 2 * 144 and figures["batched_speedup"] > 0
