@@ -91,7 +91,7 @@ def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temp
 
 
 def summarize(rows: list[dict]) -> dict:
-    scores = [s for r in rows for s in r["scores"]]
+    scores = [s for r in rows for s in r.get("scores") or []]
     pairs = [r for r in rows if r["status"] == "pair"]
     return {
         "records": len(rows),

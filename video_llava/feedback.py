@@ -134,7 +134,20 @@ class JudgeStep:
             out["chosen_score"].append(scores[best] if row else 0)
             out["rejected_score"].append(scores[worst] if row else 0)
             out["margin"].append(scores[best] - scores[worst] if row else 0)
-        return {**{k: list(v) for k, v in batch.items()}, **out, "error": errors}
+        columns = {**{k: list(v) for k, v in batch.items()}, **out, "error": errors}
+        columns["candidates"] = [[str(c) for c in row] for row in batch["candidates"]]
+        columns["reasons"] = [[str(r) for r in row] for row in out["reasons"]]
+        return _arrow(columns)
+
+
+def _arrow(columns: dict[str, list]):
+    """The batch as a pyarrow Table with list columns typed as lists: left to Ray, equal-length lists become tensor
+    columns, which its JSON writer turns into their first element (and an all-empty list column vanishes)."""
+    import pyarrow as pa
+
+    types = {"candidates": pa.list_(pa.string()), "reasons": pa.list_(pa.string()), "scores": pa.list_(pa.int64())}
+    return pa.table({k: pa.array([v.item() if isinstance(v, np.generic) else v for v in values], type=types.get(k))
+                     for k, values in columns.items()})
 
 
 def pick_pair(candidates: list[str], scores: list[int], min_margin: int) -> tuple[int, int] | None:
