@@ -44,14 +44,11 @@ def train_loop(config: dict) -> None:
     import math
     import random
 
-    import numpy as np
     import ray.train
     import torch
     from transformers import LlavaNextVideoForConditionalGeneration
 
-    from video_llava.feedback import load_media
     from video_llava.model import resolve_source
-    from video_llava.prompts import build_prompt
     from video_llava.settings import ModelSettings
     from video_llava.train_run import (
         MetricsLog,
@@ -60,7 +57,7 @@ def train_loop(config: dict) -> None:
         report,
         setup_worker,
     )
-    from video_llava.training import answer_logprobs, collate, dpo_loss, sft_example
+    from video_llava.training import ExampleMaker, answer_logprobs, collate, dpo_loss
 
     cfg = DPOConfig.model_validate(config)
     setup_worker(cfg)
@@ -79,18 +76,8 @@ def train_loop(config: dict) -> None:
         raise ValueError("this worker got no preference pairs")
     per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
-    frames_cache: dict[str, np.ndarray] = {}
     ref_cache: dict[str, tuple[float, float]] = {}  # the reference is frozen: score each pair once
-
-    def examples(pair: dict) -> list[dict]:
-        key = pair["video"] or pair["image"]
-        if key not in frames_cache:
-            frames_cache[key] = load_media(pair["video"], pair["image"], cfg.frames)
-        prompt = build_prompt(processor, pair["question"])
-        media = frames_cache[key]
-        if pair["image"]:
-            return [sft_example(processor, prompt, pair[k], image=media[0]) for k in ("chosen", "rejected")]
-        return [sft_example(processor, prompt, pair[k], media) for k in ("chosen", "rejected")]
+    make_example = ExampleMaker(processor, cfg.frames)
 
     log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank)
     for step in range(start_step + 1, total + 1):
@@ -98,7 +85,7 @@ def train_loop(config: dict) -> None:
         order = list(range(len(pairs)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)  # the same order again on resume
         batch_pairs = [pairs[k] for k in order[position * cfg.batch_size:(position + 1) * cfg.batch_size]]
-        rows = [e for p in batch_pairs for e in examples(p)]  # chosen, rejected, chosen, rejected, ...
+        rows = [make_example(p, p[k]) for p in batch_pairs for k in ("chosen", "rejected")]  # c, r, c, r, ...
         batch = {k: v.to(device) for k, v in collate(rows, processor.tokenizer.pad_token_id).items()}
         missing = [p["id"] for p in batch_pairs if p["id"] not in ref_cache]
         if missing:

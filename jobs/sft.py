@@ -3,12 +3,14 @@
     python -m jobs.sft --data data/synthetic --output runs --name sft [--max-steps 200] [--batch-size 8]
     ray job submit --working-dir . -- python -m jobs.sft --data /shared/data/synthetic --output /shared/runs --name sft
 
-Records are read with Ray Data and split across workers. Loss only on answer tokens; vision tower frozen,
+Records are read with Ray Data and split across workers. Every gpt turn of a record's conversation is trained on
+(the first human turn carries the media; later ones are text). Loss only on answer tokens; vision tower frozen,
 projector + LLM trained (or, with ``--lora-rank N``, PEFT LoRA adapters on the LLM's attention projections
 plus the projector); DDP over ``--num-workers`` workers (1 CPU worker here, N GPUs on a cluster). Checkpoints every ``--checkpoint-every`` steps under
 ``<output>/<name>``; rerunning with the same ``--output``/``--name`` resumes from the latest one. The final
 model is saved with ``save_pretrained`` to ``<output>/<name>/model``; ``<output>/<name>/metrics.jsonl`` logs
-step and loss as training goes.
+step and loss as training goes. ``--frame-counts 4,8,16,32`` varies the frames per step (at a constant
+frames x batch), so a model trained on short clips also answers when serving samples more frames.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from video_llava.job_cli import run_job
 from video_llava.train_run import TrainRunConfig, fit
@@ -31,18 +33,41 @@ class SFTConfig(TrainRunConfig):
     lr: float = Field(1e-3, gt=0)
     train_vision_tower: bool = Field(False, description="also train the vision tower (for a tower that is not pretrained, like the embedded model's)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the LLM's attention projections (PEFT); 0 trains the full LLM")
+    frame_counts: tuple[int, ...] = Field((), description="e.g. 4,8,16,32: each step draws one of these frame counts "
+                                          "(seeded by step) and takes batch-size x frames / count records, so a model "
+                                          "trained on few frames also answers with the 16-56 that serving samples")
+
+    @field_validator("frame_counts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return tuple(int(v) for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @field_validator("frame_counts")
+    @classmethod
+    def _within_limits(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 1 <= n <= 56 for n in value):
+            raise ValueError(f"frame counts must be 1-56, got {value}")
+        return value
+
+    def step_shape(self, step: int) -> tuple[int, int]:
+        """(frames, batch size) of a step: ``frames``/``batch_size``, or a seeded draw from ``frame_counts`` (the
+        same on every worker, so DDP workers do equal work)."""
+        if not self.frame_counts:
+            return self.frames, self.batch_size
+        import random
+
+        count = random.Random(f"{self.seed}-{step}-frames").choice(self.frame_counts)
+        return count, max(1, self.batch_size * self.frames // count)
 
 
 def train_loop(config: dict) -> None:
     """Runs on each Ray Train worker: its shard of the records, sampled in seeded random batches."""
     import random
 
-    import numpy as np
     import ray.train
 
-    from video_llava.feedback import flatten_record, load_media
+    from video_llava.feedback import flatten_record
     from video_llava.model import resolve_source
-    from video_llava.prompts import build_prompt
     from video_llava.settings import ModelSettings
     from video_llava.train_run import (
         MetricsLog,
@@ -51,7 +76,7 @@ def train_loop(config: dict) -> None:
         report,
         setup_worker,
     )
-    from video_llava.training import collate, sft_example
+    from video_llava.training import ExampleMaker, collate, conversation_turns
 
     cfg = SFTConfig.model_validate(config)
     setup_worker(cfg)
@@ -61,31 +86,25 @@ def train_loop(config: dict) -> None:
 
     rank = ray.train.get_context().get_world_rank()
     records = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))
-    media_cache: dict[str, np.ndarray] = {}
+    make_example = ExampleMaker(processor, cfg.frames)
 
-    def example(record: dict) -> dict:
-        """A video record, or an image record (``image`` instead of ``video``): both may share a batch."""
+    def example(record: dict, frames: int) -> dict:
+        """A video or an image record (both may share a batch), with every turn of its conversation trained on."""
         row = flatten_record(record, cfg.data.resolve())
-        key = row["video"] or row["image"]
-        if key not in media_cache:
-            media_cache[key] = load_media(row["video"], row["image"], cfg.frames)
-        prompt = build_prompt(processor, row["question"])
-        if row["image"]:
-            return sft_example(processor, prompt, row["reference"], image=media_cache[key][0])
-        return sft_example(processor, prompt, row["reference"], media_cache[key])
+        return make_example(row, row["reference"], frames, follow_ups=conversation_turns(record)[1:])
 
     log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank)
     device = ray.train.torch.get_device()
     for step in range(start_step + 1, cfg.max_steps + 1):
         # Seeded by step: a resumed run draws the same batches as an uninterrupted one.
-        drawn = random.Random(f"{cfg.seed}-{rank}-{step}").sample(records, min(cfg.batch_size, len(records)))
-        batch = collate([example(r) for r in drawn],
-                        processor.tokenizer.pad_token_id)
+        frames, batch_size = cfg.step_shape(step)
+        drawn = random.Random(f"{cfg.seed}-{rank}-{step}").sample(records, min(batch_size, len(records)))
+        batch = collate([example(r, frames) for r in drawn], processor.tokenizer.pad_token_id)
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        metrics = {"step": step, "loss": float(loss.detach())}
+        metrics = {"step": step, "loss": float(loss.detach()), "frames": frames}
         log.write(metrics)
         save = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
         report(metrics, model, processor, optimizer, base, save)

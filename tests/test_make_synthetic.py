@@ -12,7 +12,8 @@ import pytest
 
 from jobs.make_synthetic import SyntheticConfig, main
 from video_llava.synthetic import COLORS
-from video_llava.synthetic_qa import NUMBER_WORDS, QA_TYPES, answer_choices
+from video_llava.synthetic_qa import DESCRIBE, NUMBER_WORDS, QA_TYPES, answer_choices
+from video_llava.training import conversation_turns
 from video_llava.video import DecodeOptions, sample_video
 
 
@@ -41,14 +42,27 @@ def test_records_are_llava_style_with_a_caption_and_balanced_question_types(data
     records = _records(dataset, "train")
     assert len(records) == 16
     for r in records:
-        human, gpt = r["conversations"]
+        human, gpt, *follow_ups = r["conversations"]
         assert human["from"] == "human" and human["value"].startswith("<video>\n")
         assert gpt == {"from": "gpt", "value": r["answer"]}
+        assert [t["from"] for t in follow_ups] == ["human", "gpt"] * (len(follow_ups) // 2)
+        assert follow_ups[-2:] == [{"from": "human", "value": DESCRIBE}, {"from": "gpt", "value": r["caption"]}]
         assert r["answer"] in answer_choices(r["qa_type"])
         assert r["caption"].startswith("The video shows") and (dataset / r["video"]).exists()
     assert Counter(r["qa_type"] for r in records) == {t: 4 for t in QA_TYPES}
     ids = [r["id"] for split in ("train", "val", "test") for r in _records(dataset, split)]
     assert len(ids) == len(set(ids)) == 32
+
+
+def test_follow_up_turns_ask_about_every_shape_and_none_can_be_copied_from_an_earlier_turn(dataset):
+    for r in _records(dataset, "train") + _records(dataset, "test"):
+        turns = conversation_turns(r)
+        asked = " ".join(q for q, _ in turns[:-1])
+        for shape in r["shapes"]:  # every shape is named by some question before the caption
+            assert shape["shape"] in asked or shape["color"] in asked, r["id"]
+        for i, (_, answer) in enumerate(turns[:-1]):
+            earlier = set(" ".join(q + " " + a for q, a in turns[:i]).replace("?", "").split())
+            assert answer not in earlier, (r["id"], i)
 
 
 def _has_color(frame: np.ndarray, color: str) -> bool:

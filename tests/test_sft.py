@@ -14,6 +14,7 @@ import torch
 
 from jobs.make_synthetic import SyntheticConfig
 from jobs.make_synthetic import main as make_synthetic
+from jobs.sft import SFTConfig
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,12 +38,24 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
-def run_sft(data: Path, output: Path, cache: Path, steps: int) -> subprocess.CompletedProcess:
+def run_sft(data: Path, output: Path, cache: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(cache),
            "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
     args = [sys.executable, "-m", "jobs.sft", "--data", str(data), "--output", str(output), "--name", "run",
-            "--max-steps", str(steps), "--batch-size", "4", "--checkpoint-every", "2", "--frames", "4"]
+            "--max-steps", str(steps), "--batch-size", "4", "--checkpoint-every", "2", "--frames", "4", *extra]
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_frame_counts_are_drawn_per_step_and_keep_the_frames_per_step():
+    cfg = SFTConfig.model_validate({"data": "d", "output": "o", "frames": 4, "batch_size": 16, "frame_counts": "4,8,32"})
+    assert cfg.frame_counts == (4, 8, 32)
+    shapes = [cfg.step_shape(step) for step in range(1, 61)]
+    assert shapes == [cfg.step_shape(step) for step in range(1, 61)]  # seeded: a resumed run draws the same
+    assert {frames for frames, _ in shapes} == {4, 8, 32}
+    assert all(frames * batch == 64 for frames, batch in shapes)
+    assert SFTConfig(data="d", output="o").step_shape(7) == (8, 8)  # no frame counts: --frames and --batch-size
+    with pytest.raises(ValueError, match="1-56"):
+        SFTConfig.model_validate({"data": "d", "output": "o", "frame_counts": "4,64"})
 
 
 def _metrics(output: Path) -> list[dict]:
@@ -54,10 +67,13 @@ def test_sft_steps_lower_the_loss_train_the_projector_and_keep_the_vision_tower(
 
     from video_llava.embedded import embedded_path
 
-    result = run_sft(data, tmp_path, embedded_cache, steps=6)
+    result = run_sft(data, tmp_path, embedded_cache, 6, "--frame-counts", "2,4")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    losses = [m["loss"] for m in _metrics(tmp_path)]
+    metrics = _metrics(tmp_path)
+    losses = [m["loss"] for m in metrics]
     assert len(losses) == 6 and losses[-1] < losses[0]
+    drawn = SFTConfig(data=data, output=tmp_path, frames=4, frame_counts=(2, 4))
+    assert [m["frames"] for m in metrics] == [drawn.step_shape(m["step"])[0] for m in metrics]
     before = LlavaNextVideoForConditionalGeneration.from_pretrained(embedded_path())
     after = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "run" / "model")
     b, a = before.state_dict(), after.state_dict()

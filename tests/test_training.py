@@ -11,7 +11,9 @@ from video_llava.training import (
     IGNORE_INDEX,
     answer_logprobs,
     collate,
+    conversation_turns,
     dpo_loss,
+    fixed_length,
     sft_example,
 )
 
@@ -39,6 +41,31 @@ def test_labels_cover_only_the_answer_and_eos(model_and_processor):
     labelled = example["input_ids"][example["labels"] != IGNORE_INDEX].tolist()
     assert processor.tokenizer.decode(labelled[:-1]).strip() == "red"
     assert labelled[-1] == processor.tokenizer.eos_token_id
+
+
+def test_every_answer_of_a_multi_turn_conversation_is_labelled_and_no_question_is(model_and_processor):
+    _, processor = model_and_processor
+    record = {"id": "r", "conversations": [
+        {"from": "human", "value": "<video>\nWhat color is the circle?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "What color is the square?"}, {"from": "gpt", "value": "blue"},
+        {"from": "human", "value": "Describe the video in detail."}, {"from": "gpt", "value": "A red circle and a blue square."}]}
+    turns = conversation_turns(record)
+    assert turns[0] == ("What color is the circle?", "red") and len(turns) == 3
+    frames = render_frames(SAMPLE_SHAPES, num_frames=2, width=64, height=48)
+    example = sft_example(processor, build_prompt(processor, turns[0][0]), turns[0][1], frames, follow_ups=turns[1:])
+    tokenizer = processor.tokenizer
+    labelled = example["input_ids"][example["labels"] != IGNORE_INDEX].tolist()
+    assert tokenizer.decode(labelled) == " red</s> blue</s> A red circle and a blue square.</s>"
+    text = tokenizer.decode(example["input_ids"][example["input_ids"] != processor.video_token_id])
+    assert text.endswith("ASSISTANT: red</s>USER: What color is the square? ASSISTANT: blue</s>"
+                         "USER: Describe the video in detail. ASSISTANT: A red circle and a blue square.</s>")
+    assert text.count("<video>") == 0 and (example["input_ids"] == processor.video_token_id).sum() == 2 * 144
+
+
+def test_a_video_shorter_than_the_frame_count_repeats_frames_evenly():
+    frames = np.arange(4)[:, None, None, None] * np.ones((4, 2, 2, 3), np.uint8)
+    assert fixed_length(frames, 8)[:, 0, 0, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert fixed_length(frames, 4) is frames
 
 
 def test_image_and_video_records_share_one_batch(model_and_processor):

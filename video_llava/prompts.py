@@ -54,6 +54,18 @@ def count_prompt_tokens(processor, question: str, template: ChatTemplateName = "
     return len(ids) - ids.count(processor.video_token_id)
 
 
+def follow_up_prompt(processor, question: str) -> str:
+    """A later user turn of a conversation (no media), ready for the answer: what follows the previous answer's EOS.
+
+    Rendered with the processor's chat template as a one-message conversation (llava-hf templates add no system
+    text), else in ``vicuna_v1``'s ``USER: ... ASSISTANT:`` form.
+    """
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "text", "text": question.strip()}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return f"USER: {question.strip()} ASSISTANT:"
+
+
 def build_prompt(processor, question: str, template: ChatTemplateName = "auto", num_videos: int = 1) -> str:
     """Prompt text with ``num_videos`` ``<video>`` placeholders (videos first, in order), in the asked template."""
     video_token = getattr(processor, "video_token", "<video>")

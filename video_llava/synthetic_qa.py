@@ -2,7 +2,9 @@
 and a detailed caption per clip (the evidence an AI-feedback judge scores answers against).
 
 Records are LLaVA-style: ``{"id", "video", "conversations": [{"from": "human", "value": "<video>\\n..."},
-{"from": "gpt", "value": ...}], "caption", "qa_type", "answer"}``.
+{"from": "gpt", "value": ...}, ...], "caption", "qa_type", "answer"}``. The first turn is the record's question
+(``qa_type``/``answer``; what evaluation and AI feedback use); follow-up turns ask about every other shape and end
+with the detailed caption, so one pass of the (expensive) vision tower supervises every fact of the clip.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from video_llava.synthetic import COLORS, DIRECTIONS, SHAPES, MovingShape
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
 QA_TYPES = ("color", "shape", "count", "direction")
-# Start positions that keep up to three shapes apart (fractions of width/height).
+# Start slots that keep up to three shapes apart (fractions of width/height); each clip jitters them.
 STARTS = [(0.25, 0.3), (0.7, 0.35), (0.45, 0.75)]
+DESCRIBE = "Describe the video in detail."
 
 
 @dataclass(frozen=True)
@@ -34,29 +37,45 @@ class ClipSpec:
 
 
 def random_clip(rng: np.random.Generator) -> ClipSpec:
+    """One to three shapes of distinct colours and types; sizes, speeds and start slots vary so a model trained on
+    them meets other clips' geometry (the bundled sample's shapes are 0.16-0.18 of the frame, moving 0.3-0.5/s)."""
     count = int(rng.integers(1, 4))
     colors = rng.choice(list(COLORS), size=count, replace=False)
     shapes = rng.choice(list(SHAPES), size=count, replace=False)
     directions = rng.choice(list(DIRECTIONS), size=count, replace=True)
+    slots = rng.permutation(len(STARTS))[:count]
+    jitter = rng.uniform(-0.08, 0.08, size=(count, 2))
+    sizes = rng.uniform(0.15, 0.27, size=count)
+    speeds = rng.uniform(0.1, 0.45, size=count)
     return ClipSpec(tuple(
-        MovingShape(str(shapes[i]), str(colors[i]), str(directions[i]), start=STARTS[i], size=0.22, speed=0.25)
+        MovingShape(str(shapes[i]), str(colors[i]), str(directions[i]),
+                    start=(float(STARTS[slots[i]][0] + jitter[i, 0]), float(STARTS[slots[i]][1] + jitter[i, 1])),
+                    size=float(sizes[i]), speed=float(speeds[i]))
         for i in range(count)
     ))
 
 
-def all_visible(spec: ClipSpec, frames: np.ndarray, min_pixels: int = 40) -> bool:
-    """Every shape's colour shows in every frame (no shape hidden behind another or wrapped off-screen)."""
-    for color in {s.color for s in spec.shapes}:
-        target = np.array(COLORS[color], dtype=np.int16)
+def all_visible(spec: ClipSpec, frames: np.ndarray, min_fraction: float = 0.5) -> bool:
+    """At least ``min_fraction`` of every shape shows in every frame: none mostly hidden behind another or off the
+    edge, so its colour, type and count are answerable from any frame sampled."""
+    short = min(frames.shape[1:3])
+    for s in spec.shapes:
+        r = s.size * short / 2
+        area = {"circle": np.pi * r * r, "square": 4 * r * r, "triangle": 2 * r * r}[s.shape]
+        target = np.array(COLORS[s.color], dtype=np.int16)
         visible = (np.abs(frames.astype(np.int16) - target).sum(-1) < 30).sum(axis=(1, 2))
-        if visible.min() < min_pixels:
+        if visible.min() < min_fraction * area:
             return False
     return True
 
 
 def question_for(spec: ClipSpec, qa_type: str, rng: np.random.Generator) -> tuple[str, str]:
-    """(question, short answer) of the given type about the clip."""
-    target = spec.shapes[int(rng.integers(len(spec.shapes)))]
+    """(question, short answer) of the given type about the clip (about a random one of its shapes)."""
+    return question_about(spec, spec.shapes[int(rng.integers(len(spec.shapes)))], qa_type)
+
+
+def question_about(spec: ClipSpec, target: MovingShape, qa_type: str) -> tuple[str, str]:
+    """(question, short answer) of the given type about ``target``, one of the clip's shapes."""
     if qa_type == "color":
         return f"What color is the {target.shape}?", target.color
     if qa_type == "shape":
@@ -78,15 +97,32 @@ def answer_choices(qa_type: str) -> list[str]:
     }[qa_type]
 
 
-def make_record(record_id: str, video_path: str, spec: ClipSpec, qa_type: str, rng: np.random.Generator) -> dict:
+def follow_up_turns(spec: ClipSpec, first: tuple[str, str], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Turns after the first: a colour or shape question about each shape the first turn did not name, the count
+    (unless asked), then the caption. None of them states an earlier turn's answer, so none can be copied from the
+    conversation; direction questions are left out because they name a shape's colour and type together."""
+    turns = []
+    for target in rng.permutation(len(spec.shapes)):
+        shape = spec.shapes[int(target)]
+        if shape.shape in first[0] or shape.color in first[0]:
+            continue
+        turns.append(question_about(spec, shape, str(rng.choice(["color", "shape"]))))
+    if not first[0].startswith("How many"):
+        turns.append(question_about(spec, spec.shapes[0], "count"))
+    return turns + [(DESCRIBE, spec.caption())]
+
+
+def make_record(record_id: str, video_path: str, spec: ClipSpec, qa_type: str, rng: np.random.Generator,
+                follow_ups: bool = True) -> dict:
     question, answer = question_for(spec, qa_type, rng)
+    turns = [(question, answer)] + (follow_up_turns(spec, (question, answer), rng) if follow_ups else [])
+    conversations = []
+    for i, (q, a) in enumerate(turns):
+        conversations += [{"from": "human", "value": f"<video>\n{q}" if i == 0 else q}, {"from": "gpt", "value": a}]
     return {
         "id": record_id,
         "video": video_path,
-        "conversations": [
-            {"from": "human", "value": f"<video>\n{question}"},
-            {"from": "gpt", "value": answer},
-        ],
+        "conversations": conversations,
         "caption": spec.caption(),
         "qa_type": qa_type,
         "answer": answer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -17,22 +17,38 @@ def load_records(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def conversation_turns(record: dict) -> list[tuple[str, str]]:
+    """(question, answer) pairs of a record's conversation in order: each human turn (media placeholders removed)
+    with the gpt turn that follows it. A human turn with no answer after it is dropped."""
+    turns, question = [], None
+    for turn in record["conversations"]:
+        if turn["from"] == "human":
+            question = turn["value"].replace("<video>", "").replace("<image>", "").strip()
+        elif turn["from"] == "gpt" and question is not None:
+            turns.append((question, turn["value"].strip()))
+            question = None
+    if not turns:
+        raise ValueError(f"record {record.get('id')!r} has no human turn followed by a gpt answer")
+    return turns
+
+
 def question_answer(record: dict) -> tuple[str, str]:
     """The first human turn (without its ``<video>``/``<image>`` placeholder) and the gpt answer that follows it."""
-    turns = record["conversations"]
-    human = next(t["value"] for t in turns if t["from"] == "human")
-    answer = next(t["value"] for t in turns if t["from"] == "gpt")
-    return human.replace("<video>", "").replace("<image>", "").strip(), answer.strip()
+    return conversation_turns(record)[0]
 
 
-def sft_example(processor, prompt: str, answer: str, frames: np.ndarray | None = None, image: np.ndarray | None = None
-                ) -> dict[str, Any]:
+def sft_example(processor, prompt: str, answer: str, frames: np.ndarray | None = None, image: np.ndarray | None = None,
+                follow_ups: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """Token ids of prompt + answer + EOS with labels only on the answer (the prompt and media are context).
 
     ``prompt`` carries one ``<video>`` placeholder; give ``frames`` ``(N, H, W, 3)`` for a video record or ``image``
     ``(H, W, 3)`` for an image record (the placeholder becomes ``<image>``, processed LLaVA-NeXT's anyres way).
+    ``follow_ups``: later (question, answer) turns of the conversation, each appended as a text-only user turn
+    (``follow_up_prompt``) and its answer + EOS, with labels on every answer.
     """
     import torch
+
+    from video_llava.prompts import follow_up_prompt
 
     tokenizer = processor.tokenizer
     if image is not None:
@@ -42,13 +58,57 @@ def sft_example(processor, prompt: str, answer: str, frames: np.ndarray | None =
     else:
         inputs = processor(text=[prompt], videos=[frames], return_tensors="pt")
         media = {"pixel_values_videos": inputs["pixel_values_videos"][0]}
-    prompt_ids = inputs["input_ids"][0]
-    answer_ids = tokenizer(" " + answer, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     eos = torch.tensor([tokenizer.eos_token_id])
-    input_ids = torch.cat([prompt_ids, answer_ids, eos])
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[len(prompt_ids):] = input_ids[len(prompt_ids):]
-    return {"input_ids": input_ids, "labels": labels, **media}
+
+    def text_ids(text: str):
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+
+    pieces, labels = [], []
+    for i, (context, reply) in enumerate([(None, answer), *follow_ups]):
+        context_ids = inputs["input_ids"][0] if i == 0 else text_ids(follow_up_prompt(processor, context))
+        reply_ids = torch.cat([text_ids(" " + reply), eos])
+        pieces += [context_ids, reply_ids]
+        labels += [torch.full_like(context_ids, IGNORE_INDEX), reply_ids]
+    return {"input_ids": torch.cat(pieces), "labels": torch.cat(labels), **media}
+
+
+def fixed_length(frames: np.ndarray, count: int, is_image: bool = False) -> np.ndarray:
+    """``count`` frames: a video shorter than asked repeats frames evenly (videos in a batch share a length)."""
+    if is_image or len(frames) == count:
+        return frames
+    return frames[np.linspace(0, len(frames) - 1, count).round().astype(int)]
+
+
+class ExampleMaker:
+    """``sft_example``s for flat training rows (``video``/``image``, ``question``; see ``feedback.flatten_record``),
+    decoding each row's media once at the base frame count (other counts are decoded when asked, not kept)."""
+
+    def __init__(self, processor, frames: int):
+        self.processor, self.frames = processor, frames
+        self._media: dict[str, np.ndarray] = {}
+
+    def media(self, video: str, image: str, frames: int | None = None) -> np.ndarray:
+        from video_llava.feedback import load_media  # feedback imports this module
+
+        count = frames or self.frames
+        key = video or image
+        if count == self.frames and key in self._media:
+            return self._media[key]
+        media = fixed_length(load_media(video, image, count), count, is_image=bool(image))
+        if count == self.frames:
+            self._media[key] = media
+        return media
+
+    def __call__(self, row: dict, answer: str, frames: int | None = None,
+                 follow_ups: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+        """The example of ``row``'s question answered with ``answer`` (then ``follow_ups``)."""
+        from video_llava.prompts import build_prompt
+
+        media = self.media(row["video"], row["image"], frames)
+        prompt = build_prompt(self.processor, row["question"])
+        if row["image"]:
+            return sft_example(self.processor, prompt, answer, image=media[0], follow_ups=follow_ups)
+        return sft_example(self.processor, prompt, answer, media, follow_ups=follow_ups)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
