@@ -79,7 +79,7 @@ def train_loop(config: dict) -> None:
     ref_cache: dict[str, tuple[float, float]] = {}  # the reference is frozen: score each pair once
     make_example = ExampleMaker(processor, cfg.frames)
 
-    log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank)
+    log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank, start_step)
     for step in range(start_step + 1, total + 1):
         epoch, position = divmod(step - 1, per_epoch)
         order = list(range(len(pairs)))

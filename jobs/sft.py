@@ -93,7 +93,7 @@ def train_loop(config: dict) -> None:
         row = flatten_record(record, cfg.data.resolve())
         return make_example(row, row["reference"], frames, follow_ups=conversation_turns(record)[1:])
 
-    log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank)
+    log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank, start_step)
     device = ray.train.torch.get_device()
     for step in range(start_step + 1, cfg.max_steps + 1):
         # Seeded by step: a resumed run draws the same batches as an uninterrupted one.

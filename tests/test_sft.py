@@ -58,6 +58,18 @@ def test_frame_counts_are_drawn_per_step_and_keep_the_frames_per_step():
         SFTConfig.model_validate({"data": "d", "output": "o", "frame_counts": "4,64"})
 
 
+def test_a_resumed_run_drops_the_logged_steps_it_trains_again(tmp_path):
+    from video_llava.train_run import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", rank=0)
+    for step in range(1, 6):  # killed after step 5; the last checkpoint was at step 3
+        log.write({"step": step, "loss": 1.0})
+    resumed = MetricsLog(tmp_path / "metrics.jsonl", rank=0, start_step=3)
+    resumed.write({"step": 4, "loss": 0.5})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["loss"]) for m in lines] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5)]
+
+
 def _metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "run" / "metrics.jsonl").read_text().splitlines()]
 

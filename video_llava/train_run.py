@@ -114,11 +114,15 @@ def prepare_training(model, state: dict | None, lr: float):
 
 
 class MetricsLog:
-    """``<output>/<name>/metrics.jsonl``: one JSON line per step (rank 0), readable while the job runs."""
+    """``<output>/<name>/metrics.jsonl``: one JSON line per step (rank 0), readable while the job runs. A run resumed
+    from ``start_step`` drops the lines of steps after it (they are trained again), so the log reads as one run."""
 
-    def __init__(self, path: Path, rank: int):
+    def __init__(self, path: Path, rank: int, start_step: int = 0):
         self.path, self.rank, self.start = path, rank, time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
+        if rank == 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, metrics: dict[str, Any]) -> None:
         if self.rank == 0:
