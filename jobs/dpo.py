@@ -48,61 +48,42 @@ def train_loop(config: dict) -> None:
     import torch
     from transformers import LlavaNextVideoForConditionalGeneration
 
-    from video_llava.model import resolve_source
-    from video_llava.settings import ModelSettings
-    from video_llava.train_run import (
-        MetricsLog,
-        load_for_training,
-        prepare_training,
-        report,
-        setup_worker,
-    )
+    from video_llava.train_run import start_worker
     from video_llava.training import ExampleMaker, answer_logprobs, collate, dpo_loss
 
     cfg = DPOConfig.model_validate(config)
-    setup_worker(cfg)
-    source = resolve_source(ModelSettings(model=cfg.model))
-    model, processor, state, base = load_for_training(source)
-    if not cfg.train_projector:
-        for param in model.model.multi_modal_projector.parameters():
-            param.requires_grad_(False)
-    device = ray.train.torch.get_device()
-    reference = LlavaNextVideoForConditionalGeneration.from_pretrained(source).to(device).eval().requires_grad_(False)
-    model, optimizer, start_step = prepare_training(model, state, cfg.lr)
-
-    rank = ray.train.get_context().get_world_rank()
+    run = start_worker(cfg, cfg.model, cfg.lr, freeze_projector=not cfg.train_projector)
+    reference = LlavaNextVideoForConditionalGeneration.from_pretrained(run.source).to(run.device).eval().requires_grad_(False)
     pairs = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))
     if not pairs:
         raise ValueError("this worker got no preference pairs")
     per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
     ref_cache: dict[str, tuple[float, float]] = {}  # the reference is frozen: score each pair once
-    make_example = ExampleMaker(processor, cfg.frames)
+    make_example = ExampleMaker(run.processor, cfg.frames)
 
-    log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank, start_step)
-    for step in range(start_step + 1, total + 1):
+    for step in range(run.start_step + 1, total + 1):
         epoch, position = divmod(step - 1, per_epoch)
         order = list(range(len(pairs)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)  # the same order again on resume
         batch_pairs = [pairs[k] for k in order[position * cfg.batch_size:(position + 1) * cfg.batch_size]]
         rows = [make_example(p, p[k]) for p in batch_pairs for k in ("chosen", "rejected")]  # c, r, c, r, ...
-        batch = {k: v.to(device) for k, v in collate(rows, processor.tokenizer.pad_token_id).items()}
+        batch = {k: v.to(run.device) for k, v in collate(rows, run.processor.tokenizer.pad_token_id).items()}
         missing = [p["id"] for p in batch_pairs if p["id"] not in ref_cache]
         if missing:
             with torch.no_grad():
                 ref = answer_logprobs(reference, batch).view(-1, 2).tolist()
             for p, (c, r) in zip(batch_pairs, ref):
                 ref_cache[p["id"]] = (c, r)
-        ref = torch.tensor([ref_cache[p["id"]] for p in batch_pairs], device=device)
-        policy = answer_logprobs(model, batch).view(-1, 2)
+        ref = torch.tensor([ref_cache[p["id"]] for p in batch_pairs], device=run.device)
+        policy = answer_logprobs(run.model, batch).view(-1, 2)
         loss, margin, accuracy = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], cfg.beta)
-        optimizer.zero_grad()
+        run.optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        run.optimizer.step()
         metrics = {"step": step, "epoch": epoch + 1, "loss": float(loss.detach()),
                    "margin": float(margin.mean()), "reward_accuracy": float(accuracy.mean())}
-        log.write(metrics)
-        report(metrics, model, processor, optimizer, base, step % cfg.checkpoint_every == 0 or step == total)
+        run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == total)
 
 
 def read_pairs(preferences: Path):

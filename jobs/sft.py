@@ -67,47 +67,30 @@ def train_loop(config: dict) -> None:
     import ray.train
 
     from video_llava.feedback import flatten_record
-    from video_llava.model import resolve_source
-    from video_llava.settings import ModelSettings
-    from video_llava.train_run import (
-        MetricsLog,
-        load_for_training,
-        prepare_training,
-        report,
-        setup_worker,
-    )
+    from video_llava.train_run import start_worker
     from video_llava.training import ExampleMaker, collate, conversation_turns
 
     cfg = SFTConfig.model_validate(config)
-    setup_worker(cfg)
-    model, processor, state, base = load_for_training(resolve_source(ModelSettings(model=cfg.model)), cfg.lora_rank,
-                                                 freeze_vision=not cfg.train_vision_tower)
-    model, optimizer, start_step = prepare_training(model, state, cfg.lr)
-
-    rank = ray.train.get_context().get_world_rank()
+    run = start_worker(cfg, cfg.model, cfg.lr, lora_rank=cfg.lora_rank, freeze_vision=not cfg.train_vision_tower)
     records = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))
-    make_example = ExampleMaker(processor, cfg.frames)
+    make_example = ExampleMaker(run.processor, cfg.frames)
 
     def example(record: dict, frames: int) -> dict:
         """A video or an image record (both may share a batch), with every turn of its conversation trained on."""
         row = flatten_record(record, cfg.data.resolve())
         return make_example(row, row["reference"], frames, follow_ups=conversation_turns(record)[1:])
 
-    log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank, start_step)
-    device = ray.train.torch.get_device()
-    for step in range(start_step + 1, cfg.max_steps + 1):
+    for step in range(run.start_step + 1, cfg.max_steps + 1):
         # Seeded by step: a resumed run draws the same batches as an uninterrupted one.
         frames, batch_size = cfg.step_shape(step)
-        drawn = random.Random(f"{cfg.seed}-{rank}-{step}").sample(records, min(batch_size, len(records)))
-        batch = collate([example(r, frames) for r in drawn], processor.tokenizer.pad_token_id)
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-        optimizer.zero_grad()
+        drawn = random.Random(f"{cfg.seed}-{run.rank}-{step}").sample(records, min(batch_size, len(records)))
+        batch = collate([example(r, frames) for r in drawn], run.processor.tokenizer.pad_token_id)
+        loss = run.model(**{k: v.to(run.device) for k, v in batch.items()}).loss
+        run.optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        run.optimizer.step()
         metrics = {"step": step, "loss": float(loss.detach()), "frames": frames}
-        log.write(metrics)
-        save = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
-        report(metrics, model, processor, optimizer, base, save)
+        run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == cfg.max_steps)
 
 
 def main(cfg: SFTConfig):

@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,12 +44,13 @@ def setup_worker(cfg: TrainRunConfig) -> None:
         torch.set_num_threads(cfg.cpus_per_worker)
 
 
-def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, freeze_vision: bool = True):
+def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, freeze_vision: bool = True,
+                      freeze_projector: bool = False):
     """(model, processor, trainer_state or None) from Ray Train's checkpoint if the run is resuming, else ``source``.
 
     With ``lora_rank`` > 0 the language model's attention projections get PEFT LoRA adapters and only they
     (and the projector) train; otherwise the projector and LLM train. The vision tower is frozen unless
-    ``freeze_vision`` is False.
+    ``freeze_vision`` is False; the projector is frozen with ``freeze_projector``.
     """
     import ray.train
     import torch
@@ -63,6 +65,8 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
     def freeze(model) -> None:
         if freeze_vision:
             freeze_vision_tower(model)
+        if freeze_projector:
+            model.model.multi_modal_projector.requires_grad_(False)
 
     def load(path) -> tuple:
         model = LlavaNextVideoForConditionalGeneration.from_pretrained(path)
@@ -128,6 +132,41 @@ class MetricsLog:
         if self.rank == 0:
             with open(self.path, "a") as log:
                 log.write(json.dumps({**metrics, "elapsed_s": round(time.perf_counter() - self.start, 2)}) + "\n")
+
+
+@dataclass
+class WorkerRun:
+    """A train loop's state on its Ray Train worker, set up the same way for every job by ``start_worker``."""
+
+    model: Any  # DDP-wrapped when there are several workers
+    processor: Any
+    optimizer: Any
+    start_step: int  # the checkpoint's step when resuming, else 0
+    source: str  # the starting checkpoint (a resumed LoRA run's frozen base)
+    rank: int
+    device: Any
+    log: MetricsLog
+
+    def end_step(self, metrics: dict[str, Any], save: bool) -> None:
+        """Log the step's metrics and, at a checkpoint step, report them with a checkpoint."""
+        self.log.write(metrics)
+        report(metrics, self.model, self.processor, self.optimizer, self.source, save)
+
+
+def start_worker(cfg: TrainRunConfig, model: str, lr: float, **load: Any) -> WorkerRun:
+    """Seed and size torch, load ``model`` (or resume from Ray Train's checkpoint; ``load`` goes to
+    ``load_for_training``), wrap it for DDP with an AdamW optimizer, and open ``<output>/<name>/metrics.jsonl``."""
+    import ray.train
+
+    from video_llava.model import resolve_source
+    from video_llava.settings import ModelSettings
+
+    setup_worker(cfg)
+    loaded, processor, state, source = load_for_training(resolve_source(ModelSettings(model=model)), **load)
+    wrapped, optimizer, start_step = prepare_training(loaded, state, lr)
+    rank = ray.train.get_context().get_world_rank()
+    log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank, start_step)
+    return WorkerRun(wrapped, processor, optimizer, start_step, source, rank, ray.train.torch.get_device(), log)
 
 
 def report(metrics: dict[str, Any], model, processor, optimizer, base_source: str, save: bool) -> None:
