@@ -33,6 +33,8 @@ class SFTConfig(TrainRunConfig):
     lr: float = Field(1e-3, gt=0)
     train_vision_tower: bool = Field(False, description="also train the vision tower (for a tower that is not pretrained, like the embedded model's)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the LLM's attention projections (PEFT); 0 trains the full LLM")
+    decay_from: int | None = Field(None, ge=0, description="hold --lr until this step, then decay it linearly towards 0 at "
+                                   "--max-steps (warmup-stable-decay); unset keeps it constant")
     frame_counts: tuple[int, ...] = Field((), description="e.g. 4,8,16,32: each step draws one of these frame counts "
                                           "(seeded by step) and takes batch-size x frames / count records, so a model "
                                           "trained on few frames also answers with the 16-56 that serving samples")
@@ -48,6 +50,12 @@ class SFTConfig(TrainRunConfig):
         if any(not 1 <= n <= 56 for n in value):
             raise ValueError(f"frame counts must be 1-56, got {value}")
         return value
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of ``step`` (a function of the step alone, so a resumed run follows the same curve)."""
+        if self.decay_from is None or step <= self.decay_from:
+            return self.lr
+        return self.lr * max(0.0, (self.max_steps - step + 1) / (self.max_steps - self.decay_from + 1))
 
     def step_shape(self, step: int) -> tuple[int, int]:
         """(frames, batch size) of a step: ``frames``/``batch_size``, or a seeded draw from ``frame_counts`` (the
@@ -88,8 +96,10 @@ def train_loop(config: dict) -> None:
         loss = run.model(**{k: v.to(run.device) for k, v in batch.items()}).loss
         run.optimizer.zero_grad()
         loss.backward()
+        for group in run.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
         run.optimizer.step()
-        metrics = {"step": step, "loss": float(loss.detach()), "frames": frames}
+        metrics = {"step": step, "loss": float(loss.detach()), "frames": frames, "lr": cfg.lr_at(step)}
         run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == cfg.max_steps)
 
 

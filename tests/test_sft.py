@@ -58,6 +58,12 @@ def test_frame_counts_are_drawn_per_step_and_keep_the_frames_per_step():
         SFTConfig.model_validate({"data": "d", "output": "o", "frame_counts": "4,64"})
 
 
+def test_the_learning_rate_holds_then_decays_linearly_to_zero_at_the_last_step():
+    cfg = SFTConfig(data="d", output="o", lr=1e-3, max_steps=10, decay_from=6)
+    assert [round(cfg.lr_at(step) / 1e-3, 2) for step in range(1, 11)] == [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2]
+    assert SFTConfig(data="d", output="o", lr=1e-3, max_steps=10).lr_at(10) == 1e-3  # constant without decay_from
+
+
 def test_a_resumed_run_drops_the_logged_steps_it_trains_again(tmp_path):
     from video_llava.train_run import MetricsLog
 
