@@ -40,10 +40,10 @@ RUNS ?= runs/embedded
 JOB  := HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(PY) -m
 EVAL := --data $(DATA) --frames 4 --max-new-tokens 8
 embedded-default: install
-	$(JOB) jobs.make_synthetic --output $(DATA) --train 3000 --val 200 --test 200 --seed 0
+	$(JOB) jobs.make_synthetic --output $(DATA) --train 2000 --val 200 --test 200 --seed 0
 	$(JOB) jobs.eval $(EVAL) --model embedded-init --json-out $(RUNS)/eval-init.json
 	$(JOB) jobs.sft --data $(DATA) --output $(RUNS) --name sft --model embedded-init --train-vision-tower \
-		--frames 4 --frame-counts 4,4,8,16,32 --batch-size 16 --lr 2e-3 --max-steps 2400 --decay-from 1400 --checkpoint-every 200
+		--frames 4 --batch-size 16 --lr 2e-3 --max-steps 1600 --checkpoint-every 200
 	$(JOB) jobs.eval $(EVAL) --model $(RUNS)/sft/model --json-out $(RUNS)/eval-sft.json
 	$(JOB) jobs.make_preferences --data $(DATA) --model $(RUNS)/sft/model --output $(RUNS)/prefs --overwrite \
 		--frames 4 --max-new-tokens 8 --samples 4 --limit 1000

@@ -35,6 +35,8 @@ class SyntheticConfig(BaseModel):
     frames: int = Field(16, ge=2, le=120, description="frames per clip")
     fps: float = Field(8.0, gt=0)
     size: int = Field(112, ge=32, le=672, description="clip width and height in pixels")
+    follow_ups: bool = Field(False, description="after each record's question, a colour or shape question about every "
+                             "other shape, the count and the detailed caption as further conversation turns")
 
 
 def write_split(cfg: SyntheticConfig, split: str, count: int) -> int:
@@ -53,7 +55,7 @@ def write_split(cfg: SyntheticConfig, split: str, count: int) -> int:
             relative = f"videos/{split}/{record_id}.mp4"
             write_video(cfg.output / relative, frames, fps=cfg.fps, fmt="mp4")
             qa_type = QA_TYPES[i % len(QA_TYPES)]  # balanced question types
-            out.write(json.dumps(make_record(record_id, relative, spec, qa_type, rng)) + "\n")
+            out.write(json.dumps(make_record(record_id, relative, spec, qa_type, rng, cfg.follow_ups)) + "\n")
             if (i + 1) % 500 == 0:
                 print(f"  {split}: {i + 1}/{count}", flush=True)
     return count

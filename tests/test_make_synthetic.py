@@ -20,7 +20,7 @@ from video_llava.video import DecodeOptions, sample_video
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
-    main(SyntheticConfig(output=out, train=16, val=8, test=8, seed=3))
+    main(SyntheticConfig(output=out, train=16, val=8, test=8, seed=3, follow_ups=True))
     return out
 
 
@@ -34,7 +34,7 @@ def _digest(root: Path) -> dict[str, str]:
 
 def test_same_arguments_give_identical_files(dataset, tmp_path):
     again = tmp_path / "again"
-    main(SyntheticConfig(output=again, train=16, val=8, test=8, seed=3))
+    main(SyntheticConfig(output=again, train=16, val=8, test=8, seed=3, follow_ups=True))
     assert _digest(again) == _digest(dataset)
 
 

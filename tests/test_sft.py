@@ -27,7 +27,7 @@ def data(tmp_path_factory) -> Path:
     from video_llava.synthetic import SAMPLE_SHAPES, render_frames
 
     out = tmp_path_factory.mktemp("syn")
-    make_synthetic(SyntheticConfig(output=out, train=8, val=0, test=0, seed=1))
+    make_synthetic(SyntheticConfig(output=out, train=8, val=0, test=0, seed=1, follow_ups=True))
     # Image records beside the video ones: batches mix both (LLaVA-NeXT trains on images and videos together).
     (out / "images").mkdir()
     with open(out / "train.jsonl", "a") as f:

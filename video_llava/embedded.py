@@ -33,12 +33,12 @@ class TinySpec:
 
     vocab_size: int = 1024
     text_hidden: int = 64
-    text_layers: int = 3
+    text_layers: int = 2
     text_heads: int = 4
     text_kv_heads: int = 2
     text_intermediate: int = 128
     vision_hidden: int = 32
-    vision_layers: int = 3  # features come from the second-to-last layer (as the 7B's)
+    vision_layers: int = 2
     vision_heads: int = 2
     vision_intermediate: int = 64
     image_size: int = 336
@@ -47,7 +47,7 @@ class TinySpec:
     base_context: int = BASE_CONTEXT
     max_frames: int = 56
     seed: int = 0
-    format_version: int = 3
+    format_version: int = 2
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
