@@ -67,6 +67,13 @@ def test_llm_receives_exactly_144_visual_tokens_per_frame(embedded_model, clip):
     assert pooled.shape[-1] == embedded_model.config.text_config.hidden_size
 
 
+def test_answering_leaves_the_callers_grad_mode_alone(embedded_model, clip):
+    import torch
+
+    embedded_model.answer([clip[:4]], ["What color is the circle?"], max_new_tokens=2)
+    assert torch.is_grad_enabled()  # a training loop in the same process still gets gradients
+
+
 def test_pooling_is_stride_2_average_of_the_24x24_patch_grid(embedded_model):
     pooler = embedded_model.model.model.vision_resampler.pool
     assert isinstance(pooler, torch.nn.AvgPool2d) and pooler.stride == 2

@@ -241,7 +241,6 @@ class VideoQAModel:
 
     # ---- loading -------------------------------------------------------------------------------------------
     def _load_weights(self):
-        import torch
         from transformers import (
             LlavaNextVideoForConditionalGeneration,
             LlavaNextVideoProcessor,
@@ -256,8 +255,7 @@ class VideoQAModel:
         except (OSError, ValueError, ImportError) as exc:
             raise ModelLoadError(f"cannot load weights of {self.settings.model!r}: {str(exc).splitlines()[0]}") from exc
         complete_processor(processor, self.config)
-        model.to(self.device).eval()
-        torch.set_grad_enabled(False)
+        model.to(self.device).eval()  # every call into it runs under torch.inference_mode(); grad mode is left alone
         return model, processor
 
     # ---- budget --------------------------------------------------------------------------------------------
