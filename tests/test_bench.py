@@ -81,3 +81,17 @@ def test_gpu_service_bench_runs_the_service_model_path_on_a_cpu():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["device"] == "cpu" and figures["dtype"] == "float32" and figures["attention"] == "sdpa"
     assert figures["visual_tokens_per_video"] == 2 * 144 and figures["batched_speedup"] > 0
+
+
+@pytest.mark.slow
+def test_feature_probe_reports_shape_and_colour_accuracy_per_checkpoint(embedded_cache):
+    result = subprocess.run(
+        [sys.executable, "bench/probe_features.py", "--models", "embedded-init", "embedded", "--clips", "60", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["bench"] == "probe_features" and [row["model"] for row in figures["probe"]] == ["embedded-init", "embedded"]
+    for row in figures["probe"]:
+        assert row["objects"] >= 60 and 0 <= row["shape_accuracy"] <= 1
+        assert row["colour_accuracy"] > 0.8  # a shape's colour is what its tokens show most plainly: far above 0.17
