@@ -45,7 +45,10 @@ def object_features(source: str, samples) -> tuple:
     """(features (objects, dim), shape labels, colour labels) from ``source``'s pooled video tokens."""
     import numpy as np
     import torch
-    from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor
+    from transformers import (
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+    )
 
     from video_llava.synthetic import COLORS, SHAPES
 
