@@ -60,7 +60,9 @@ def object_features(source: str, samples) -> tuple:
     with torch.inference_mode():
         for frames, spec in samples:
             pixels = processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"][0]
-            hidden = inner.vision_tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+            hidden = inner.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
+            if model.config.vision_feature_select_strategy == "default":  # drop CLS, as get_video_features does
+                hidden = hidden[:, 1:]
             tokens = inner.vision_resampler(hidden)  # (frames, grid*grid, dim)
             for shape in spec.shapes:
                 mask = torch.tensor((frames == np.array(COLORS[shape.color], dtype=np.uint8)).all(-1), dtype=torch.float32)
@@ -102,13 +104,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    import torch
-
     from video_llava.model import resolve_source
     from video_llava.settings import ModelSettings
     from video_llava.synthetic import COLORS, SHAPES
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     samples = list(clips(args.clips, args.seed))
     rows = []
     print(f"{'checkpoint':<48} {'objects':>7} {'shape acc':>9} {'colour acc':>10}   (chance: shape 0.33, colour 0.17)")
