@@ -62,8 +62,8 @@ embedded-default: install
 		--lr 5e-4 --max-steps 1600 --decay-from 1000 --checkpoint-every 400
 	$(JOB) jobs.eval $(EVAL) --model $(RUNS)/sft-2c/model --json-out $(RUNS)/eval-sft-2c.json
 	# SFT 3: 8-32 frames per clip, so it also answers at the frame counts serving samples
-	$(JOB) jobs.sft --data $(DATA) --output $(RUNS) --name sft-frames --model $(RUNS)/sft-2c/model \
-		--frames 4 --batch-size 16 --frame-counts 8,16,32 --lr 5e-4 --max-steps 300 --decay-from 0 --checkpoint-every 100
+	$(JOB) jobs.sft --data $(DATA) --output $(RUNS) --name sft-frames --model $(RUNS)/sft-2c/model $(SFT4) \
+		--frame-counts 8,16,32 --lr 5e-4 --max-steps 300 --decay-from 0 --checkpoint-every 100
 	$(JOB) jobs.eval $(EVAL) --model $(RUNS)/sft-frames/model --json-out $(RUNS)/eval-sft-frames.json
 	$(JOB) jobs.make_preferences --data $(DATA) --model $(RUNS)/sft-frames/model --output $(RUNS)/prefs --overwrite \
 		--frames 4 --max-new-tokens 8 --samples 4 --limit 1000
