@@ -19,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from video_llava.job_cli import run_job
 from video_llava.synthetic import render_frames, write_video
-from video_llava.synthetic_qa import QA_TYPES, all_visible, make_record, random_clip
+from video_llava.synthetic_qa import (
+    QA_TYPES,
+    all_visible,
+    make_record,
+    random_clip,
+    random_varied_clip,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -34,7 +40,10 @@ class SyntheticConfig(BaseModel):
     seed: int = 0
     frames: int = Field(16, ge=2, le=120, description="frames per clip")
     fps: float = Field(8.0, gt=0)
-    size: int = Field(112, ge=32, le=672, description="clip width and height in pixels")
+    size: int = Field(112, ge=32, le=672, description="clip width and height in pixels (without --varied)")
+    varied: bool = Field(False, description="a wider distribution: random start positions, shape sizes 0.14-0.3 and "
+                         "speeds 0.1-0.55, frame sizes 112x112, 150x112, 200x112 and 112x150; a shape may be outside "
+                         "the centre crop the model sees for up to a quarter of the frames")
     follow_ups: bool = Field(False, description="after each record's question, a colour or shape question about every "
                              "other shape, the count and the detailed caption as further conversation turns")
 
@@ -47,9 +56,12 @@ def write_split(cfg: SyntheticConfig, split: str, count: int) -> int:
     with open(cfg.output / f"{split}.jsonl", "w") as out:
         for i in range(count):
             while True:  # redraw clips where a shape is hidden in some frame: every answer must be visible
-                spec = random_clip(rng)
-                frames = render_frames(spec.shapes, num_frames=cfg.frames, fps=cfg.fps, width=cfg.size, height=cfg.size)
-                if all_visible(spec, frames):
+                if cfg.varied:
+                    spec, (width, height) = random_varied_clip(rng)
+                else:
+                    spec, (width, height) = random_clip(rng), (cfg.size, cfg.size)
+                frames = render_frames(spec.shapes, num_frames=cfg.frames, fps=cfg.fps, width=width, height=height)
+                if all_visible(spec, frames, min_fraction=0.75 if cfg.varied else 1.0):
                     break
             record_id = f"{split}-{i:06d}"
             relative = f"videos/{split}/{record_id}.mp4"

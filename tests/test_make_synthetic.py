@@ -79,3 +79,24 @@ def test_answers_are_true_of_the_decoded_pixels(dataset):
                 assert r["answer"] in present
             if r["qa_type"] == "count":
                 assert NUMBER_WORDS.index(r["answer"]) == len(present)
+
+
+def test_varied_clips_span_frame_sizes_shape_sizes_and_speeds_and_every_shape_stays_mostly_in_view(tmp_path):
+    from video_llava.synthetic_qa import VARIED_SIZES, center_crop, color_pixels
+
+    main(SyntheticConfig(output=tmp_path, train=24, val=0, test=0, seed=4, varied=True))
+    records = _records(tmp_path, "train")
+    sizes, speeds, frame_sizes = set(), set(), set()
+    for r in records:
+        frames = sample_video(tmp_path / r["video"], DecodeOptions(num_frames=16)).frames
+        frame_sizes.add((frames.shape[2], frames.shape[1]))
+        crop = center_crop(frames)
+        for shape in r["shapes"]:
+            sizes.add(shape["size"])
+            speeds.add(shape["speed"])
+            # every shape is in the part the processor keeps in at least 3/4 of the frames
+            assert (color_pixels(crop, shape["color"], tolerance=60) >= 30).mean() >= 0.75, r["id"]
+        others = set(COLORS) - {s["color"] for s in r["shapes"]}
+        assert not any(_has_color(f, c) for f in frames for c in others), r["id"]  # no colour that is not in the answer
+    assert frame_sizes == set(VARIED_SIZES)
+    assert min(sizes) < 0.18 and max(sizes) > 0.26 and min(speeds) < 0.2 and max(speeds) > 0.45

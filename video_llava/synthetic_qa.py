@@ -48,14 +48,57 @@ def random_clip(rng: np.random.Generator) -> ClipSpec:
     ))
 
 
-def all_visible(spec: ClipSpec, frames: np.ndarray, min_pixels: int = 40) -> bool:
-    """Every shape's colour shows in every frame (no shape hidden behind another or wrapped off-screen)."""
-    for color in {s.color for s in spec.shapes}:
-        target = np.array(COLORS[color], dtype=np.int16)
-        visible = (np.abs(frames.astype(np.int16) - target).sum(-1) < 30).sum(axis=(1, 2))
-        if visible.min() < min_pixels:
-            return False
-    return True
+# Frame sizes (width, height) of varied clips: square, landscape 4:3 and 16:9, portrait 3:4 at a 112-pixel short side.
+VARIED_SIZES = [(112, 112), (150, 112), (200, 112), (112, 150)]
+
+
+def random_varied_clip(rng: np.random.Generator) -> tuple[ClipSpec, tuple[int, int]]:
+    """A clip drawn from a wider distribution than ``random_clip``: any start position, shape sizes 0.14-0.3, speeds
+    0.1-0.55 (shapes may wrap out of the centre crop the model sees for a while), and a frame size from
+    ``VARIED_SIZES``. Returns the clip and its (width, height). Shapes start apart so none hides another at first."""
+    count = int(rng.integers(1, 4))
+    colors = rng.choice(list(COLORS), size=count, replace=False)
+    shapes = rng.choice(list(SHAPES), size=count, replace=False)
+    directions = rng.choice(list(DIRECTIONS), size=count, replace=True)
+    width, height = VARIED_SIZES[int(rng.integers(len(VARIED_SIZES)))]
+    sizes = rng.uniform(0.14, 0.3, size=count)
+    starts: list[tuple[float, float]] = []
+    for i in range(count):
+        while True:  # centres at least the two radii apart (in pixels), inside the centre crop
+            crop = min(width, height) / 2
+            x = rng.uniform(0.5 - 0.4 * crop / (width / 2), 0.5 + 0.4 * crop / (width / 2))
+            y = rng.uniform(0.5 - 0.4 * crop / (height / 2), 0.5 + 0.4 * crop / (height / 2))
+            short = min(width, height)
+            if all(np.hypot((x - sx) * width, (y - sy) * height) > (sizes[i] + sizes[j]) * short / 2 * 1.2
+                   for j, (sx, sy) in enumerate(starts)):
+                starts.append((round(float(x), 3), round(float(y), 3)))
+                break
+    return ClipSpec(tuple(
+        MovingShape(str(shapes[i]), str(colors[i]), str(directions[i]), start=starts[i],
+                    size=round(float(sizes[i]), 3), speed=round(float(rng.uniform(0.1, 0.55)), 3))
+        for i in range(count)
+    )), (width, height)
+
+
+def center_crop(frames: np.ndarray) -> np.ndarray:
+    """The centred square of ``frames`` (..., H, W, 3): the part the processor keeps (shortest edge, centre crop)."""
+    h, w = frames.shape[-3:-1]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return frames[..., top:top + side, left:left + side, :]
+
+
+def color_pixels(frames: np.ndarray, color: str, tolerance: int = 30) -> np.ndarray:
+    """Pixels of ``color`` per frame of ``frames`` (T, H, W, 3)."""
+    target = np.array(COLORS[color], dtype=np.int16)
+    return (np.abs(frames.astype(np.int16) - target).sum(-1) < tolerance).sum(axis=(1, 2))
+
+
+def all_visible(spec: ClipSpec, frames: np.ndarray, min_pixels: int = 40, min_fraction: float = 1.0) -> bool:
+    """Every shape's colour shows (at least ``min_pixels``) in at least ``min_fraction`` of the frames of the centre
+    crop the model sees; with the default 1.0, in every frame (no shape hidden behind another or off-screen)."""
+    crop = center_crop(frames)
+    return all((color_pixels(crop, s.color) >= min_pixels).mean() >= min_fraction for s in spec.shapes)
 
 
 def question_for(spec: ClipSpec, qa_type: str, rng: np.random.Generator) -> tuple[str, str]:
@@ -115,5 +158,6 @@ def make_record(record_id: str, video_path: str, spec: ClipSpec, qa_type: str, r
         "caption": spec.caption(),
         "qa_type": qa_type,
         "answer": answer,
-        "shapes": [{"shape": s.shape, "color": s.color, "direction": s.direction} for s in spec.shapes],
+        "shapes": [{"shape": s.shape, "color": s.color, "direction": s.direction, "start": list(s.start), "size": s.size,
+                    "speed": s.speed} for s in spec.shapes],
     }
