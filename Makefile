@@ -38,9 +38,14 @@ bench: install
 # frozen (training the tiny random tower erases shape information: bench/probe_features.py).
 DATA ?= data/synthetic
 MORE ?= data/synthetic-more
+VARIED ?= data/synthetic-varied
+VARIED2 ?= data/synthetic-varied2
+VARIED3 ?= data/synthetic-varied3
+LONG ?= data/synthetic-varied-long
 RUNS ?= runs/embedded
 JOB  := HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(PY) -m
 EVAL := --data $(DATA) --frames 4 --max-new-tokens 8
+EVALV := --data $(VARIED) --frames 4 --max-new-tokens 8
 SFT4 := --frames 4 --batch-size 16
 embedded-default: install
 	$(JOB) jobs.make_synthetic --output $(DATA) --train 2000 --val 200 --test 200 --seed 0 --follow-ups
@@ -61,16 +66,35 @@ embedded-default: install
 	$(JOB) jobs.sft --data $(MORE) --output $(RUNS) --name sft-2c --model $(RUNS)/sft-2b/model $(SFT4) \
 		--lr 5e-4 --max-steps 1600 --decay-from 1000 --checkpoint-every 400
 	$(JOB) jobs.eval $(EVAL) --model $(RUNS)/sft-2c/model --json-out $(RUNS)/eval-sft-2c.json
-	# SFT 3: 8-32 frames per clip, so it also answers at the frame counts serving samples
-	$(JOB) jobs.sft --data $(DATA) --output $(RUNS) --name sft-frames --model $(RUNS)/sft-2c/model $(SFT4) \
-		--frame-counts 8,16,32 --lr 5e-4 --max-steps 300 --decay-from 0 --checkpoint-every 100
-	$(JOB) jobs.eval $(EVAL) --model $(RUNS)/sft-frames/model --json-out $(RUNS)/eval-sft-frames.json
-	$(JOB) jobs.make_preferences --data $(DATA) --model $(RUNS)/sft-frames/model --output $(RUNS)/prefs --overwrite \
+	# SFT 2d, 2e and 3 on clips from a wider distribution (--varied: any start, shape sizes, speeds, frame aspect
+	# ratios), 6000 fresh clips each, so the binding also holds on clips unlike the first ones (such as the bundled one)
+	$(JOB) jobs.make_synthetic --output $(VARIED) --train 6000 --val 0 --test 200 --seed 2 --follow-ups --varied
+	$(JOB) jobs.make_synthetic --output $(VARIED2) --train 6000 --val 0 --test 0 --seed 3 --follow-ups --varied
+	$(JOB) jobs.make_synthetic --output $(VARIED3) --train 6000 --val 0 --test 0 --seed 4 --follow-ups --varied
+	$(JOB) jobs.make_synthetic --output $(LONG) --train 3000 --val 0 --test 200 --seed 5 --frames 32 --fps 8 \
+		--follow-ups --varied
+	$(JOB) jobs.sft --data $(VARIED) --output $(RUNS) --name sft-2d --model $(RUNS)/sft-2c/model $(SFT4) \
+		--lr 5e-4 --max-steps 1600 --decay-from 1000 --checkpoint-every 400
+	$(JOB) jobs.eval $(EVALV) --model $(RUNS)/sft-2d/model --json-out $(RUNS)/eval-sft-2d-varied.json
+	$(JOB) jobs.sft --data $(VARIED2) --output $(RUNS) --name sft-2e --model $(RUNS)/sft-2d/model $(SFT4) \
+		--lr 5e-4 --max-steps 1600 --decay-from 1000 --checkpoint-every 400
+	$(JOB) jobs.eval $(EVALV) --model $(RUNS)/sft-2e/model --json-out $(RUNS)/eval-sft-2e-varied.json
+	$(JOB) jobs.eval $(EVAL) --model $(RUNS)/sft-2e/model --json-out $(RUNS)/eval-sft-2e.json
+	# SFT 3: 4-32 frames per clip, so it also answers at the frame counts serving samples; 3b: the same on 4-second
+	# clips (32 frames at 8 fps), where fast shapes wrap round the frame twice as they do in the bundled clip
+	$(JOB) jobs.sft --data $(VARIED3) --output $(RUNS) --name sft-frames --model $(RUNS)/sft-2e/model $(SFT4) \
+		--frame-counts 4,8,16,32 --lr 5e-4 --max-steps 500 --decay-from 0 --checkpoint-every 100
+	$(JOB) jobs.eval $(EVALV) --model $(RUNS)/sft-frames/model --json-out $(RUNS)/eval-sft-frames-varied.json
+	$(JOB) jobs.sft --data $(LONG) --output $(RUNS) --name sft-long --model $(RUNS)/sft-frames/model $(SFT4) \
+		--frame-counts 4,8,16,32 --lr 5e-4 --max-steps 400 --decay-from 0 --checkpoint-every 100
+	$(JOB) jobs.eval $(EVALV) --model $(RUNS)/sft-long/model --json-out $(RUNS)/eval-sft-long-varied.json
+	$(JOB) jobs.make_preferences --data $(VARIED) --model $(RUNS)/sft-long/model --output $(RUNS)/prefs --overwrite \
 		--frames 4 --max-new-tokens 8 --samples 4 --limit 1000
-	$(JOB) jobs.dpo --preferences $(RUNS)/prefs --model $(RUNS)/sft-frames/model --output $(RUNS) --name dpo \
+	$(JOB) jobs.dpo --preferences $(RUNS)/prefs --model $(RUNS)/sft-long/model --output $(RUNS) --name dpo \
 		--frames 4 --beta 0.1 --lr 2e-5 --epochs 3 --batch-size 8
-	$(JOB) jobs.eval $(EVAL) --model $(RUNS)/dpo/model --json-out $(RUNS)/eval-dpo.json
-	$(JOB) jobs.eval --data $(DATA) --frames 32 --max-new-tokens 8 --model $(RUNS)/dpo/model --json-out $(RUNS)/eval-dpo-32.json
+	for data in $(DATA) $(VARIED) $(LONG); do for frames in 4 32; do \
+		$(JOB) jobs.eval --data $$data --frames $$frames --max-new-tokens 8 --model $(RUNS)/dpo/model \
+			--json-out $(RUNS)/eval-dpo-$$(basename $$data)-$$frames.json || exit 1; done; done
 	rm -rf video_llava/assets/embedded && cp -r $(RUNS)/dpo/model video_llava/assets/embedded
 
 clean:
