@@ -37,11 +37,17 @@ class ClipSpec:
         return f"The video shows {count} {noun} on a light background: {listed}."
 
 
-def random_clip(rng: np.random.Generator) -> ClipSpec:
+def _draw_kinds(rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """How many shapes (1-3), their distinct colours, distinct shape types and directions."""
     count = int(rng.integers(1, 4))
     colors = rng.choice(list(COLORS), size=count, replace=False)
     shapes = rng.choice(list(SHAPES), size=count, replace=False)
     directions = rng.choice(list(DIRECTIONS), size=count, replace=True)
+    return count, colors, shapes, directions
+
+
+def random_clip(rng: np.random.Generator) -> ClipSpec:
+    count, colors, shapes, directions = _draw_kinds(rng)
     return ClipSpec(tuple(
         MovingShape(str(shapes[i]), str(colors[i]), str(directions[i]), start=STARTS[i], size=0.22, speed=0.25)
         for i in range(count)
@@ -56,19 +62,17 @@ def random_varied_clip(rng: np.random.Generator) -> tuple[ClipSpec, tuple[int, i
     """A clip drawn from a wider distribution than ``random_clip``: any start position, shape sizes 0.14-0.3, speeds
     0.1-0.55 (shapes may wrap out of the centre crop the model sees for a while), and a frame size from
     ``VARIED_SIZES``. Returns the clip and its (width, height). Shapes start apart so none hides another at first."""
-    count = int(rng.integers(1, 4))
-    colors = rng.choice(list(COLORS), size=count, replace=False)
-    shapes = rng.choice(list(SHAPES), size=count, replace=False)
-    directions = rng.choice(list(DIRECTIONS), size=count, replace=True)
+    count, colors, shapes, directions = _draw_kinds(rng)
     width, height = VARIED_SIZES[int(rng.integers(len(VARIED_SIZES)))]
     sizes = rng.uniform(0.14, 0.3, size=count)
+    short = min(width, height)
+    crop = short / 2
+    x_range = (0.5 - 0.4 * crop / (width / 2), 0.5 + 0.4 * crop / (width / 2))  # start centres inside the centre crop
+    y_range = (0.5 - 0.4 * crop / (height / 2), 0.5 + 0.4 * crop / (height / 2))
     starts: list[tuple[float, float]] = []
     for i in range(count):
-        while True:  # centres at least the two radii apart (in pixels), inside the centre crop
-            crop = min(width, height) / 2
-            x = rng.uniform(0.5 - 0.4 * crop / (width / 2), 0.5 + 0.4 * crop / (width / 2))
-            y = rng.uniform(0.5 - 0.4 * crop / (height / 2), 0.5 + 0.4 * crop / (height / 2))
-            short = min(width, height)
+        while True:  # centres at least the two radii apart (in pixels)
+            x, y = rng.uniform(*x_range), rng.uniform(*y_range)
             if all(np.hypot((x - sx) * width, (y - sy) * height) > (sizes[i] + sizes[j]) * short / 2 * 1.2
                    for j, (sx, sy) in enumerate(starts)):
                 starts.append((round(float(x), 3), round(float(y), 3)))
