@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from video_llava.job_cli import run_job
 from video_llava.synthetic import render_frames, write_video
 from video_llava.synthetic_qa import (
     QA_TYPES,
+    VARIED_SIZES,
     all_visible,
     make_record,
     random_clip,
@@ -42,10 +43,37 @@ class SyntheticConfig(BaseModel):
     fps: float = Field(8.0, gt=0)
     size: int = Field(112, ge=32, le=672, description="clip width and height in pixels (without --varied)")
     varied: bool = Field(False, description="a wider distribution: random start positions, shape sizes 0.14-0.3 and "
-                         "speeds 0.1-0.55, frame sizes 112x112, 150x112, 200x112 and 112x150; a shape may be outside "
-                         "the centre crop the model sees for up to a quarter of the frames")
+                         "speeds 0.1-0.55, frame sizes from --frame-sizes; a shape may be outside the centre crop "
+                         "the model sees for up to a quarter of the frames")
+    frame_sizes: tuple[tuple[int, int], ...] = Field(
+        tuple(VARIED_SIZES), description="with --varied: the frame sizes (width x height) clips are drawn from, e.g. "
+        "112x112,320x240,640x360 (the processor resizes every frame, but sharp large frames look unlike upscaled small "
+        "ones, so a model meant for real videos should see both)")
     follow_ups: bool = Field(False, description="after each record's question, a colour or shape question about every "
                              "other shape, the count and the detailed caption as further conversation turns")
+
+    @field_validator("frame_sizes", mode="before")
+    @classmethod
+    def _parse_sizes(cls, value):
+        if isinstance(value, str):
+            try:
+                value = [tuple(int(n) for n in item.lower().split("x")) for item in value.split(",") if item.strip()]
+            except ValueError:
+                raise ValueError(f"frame sizes are WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {value!r}") from None
+        return value
+
+    @field_validator("frame_sizes")
+    @classmethod
+    def _sane_sizes(cls, value: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+        if not value or any(len(s) != 2 or not (32 <= min(s) and max(s) <= 1920) for s in value):
+            raise ValueError(f"frame sizes must be WIDTHxHEIGHT pairs of 32-1920 pixels, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _sizes_need_varied(self):
+        if "frame_sizes" in self.model_fields_set and not self.varied:
+            raise ValueError("--frame-sizes applies to --varied clips (fixed clips are --size x --size)")
+        return self
 
 
 def write_split(cfg: SyntheticConfig, split: str, count: int) -> int:
@@ -57,7 +85,7 @@ def write_split(cfg: SyntheticConfig, split: str, count: int) -> int:
         for i in range(count):
             while True:  # redraw clips where a shape is hidden in some frame: every answer must be visible
                 if cfg.varied:
-                    spec, (width, height) = random_varied_clip(rng)
+                    spec, (width, height) = random_varied_clip(rng, cfg.frame_sizes)
                 else:
                     spec, (width, height) = random_clip(rng), (cfg.size, cfg.size)
                 frames = render_frames(spec.shapes, num_frames=cfg.frames, fps=cfg.fps, width=width, height=height)

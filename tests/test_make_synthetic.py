@@ -100,3 +100,26 @@ def test_varied_clips_span_frame_sizes_shape_sizes_and_speeds_and_every_shape_st
         assert not any(_has_color(f, c) for f in frames for c in others), r["id"]  # no colour that is not in the answer
     assert frame_sizes == set(VARIED_SIZES)
     assert min(sizes) < 0.18 and max(sizes) > 0.26 and min(speeds) < 0.2 and max(speeds) > 0.45
+
+
+def test_varied_clips_take_their_frame_sizes_from_the_command_line(tmp_path):
+    from jobs.make_synthetic import cli
+
+    assert cli(["--output", str(tmp_path), "--train", "12", "--val", "0", "--test", "0", "--seed", "6", "--varied",
+                "--frame-sizes", "320x240,240x320"]) == 0
+    shapes = {sample_video(tmp_path / r["video"], DecodeOptions(num_frames=2)).frames.shape[1:3]
+              for r in _records(tmp_path, "train")}
+    assert shapes == {(240, 320), (320, 240)}  # (height, width): both sizes drawn, no other
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["--frame-sizes", "320x240"], "--varied"),  # fixed clips have one size; the option would be silently ignored
+    (["--varied", "--frame-sizes", "320by240"], "WIDTHxHEIGHT"),
+    (["--varied", "--frame-sizes", "8x8"], "32-1920"),
+])
+def test_bad_frame_sizes_are_refused_with_the_reason(tmp_path, capsys, argv, reason):
+    from jobs.make_synthetic import cli
+
+    assert cli(["--output", str(tmp_path), "--train", "1", *argv]) != 0
+    assert reason in capsys.readouterr().err
+    assert not (tmp_path / "train.jsonl").exists()

@@ -11,6 +11,7 @@ clip.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -58,12 +59,13 @@ def random_clip(rng: np.random.Generator) -> ClipSpec:
 VARIED_SIZES = [(112, 112), (150, 112), (200, 112), (112, 150)]
 
 
-def random_varied_clip(rng: np.random.Generator) -> tuple[ClipSpec, tuple[int, int]]:
+def random_varied_clip(rng: np.random.Generator, frame_sizes: Sequence[tuple[int, int]] = tuple(VARIED_SIZES),
+                       ) -> tuple[ClipSpec, tuple[int, int]]:
     """A clip drawn from a wider distribution than ``random_clip``: any start position, shape sizes 0.14-0.3, speeds
-    0.1-0.55 (shapes may wrap out of the centre crop the model sees for a while), and a frame size from
-    ``VARIED_SIZES``. Returns the clip and its (width, height). Shapes start apart so none hides another at first."""
+    0.1-0.55 (shapes may wrap out of the centre crop the model sees for a while), and a frame size (width, height)
+    from ``frame_sizes``. Returns the clip and its (width, height). Shapes start apart so none hides another at first."""
     count, colors, shapes, directions = _draw_kinds(rng)
-    width, height = VARIED_SIZES[int(rng.integers(len(VARIED_SIZES)))]
+    width, height = frame_sizes[int(rng.integers(len(frame_sizes)))]
     sizes = rng.uniform(0.14, 0.3, size=count)
     short = min(width, height)
     crop = short / 2
