@@ -6,8 +6,9 @@
 One greedy answer per question (Ray Data, an actor pool of model replicas), scored by the judge
 (``--judge caption`` offline, or ``--judge openai --judge-url ...``). An answer is correct when the first
 possible answer of its question type it names is the reference (so "red, not blue" counts as red); records
-without a ``qa_type`` are correct when every word of the reference appears. Prints a table and, last, one
-JSON line of the figures.
+without a ``qa_type`` are correct when every word of the reference appears. ``--binding`` asks, for every clip
+of two or more shapes, each shape's colour and each colour's shape. Prints a table and, last, one JSON line of the
+figures.
 """
 
 from __future__ import annotations
@@ -26,9 +27,16 @@ from video_llava.job_cli import run_job
 from video_llava.train_run import absolute_paths
 
 
+class NothingToAsk(ValueError):
+    """The split has no question of the kind asked for."""
+
+
 class EvalConfig(GenerationConfig):
     split: str = "test"
     json_out: Path | None = Field(None, description="also write the figures (and every answer) to this JSON file")
+    binding: bool = Field(False, description="instead of each record's question, ask the colour of every shape and the "
+                          "shape of every colour of clips with two or more shapes (make_synthetic records): whether the "
+                          "model ties colours to the right shapes; adds the fraction of clips with every answer right")
 
 
 def is_correct(answer: str, reference: str, qa_type: str) -> bool:
@@ -62,6 +70,20 @@ def score(rows: list[dict]) -> dict:
     return figures
 
 
+def clips_all_right(rows: list[dict]) -> dict:
+    """Of the clips ``--binding`` asked about (row ids ``<record id>/<question>``), how many got every answer right."""
+    clips: dict[str, bool] = {}
+    failed: set[str] = set()
+    for r in rows:
+        clip = r["id"].rsplit("/", 1)[0]
+        if r["error"]:
+            failed.add(clip)
+        right = not r["error"] and is_correct(r["candidates"][0], r["reference"], r["qa_type"])
+        clips[clip] = clips.get(clip, True) and right
+    return {"n": len(clips), "errors": len(failed), "accuracy": round(sum(clips.values()) / len(clips), 4),
+            "mean_reward": None}
+
+
 def main(cfg: EvalConfig) -> dict:
     import ray
 
@@ -71,8 +93,14 @@ def main(cfg: EvalConfig) -> dict:
     cfg = absolute_paths(cfg)  # actors may run in other directories (or on other nodes)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.num_cpus if not os.environ.get("RAY_ADDRESS") else None)
-    rows = sorted(build_pipeline(cfg, records, samples=1, temperature=0.0).take_all(), key=lambda r: r["id"])
+    rows = sorted(build_pipeline(cfg, records, samples=1, temperature=0.0, binding=cfg.binding).take_all(),
+                  key=lambda r: r["id"])
+    if not rows:
+        raise NothingToAsk(f"no questions to ask in {records}" + (" (--binding needs make_synthetic records with two or "
+                                                                "more shapes)" if cfg.binding else ""))
     figures = score(rows)
+    if cfg.binding:
+        figures["clips_all_right"] = clips_all_right(rows)
     result = {"model": cfg.model, "split": cfg.split, "judge": cfg.judge, "frames": cfg.frames, **figures}
     print(f"{'type':<10} {'n':>5} {'accuracy':>9} {'reward':>7}")
     for name, f in figures.items():
@@ -87,7 +115,7 @@ def main(cfg: EvalConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(EvalConfig, main, "python -m jobs.eval", __doc__, argv, expected=(FileNotFoundError,))
+    return run_job(EvalConfig, main, "python -m jobs.eval", __doc__, argv, expected=(FileNotFoundError, NothingToAsk))
 
 
 if __name__ == "__main__":

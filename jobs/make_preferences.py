@@ -64,16 +64,25 @@ def read_preferences(output: Path) -> list[dict]:
 
 
 def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temperature: float, top_p: float = 1.0,
-                   min_margin: int = 1):
-    """records -> sampled answers -> (judged rows). Shared with ``jobs.eval`` (one greedy answer per question)."""
+                   min_margin: int = 1, binding: bool = False):
+    """records -> sampled answers -> (judged rows). Shared with ``jobs.eval`` (one greedy answer per question;
+    ``binding``: the questions of ``feedback.binding_rows`` instead of each record's first)."""
     import ray
 
-    from video_llava.feedback import AnswerSampler, JudgeStep, flatten_record
+    from video_llava.feedback import (
+        AnswerSampler,
+        JudgeStep,
+        binding_rows,
+        flatten_record,
+    )
 
     ds = ray.data.read_json(str(records_path))
     if cfg.limit:
         ds = ds.limit(cfg.limit)
-    ds = ds.map(flatten_record, fn_kwargs={"root": cfg.data.resolve()}, num_cpus=0.25)
+    if binding:
+        ds = ds.flat_map(binding_rows, fn_kwargs={"root": cfg.data.resolve()}, num_cpus=0.25)
+    else:
+        ds = ds.map(flatten_record, fn_kwargs={"root": cfg.data.resolve()}, num_cpus=0.25)
     settings = {"model": cfg.model, "num_frames": cfg.frames, "max_frames": 56, "max_new_tokens": cfg.max_new_tokens}
     ds = ds.map_batches(
         AnswerSampler,

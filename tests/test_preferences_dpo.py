@@ -110,6 +110,36 @@ def test_eval_reports_accuracy_and_judge_reward_per_question_type(data, tmp_path
     assert len(answers) == 8 and all(len(a["candidates"]) == 1 for a in answers)
 
 
+def test_eval_binding_asks_every_shapes_colour_and_every_colours_shape_of_multi_shape_clips(data, tmp_path,
+                                                                                            embedded_cache):
+    records = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    multi = [r for r in records if len(r["shapes"]) >= 2]
+    assert multi and len(multi) < len(records)  # the split has both kinds, so the filter is exercised
+    out = tmp_path / "binding.json"
+    result = run_job("jobs.eval", "--data", str(data), "--frames", "4", "--max-new-tokens", "4", "--binding",
+                     "--json-out", str(out), cache=embedded_cache)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    shapes = sum(len(r["shapes"]) for r in multi)
+    assert figures["color"]["n"] == figures["shape"]["n"] == shapes
+    assert figures["clips_all_right"]["n"] == len(multi)
+    asked = {(a["question"], a["reference"]) for a in json.loads(out.read_text())["answers"]}
+    for s in (s for r in multi for s in r["shapes"]):
+        assert (f"What color is the {s['shape']}?", s["color"]) in asked
+        assert (f"What shape is the {s['color']} object?", s["shape"]) in asked
+
+
+def test_eval_binding_on_a_split_without_multi_shape_clips_says_so(data, tmp_path, embedded_cache):
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "videos").symlink_to(data / "videos")
+    lines = [line for line in (data / "test.jsonl").read_text().splitlines() if len(json.loads(line)["shapes"]) == 1]
+    (single / "test.jsonl").write_text("\n".join(lines) + "\n")
+    result = run_job("jobs.eval", "--data", str(single), "--frames", "4", "--binding", cache=embedded_cache)
+    assert result.returncode != 0
+    assert "two or more shapes" in result.stderr
+
+
 def test_is_correct_takes_the_first_answer_the_text_names():
     from jobs.eval import is_correct
 

@@ -41,6 +41,28 @@ def flatten_record(record: dict[str, Any], root: Path) -> dict[str, Any]:
     }
 
 
+def binding_rows(record: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+    """Rows that test colour-to-shape binding on a synthetic record (one with a ``shapes`` list) of two or more
+    shapes: the colour of every shape and the shape of every colour, each asked on its own. Fewer than two shapes
+    (or no ``shapes``, as in non-synthetic data) gives no rows: one shape's colour needs no binding."""
+    from video_llava.synthetic import MovingShape
+    from video_llava.synthetic_qa import ClipSpec, question_about
+
+    described = record.get("shapes") or []
+    if len(described) < 2:
+        return []
+    spec = ClipSpec(tuple(MovingShape(s["shape"], s["color"], s["direction"]) for s in described))
+    base = flatten_record(record, root)
+    rows = []
+    for target in spec.shapes:
+        for qa_type in ("color", "shape"):
+            question, answer = question_about(spec, target, qa_type)
+            key = target.shape if qa_type == "color" else target.color
+            rows.append({**base, "id": f"{base['id']}/{qa_type}-{key}", "question": question, "reference": answer,
+                         "qa_type": qa_type})
+    return rows
+
+
 def _read_s3(uri: str) -> bytes:
     """An ``s3://bucket/key`` object's bytes (credentials and ``AWS_ENDPOINT_URL`` the usual boto3 way)."""
     from urllib.parse import urlsplit
