@@ -57,9 +57,6 @@ def test_the_shipped_default_answers_the_colour_of_a_single_shape(shipped, color
     assert _answer(shipped, frames, f"What color is the {shape}?") == color
 
 
-@pytest.mark.xfail(strict=True, reason="the tiny default does not bind colours to shapes reliably: colour 0.78 at 32 "
-                   "frames on held-out clips from the varied distribution the bundled clip belongs to, and on the bundled "
-                   "clip it answers 'red' for both shapes (README: 'The shipped embedded default'); strict: passes -> fails")
 def test_the_shipped_default_answers_colour_questions_about_each_shape_of_the_bundled_clip(shipped):
     from video_llava.video import DecodeOptions, sample_video
 
