@@ -56,10 +56,10 @@ def random_clip(rng: np.random.Generator) -> ClipSpec:
 
 
 # Frame sizes (width, height) of varied clips: square, landscape 4:3 and 16:9, portrait 3:4 at a 112-pixel short side.
-VARIED_SIZES = [(112, 112), (150, 112), (200, 112), (112, 150)]
+VARIED_SIZES = ((112, 112), (150, 112), (200, 112), (112, 150))
 
 
-def random_varied_clip(rng: np.random.Generator, frame_sizes: Sequence[tuple[int, int]] = tuple(VARIED_SIZES),
+def random_varied_clip(rng: np.random.Generator, frame_sizes: Sequence[tuple[int, int]] = VARIED_SIZES,
                        ) -> tuple[ClipSpec, tuple[int, int]]:
     """A clip drawn from a wider distribution than ``random_clip``: any start position, shape sizes 0.14-0.3, speeds
     0.1-0.55 (shapes may wrap out of the centre crop the model sees for a while), and a frame size (width, height)
