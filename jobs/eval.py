@@ -7,7 +7,8 @@ One greedy answer per question (Ray Data, an actor pool of model replicas), scor
 (``--judge caption`` offline, or ``--judge openai --judge-url ...``). An answer is correct when the first
 possible answer of its question type it names is the reference (so "red, not blue" counts as red); records
 without a ``qa_type`` are correct when every word of the reference appears. ``--binding`` asks, for every clip
-of two or more shapes, each shape's colour and each colour's shape. Prints a table and, last, one JSON line of the
+of two or more shapes, each shape's colour and each colour's shape, and breaks the figures down by the clip's
+shape types (``by_shapes``: a model that cannot tell circles from squares fails only their clips). Prints a table and, last, one JSON line of the
 figures.
 """
 
@@ -84,6 +85,15 @@ def clips_all_right(rows: list[dict]) -> dict:
             "mean_reward": None}
 
 
+def binding_by_shapes(rows: list[dict]) -> dict[str, dict]:
+    """``--binding`` figures (colour, shape, clips_all_right) per clip shape set, e.g. ``circle+square``."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r["clip_shapes"]].append(r)
+    return {shapes: {**{k: v for k, v in score(group).items() if k != "all"}, "clips_all_right": clips_all_right(group)}
+            for shapes, group in sorted(groups.items())}
+
+
 def main(cfg: EvalConfig) -> dict:
     import ray
 
@@ -99,12 +109,18 @@ def main(cfg: EvalConfig) -> dict:
         raise NothingToAsk(f"no questions to ask in {records}" + (" (--binding needs make_synthetic records with two or "
                                                                 "more shapes)" if cfg.binding else ""))
     figures = score(rows)
+    by_shapes = {}
     if cfg.binding:
         figures["clips_all_right"] = clips_all_right(rows)
+        by_shapes = binding_by_shapes(rows)
     result = {"model": cfg.model, "split": cfg.split, "judge": cfg.judge, "frames": cfg.frames, **figures}
+    if by_shapes:
+        result["by_shapes"] = by_shapes
     print(f"{'type':<10} {'n':>5} {'accuracy':>9} {'reward':>7}")
     for name, f in figures.items():
         print(f"{name:<10} {f['n']:>5} {f['accuracy']:>9} {f['mean_reward'] if f['mean_reward'] is not None else '-':>7}")
+    for shapes, group in by_shapes.items():
+        print(f"{shapes}: " + ", ".join(f"{name} {f['accuracy']} (n={f['n']})" for name, f in group.items()))
     if cfg.json_out:
         answers = [{k: r[k] for k in ("id", "question", "reference", "qa_type", "candidates", "scores", "reasons", "error")}
                    for r in rows]

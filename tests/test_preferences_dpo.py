@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,10 @@ def test_eval_binding_asks_every_shapes_colour_and_every_colours_shape_of_multi_
     shapes = sum(len(r["shapes"]) for r in multi)
     assert figures["color"]["n"] == figures["shape"]["n"] == shapes
     assert figures["clips_all_right"]["n"] == len(multi)
+    # broken down by the clip's shape types: every multi-shape clip counted once, under its own shape set
+    sets = Counter("+".join(sorted(s["shape"] for s in r["shapes"])) for r in multi)
+    assert {k: v["clips_all_right"]["n"] for k, v in figures["by_shapes"].items()} == dict(sets)
+    assert sum(v["color"]["n"] for v in figures["by_shapes"].values()) == shapes
     asked = {(a["question"], a["reference"]) for a in json.loads(out.read_text())["answers"]}
     for s in (s for r in multi for s in r["shapes"]):
         assert (f"What color is the {s['shape']}?", s["color"]) in asked

@@ -43,8 +43,9 @@ def flatten_record(record: dict[str, Any], root: Path) -> dict[str, Any]:
 
 def binding_rows(record: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     """Rows that test colour-to-shape binding on a synthetic record (one with a ``shapes`` list) of two or more
-    shapes: the colour of every shape and the shape of every colour, each asked on its own. Fewer than two shapes
-    (or no ``shapes``, as in non-synthetic data) gives no rows: one shape's colour needs no binding."""
+    shapes: the colour of every shape and the shape of every colour, each asked on its own, with the clip's shape
+    types in ``clip_shapes`` (e.g. ``circle+square``). Fewer than two shapes (or no ``shapes``, as in non-synthetic
+    data) gives no rows: one shape's colour needs no binding."""
     from video_llava.synthetic import MovingShape
     from video_llava.synthetic_qa import ClipSpec, question_about
 
@@ -52,7 +53,7 @@ def binding_rows(record: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     if len(described) < 2:
         return []
     spec = ClipSpec(tuple(MovingShape(s["shape"], s["color"], s["direction"]) for s in described))
-    base = flatten_record(record, root)
+    base = {**flatten_record(record, root), "clip_shapes": "+".join(sorted(s.shape for s in spec.shapes))}
     rows = []
     for target in spec.shapes:
         for qa_type in ("color", "shape"):
