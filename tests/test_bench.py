@@ -95,3 +95,5 @@ def test_feature_probe_reports_shape_and_colour_accuracy_per_checkpoint(embedded
     for row in figures["probe"]:
         assert row["objects"] >= 60 and 0 <= row["shape_accuracy"] <= 1
         assert row["colour_accuracy"] > 0.8  # a shape's colour is what its tokens show most plainly: far above 0.17
+        # on these clips (fixed-size shapes, fully in view) the tokens around a shape tell a circle from a square
+        assert 0 <= row["circle_vs_square"] <= 1 and row["circle_vs_square_window"] > 0.8
