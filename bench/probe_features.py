@@ -140,10 +140,16 @@ def probe_accuracy(features, labels, classes: int, seed: int) -> float:
 
 
 def frame_size(text: str) -> tuple[int, int]:
-    width, _, height = text.lower().partition("x")
-    if not (width.isdigit() and height.isdigit()) or not (32 <= int(width) <= 1920 and 32 <= int(height) <= 1920):
-        raise argparse.ArgumentTypeError(f"expected WxH with sides of 32-1920 pixels, got {text!r}")
-    return int(width), int(height)
+    """One WxH of 32-1920 pixels a side, checked as ``make_synthetic --frame-sizes`` checks its list."""
+    from video_llava.synthetic_qa import check_frame_sizes, parse_frame_sizes
+
+    try:
+        sizes = check_frame_sizes(parse_frame_sizes(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if len(sizes) != 1:
+        raise argparse.ArgumentTypeError(f"expected one WxH, got {text!r}")
+    return sizes[0]
 
 
 def main() -> None:

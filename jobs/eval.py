@@ -8,8 +8,8 @@ One greedy answer per question (Ray Data, an actor pool of model replicas), scor
 possible answer of its question type it names is the reference (so "red, not blue" counts as red); records
 without a ``qa_type`` are correct when every word of the reference appears. ``--binding`` asks, for every clip
 of two or more shapes, each shape's colour and each colour's shape, and breaks the figures down by the clip's
-shape types (``by_shapes``: a model that cannot tell circles from squares fails only their clips). Prints a table and, last, one JSON line of the
-figures.
+shape types (``by_shapes``: a model that cannot tell circles from squares fails only their clips). Prints a table
+and, last, one JSON line of the figures.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ from video_llava.synthetic_qa import (
     QA_TYPES,
     VARIED_SIZES,
     all_visible,
+    check_frame_sizes,
     make_record,
+    parse_frame_sizes,
     random_clip,
     random_varied_clip,
 )
@@ -55,19 +57,12 @@ class SyntheticConfig(BaseModel):
     @field_validator("frame_sizes", mode="before")
     @classmethod
     def _parse_sizes(cls, value):
-        if isinstance(value, str):
-            try:
-                value = [tuple(int(n) for n in item.lower().split("x")) for item in value.split(",") if item.strip()]
-            except ValueError:
-                raise ValueError(f"frame sizes are WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {value!r}") from None
-        return value
+        return parse_frame_sizes(value) if isinstance(value, str) else value
 
     @field_validator("frame_sizes")
     @classmethod
     def _sane_sizes(cls, value: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
-        if not value or any(not (32 <= min(s) and max(s) <= 1920) for s in value):  # pydantic checks the pairs
-            raise ValueError(f"frame sizes must be WIDTHxHEIGHT pairs of 32-1920 pixels, got {value}")
-        return value
+        return check_frame_sizes(value)
 
     @model_validator(mode="after")
     def _sizes_need_varied(self):

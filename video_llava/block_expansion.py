@@ -15,7 +15,6 @@ from pathlib import Path
 def expand_llm(source: str | Path, dest: str | Path, layers: int, seed: int = 0) -> dict[str, int]:
     """Write ``source`` with its LLM grown to ``layers`` decoder blocks (new ones on top) to ``dest``, with the
     processor and tokenizer. Returns the old and new block counts; refuses to shrink or keep the depth."""
-
     import torch
     from transformers import (
         LlavaNextVideoForConditionalGeneration,

@@ -59,6 +59,21 @@ def random_clip(rng: np.random.Generator) -> ClipSpec:
 VARIED_SIZES = ((112, 112), (150, 112), (200, 112), (112, 150))
 
 
+def parse_frame_sizes(text: str) -> tuple[tuple[int, ...], ...]:
+    """``"320x240,640x360"`` -> ``((320, 240), (640, 360))``; ``ValueError`` when an item is not numbers joined by x."""
+    try:
+        return tuple(tuple(int(n) for n in item.lower().split("x")) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise ValueError(f"frame sizes are WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}") from None
+
+
+def check_frame_sizes(sizes: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    """``sizes`` if there is one or more and each is a (width, height) pair of 32-1920 pixels, else ``ValueError``."""
+    if not sizes or any(len(s) != 2 or not (32 <= min(s) and max(s) <= 1920) for s in sizes):
+        raise ValueError(f"frame sizes must be WIDTHxHEIGHT pairs of 32-1920 pixels, got {sizes}")
+    return tuple((int(w), int(h)) for w, h in sizes)
+
+
 def random_varied_clip(rng: np.random.Generator, frame_sizes: Sequence[tuple[int, int]] = VARIED_SIZES,
                        ) -> tuple[ClipSpec, tuple[int, int]]:
     """A clip drawn from a wider distribution than ``random_clip``: any start position, shape sizes 0.14-0.3, speeds
