@@ -1,7 +1,8 @@
 """Synthetic clips of moving coloured shapes, written as real video files with PyAV.
 
-Used for the bundled sample video, test fixtures, benchmarks and (later) the synthetic training set.
-Everything is deterministic: the same arguments give the same pixels.
+Used for the bundled sample video, test fixtures, benchmarks and the synthetic training set.
+Everything is deterministic: the same arguments give the same pixels and, for a given PyAV build, the same file
+bytes, in one process or many (see ``write_video``).
 """
 
 from __future__ import annotations
@@ -106,18 +107,24 @@ def write_video(
     ``rotation`` stores display-rotation metadata (degrees counter-clockwise) as phones do.
     ``frame_times`` (seconds, increasing) gives a variable frame rate; otherwise frames are 1/fps apart.
     ``gop``: keyframe interval in frames (encoder default when ``None``; phones use about one second).
+
+    Byte-identical output: muxers run ``bitexact`` (no random Matroska segment UID or date, no library version
+    string), and libx264 runs without its assembly (``asm=0``). x264's SIMD lookahead reads memory it never wrote,
+    so with PyAV 18 two encodes of the same frames in one process gave different bytes (a fresh process happened
+    to see the same garbage, so separate runs agreed); the C path is the reference those kernels must match, at
+    about 2.4x the encode time of these small clips.
     """
     import av
 
     container_fmt, codec, pix_fmt = FORMATS[fmt]
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(dest, mode="w", format=container_fmt) as container:
+    with av.open(dest, mode="w", format=container_fmt, options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width = frames.shape[2]
         stream.height = frames.shape[1]
         stream.pix_fmt = pix_fmt
         if codec == "libx264":
-            stream.options = {"preset": "veryfast", "crf": "28"}
+            stream.options = {"preset": "veryfast", "crf": "28", "x264-params": "asm=0"}
         if codec == "libx265":
             stream.options = {"preset": "ultrafast", "x265-params": "log-level=error"}
         if codec == "libsvtav1":
