@@ -1,6 +1,6 @@
 """Batch captioning: the Ray Data pipeline vs a plain sequential loop over the same bucket, in one run.
 
-    python bench/caption.py [--videos 24] [--decode-workers 1 2] [--json]
+    python -m bench.caption [--videos 24] [--decode-workers 1 2] [--json]
 
 A moto S3 server on 127.0.0.1 holds the videos (distinct clips, 320x240, 3 s). The sequential loop reads,
 decodes (decord, in process) and captions one video at a time with the same model and settings. The pipeline
@@ -13,26 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import describe_machine  # noqa: E402
-from video_llava.synthetic import COLORS, DIRECTIONS, SHAPES, MovingShape, render_frames, video_bytes  # noqa: E402
+from bench.machine import describe_machine
+from video_llava.data.synthetic_video import COLORS, DIRECTIONS, SHAPES, MovingShape, render_frames, video_bytes
+from video_llava.ray_runtime import free_port, start_local_ray
 
 FRAMES = 16
 NEW_TOKENS = 16
 PROMPT = "Describe the video in detail."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fill_bucket(client, n: int) -> None:
@@ -45,9 +34,9 @@ def fill_bucket(client, n: int) -> None:
 
 
 def sequential(client, endpoint: str) -> float:
-    from video_llava.model import VideoQAModel
-    from video_llava.settings import ModelSettings
-    from video_llava.video import DecodeOptions, sample_video
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
+    from video_llava.video.decode import DecodeOptions, sample_video
 
     start = time.perf_counter()
     model = VideoQAModel(ModelSettings(num_frames=FRAMES, max_new_tokens=NEW_TOKENS))
@@ -64,8 +53,7 @@ def pipeline(endpoint: str, decode_workers: int, n: int) -> float:
 
     from jobs.caption import CaptionConfig, main
 
-    ray.init(num_cpus=decode_workers + 1, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    start_local_ray(num_cpus=decode_workers + 1)
     try:
         cfg = CaptionConfig(input="s3://bench/videos/", output=f"s3://bench/out-{decode_workers}-{time.time_ns()}/",
                             endpoint_url=endpoint, frames=FRAMES, max_new_tokens=NEW_TOKENS, batch_size=4,
@@ -92,7 +80,7 @@ def main_bench() -> None:
 
     machine = describe_machine(("ray", "torch", "decord"))
     print(f"machine: {machine['cpu']} x{machine['cpus']}; {args.videos} videos, {FRAMES} frames, {NEW_TOKENS} new tokens")
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

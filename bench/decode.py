@@ -1,8 +1,8 @@
 """decord vs PyAV: time to sample 16/32/56 frames from the same videos, measured side by side in one run.
 
-    python bench/decode.py            # table
-    python bench/decode.py --json     # table, then one JSON object of the figures as the last line
-    python bench/decode.py --quick    # small videos only (smoke run)
+    python -m bench.decode            # table
+    python -m bench.decode --json     # table, then one JSON object of the figures as the last line
+    python -m bench.decode --quick    # small videos only (smoke run)
 
 For each video (short and long, several resolutions) and frame count, both backends decode the same file in
 alternation, ``--repeat`` times; the median is kept. ``pyav/decord`` > 1 means decord is faster.
@@ -11,20 +11,17 @@ alternation, ``--repeat`` times; the median is kept. ``pyav/decord`` > 1 means d
 from __future__ import annotations
 
 import argparse
-
-import numpy as np
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-from bench.machine import describe_machine  # noqa: E402
-from video_llava.synthetic import MovingShape, render_frames, write_video  # noqa: E402
-from video_llava.video import DecodeOptions, sample_video  # noqa: E402
+from bench.machine import describe_machine
+from video_llava.data.synthetic_video import MovingShape, render_frames, write_video
+from video_llava.video.decode import DecodeOptions, sample_video
 
 SHAPES = [MovingShape("circle", "red", "right", start=(0.2, 0.4)), MovingShape("square", "blue", "down", start=(0.7, 0.2))]
 

@@ -1,9 +1,9 @@
 """The GPU path of LLaVA-NeXT-Video-7B's shape, random weights: vision ms/frame, prefill and decode tokens/s,
 and videos/s with Serve-style batching vs one request at a time, at 16/32/56 frames.
 
-    python bench/gpu.py                    # 7B shape on the GPU (bf16; flash-attn 2 when installed, else sdpa)
-    python bench/gpu.py --shape tiny       # the embedded default's shape: a CPU smoke run
-    python bench/gpu.py --json             # ... then one JSON object of the figures as the last line
+    python -m bench.gpu                    # 7B shape on the GPU (bf16; flash-attn 2 when installed, else sdpa)
+    python -m bench.gpu --shape tiny       # the embedded default's shape: a CPU smoke run
+    python -m bench.gpu --json             # ... then one JSON object of the figures as the last line
 
 For each frame count: the vision tower (CLIP + stride-2 pooling + projector) on one video; a prefill of one
 prompt (frames x 144 visual tokens + text); decoding ``--new-tokens`` tokens (forced, the weights are random);
@@ -18,12 +18,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import describe_machine  # noqa: E402
-from bench.shapes import PER_FRAME, SHAPES, build_model, pick_runtime, prompt_ids, video_batch, video_features  # noqa: E402
+from bench.machine import describe_machine
+from bench.shapes import PER_FRAME, SHAPES, build_model, pick_runtime, prompt_ids, video_batch, video_features
 
 TEXT_TOKENS = 40  # system prompt + question around the video
 

@@ -1,7 +1,7 @@
 """The service's own model path on a GPU: ``VideoQAModel`` loading a 7B-shaped checkpoint (random weights) from disk
 with ``dtype``/``attn_implementation`` on ``auto``, answering a batch of videos vs one at a time.
 
-    python bench/gpu_service.py [--shape 7b|tiny] [--frames 32] [--batch 8] [--json]
+    python -m bench.gpu_service [--shape 7b|tiny] [--frames 32] [--batch 8] [--json]
 
 Where bench/gpu.py times the transformers model directly, this goes through what Serve replicas run:
 ``resolve_config`` (RoPE factor), dtype and attention selection, the vision-feature cache (off here: every
@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import describe_machine  # noqa: E402
-from bench.shapes import SHAPES, build_model, pick_runtime  # noqa: E402
+from bench.machine import describe_machine
+from bench.shapes import SHAPES, build_model, pick_runtime
 
 
 def write_checkpoint(shape: str, max_frames: int, dest: Path) -> Path:
     """A ``save_pretrained`` checkpoint of ``shape`` with the embedded default's processor (its tokenizer ids fit)."""
     from transformers import LlavaNextVideoProcessor
 
-    from video_llava.embedded import embedded_path
+    from video_llava.model.embedded import embedded_path
 
     device, dtype, attn = pick_runtime()
     processor = LlavaNextVideoProcessor.from_pretrained(embedded_path(packaged=False))
@@ -48,8 +45,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from video_llava.model import VideoQAModel
-    from video_llava.settings import ModelSettings
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")

@@ -1,9 +1,9 @@
 """Shape and colour information in a checkpoint's video tokens: linear probes, checkpoints side by side.
 
-    python bench/probe_features.py                                  # embedded-init vs the shipped default
-    python bench/probe_features.py --models embedded-init runs/embedded/sft/model --clips 300
-    python bench/probe_features.py --frame-size 320x240             # varied clips at the bundled clip's size
-    python bench/probe_features.py --json                           # ... then one JSON object as the last line
+    python -m bench.probe_features                                  # embedded-init vs the shipped default
+    python -m bench.probe_features --models embedded-init runs/embedded/sft/model --clips 300
+    python -m bench.probe_features --frame-size 320x240             # varied clips at the bundled clip's size
+    python -m bench.probe_features --json                           # ... then one JSON object as the last line
 
 Not a speed benchmark: it measures what a training recipe does to the vision features the LLM reads. For each
 synthetic clip (1-3 moving shapes, the training set's geometry, rendered without compression) and each shape in
@@ -22,13 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import describe_machine
 
 FRAMES = 4
 SIZE = 112  # jobs.make_synthetic's default clip size
@@ -39,8 +35,8 @@ def clips(count: int, seed: int, frame_size: tuple[int, int] | None = None):
     ``make_synthetic --varied`` clips at ``frame_size`` (width, height)."""
     import numpy as np
 
-    from video_llava.synthetic import render_frames
-    from video_llava.synthetic_qa import random_clip, random_varied_clip
+    from video_llava.data.synthetic_qa import random_clip, random_varied_clip
+    from video_llava.data.synthetic_video import render_frames
 
     rng = np.random.default_rng(seed)
     for _ in range(count):
@@ -78,8 +74,8 @@ def object_features(source: str, samples) -> tuple:
         LlavaNextVideoProcessor,
     )
 
-    from video_llava.synthetic import COLORS, SHAPES
-    from video_llava.synthetic_qa import center_crop
+    from video_llava.data.synthetic_qa import center_crop
+    from video_llava.data.synthetic_video import COLORS, SHAPES
 
     model = LlavaNextVideoForConditionalGeneration.from_pretrained(source).eval()
     processor = LlavaNextVideoProcessor.from_pretrained(source)
@@ -112,7 +108,7 @@ def circle_vs_square(features, shapes, windows, seed: int) -> tuple[float, float
     """Probe accuracy of circle vs square on the averaged tokens and on the 3x3 windows (the same objects)."""
     import numpy as np
 
-    from video_llava.synthetic import SHAPES
+    from video_llava.data.synthetic_video import SHAPES
 
     keep = [i for i, s in enumerate(shapes) if SHAPES[s] in ("circle", "square") and windows[i] is not None]
     labels = np.array([int(SHAPES[shapes[i]] == "square") for i in keep])
@@ -141,7 +137,7 @@ def probe_accuracy(features, labels, classes: int, seed: int) -> float:
 
 def frame_size(text: str) -> tuple[int, int]:
     """One WxH of 32-1920 pixels a side, checked as ``make_synthetic --frame-sizes`` checks its list."""
-    from video_llava.synthetic_qa import check_frame_sizes, parse_frame_sizes
+    from video_llava.data.synthetic_qa import check_frame_sizes, parse_frame_sizes
 
     try:
         sizes = check_frame_sizes(parse_frame_sizes(text))
@@ -163,9 +159,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from video_llava.model import resolve_source
-    from video_llava.settings import ModelSettings
-    from video_llava.synthetic import COLORS, SHAPES
+    from video_llava.data.synthetic_video import COLORS, SHAPES
+    from video_llava.model.loading import resolve_source
+    from video_llava.model.settings import ModelSettings
 
     samples = list(clips(args.clips, args.seed, args.frame_size))
     rows = []

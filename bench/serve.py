@@ -1,6 +1,6 @@
 """The REST service under load: batching on vs off, and a repeat question with vs without the caches.
 
-    python bench/serve.py [--json] [--quick]
+    python -m bench.serve [--json] [--quick]
 
 Everything runs in one process tree on this machine, side by side in one run: Ray (2 CPUs), Serve on
 127.0.0.1, the embedded default model. For each configuration the app is deployed, measured at concurrency
@@ -14,26 +14,15 @@ import argparse
 import concurrent.futures
 import json
 import os
-import socket
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import describe_machine  # noqa: E402
-from video_llava.synthetic import COLORS, DIRECTIONS, SHAPES, MovingShape, render_frames, video_bytes  # noqa: E402
+from bench.machine import describe_machine
+from video_llava.data.synthetic_video import COLORS, DIRECTIONS, SHAPES, MovingShape, render_frames, video_bytes
+from video_llava.ray_runtime import free_port, start_local_ray
 
 FRAMES = 16
 NEW_TOKENS = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_clips(n: int) -> list[bytes]:
@@ -110,8 +99,8 @@ def main() -> None:
     print(f"machine: {machine['cpu']} x{machine['cpus']}; ray {machine['ray']}, torch {machine['torch']}")
     levels = [1, 8] if args.quick else [1, 8, 32]
     clips = make_clips(64)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    port = _free_port()
+    start_local_ray(num_cpus=2)
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/v1/video/qa"
     figures: dict = {"bench": "serve", "machine": machine, "frames": FRAMES, "max_new_tokens": NEW_TOKENS}

@@ -8,12 +8,8 @@ fixed length (``min_new_tokens``).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from video_llava.budget import BASE_CONTEXT, rope_factor_for_frames, tokens_per_frame  # noqa: E402
+from video_llava.model.budget import BASE_CONTEXT, rope_factor_for_frames, tokens_per_frame
+from video_llava.model.loading import resolve_runtime
 
 SHAPES = {
     "7b": dict(vocab=32064, hidden=4096, layers=32, heads=32, kv_heads=32, mlp=11008,
@@ -26,16 +22,9 @@ PER_FRAME = tokens_per_frame(336, 14, 2)
 
 
 def pick_runtime(device: str | None = None):
-    """(device, dtype, attention) the way the service picks them: bf16 + flash-attn 2 on a GPU when installed."""
-    import importlib.util
-
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
-        return device, torch.bfloat16, attn
-    return device, torch.float32, "sdpa"
+    """(device, dtype, attention) the way the service picks them (``model.loading.resolve_runtime``)."""
+    runtime = resolve_runtime(device or "auto")
+    return runtime.device, runtime.dtype, runtime.attn_implementation
 
 
 def build_model(shape: str, max_frames: int, device: str, dtype, attn: str):

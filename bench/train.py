@@ -1,10 +1,10 @@
 """Training throughput: SFT and DPO samples/s and peak memory, for the embedded shape on CPU and the 7B shape on a GPU.
 
-    python bench/train.py                    # tiny shape (the embedded default's), CPU, full fine-tuning
-    python bench/train.py --shape 7b         # 7B shape, random weights, bf16, LoRA r=16 + gradient checkpointing
-    python bench/train.py --json             # ... then one JSON object of the figures as the last line
+    python -m bench.train                    # tiny shape (the embedded default's), CPU, full fine-tuning
+    python -m bench.train --shape 7b         # 7B shape, random weights, bf16, LoRA r=16 + gradient checkpointing
+    python -m bench.train --json             # ... then one JSON object of the figures as the last line
 
-Both steps are the jobs' own code paths (``video_llava.training``): SFT = answer-only cross-entropy, backward,
+Both steps are the jobs' own code paths (``video_llava.train.examples``): SFT = answer-only cross-entropy, backward,
 AdamW; DPO = policy log-probs of chosen and rejected answers, frozen reference log-probs (a frozen copy, or
 with LoRA the base with adapters disabled), ``dpo_loss``, backward, AdamW. Timed after one warm-up step;
 samples/s counts SFT examples and DPO pairs. The vision tower is frozen, as in the jobs.
@@ -16,15 +16,12 @@ import argparse
 import copy
 import json
 import resource
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import describe_machine  # noqa: E402
-from bench.shapes import SHAPES, build_model, pick_runtime, prompt_ids, video_batch  # noqa: E402
-from video_llava.training import IGNORE_INDEX, answer_logprobs, dpo_loss  # noqa: E402
+from bench.machine import describe_machine
+from bench.shapes import SHAPES, build_model, pick_runtime, prompt_ids, video_batch
+from video_llava.train.examples import IGNORE_INDEX
+from video_llava.train.objectives import answer_logprobs, dpo_loss
 
 ANSWER_TOKENS = 4
 
@@ -48,7 +45,7 @@ def prepare(model, lora_rank: int, checkpointing: bool):
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 
-        from video_llava.train_run import LORA_TARGETS
+        from video_llava.train.run import LORA_TARGETS
 
         model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=LORA_TARGETS))
     model.train()

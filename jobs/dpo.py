@@ -12,7 +12,7 @@ logs loss, the chosen-minus-rejected log-ratio margin and reward accuracy per st
 
 Why not TRL's ``DPOTrainer``: its collator builds image inputs only (``pixel_values_videos`` needs a collator
 subclass), it drives HF ``Trainer`` rather than our Ray Train loop, and it reloads the reference model from a
-saved config. The loss itself is three lines (``video_llava.training.dpo_loss``), so the job shares the SFT
+saved config. The loss itself is three lines (``video_llava.train.objectives.dpo_loss``), so the job shares the SFT
 job's data, checkpoint and resume code instead.
 """
 
@@ -24,7 +24,8 @@ from pathlib import Path
 from pydantic import Field
 
 from video_llava.job_cli import run_job
-from video_llava.train_run import TrainRunConfig, fit
+from video_llava.ray_runtime import ensure_ray
+from video_llava.train.run import TrainRunConfig, fit
 
 
 class DPOConfig(TrainRunConfig):
@@ -48,8 +49,9 @@ def train_loop(config: dict) -> None:
     import torch
     from transformers import LlavaNextVideoForConditionalGeneration
 
-    from video_llava.train_run import start_worker
-    from video_llava.training import ExampleMaker, answer_logprobs, collate, dpo_loss
+    from video_llava.train.examples import ExampleMaker, collate
+    from video_llava.train.objectives import answer_logprobs, dpo_loss
+    from video_llava.train.run import start_worker
 
     cfg = DPOConfig.model_validate(config)
     run = start_worker(cfg, cfg.model, cfg.lr, freeze_projector=not cfg.train_projector)
@@ -101,10 +103,7 @@ def read_pairs(preferences: Path):
 
 
 def main(cfg: DPOConfig):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     pairs = read_pairs(cfg.preferences)
     print(f"dpo: {pairs.count()} pairs, beta {cfg.beta}, lr {cfg.lr}, {cfg.epochs} epochs from {cfg.model}", flush=True)
     result, final = fit(train_loop, cfg, datasets={"train": pairs})

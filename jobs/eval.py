@@ -15,17 +15,15 @@ and, last, one JSON line of the figures.
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 from pydantic import Field
 
-from jobs.make_preferences import GenerationConfig, build_pipeline
-from video_llava.job_cli import run_job
-from video_llava.train_run import absolute_paths
+from video_llava.feedback.pipeline import GenerationConfig, build_pipeline
+from video_llava.feedback.scoring import binding_by_shapes, clips_all_right, score
+from video_llava.job_cli import absolute_paths, run_job
+from video_llava.ray_runtime import ensure_ray
 
 
 class NothingToAsk(ValueError):
@@ -40,69 +38,12 @@ class EvalConfig(GenerationConfig):
                           "model ties colours to the right shapes; adds the fraction of clips with every answer right")
 
 
-def is_correct(answer: str, reference: str, qa_type: str) -> bool:
-    from video_llava.synthetic_qa import QA_TYPES, answer_choices
-
-    words = re.findall(r"[a-z0-9]+", answer.lower())
-    if qa_type in QA_TYPES:
-        choices = set(answer_choices(qa_type))
-        named = next((w for w in words if w in choices), None)
-        return named == reference.lower()
-    return all(w in words for w in re.findall(r"[a-z0-9]+", reference.lower()))
-
-
-def score(rows: list[dict]) -> dict:
-    """Accuracy and mean judge reward, overall and per question type."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        groups["all"].append(row)
-        groups[row["qa_type"] or "other"].append(row)
-    figures = {}
-    for name, group in sorted(groups.items()):
-        answered = [r for r in group if not r["error"]]
-        rewards = [r["scores"][0] for r in answered if r["scores"]]
-        figures[name] = {
-            "n": len(group),
-            "errors": len(group) - len(answered),
-            "accuracy": round(sum(is_correct(r["candidates"][0], r["reference"], r["qa_type"]) for r in answered)
-                              / len(group), 4) if group else None,
-            "mean_reward": round(sum(rewards) / len(rewards), 4) if rewards else None,
-        }
-    return figures
-
-
-def clips_all_right(rows: list[dict]) -> dict:
-    """Of the clips ``--binding`` asked about (row ids ``<record id>/<question>``), how many got every answer right."""
-    clips: dict[str, bool] = {}
-    failed: set[str] = set()
-    for r in rows:
-        clip = r["id"].rsplit("/", 1)[0]
-        if r["error"]:
-            failed.add(clip)
-        right = not r["error"] and is_correct(r["candidates"][0], r["reference"], r["qa_type"])
-        clips[clip] = clips.get(clip, True) and right
-    return {"n": len(clips), "errors": len(failed), "accuracy": round(sum(clips.values()) / len(clips), 4),
-            "mean_reward": None}
-
-
-def binding_by_shapes(rows: list[dict]) -> dict[str, dict]:
-    """``--binding`` figures (colour, shape, clips_all_right) per clip shape set, e.g. ``circle+square``."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[r["clip_shapes"]].append(r)
-    return {shapes: {**{k: v for k, v in score(group).items() if k != "all"}, "clips_all_right": clips_all_right(group)}
-            for shapes, group in sorted(groups.items())}
-
-
 def main(cfg: EvalConfig) -> dict:
-    import ray
-
     records = cfg.data / f"{cfg.split}.jsonl"
     if not records.is_file():
         raise FileNotFoundError(f"no {cfg.split}.jsonl in {cfg.data}")
     cfg = absolute_paths(cfg)  # actors may run in other directories (or on other nodes)
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.num_cpus if not os.environ.get("RAY_ADDRESS") else None)
+    ensure_ray(cfg.num_cpus)
     rows = sorted(build_pipeline(cfg, records, samples=1, temperature=0.0, binding=cfg.binding).take_all(),
                   key=lambda r: r["id"])
     if not rows:

@@ -1,6 +1,6 @@
 """Grow a checkpoint's LLM by decoder blocks that start as the identity (LLaMA Pro block expansion), for more SFT.
 
-    python -m jobs.expand_llm --model runs/embedded/sft-sizes2/model --layers 4 --output runs/embedded/expanded
+    python -m jobs.expand_llm --model runs/sft/model --layers 4 --output runs/sft-4-blocks
 
 The grown checkpoint answers exactly as the old one until trained; pass it to ``jobs.sft --model``.
 """
@@ -25,9 +25,9 @@ class ExpandConfig(BaseModel):
 
 
 def main(cfg: ExpandConfig) -> dict:
-    from video_llava.block_expansion import expand_llm
-    from video_llava.model import resolve_source
-    from video_llava.settings import ModelSettings
+    from video_llava.model.loading import resolve_source
+    from video_llava.model.settings import ModelSettings
+    from video_llava.train.block_expansion import expand_llm
 
     if cfg.output.exists():
         raise FileExistsError(f"{cfg.output} exists; choose a new --output")

@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from video_llava.job_cli import run_job
-from video_llava.synthetic import render_frames, write_video
-from video_llava.synthetic_qa import (
+from video_llava.data.synthetic_qa import (
     QA_TYPES,
     VARIED_SIZES,
     all_visible,
@@ -29,6 +27,8 @@ from video_llava.synthetic_qa import (
     random_clip,
     random_varied_clip,
 )
+from video_llava.data.synthetic_video import render_frames, write_video
+from video_llava.job_cli import run_job
 
 SPLITS = ("train", "val", "test")
 

@@ -21,7 +21,9 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from video_llava.job_cli import run_job
-from video_llava.train_run import TrainRunConfig, fit
+from video_llava.model.settings import MAX_FRAMES
+from video_llava.ray_runtime import ensure_ray
+from video_llava.train.run import TrainRunConfig, fit
 
 
 class SFTConfig(TrainRunConfig):
@@ -47,8 +49,8 @@ class SFTConfig(TrainRunConfig):
     @field_validator("frame_counts")
     @classmethod
     def _within_limits(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(not 1 <= n <= 56 for n in value):
-            raise ValueError(f"frame counts must be 1-56, got {value}")
+        if any(not 1 <= n <= MAX_FRAMES for n in value):
+            raise ValueError(f"frame counts must be 1-{MAX_FRAMES}, got {value}")
         return value
 
     def lr_at(self, step: int) -> float:
@@ -74,9 +76,9 @@ def train_loop(config: dict) -> None:
 
     import ray.train
 
-    from video_llava.feedback import flatten_record
-    from video_llava.train_run import start_worker
-    from video_llava.training import ExampleMaker, collate, conversation_turns
+    from video_llava.data.records import conversation_turns, flatten_record
+    from video_llava.train.examples import ExampleMaker, collate
+    from video_llava.train.run import start_worker
 
     cfg = SFTConfig.model_validate(config)
     run = start_worker(cfg, cfg.model, cfg.lr, lora_rank=cfg.lora_rank, freeze_vision=not cfg.train_vision_tower)
@@ -109,8 +111,7 @@ def main(cfg: SFTConfig):
     records = cfg.data / "train.jsonl"
     if not records.is_file():
         raise FileNotFoundError(f"no train.jsonl in {cfg.data} (make one with python -m jobs.make_synthetic)")
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     result, final = fit(train_loop, cfg, datasets={"train": ray.data.read_json(str(records.resolve())).materialize()})
     print(f"sft: finished at step {result.metrics.get('step')} loss {result.metrics.get('loss'):.4f}; model in {final}")
     return result

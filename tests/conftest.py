@@ -13,7 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder is chatty
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from video_llava.synthetic import SAMPLE_SHAPES, MovingShape, render_frames, write_video  # noqa: E402
+from video_llava.data.synthetic_video import SAMPLE_SHAPES, MovingShape, render_frames, write_video  # noqa: E402
 
 FPS = 12.0
 NUM_FRAMES = 48
@@ -52,8 +52,8 @@ def embedded_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_model(embedded_cache):
-    from video_llava.model import VideoQAModel
-    from video_llava.settings import ModelSettings
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
 
     return VideoQAModel(ModelSettings())
 

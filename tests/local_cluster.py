@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from pathlib import Path
 
+from video_llava.ray_runtime import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "pids", "stop_cluster"]
 
 
 def pids(*markers: str, program: str = "") -> list[int]:

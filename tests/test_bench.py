@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_decode_bench_quick_run_ends_with_its_figures_as_json():
     result = subprocess.run(
-        [sys.executable, "bench/decode.py", "--quick", "--repeat", "1", "--frames", "16", "--json"],
+        [sys.executable, "-m", "bench.decode", "--quick", "--repeat", "1", "--frames", "16", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -26,7 +26,7 @@ def test_decode_bench_quick_run_ends_with_its_figures_as_json():
 @pytest.mark.slow
 def test_serve_bench_quick_run_reports_the_ratios_the_readme_quotes():
     result = subprocess.run(
-        [sys.executable, "bench/serve.py", "--quick", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "bench.serve", "--quick", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -37,7 +37,7 @@ def test_serve_bench_quick_run_reports_the_ratios_the_readme_quotes():
 @pytest.mark.slow
 def test_caption_bench_small_run_reports_both_rates():
     result = subprocess.run(
-        [sys.executable, "bench/caption.py", "--videos", "4", "--decode-workers", "1", "--json"],
+        [sys.executable, "-m", "bench.caption", "--videos", "4", "--decode-workers", "1", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,7 +48,7 @@ def test_caption_bench_small_run_reports_both_rates():
 @pytest.mark.slow
 def test_gpu_bench_runs_on_a_cpu_with_the_tiny_shape():
     result = subprocess.run(
-        [sys.executable, "bench/gpu.py", "--shape", "tiny", "--frames", "2", "--batch", "2", "--new-tokens", "3",
+        [sys.executable, "-m", "bench.gpu", "--shape", "tiny", "--frames", "2", "--batch", "2", "--new-tokens", "3",
          "--repeat", "1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,7 +62,7 @@ def test_gpu_bench_runs_on_a_cpu_with_the_tiny_shape():
 @pytest.mark.slow
 def test_train_bench_reports_sft_and_dpo_throughput_and_memory():
     result = subprocess.run(
-        [sys.executable, "bench/train.py", "--frames", "2", "--batch", "2", "--steps", "1", "--json"],
+        [sys.executable, "-m", "bench.train", "--frames", "2", "--batch", "2", "--steps", "1", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -74,7 +74,7 @@ def test_train_bench_reports_sft_and_dpo_throughput_and_memory():
 @pytest.mark.slow
 def test_gpu_service_bench_runs_the_service_model_path_on_a_cpu():
     result = subprocess.run(
-        [sys.executable, "bench/gpu_service.py", "--shape", "tiny", "--frames", "2", "--batch", "2", "--new-tokens", "2",
+        [sys.executable, "-m", "bench.gpu_service", "--shape", "tiny", "--frames", "2", "--batch", "2", "--new-tokens", "2",
          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -86,7 +86,7 @@ def test_gpu_service_bench_runs_the_service_model_path_on_a_cpu():
 @pytest.mark.slow
 def test_feature_probe_reports_shape_and_colour_accuracy_per_checkpoint(embedded_cache):
     result = subprocess.run(
-        [sys.executable, "bench/probe_features.py", "--models", "embedded-init", "embedded", "--clips", "60", "--json"],
+        [sys.executable, "-m", "bench.probe_features", "--models", "embedded-init", "embedded", "--clips", "60", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

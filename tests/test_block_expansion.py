@@ -20,20 +20,20 @@ def grown(tmp_path_factory, embedded_cache) -> Path:
 
 
 def _inputs(source):
-    from video_llava.model import VideoQAModel
-    from video_llava.settings import ModelSettings
-    from video_llava.video import DecodeOptions, sample_video
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
+    from video_llava.video.decode import DecodeOptions, sample_video
 
     qa = VideoQAModel(ModelSettings(model=str(source)))
     frames = sample_video(SAMPLE, DecodeOptions(num_frames=8)).frames
-    embeds, mask, _, _ = qa._inputs_embeds([[frames]], [QUESTION])
+    embeds, mask, _, _ = qa.embedder([qa.prepare(frames, QUESTION)])
     return qa, embeds, mask, frames
 
 
 def test_the_grown_checkpoint_has_the_new_depth_and_computes_what_the_old_one_did(grown):
     import torch
 
-    from video_llava.embedded import PACKAGED_DIR
+    from video_llava.model.embedded import PACKAGED_DIR
 
     old, embeds, mask, frames = _inputs(PACKAGED_DIR)
     new, _, _, _ = _inputs(grown)

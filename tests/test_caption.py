@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from video_llava.synthetic import (
+from video_llava.data.synthetic_video import (
     COLORS,
     DIRECTIONS,
     SHAPES,
@@ -21,17 +20,12 @@ from video_llava.synthetic import (
     render_frames,
     video_bytes,
 )
+from video_llava.ray_runtime import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = 20
 BAD_KEYS = {"inbox/broken.mp4", "inbox/deep/empty.mov", "inbox/deep/readme-not-a-video.webm"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clips() -> dict[str, bytes]:
@@ -54,7 +48,7 @@ def _clips() -> dict[str, bytes]:
 def s3():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -87,13 +81,13 @@ def run_job(input_uri, output_uri, endpoint, cache) -> subprocess.CompletedProce
 
 
 def final_rows(output_uri: str, endpoint: str | None) -> list[dict]:
-    from jobs.caption import final_view
+    from video_llava.batch.pipeline import final_view
 
     return final_view(output_uri, endpoint)
 
 
 def raw_row_count(output_uri: str, endpoint: str | None) -> int:
-    from jobs.caption import read_output
+    from video_llava.batch.pipeline import read_output
 
     table = read_output(output_uri, endpoint)
     return 0 if table is None else table.num_rows

@@ -21,7 +21,7 @@ def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
 
 
 def test_bundled_sample_is_small_and_decodes():
-    from video_llava.video import sample_video
+    from video_llava.video.decode import sample_video
 
     assert SAMPLE.stat().st_size < 100_000
     assert sample_video(SAMPLE).metadata.frame_count == 48

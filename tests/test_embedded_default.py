@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from video_llava.embedded import PACKAGED_DIR, embedded_path
+from video_llava.model.embedded import PACKAGED_DIR, embedded_path
 
 SAMPLE = Path(__file__).resolve().parents[1] / "video_llava" / "assets" / "sample.mp4"
 
 
 @pytest.fixture(scope="module")
 def shipped(embedded_cache):
-    from video_llava.model import VideoQAModel
-    from video_llava.settings import ModelSettings
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
 
     return VideoQAModel(ModelSettings())
 
@@ -42,7 +42,7 @@ def _answer(model, frames, question: str) -> str:
 
 
 def test_the_shipped_default_names_a_colour_that_is_in_the_bundled_clip(shipped):
-    from video_llava.video import DecodeOptions, sample_video
+    from video_llava.video.decode import DecodeOptions, sample_video
 
     frames = sample_video(SAMPLE, DecodeOptions(num_frames=shipped.settings.num_frames)).frames
     assert _answer(shipped, frames, "What color is the circle?") in {"red", "blue"}  # the clip's two colours
@@ -50,7 +50,7 @@ def test_the_shipped_default_names_a_colour_that_is_in_the_bundled_clip(shipped)
 
 @pytest.mark.parametrize("color, shape", [("red", "circle"), ("green", "triangle"), ("purple", "square")])
 def test_the_shipped_default_answers_the_colour_of_a_single_shape(shipped, color, shape):
-    from video_llava.synthetic import MovingShape, render_frames
+    from video_llava.data.synthetic_video import MovingShape, render_frames
 
     frames = render_frames([MovingShape(shape, color, "right", start=(0.25, 0.45), size=0.22, speed=0.12)],
                            num_frames=8, fps=8, width=112, height=112)
@@ -58,7 +58,7 @@ def test_the_shipped_default_answers_the_colour_of_a_single_shape(shipped, color
 
 
 def test_the_shipped_default_answers_colour_questions_about_each_shape_of_the_bundled_clip(shipped):
-    from video_llava.video import DecodeOptions, sample_video
+    from video_llava.video.decode import DecodeOptions, sample_video
 
     frames = sample_video(SAMPLE, DecodeOptions(num_frames=shipped.settings.num_frames)).frames
     assert _answer(shipped, frames, "What color is the circle?") == "red"

@@ -33,7 +33,7 @@ def cluster(embedded_cache):
 
 def test_caption_job_submitted_with_ray_job_submit_succeeds(cluster, tmp_path):
     address, env = cluster
-    from video_llava.synthetic import SAMPLE_SHAPES, render_frames, write_video
+    from video_llava.data.synthetic_video import SAMPLE_SHAPES, render_frames, write_video
 
     videos = tmp_path / "videos"
     videos.mkdir()

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from video_llava.feedback import pick_pair
-from video_llava.judges import (
+from video_llava.feedback.judges import (
     CaptionJudge,
     JudgeConfig,
     JudgeError,
@@ -19,6 +18,7 @@ from video_llava.judges import (
     make_judge,
     parse_judgement,
 )
+from video_llava.feedback.steps import pick_pair
 
 CAPTION = "The video shows two shapes on a light background: a red circle moving right and a blue square moving down."
 QUESTION = "What color is the circle?"

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from jobs.make_synthetic import SyntheticConfig, main
-from video_llava.synthetic import COLORS, FORMATS, SAMPLE_SHAPES, render_frames, video_bytes
-from video_llava.synthetic_qa import DESCRIBE, NUMBER_WORDS, QA_TYPES, answer_choices
-from video_llava.training import conversation_turns
-from video_llava.video import DecodeOptions, sample_video
+from video_llava.data.records import conversation_turns
+from video_llava.data.synthetic_qa import DESCRIBE, NUMBER_WORDS, QA_TYPES, answer_choices
+from video_llava.data.synthetic_video import COLORS, FORMATS, SAMPLE_SHAPES, render_frames, video_bytes
+from video_llava.video.decode import DecodeOptions, sample_video
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_answers_are_true_of_the_decoded_pixels(dataset):
 
 
 def test_varied_clips_span_frame_sizes_shape_sizes_and_speeds_and_every_shape_stays_mostly_in_view(tmp_path):
-    from video_llava.synthetic_qa import VARIED_SIZES, center_crop, color_pixels
+    from video_llava.data.synthetic_qa import VARIED_SIZES, center_crop, color_pixels
 
     main(SyntheticConfig(output=tmp_path, train=24, val=0, test=0, seed=4, varied=True))
     records = _records(tmp_path, "train")

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from video_llava.budget import (
+from video_llava.data.synthetic_video import SAMPLE_SHAPES, MovingShape, render_frames
+from video_llava.model.budget import (
     ContextBudgetError,
     rope_factor_for_frames,
     tokens_per_frame,
 )
-from video_llava.embedded import build_embedded, embedded_path
-from video_llava.model import ModelLoadError, VideoQAModel, resolve_config
-from video_llava.settings import ModelSettings
-from video_llava.synthetic import SAMPLE_SHAPES, MovingShape, render_frames
+from video_llava.model.embedded import build_embedded, embedded_path
+from video_llava.model.loading import ModelLoadError, resolve_config
+from video_llava.model.qa_model import VideoQAModel
+from video_llava.model.settings import ModelSettings
 
 
 @pytest.fixture(scope="module")

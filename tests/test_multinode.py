@@ -42,7 +42,7 @@ def two_nodes(embedded_cache):
 
 
 def _videos(root: Path, count: int) -> Path:
-    from video_llava.synthetic import SAMPLE_SHAPES, render_frames, write_video
+    from video_llava.data.synthetic_video import SAMPLE_SHAPES, render_frames, write_video
 
     root.mkdir()
     frames = render_frames(SAMPLE_SHAPES, num_frames=12, fps=12, width=96, height=64)
@@ -61,7 +61,7 @@ def _caption(address: str, env: dict, videos: Path, out: Path) -> subprocess.Pop
 def test_decoding_and_captioning_land_on_the_nodes_with_their_resources_and_a_lost_node_loses_no_rows(two_nodes, tmp_path):
     import ray
 
-    from jobs.caption import final_view
+    from video_llava.batch.pipeline import final_view
 
     address, env, add_model_node, port = two_nodes
     ray.init(address=address)
@@ -145,7 +145,7 @@ def test_serve_places_model_replicas_by_resource_and_recovers_when_their_node_is
             time.sleep(1)
         assert _ask(base).status_code == 200
         model_node = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("model")}
-        assert _replica_nodes("VideoQAModel") == model_node  # the replica sits where `model` is, not on the head
+        assert _replica_nodes("ModelServer") == model_node  # the replica sits where `model` is, not on the head
 
         killed = pids(str(port), "model", program="raylet")
         assert len(killed) == 1
@@ -158,7 +158,7 @@ def test_serve_places_model_replicas_by_resource_and_recovers_when_their_node_is
         assert answer.status_code == 200, answer.text
         assert answer.json()["answer"]
         new_node = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("model")}
-        assert new_node != model_node and _replica_nodes("VideoQAModel") == new_node
+        assert new_node != model_node and _replica_nodes("ModelServer") == new_node
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -50,7 +50,7 @@ def preferences(data, tmp_path_factory, embedded_cache) -> Path:
 
 
 def _rows(prefs: Path) -> list[dict]:
-    from jobs.make_preferences import read_preferences
+    from video_llava.feedback.pipeline import read_preferences
 
     return read_preferences(prefs)
 
@@ -83,7 +83,7 @@ def _metrics(path: Path) -> list[dict]:
 
 
 def test_dpo_steps_raise_the_margin_and_a_rerun_resumes_the_step_count(preferences, tmp_path, embedded_cache):
-    from video_llava.embedded import embedded_path
+    from video_llava.model.embedded import embedded_path
 
     common = ["--preferences", str(preferences), "--model", str(embedded_path()), "--output", str(tmp_path),
               "--name", "dpo", "--lr", "1e-3", "--batch-size", "2", "--frames", "4", "--checkpoint-every", "2"]
@@ -146,7 +146,7 @@ def test_eval_binding_on_a_split_without_multi_shape_clips_says_so(data, tmp_pat
 
 
 def test_is_correct_takes_the_first_answer_the_text_names():
-    from jobs.eval import is_correct
+    from video_llava.feedback.scoring import is_correct
 
     assert is_correct("red", "red", "color")
     assert is_correct("It is red, not blue.", "red", "color")

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from video_llava.sampling import fps_indices, sample_frame_indices, uniform_indices
+from video_llava.video.sampling import fps_indices, sample_frame_indices, uniform_indices
 
 totals = st.integers(min_value=1, max_value=20_000)
 wanted = st.integers(min_value=1, max_value=64)

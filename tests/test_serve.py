@@ -7,8 +7,6 @@ import concurrent.futures
 import http.server
 import os
 import signal
-import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,18 +15,13 @@ import httpx
 import pytest
 
 from tests.conftest import shapes_video
+from video_llava.ray_runtime import free_port
 
 pytestmark = pytest.mark.slow
 
 SAMPLE = Path(__file__).resolve().parents[1] / "video_llava" / "assets" / "sample.mp4"
 MAX_UPLOAD = 2 * 2**20
 MAX_QUESTION_CHARS = 9000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Files(http.server.SimpleHTTPRequestHandler):
@@ -61,7 +54,7 @@ def http_files(tmp_path_factory):
 def s3(tmp_path_factory):
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
@@ -81,15 +74,15 @@ def service(embedded_cache, http_files, s3):
     import ray
     from ray import serve
 
+    from video_llava.ray_runtime import start_local_ray
     from video_llava.serve.app import build_app
     from video_llava.serve.config import ServeArgs
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    metrics_port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
-             _metrics_export_port=metrics_port)
+    metrics_port = free_port()
+    start_local_ray(num_cpus=2, log_to_driver=True, _metrics_export_port=metrics_port)
     os.environ["VIDEO_LLAVA_TEST_METRICS_PORT"] = str(metrics_port)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = ServeArgs.model_validate(
         {
@@ -227,7 +220,7 @@ def test_32_concurrent_requests_are_all_answered_in_shared_batches(service):
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         responses = list(pool.map(lambda i: _qa_upload(service, data, f"Question {i}?", num_frames=8), range(32)))
     assert [r.status_code for r in responses] == [200] * 32
-    handle = serve.get_deployment_handle("VideoQAModel", app_name="video_llava")
+    handle = serve.get_deployment_handle("ModelServer", app_name="video_llava")
     assert max(handle.recent_batch_sizes.remote().result()) > 1
 
 
@@ -364,7 +357,7 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(service):
 def test_a_killed_model_replica_is_replaced_and_the_service_keeps_answering(service):
     from ray import serve
 
-    handle = serve.get_deployment_handle("VideoQAModel", app_name="video_llava")
+    handle = serve.get_deployment_handle("ModelServer", app_name="video_llava")
     pid = handle.describe.remote().result()["pid"]
     os.kill(pid, signal.SIGKILL)
     deadline = time.time() + 120
@@ -385,7 +378,7 @@ def test_a_second_question_about_the_same_video_skips_decode_and_the_vision_towe
     from ray import serve
 
     clip = shapes_video(tmp_path / "fresh.mp4", num_frames=30, width=96, height=64).read_bytes()
-    handle = serve.get_deployment_handle("VideoQAModel", app_name="video_llava")
+    handle = serve.get_deployment_handle("ModelServer", app_name="video_llava")
     first = _qa_upload(service, clip, "What color is the circle?", num_frames=12).json()
     calls_after_first = handle.describe.remote().result()["vision_calls"]
     second = _qa_upload(service, clip, "Which way does it move?", num_frames=12).json()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
+from video_llava.ray_runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "serve_configs"
@@ -56,9 +57,7 @@ def test_gpu_config_is_7b_one_gpu_per_replica_32_frames_factor_2_autoscaling():
 @pytest.mark.slow
 def test_serve_run_with_the_local_config_answers_over_http(tmp_path, embedded_cache):
     config = _load("local.yaml")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config["http_options"]["port"] = port
     path = tmp_path / "local.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def data(tmp_path_factory) -> Path:
     from PIL import Image
 
-    from video_llava.synthetic import SAMPLE_SHAPES, render_frames
+    from video_llava.data.synthetic_video import SAMPLE_SHAPES, render_frames
 
     out = tmp_path_factory.mktemp("syn")
     make_synthetic(SyntheticConfig(output=out, train=8, val=0, test=0, seed=1, follow_ups=True))
@@ -65,7 +65,7 @@ def test_the_learning_rate_holds_then_decays_linearly_to_zero_at_the_last_step()
 
 
 def test_a_resumed_run_drops_the_logged_steps_it_trains_again(tmp_path):
-    from video_llava.train_run import MetricsLog
+    from video_llava.train.run import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl", rank=0)
     for step in range(1, 6):  # killed after step 5; the last checkpoint was at step 3
@@ -83,7 +83,7 @@ def _metrics(output: Path) -> list[dict]:
 def test_sft_steps_lower_the_loss_train_the_projector_and_keep_the_vision_tower(data, tmp_path, embedded_cache):
     from transformers import LlavaNextVideoForConditionalGeneration
 
-    from video_llava.embedded import embedded_path
+    from video_llava.model.embedded import embedded_path
 
     result = run_sft(data, tmp_path, embedded_cache, 6, "--frame-counts", "2,4")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

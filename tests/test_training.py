@@ -5,17 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from video_llava.prompts import build_prompt
-from video_llava.synthetic import SAMPLE_SHAPES, render_frames
-from video_llava.training import (
-    IGNORE_INDEX,
-    answer_logprobs,
-    collate,
-    conversation_turns,
-    dpo_loss,
-    fixed_length,
-    sft_example,
-)
+from video_llava.data.records import conversation_turns
+from video_llava.data.synthetic_video import SAMPLE_SHAPES, render_frames
+from video_llava.model.prompts import build_prompt
+from video_llava.train.examples import IGNORE_INDEX, collate, fixed_length, sft_example
+from video_llava.train.objectives import answer_logprobs, dpo_loss
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +19,8 @@ def model_and_processor(embedded_cache):
         LlavaNextVideoProcessor,
     )
 
-    from video_llava.embedded import embedded_path
-    from video_llava.model import complete_processor
+    from video_llava.model.embedded import embedded_path
+    from video_llava.model.loading import complete_processor
 
     path = embedded_path()
     model, processor = LlavaNextVideoForConditionalGeneration.from_pretrained(path), LlavaNextVideoProcessor.from_pretrained(path)
@@ -100,18 +94,16 @@ def test_dpo_loss_is_log_two_at_the_start_and_falls_as_the_margin_grows():
 
 def test_records_may_name_their_media_by_s3_uri(tmp_path, monkeypatch):
     import io
-    import socket
 
     import boto3
     from moto.server import ThreadedMotoServer
     from PIL import Image
 
-    from video_llava.feedback import flatten_record, load_media
-    from video_llava.synthetic import write_video
+    from video_llava.data.records import flatten_record, load_media
+    from video_llava.data.synthetic_video import write_video
+    from video_llava.ray_runtime import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

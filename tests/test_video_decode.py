@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import FPS, HEIGHT, NUM_FRAMES, WIDTH, shapes_video
-from video_llava.isolated_decode import IsolatedDecoder
-from video_llava.synthetic import render_frames, write_video
-from video_llava.video import DecodeOptions, VideoDecodeError, sample_video
+from video_llava.data.synthetic_video import render_frames, write_video
+from video_llava.video.decode import DecodeOptions, VideoDecodeError, sample_video
+from video_llava.video.isolated import IsolatedDecoder
 
 FORMATS_BOTH_BACKENDS = ["mp4", "mp4-mpeg4", "avi", "webm", "mkv", "mov", "mp4-hevc", "mjpeg"]
 

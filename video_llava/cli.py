@@ -15,7 +15,8 @@ import sys
 import time
 from typing import Sequence
 
-from video_llava.sampling import SamplingMode
+from video_llava.model.settings import DECODE_SHORT_SIDE, DEFAULT_FRAMES, MAX_FRAMES
+from video_llava.video.sampling import SamplingMode
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -39,11 +40,11 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("video", help="path to a video file")
-        p.add_argument("--frames", type=int, default=None, help="frames to sample (default 32; at most --max-frames)")
+        p.add_argument("--frames", type=int, default=None, help=f"frames to sample (default {DEFAULT_FRAMES}; at most --max-frames)")
         p.add_argument("--sampling", choices=[m.value for m in SamplingMode], default="uniform")
         p.add_argument("--fps", type=float, default=1.0, help="frames per second in --sampling fps mode")
         p.add_argument("--model", default="embedded", help="'embedded' (default), a hub id or a local checkpoint path")
-        p.add_argument("--max-frames", type=int, default=56, help="largest frame count allowed (sets the RoPE factor)")
+        p.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="largest frame count allowed (sets the RoPE factor)")
         p.add_argument("--rope-factor", type=float, default=None, help="force the RoPE linear scaling factor")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed for decoding the video")
@@ -62,9 +63,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, **extra):
-    from video_llava.settings import ModelSettings
+    from video_llava.model.settings import ModelSettings
 
-    frames = args.frames if args.frames is not None else min(32, args.max_frames)
+    frames = args.frames if args.frames is not None else min(DEFAULT_FRAMES, args.max_frames)
     if frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}")
     return ModelSettings(
@@ -80,24 +81,23 @@ def _settings(args: argparse.Namespace, **extra):
 
 
 def _decode(args: argparse.Namespace, frames: int):
-    from video_llava.isolated_decode import decode_video
-    from video_llava.video import DecodeOptions
+    from video_llava.video.decode import DecodeOptions
+    from video_llava.video.isolated import decode_video
 
-    options = DecodeOptions(num_frames=frames, mode=args.sampling, sample_fps=args.fps, short_side=336)
+    options = DecodeOptions(num_frames=frames, mode=args.sampling, sample_fps=args.fps, short_side=DECODE_SHORT_SIDE)
     start = time.perf_counter()
     video = decode_video(args.video, options, timeout_s=args.timeout)
     return video, time.perf_counter() - start
 
 
 def _ask(args: argparse.Namespace) -> dict:
-    from video_llava.model import VideoQAModel
+    from video_llava.model.qa_model import VideoQAModel
 
     settings, frames = _settings(args, device=args.device)
     video, decode_s = _decode(args, frames)
     start = time.perf_counter()
     model = VideoQAModel(settings)
     load_s = time.perf_counter() - start
-    model.check_request(video.num_frames, args.question, args.max_new_tokens)
     (answer,) = model.answer([video], [args.question], max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     return {
         "answer": answer.text,
@@ -114,19 +114,17 @@ def _ask(args: argparse.Namespace) -> dict:
 
 
 def _info(args: argparse.Namespace) -> dict:
-    from transformers import LlavaNextVideoProcessor
-
-    from video_llava.budget import ContextBudgetError, TokenBudget
-    from video_llava.model import _offline, resolve_config, resolve_source
-    from video_llava.prompts import count_prompt_tokens
+    from video_llava.model.budget import ContextBudgetError
+    from video_llava.model.loading import load_processor, resolve_config, resolve_source
+    from video_llava.model.prompts import build_prompt, count_prompt_tokens
 
     settings, frames = _settings(args)
     video, decode_s = _decode(args, frames)
     source = resolve_source(settings)
     resolved = resolve_config(settings, source)
-    processor = LlavaNextVideoProcessor.from_pretrained(source, local_files_only=_offline(settings))
-    prompt_tokens = count_prompt_tokens(processor, args.question, settings.chat_template)
-    budget = TokenBudget(resolved.budget_context, resolved.per_frame, settings.max_frames)
+    processor = load_processor(source, settings, resolved.config)
+    prompt_tokens = count_prompt_tokens(processor, build_prompt(processor, args.question, settings.chat_template))
+    budget = resolved.budget(settings.max_frames)
     try:
         needed = budget.check(video.num_frames, prompt_tokens, settings.max_new_tokens)
         fits, reason = True, None
@@ -179,9 +177,9 @@ def _print_human(command: str, result: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
-    from video_llava.budget import ContextBudgetError
-    from video_llava.model import ModelLoadError
-    from video_llava.video import VideoDecodeError
+    from video_llava.model.budget import ContextBudgetError
+    from video_llava.model.loading import ModelLoadError
+    from video_llava.video.decode import VideoDecodeError
 
     try:
         result = _ask(args) if args.command == "ask" else _info(args)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,20 +16,10 @@ import yaml
 SAMPLE = Path(__file__).parent / "assets" / "sample.mp4"
 
 
-def _app_args(config_path: Path) -> dict:
+def _app_args(config_path: Path) -> tuple[dict, dict]:
+    """The first application's ``args:`` block and the ``http_options`` of a serve config."""
     config = yaml.safe_load(config_path.read_text())
     return config["applications"][0].get("args", {}), config.get("http_options", {})
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,17 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from video_llava.ray_runtime import free_port, port_is_free, start_local_ray
     from video_llava.serve.app import build_app
     from video_llava.serve.config import ServeArgs
 
     app_args, http_options = _app_args(args.config)
     port = args.port or int(http_options.get("port", 8000))
-    if not _port_free(port):
-        port = _free_port()  # a demo should not fail because something already listens on 8000
+    if not port_is_free(port):
+        port = free_port()  # a demo should not fail because something already listens on 8000
     print(f"== starting Ray and Serve ({args.config}) ...", flush=True)
     start = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    start_local_ray(num_cpus=2)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(ServeArgs.model_validate(app_args)), name="video_llava", route_prefix="/", blocking=False)

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -47,3 +48,13 @@ def run_job(config_cls: type[ConfigT], main: Callable[[ConfigT], Any], prog: str
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def absolute_paths(cfg: ConfigT) -> ConfigT:
+    """``cfg`` with its path fields, and a ``model`` that names a local directory, made absolute (on the driver):
+    Ray workers and actors run in directories of their own, where relative paths point elsewhere."""
+    update = {name: value.resolve() for name, value in cfg if isinstance(value, Path)}
+    model = getattr(cfg, "model", None)
+    if isinstance(model, str) and Path(model).expanduser().is_dir():
+        update["model"] = str(Path(model).expanduser().resolve())
+    return cfg.model_copy(update=update)

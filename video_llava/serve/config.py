@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from video_llava.settings import ModelSettings
+from video_llava.model.budget import VIDEO_TOKENS_PER_FRAME
+from video_llava.model.settings import ModelSettings
 
 
 class LimitSettings(BaseModel):
@@ -29,7 +30,7 @@ class BatchSettings(BaseModel):
 
     max_batch_size: int = Field(8, ge=1, le=256, description="requests per generate call")
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
-    max_batch_visual_tokens: int = Field(64 * 144 * 8, ge=144, description="visual tokens per generate call")
+    max_batch_visual_tokens: int = Field(8 * 64 * VIDEO_TOKENS_PER_FRAME, ge=VIDEO_TOKENS_PER_FRAME, description="visual tokens per generate call")
 
 
 class DeploymentSettings(BaseModel):
@@ -66,7 +67,7 @@ class ServeArgs(BaseModel):
     def _consistent(self) -> "ServeArgs":
         if self.deployment.min_replicas > self.deployment.max_replicas:
             raise ValueError("deployment.min_replicas must be <= deployment.max_replicas")
-        per_video = self.model.max_frames * 144
+        per_video = self.model.max_frames * VIDEO_TOKENS_PER_FRAME  # the model deployment checks its own count
         if self.batching.max_batch_visual_tokens < per_video:
             raise ValueError(
                 f"batching.max_batch_visual_tokens={self.batching.max_batch_visual_tokens} cannot hold one video of "

@@ -1,14 +1,19 @@
-"""Request/response schemas of the HTTP API and the typed error every failure leaves as."""
+"""The service's types: HTTP request/response schemas (pydantic), the typed error every failure leaves as, and
+what crosses the Serve handle between the ingress and the model deployment (``ModelRequest`` -> ``ModelReply`` or
+``ModelError``; a stream yields text pieces, then one of those)."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from video_llava.sampling import SamplingMode
+from video_llava.model.qa_model import Answer
+from video_llava.video.sampling import SamplingMode
 
 
 class ServiceError(Exception):
@@ -26,6 +31,46 @@ class ServiceError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+
+# ---- across the Serve handle: ingress -> model deployment ------------------------------------------------------
+@dataclass(frozen=True)
+class ModelRequest:
+    """One question about decoded videos, as the ingress hands it to the model deployment."""
+
+    videos: tuple[np.ndarray, ...]  # sampled frames (N, H, W, 3) uint8 per video, in order
+    question: str
+    max_new_tokens: int | None = None  # None: the model's default
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    @property
+    def num_frames(self) -> int:
+        return sum(video.shape[0] for video in self.videos)
+
+
+@dataclass(frozen=True)
+class ModelReply:
+    """The model deployment's answer, with how long the request waited for its batch."""
+
+    answer: Answer
+    queue_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelError:
+    """A request the model deployment refused (it does not fit the context), as the HTTP error it becomes.
+
+    Returned, not raised: a value crosses the handle as it is, where an exception would arrive wrapped by Ray.
+    """
+
+    status: int
+    message: str
+    code: str
+    param: str | None = None
+
+    def exception(self) -> ServiceError:
+        return ServiceError(self.status, self.message, code=self.code, param=self.param)
 
 
 class GenerationOptions(BaseModel):
@@ -67,6 +112,12 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, answer: Answer) -> "Usage":
+        return cls(visual_tokens=answer.visual_tokens, prompt_tokens=answer.prompt_tokens,
+                   completion_tokens=answer.completion_tokens,
+                   total_tokens=answer.visual_tokens + answer.prompt_tokens + answer.completion_tokens)
 
 
 class QAResponse(BaseModel):
@@ -118,24 +169,49 @@ class ChatCompletionRequest(GenerationOptions):
         return self.max_completion_tokens or self.max_tokens or self.max_new_tokens
 
 
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatCompletionMessage
+    finish_reason: str
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int  # text and visual tokens: what the LLM read
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+    video_llava: dict[str, Any]  # our extras: frames per video, timings, cache use
+
+    @classmethod
+    def of(cls, cid: str, model: str, text: str, finish_reason: str, usage: Usage, extra: dict) -> "ChatCompletionResponse":
+        return cls(
+            id=cid, model=model,
+            choices=[ChatChoice(message=ChatCompletionMessage(content=text), finish_reason=finish_reason)],
+            usage=CompletionUsage(prompt_tokens=usage.prompt_tokens + usage.visual_tokens,
+                                  completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens),
+            video_llava=extra,
+        )
+
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def chat_response(cid: str, model: str, text: str, finish_reason: str, usage: Usage, extra: dict) -> dict:
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
-        "usage": {"prompt_tokens": usage.prompt_tokens + usage.visual_tokens, "completion_tokens": usage.completion_tokens,
-                  "total_tokens": usage.total_tokens},
-        "video_llava": extra,
-    }
-
-
 def chat_chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+    """One server-sent event's payload in OpenAI's ``chat.completion.chunk`` shape."""
     return {
         "id": cid,
         "object": "chat.completion.chunk",

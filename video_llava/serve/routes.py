@@ -1,5 +1,5 @@
-"""HTTP routes (FastAPI) of the ingress deployment; the work is done in ``serving.QAService``."""
-
+"""HTTP routes (FastAPI) of the ingress deployment: parse, call ``serving.QAService``, return. Every failure, of
+ours or of the framework (404, 405, a malformed body), leaves as the same ``{"error": {...}}`` JSON, mapped here."""
 
 import logging
 from typing import Any
@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from video_llava.serve.config import ServeArgs
 from video_llava.serve.protocol import (
@@ -43,6 +44,15 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return _error_response(_from_validation(exc.errors()))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The framework's own errors (a malformed multipart body, no such route, a wrong method) in our shape."""
+    codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
+    error = ServiceError(exc.status_code, str(exc.detail), code=codes.get(exc.status_code),
+                         headers=dict(exc.headers or {}))
+    return _error_response(error)
 
 
 @api.exception_handler(Exception)
@@ -139,6 +149,5 @@ class QAIngress:
         except ValidationError as exc:
             raise _from_validation(exc.errors())
         if body.stream:
-            item = await self.service.prepare_stream(body)
-            return StreamingResponse(self.service.stream(item), media_type="text/event-stream")
+            return StreamingResponse(await self.service.open_stream(body), media_type="text/event-stream")
         return await self.service.chat(body)

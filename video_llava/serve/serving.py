@@ -8,27 +8,28 @@ import time
 from typing import Any, AsyncIterator
 
 from video_llava.cache import LRUCache, content_key
-from video_llava.isolated_decode import IsolatedDecoder
+from video_llava.model.settings import DECODE_SHORT_SIDE
 from video_llava.serve.config import ServeArgs
 from video_llava.serve.fetch import fetch_video
 from video_llava.serve.metrics import IngressMetrics
 from video_llava.serve.protocol import (
     CacheUse,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     GenerationOptions,
+    ModelError,
+    ModelReply,
+    ModelRequest,
     QAResponse,
     ServiceError,
     Timings,
     Usage,
     chat_chunk,
-    chat_response,
     completion_id,
 )
-from video_llava.video import DecodeOptions, SampledVideo, VideoDecodeError
+from video_llava.video.decode import DecodeOptions, SampledVideo, VideoDecodeError
+from video_llava.video.isolated import IsolatedDecoder
 
-# Frames are resized while decoding so the shorter side is 336 px, the model's input size: the processor
-# would do it anyway, and it keeps 4K uploads from costing gigabytes per request.
-MODEL_SHORT_SIDE = 336
 RETRY_AFTER_S = "2"
 MAX_VIDEOS_PER_REQUEST = 8
 
@@ -51,7 +52,10 @@ class QAService:
 
     # ---- validation ------------------------------------------------------------------------------------------
     def _frames_wanted(self, opts: GenerationOptions, num_videos: int = 1) -> int:
-        """Frames per video: as asked, else the default shared so that all videos fit ``max_frames``."""
+        """Frames per video: as asked, else the default shared so that all videos fit ``max_frames``.
+
+        A count over ``max_frames`` is refused here, before any fetch or decode work; the token budget as a whole
+        is the model deployment's to check (it knows the prompt's tokens)."""
         settings = self.args.model
         frames = opts.num_frames or max(1, min(settings.num_frames, settings.max_frames // num_videos))
         if frames > settings.max_frames:
@@ -79,7 +83,7 @@ class QAService:
             num_frames=self._frames_wanted(opts, num_videos),
             mode=opts.sampling or settings.sampling,
             sample_fps=opts.sample_fps or settings.sample_fps,
-            short_side=MODEL_SHORT_SIDE,
+            short_side=DECODE_SHORT_SIDE,
         )
         start = time.perf_counter()
         key = content_key(data, repr(options)) if self.frames_cache.max_bytes else None
@@ -105,65 +109,56 @@ class QAService:
     async def fetch(self, url: str):
         return await fetch_video(url, self.limits)
 
-    # ---- model -----------------------------------------------------------------------------------------------
-    def _item(self, videos: list[SampledVideo], question: str, opts: GenerationOptions, new_tokens: int | None) -> dict:
-        return {
-            "videos": [video.frames for video in videos],
-            "question": question,
-            "max_new_tokens": new_tokens or opts.max_new_tokens,
-            "temperature": opts.temperature,
-            "top_p": opts.top_p,
-        }
+    # ---- model ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _request(videos: list[SampledVideo], question: str, opts: GenerationOptions, new_tokens: int | None) -> ModelRequest:
+        return ModelRequest(tuple(video.frames for video in videos), question, new_tokens or opts.max_new_tokens,
+                            opts.temperature, opts.top_p)
 
-    async def _ask_model(self, item: dict) -> dict:
+    async def _ask_model(self, request: ModelRequest) -> ModelReply:
         from ray.serve.exceptions import BackPressureError
 
         try:
-            result = await self.model.answer.remote(item)
+            reply = await self.model.answer.remote(request)
         except BackPressureError:
             raise ServiceError(
                 503, "the service is at capacity; retry shortly", type="overloaded", code="queue_full",
                 headers={"Retry-After": RETRY_AFTER_S},
             )
-        if "error" in result:
-            raise _model_error(result)
-        return result
+        if isinstance(reply, ModelError):
+            raise reply.exception()
+        return reply
 
     # ---- /v1/video/qa ----------------------------------------------------------------------------------------
     async def answer(self, data: bytes, question: str, opts: GenerationOptions, fetch_s: float = 0.0) -> QAResponse:
         start = time.perf_counter() - fetch_s
         question = self._check_question(question)
         video, decode_s, decode_cached = await self.decode(data, opts)
-        result = await self._ask_model(self._item([video], question, opts, None))
-        return self._qa_response(video, result, fetch_s, decode_s, start, decode_cached)
+        reply = await self._ask_model(self._request([video], question, opts, None))
+        return self._qa_response(video, reply, fetch_s, decode_s, start, decode_cached)
 
     def _qa_response(
-        self, video: SampledVideo, result: dict, fetch_s: float, decode_s: float, start: float, decode_cached: bool
+        self, video: SampledVideo, reply: ModelReply, fetch_s: float, decode_s: float, start: float, decode_cached: bool
     ) -> QAResponse:
-        usage = Usage(
-            visual_tokens=result["visual_tokens"],
-            prompt_tokens=result["prompt_tokens"],
-            completion_tokens=result["completion_tokens"],
-            total_tokens=result["visual_tokens"] + result["prompt_tokens"] + result["completion_tokens"],
-        )
+        answer = reply.answer
         described = video.describe()
         return QAResponse(
-            answer=result["text"],
+            answer=answer.text,
             model=self.model_name,
-            num_frames=result["num_frames"],
+            num_frames=answer.num_frames,
             sampled_indices=described.pop("sampled_indices"),
             timestamps=described.pop("timestamps"),
-            finish_reason=result["finish_reason"],
-            usage=usage,
+            finish_reason=answer.finish_reason,
+            usage=Usage.of(answer),
             timings=Timings(
                 fetch_s=round(fetch_s, 4),
                 decode_s=round(decode_s, 4),
-                queue_s=round(result["queue_s"], 4),
-                vision_s=round(result.get("vision_s", 0.0), 4),
-                generate_s=round(result["generate_s"], 4),
+                queue_s=round(reply.queue_s, 4),
+                vision_s=round(answer.vision_s, 4),
+                generate_s=round(answer.generate_s, 4),
                 total_s=round(time.perf_counter() - start, 4),
             ),
-            cached=CacheUse(decode=decode_cached, vision=result.get("vision_cached", False)),
+            cached=CacheUse(decode=decode_cached, vision=answer.vision_cached),
             video=described,
         )
 
@@ -207,52 +202,47 @@ class QAService:
         decode_s = max(seconds for _, seconds, _ in decoded)
         return question, videos, fetch_s, decode_s, all(hit for _, _, hit in decoded)
 
-    async def chat(self, request: ChatCompletionRequest) -> dict:
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         start = time.perf_counter()
         question, videos, fetch_s, decode_s, decode_cached = await self._chat_videos(request)
-        result = await self._ask_model(self._item(videos, question, request, request.new_tokens()))
-        reply = self._qa_response(videos[0], result, fetch_s, decode_s, start, decode_cached)
+        reply = await self._ask_model(self._request(videos, question, request, request.new_tokens()))
+        qa = self._qa_response(videos[0], reply, fetch_s, decode_s, start, decode_cached)
         extra = {
-            "num_frames": reply.num_frames,
+            "num_frames": qa.num_frames,
             "videos": [{"sampled_indices": [int(i) for i in v.indices], "duration": v.metadata.duration} for v in videos],
-            "timings": reply.timings.model_dump(),
-            "cached": reply.cached.model_dump(),
+            "timings": qa.timings.model_dump(),
+            "cached": qa.cached.model_dump(),
         }
-        return chat_response(completion_id(), self.model_name, reply.answer, reply.finish_reason, reply.usage, extra)
+        return ChatCompletionResponse.of(completion_id(), self.model_name, qa.answer, qa.finish_reason, qa.usage, extra)
 
-    async def prepare_stream(self, request: ChatCompletionRequest) -> dict:
-        """Everything before the first token (errors here are still plain HTTP errors)."""
+    async def open_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+        """Fetch, decode and start generating; a refusal (fetch, decode or the token budget) is raised here, while
+        it can still be a plain HTTP error. Returns the server-sent events of the answer."""
         question, videos, _, _, _ = await self._chat_videos(request)
-        item = self._item(videos, question, request, request.new_tokens())
-        frames = sum(v.num_frames for v in videos)
-        problem = await self.model.check.remote(frames, question, item["max_new_tokens"], len(videos))
-        if problem:
-            raise _model_error(problem)
-        return item
+        events = self.model.options(stream=True).stream.remote(self._request(videos, question, request, request.new_tokens()))
+        first = await events.__anext__()
+        if isinstance(first, ModelError):
+            raise first.exception()
+        return self._sse_events(first, events)
 
-    async def stream(self, item: dict) -> AsyncIterator[str]:
+    async def _sse_events(self, first: str | ModelReply, events) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
         cid = completion_id()
         yield _sse(chat_chunk(cid, self.model_name, {"role": "assistant", "content": ""}))
         finish = "stop"
-        async for event in self.model.options(stream=True).stream.remote(item):
-            if "delta" in event:
-                yield _sse(chat_chunk(cid, self.model_name, {"content": event["delta"]}))
-            elif "done" in event:
-                finish = event["done"]["finish_reason"]
-            elif "error" in event:
-                err = event["error"]
-                yield _sse({"error": {"message": err["message"], "type": "invalid_request_error", "code": err["code"]}})
-                yield "data: [DONE]\n\n"
-                return
+
+        async def all_events():
+            yield first
+            async for event in events:
+                yield event
+
+        async for event in all_events():
+            if isinstance(event, str):
+                yield _sse(chat_chunk(cid, self.model_name, {"content": event}))
+            elif isinstance(event, ModelReply):
+                finish = event.answer.finish_reason
         yield _sse(chat_chunk(cid, self.model_name, {}, finish_reason=finish))
         yield "data: [DONE]\n\n"
-
-
-def _model_error(reply: dict) -> ServiceError:
-    """The ``{"error": ...}`` reply of the model deployment as the HTTP error it stands for."""
-    err = reply["error"]
-    return ServiceError(err["status"], err["message"], code=err["code"], param=err.get("param"))
 
 
 def _sse(payload: dict) -> str:

@@ -19,11 +19,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from video_llava.budget import BASE_CONTEXT, rope_factor_for_frames, tokens_per_frame
-from video_llava.prompts import LLAVA_HF_CHAT_TEMPLATE
+from video_llava.model.budget import BASE_CONTEXT, rope_factor_for_frames, tokens_per_frame
+from video_llava.model.prompts import LLAVA_HF_CHAT_TEMPLATE
 
-EMBEDDED_NAME = "embedded"
-PACKAGED_DIR = Path(__file__).parent / "assets" / "embedded"
+PACKAGED_DIR = Path(__file__).parents[1] / "assets" / "embedded"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
 
 
@@ -55,8 +54,8 @@ class TinySpec:
 
 def _corpus() -> list[str]:
     """Fixed training text for the BPE: the vocabulary of our video questions and answers plus chat scaffolding."""
-    from video_llava.prompts import VICUNA_SYSTEM
-    from video_llava.synthetic import COLORS, DIRECTIONS, SHAPES
+    from video_llava.data.synthetic_video import COLORS, DIRECTIONS, SHAPES
+    from video_llava.model.prompts import VICUNA_SYSTEM
 
     numbers = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
     lines = [VICUNA_SYSTEM, "USER: ASSISTANT:", "Describe the video in detail.", "What happens in the video?"]

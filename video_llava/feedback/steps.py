@@ -1,7 +1,7 @@
 """Ray Data steps of AI feedback: sample answers with the current model, judge them, pick preference pairs.
 
-Used by ``jobs/make_preferences.py`` (K samples at temperature 1.0, top_p 0.95, as in LLaVA-Hound) and
-``jobs/eval.py`` (one greedy answer). Each step is a callable class whose ``__call__`` maps a batch of rows
+Used by ``feedback.pipeline`` for ``jobs/make_preferences.py`` (K samples at temperature 1.0, top_p 0.95, as in
+LLaVA-Hound) and ``jobs/eval.py`` (one greedy answer). Each step is a callable class whose ``__call__`` maps a batch of rows
 (dict of columns) so Ray Data can run it in an actor pool; a bad video or a judge failure becomes an ``error``
 row with the reason, never a crashed job.
 """
@@ -9,85 +9,11 @@ row with the reason, never a crashed job.
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from video_llava.training import question_answer
-
-
-def _media_path(value: Any, root: Path) -> str:
-    if not value:
-        return ""
-    value = str(value)
-    if "://" in value or Path(value).is_absolute():
-        return value
-    return str((root / value).resolve())
-
-
-def flatten_record(record: dict[str, Any], root: Path) -> dict[str, Any]:
-    """One LLaVA-style record as the flat row the steps use: id, media (absolute paths; relative ones are under
-    ``root``; ``s3://`` URIs are kept), question, reference answer, caption, qa_type."""
-    question, reference = question_answer(record)
-    return {
-        "id": str(record["id"]),
-        "video": _media_path(record.get("video"), root),
-        "image": _media_path(record.get("image"), root),
-        "question": question,
-        "reference": reference,
-        "caption": str(record.get("caption") or ""),
-        "qa_type": str(record.get("qa_type") or ""),
-    }
-
-
-def binding_rows(record: dict[str, Any], root: Path) -> list[dict[str, Any]]:
-    """Rows that test colour-to-shape binding on a synthetic record (one with a ``shapes`` list) of two or more
-    shapes: the colour of every shape and the shape of every colour, each asked on its own, with the clip's shape
-    types in ``clip_shapes`` (e.g. ``circle+square``). Fewer than two shapes (or no ``shapes``, as in non-synthetic
-    data) gives no rows: one shape's colour needs no binding."""
-    from video_llava.synthetic import MovingShape
-    from video_llava.synthetic_qa import ClipSpec, question_about
-
-    described = record.get("shapes") or []
-    if len(described) < 2:
-        return []
-    spec = ClipSpec(tuple(MovingShape(s["shape"], s["color"], s["direction"]) for s in described))
-    base = {**flatten_record(record, root), "clip_shapes": "+".join(sorted(s.shape for s in spec.shapes))}
-    rows = []
-    for target in spec.shapes:
-        for qa_type in ("color", "shape"):
-            question, answer = question_about(spec, target, qa_type)
-            key = target.shape if qa_type == "color" else target.color
-            rows.append({**base, "id": f"{base['id']}/{qa_type}-{key}", "question": question, "reference": answer,
-                         "qa_type": qa_type})
-    return rows
-
-
-def _read_s3(uri: str) -> bytes:
-    """An ``s3://bucket/key`` object's bytes (credentials and ``AWS_ENDPOINT_URL`` the usual boto3 way)."""
-    from urllib.parse import urlsplit
-
-    from video_llava.storage import s3_client
-
-    parts = urlsplit(uri)
-    return s3_client().get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"].read()
-
-
-def load_media(video: str, image: str, num_frames: int) -> np.ndarray:
-    """Frames ``(N, H, W, 3)`` of a row's video, or its image as one frame; local paths or ``s3://`` URIs."""
-    from video_llava.video import DecodeOptions, sample_video
-
-    if video:
-        source = _read_s3(video) if video.startswith("s3://") else video
-        return sample_video(source, DecodeOptions(num_frames=num_frames)).frames
-    import io
-
-    from PIL import Image
-
-    source = io.BytesIO(_read_s3(image)) if image.startswith("s3://") else image
-    with Image.open(source) as img:
-        return np.asarray(img.convert("RGB"))[None]
+from video_llava.data.records import load_media
 
 
 class AnswerSampler:
@@ -95,8 +21,8 @@ class AnswerSampler:
 
     def __init__(self, settings: dict[str, Any], samples: int, temperature: float, top_p: float,
                  max_new_tokens: int, frames: int, seed: int = 0):
-        from video_llava.model import VideoQAModel
-        from video_llava.settings import ModelSettings
+        from video_llava.model.qa_model import VideoQAModel
+        from video_llava.model.settings import ModelSettings
 
         self.model = VideoQAModel(ModelSettings.model_validate(settings))
         self.samples, self.temperature, self.top_p = samples, temperature, top_p
@@ -124,13 +50,13 @@ class JudgeStep:
     """Scores every candidate of a row and, with ``min_margin``, picks the best and worst as chosen/rejected."""
 
     def __init__(self, judge_config: dict[str, Any], min_margin: int = 1):
-        from video_llava.judges import JudgeConfig, make_judge
+        from video_llava.feedback.judges import JudgeConfig, make_judge
 
         self.judge = make_judge(JudgeConfig.model_validate(judge_config))
         self.min_margin = min_margin
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        from video_llava.judges import JudgeError
+        from video_llava.feedback.judges import JudgeError
 
         n = len(batch["id"])
         out: dict[str, list] = {k: [] for k in ("scores", "reasons", "status", "chosen", "rejected",

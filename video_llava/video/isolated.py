@@ -14,12 +14,12 @@ import queue
 import threading
 from multiprocessing.connection import Connection
 
-from video_llava.video import (
+from video_llava.video.decode import (
     DecodeOptions,
     SampledVideo,
     VideoDecodeError,
     VideoInput,
-    _as_source,
+    as_source,
     sample_video,
 )
 
@@ -99,10 +99,10 @@ class IsolatedDecoder:
             self._add_worker()
 
     def decode(self, video: VideoInput, options: DecodeOptions | None = None) -> SampledVideo:
-        """Like ``video.sample_video`` but isolated and time-limited. Raises ``VideoDecodeError``."""
+        """Like ``decode.sample_video`` but isolated and time-limited. Raises ``VideoDecodeError``."""
         if self._closed:
             raise RuntimeError("IsolatedDecoder is closed")
-        source = _as_source(video)  # cheap checks (missing/empty file) in this process
+        source = as_source(video)  # cheap checks (missing/empty file) in this process
         options = options or DecodeOptions()
         worker = self._idle.get()
         try:

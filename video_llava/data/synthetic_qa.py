@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from video_llava.synthetic import COLORS, DIRECTIONS, SHAPES, MovingShape
+from video_llava.data.synthetic_video import COLORS, DIRECTIONS, SHAPES, MovingShape
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
 QA_TYPES = ("color", "shape", "count", "direction")

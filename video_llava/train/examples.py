@@ -1,40 +1,13 @@
-"""Training pieces shared by the SFT and DPO jobs: examples with answer-only labels, collation, freezing."""
+"""Training examples shared by the SFT and DPO jobs: prompt + answer token ids with answer-only labels, and collation."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 IGNORE_INDEX = -100
-
-
-def load_records(path: str | Path) -> list[dict]:
-    """LLaVA-style records of a ``.jsonl`` file (``id``, ``video``, ``conversations``)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def conversation_turns(record: dict) -> list[tuple[str, str]]:
-    """(question, answer) pairs of a record's conversation in order: each human turn (media placeholders removed)
-    with the gpt turn that follows it. A human turn with no answer after it is dropped."""
-    turns, question = [], None
-    for turn in record["conversations"]:
-        if turn["from"] == "human":
-            question = turn["value"].replace("<video>", "").replace("<image>", "").strip()
-        elif turn["from"] == "gpt" and question is not None:
-            turns.append((question, turn["value"].strip()))
-            question = None
-    if not turns:
-        raise ValueError(f"record {record.get('id')!r} has no human turn followed by a gpt answer")
-    return turns
-
-
-def question_answer(record: dict) -> tuple[str, str]:
-    """The first human turn (without its ``<video>``/``<image>`` placeholder) and the gpt answer that follows it."""
-    return conversation_turns(record)[0]
+MEDIA_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos")  # what a batch feeds the vision tower
 
 
 def sft_example(processor, prompt: str, answer: str, frames: np.ndarray | None = None, image: np.ndarray | None = None,
@@ -48,7 +21,7 @@ def sft_example(processor, prompt: str, answer: str, frames: np.ndarray | None =
     """
     import torch
 
-    from video_llava.prompts import follow_up_prompt
+    from video_llava.model.prompts import follow_up_prompt
 
     tokenizer = processor.tokenizer
     if image is not None:
@@ -80,7 +53,7 @@ def fixed_length(frames: np.ndarray, count: int, is_image: bool = False) -> np.n
 
 
 class ExampleMaker:
-    """``sft_example``s for flat training rows (``video``/``image``, ``question``; see ``feedback.flatten_record``),
+    """``sft_example``s for flat training rows (``video``/``image``, ``question``; see ``data.records.flatten_record``),
     decoding each row's media once at the base frame count (other counts are decoded when asked, not kept)."""
 
     def __init__(self, processor, frames: int):
@@ -88,7 +61,7 @@ class ExampleMaker:
         self._media: dict[str, np.ndarray] = {}
 
     def media(self, video: str, image: str, frames: int | None = None) -> np.ndarray:
-        from video_llava.feedback import load_media  # feedback imports this module
+        from video_llava.data.records import load_media
 
         count = frames or self.frames
         key = video or image
@@ -102,7 +75,7 @@ class ExampleMaker:
     def __call__(self, row: dict, answer: str, frames: int | None = None,
                  follow_ups: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
         """The example of ``row``'s question answered with ``answer`` (then ``follow_ups``)."""
-        from video_llava.prompts import build_prompt
+        from video_llava.model.prompts import build_prompt
 
         media = self.media(row["video"], row["image"], frames)
         prompt = build_prompt(self.processor, row["question"])
@@ -140,37 +113,3 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
         batch["image_sizes"] = torch.stack([e["image_sizes"] for e in images])
     return batch
 
-
-MEDIA_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos")
-
-
-def freeze_vision_tower(model) -> dict[str, int]:
-    """Freeze the CLIP tower (LLaVA-NeXT-Video's recipe); projector and LLM stay trainable. Returns counts."""
-    for param in model.model.vision_tower.parameters():
-        param.requires_grad_(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "total": total}
-
-
-def answer_logprobs(model, batch: dict[str, Any]):
-    """Summed log-probability of each row's labelled (answer) tokens under ``model``: shape ``(rows,)``."""
-    import torch
-
-    media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **media).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
-
-
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
-    """DPO (Rafailov et al. 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), with its diagnostics.
-
-    Returns (mean loss, per-pair log-ratio margin (pi_c - ref_c) - (pi_r - ref_r), per-pair reward accuracy).
-    """
-    import torch.nn.functional as F
-
-    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -F.logsigmoid(beta * margin).mean(), margin.detach(), (margin > 0).float().detach()

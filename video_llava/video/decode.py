@@ -2,7 +2,7 @@
 
 decord is tried first (fast seeking ``get_batch``); PyAV is the fallback for anything decord cannot open or
 read (e.g. AV1, some webm/avi files, truncated files). Every failure becomes one ``VideoDecodeError`` with a
-human reason. These functions decode in the calling process; ``video_llava.isolated_decode`` runs them in a
+human reason. These functions decode in the calling process; ``video_llava.video.isolated`` runs them in a
 worker process with a time limit so a hostile file can neither hang nor crash the caller.
 """
 
@@ -17,7 +17,7 @@ from typing import BinaryIO, Literal, Union
 
 import numpy as np
 
-from video_llava.sampling import SamplingMode, sample_frame_indices
+from video_llava.video.sampling import SamplingMode, sample_frame_indices
 
 VideoInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 Backend = Literal["auto", "decord", "pyav"]
@@ -98,7 +98,7 @@ class SampledVideo:
         }
 
 
-def _as_source(video: VideoInput) -> str | bytes:
+def as_source(video: VideoInput) -> str | bytes:
     """A filesystem path (kept as a path so large files are not read into memory) or the raw bytes."""
     if isinstance(video, (str, os.PathLike)):
         path = Path(video)
@@ -161,7 +161,7 @@ def probe_stream_info(source: str | bytes) -> dict:
     return info
 
 
-def _decode_decord(source: str | bytes, opts: DecodeOptions, rotation: int) -> tuple:
+def _decode_decord(source: str | bytes, opts: DecodeOptions) -> tuple:
     import decord
 
     reader = decord.VideoReader(_open_for_reader(source), ctx=decord.cpu(0), num_threads=opts.threads)
@@ -260,15 +260,17 @@ def _humanize(exc: BaseException) -> str:
 def sample_video(video: VideoInput, options: DecodeOptions | None = None) -> SampledVideo:
     """Decode ``video`` in this process and return the sampled frames. Raises ``VideoDecodeError``."""
     opts = options or DecodeOptions()
-    source = _as_source(video)
+    source = as_source(video)
     info = probe_stream_info(source)
     rotation = info["rotation"]
     order = {"auto": ["decord", "pyav"], "decord": ["decord"], "pyav": ["pyav"]}[opts.backend]
     errors: list[str] = []
     for backend in order:
         try:
-            decode = _decode_decord if backend == "decord" else _decode_pyav
-            frames, indices, stamps, total, fps, duration, display = decode(source, opts, rotation)
+            if backend == "decord":  # decord applies the display rotation itself
+                frames, indices, stamps, total, fps, duration, display = _decode_decord(source, opts)
+            else:
+                frames, indices, stamps, total, fps, duration, display = _decode_pyav(source, opts, rotation)
         except VideoDecodeError as exc:
             errors.append(f"{backend}: {exc.reason}")
             continue

@@ -6,11 +6,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from video_llava.prompts import ChatTemplateName
-from video_llava.sampling import SamplingMode
+from video_llava.model.prompts import ChatTemplateName
+from video_llava.video.sampling import SamplingMode
 
 EMBEDDED = "embedded"
 EMBEDDED_INIT = "embedded-init"  # the untrained tiny model the embedded default was trained from
+DEFAULT_FRAMES = 32  # frames sampled per video unless a request says otherwise
+MAX_FRAMES = 56  # LLaVA-NeXT-Video's largest recipe (RoPE x3 on a 4096-position LLM)
+# Frames are resized while decoding so the shorter side is this many pixels, CLIP-L/336's input: the processor
+# would resize them anyway, and it keeps 4K input from costing gigabytes per request.
+DECODE_SHORT_SIDE = 336
 
 
 class ModelSettings(BaseModel):
@@ -25,8 +30,8 @@ class ModelSettings(BaseModel):
 
     model: str = Field(EMBEDDED, description="'embedded', 'embedded-init', a hub id such as llava-hf/LLaVA-NeXT-Video-7B-hf, or a local path")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
-    num_frames: int = Field(32, ge=1, description="frames sampled per video by default")
-    max_frames: int = Field(56, ge=1, le=512, description="largest frame count a request may use")
+    num_frames: int = Field(DEFAULT_FRAMES, ge=1, description="frames sampled per video by default")
+    max_frames: int = Field(MAX_FRAMES, ge=1, le=512, description="largest frame count a request may use")
     sampling: SamplingMode = Field(SamplingMode.UNIFORM, description="default frame sampling mode")
     sample_fps: float = Field(1.0, gt=0, description="frames per second in fps sampling mode")
     spatial_pool_stride: int = Field(2, description="stride of the pooling of the 24x24 patch grid (must be 2)")

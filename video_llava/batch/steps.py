@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from video_llava.storage import Location, read_object, s3_client
+from video_llava.data.storage import Location, read_object, s3_client
+from video_llava.model.settings import DECODE_SHORT_SIDE
 
 
 def _node_id() -> str:
@@ -25,7 +26,7 @@ class DecodeStep:
     """Read each object and sample frames in isolated, time-limited decoder processes (CPU)."""
 
     def __init__(self, input_uri: str, num_frames: int, endpoint_url: str | None, timeout_s: float = 120.0):
-        from video_llava.isolated_decode import IsolatedDecoder
+        from video_llava.video.isolated import IsolatedDecoder
 
         self.location = Location.parse(input_uri)
         self.num_frames = num_frames
@@ -33,7 +34,7 @@ class DecodeStep:
         self.decoder = IsolatedDecoder(workers=1, timeout_s=timeout_s)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from video_llava.video import DecodeOptions, VideoDecodeError
+        from video_llava.video.decode import DecodeOptions, VideoDecodeError
 
         out: dict[str, list] = {k: [] for k in ("key", "size", "etag", "status", "error", "frames", "frame_shape",
                                                  "sampled_indices", "timestamps", "duration", "decode_s")}
@@ -44,7 +45,7 @@ class DecodeStep:
                 if int(size) == 0:
                     raise VideoDecodeError("empty object (0 bytes)")
                 data = read_object(self.location, str(key), self.client)
-                video = self.decoder.decode(data, DecodeOptions(num_frames=self.num_frames, short_side=336))
+                video = self.decoder.decode(data, DecodeOptions(num_frames=self.num_frames, short_side=DECODE_SHORT_SIDE))
                 frames, shape = video.frames.tobytes(), list(video.frames.shape)
                 indices, stamps = [int(i) for i in video.indices], [float(t) for t in video.timestamps]
                 duration = float(video.metadata.duration)
@@ -71,31 +72,34 @@ class CaptionPredictor:
     """One model replica in Ray Data's actor pool; captions the decoded rows of a batch in one ``generate``."""
 
     def __init__(self, settings: dict[str, Any], prompt: str):
-        from video_llava.model import VideoQAModel
-        from video_llava.settings import ModelSettings
+        from video_llava.model.qa_model import VideoQAModel
+        from video_llava.model.settings import ModelSettings
 
         self.model = VideoQAModel(ModelSettings.model_validate(settings))
         self.prompt = prompt
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        from video_llava.budget import ContextBudgetError
+        from video_llava.model.budget import ContextBudgetError
 
         n = len(batch["key"])
         captions, errors, statuses = [""] * n, list(batch["error"]), list(batch["status"])
         caption_s = [0.0] * n
         ready = [i for i in range(n) if statuses[i] == "decoded"]
         if ready:
-            videos = [np.frombuffer(batch["frames"][i], np.uint8).reshape(list(batch["frame_shape"][i])).copy() for i in ready]
             start = time.perf_counter()
-            try:
-                answers = self.model.answer(videos, [self.prompt] * len(ready))
-                for i, answer in zip(ready, answers):
-                    captions[i], statuses[i] = answer.text, "ok"
-            except ContextBudgetError as exc:
-                for i in ready:
+            prepared = {}
+            for i in ready:  # a video that does not fit the context costs its own row, not the batch
+                frames = np.frombuffer(batch["frames"][i], np.uint8).reshape(list(batch["frame_shape"][i])).copy()
+                try:
+                    prepared[i] = self.model.prepare(frames, self.prompt)
+                except ContextBudgetError as exc:
                     statuses[i], errors[i] = "error", f"caption: {exc}"
+            try:
+                answers = self.model.generate(list(prepared.values())) if prepared else []
+                for i, answer in zip(prepared, answers):
+                    captions[i], statuses[i] = answer.text, "ok"
             except Exception as exc:  # one bad batch becomes error rows with the reason; the job goes on
-                for i in ready:
+                for i in prepared:
                     statuses[i], errors[i] = "error", f"caption: {type(exc).__name__}: {exc}"
             elapsed = (time.perf_counter() - start) / len(ready)
             for i in ready:

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from video_llava.model.settings import MAX_FRAMES
+
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)$"
 
 
@@ -27,7 +29,7 @@ class TrainRunConfig(BaseModel):
 
     output: Path = Field(..., description="Ray Train storage directory")
     name: str = Field("run", description="run name: checkpoints under <output>/<name>; rerun the same to resume")
-    frames: int = Field(8, ge=1, le=56)
+    frames: int = Field(8, ge=1, le=MAX_FRAMES)
     checkpoint_every: int = Field(50, ge=1)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
@@ -46,7 +48,8 @@ def setup_worker(cfg: TrainRunConfig) -> None:
 
 def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, freeze_vision: bool = True,
                       freeze_projector: bool = False):
-    """(model, processor, trainer_state or None) from Ray Train's checkpoint if the run is resuming, else ``source``.
+    """(model, processor, trainer_state or None, source) from Ray Train's checkpoint if the run is resuming, else from
+    ``source``; the returned source is what the model started from (a resumed LoRA run's frozen base).
 
     With ``lora_rank`` > 0 the language model's attention projections get PEFT LoRA adapters and only they
     (and the projector) train; otherwise the projector and LLM train. The vision tower is frozen unless
@@ -54,25 +57,15 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
     """
     import ray.train
     import torch
-    from transformers import (
-        LlavaNextVideoForConditionalGeneration,
-        LlavaNextVideoProcessor,
-    )
 
-    from video_llava.model import complete_processor
-    from video_llava.training import freeze_vision_tower
+    from video_llava.model.loading import load_checkpoint
+    from video_llava.train.objectives import freeze_vision_tower
 
     def freeze(model) -> None:
         if freeze_vision:
             freeze_vision_tower(model)
         if freeze_projector:
             model.model.multi_modal_projector.requires_grad_(False)
-
-    def load(path) -> tuple:
-        model = LlavaNextVideoForConditionalGeneration.from_pretrained(path)
-        processor = LlavaNextVideoProcessor.from_pretrained(path)
-        complete_processor(processor, model.config)
-        return model, processor
 
     def with_lora(model, adapter: Path | None):
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -90,14 +83,14 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
             state = torch.load(Path(ckpt) / "trainer.pt", weights_only=False)
             if lora_rank > 0:  # the frozen base the adapter was trained on, plus the adapter
                 source = state["base"]
-                model, processor = load(source)
+                model, processor = load_checkpoint(source)
                 freeze(model)
                 model = with_lora(model, Path(ckpt) / "adapter")
             else:
-                model, processor = load(Path(ckpt) / "model")
+                model, processor = load_checkpoint(Path(ckpt) / "model")
                 freeze(model)
     else:
-        model, processor = load(source)
+        model, processor = load_checkpoint(source)
         freeze(model)
         if lora_rank > 0:
             model = with_lora(model, None)
@@ -158,8 +151,8 @@ def start_worker(cfg: TrainRunConfig, model: str, lr: float, **load: Any) -> Wor
     ``load_for_training``), wrap it for DDP with an AdamW optimizer, and open ``<output>/<name>/metrics.jsonl``."""
     import ray.train
 
-    from video_llava.model import resolve_source
-    from video_llava.settings import ModelSettings
+    from video_llava.model.loading import resolve_source
+    from video_llava.model.settings import ModelSettings
 
     setup_worker(cfg)
     loaded, processor, state, source = load_for_training(resolve_source(ModelSettings(model=model)), **load)
@@ -196,27 +189,19 @@ def report(metrics: dict[str, Any], model, processor, optimizer, base_source: st
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
-def absolute_paths(cfg: BaseModel) -> BaseModel:
-    """``cfg`` with its path fields, and a ``model`` that names a local directory, made absolute (on the driver)."""
-    update = {name: value.resolve() for name, value in cfg if isinstance(value, Path)}
-    model = getattr(cfg, "model", None)
-    if isinstance(model, str) and Path(model).expanduser().is_dir():
-        update["model"] = str(Path(model).expanduser().resolve())
-    return cfg.model_copy(update=update)
-
-
 def fit(train_loop: Callable[[dict], None], cfg: TrainRunConfig, datasets: dict | None = None):
     """Run ``train_loop`` under a ``TorchTrainer``; copy the last checkpoint's model to ``<output>/<name>/model``.
 
     Paths are made absolute first: workers run in their own directories, where relative ones point elsewhere.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from video_llava.job_cli import absolute_paths
+    from video_llava.ray_runtime import ensure_ray
+
     cfg = absolute_paths(cfg)
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=cfg.model_dump(mode="json"),

@@ -48,9 +48,9 @@ def render_named(template: ChatTemplateName, question: str, video_token: str = "
     raise ValueError(f"unknown chat template {template!r}")
 
 
-def count_prompt_tokens(processor, question: str, template: ChatTemplateName = "auto", num_videos: int = 1) -> int:
-    """Text tokens of the full prompt, the ``<video>`` placeholders excluded (they become visual tokens)."""
-    ids = processor.tokenizer(build_prompt(processor, question, template, num_videos), add_special_tokens=True)["input_ids"]
+def count_prompt_tokens(processor, prompt: str) -> int:
+    """Text tokens of a rendered prompt, the ``<video>`` placeholders excluded (they become visual tokens)."""
+    ids = processor.tokenizer(prompt, add_special_tokens=True)["input_ids"]
     return len(ids) - ids.count(processor.video_token_id)
 
 

@@ -18,7 +18,12 @@ def tokens_per_frame(image_size: int = 336, patch_size: int = 14, pool_stride: i
     return math.ceil(grid / pool_stride) ** 2
 
 
-def rope_factor_for_frames(num_frames: int, per_frame: int = 144, base_context: int = BASE_CONTEXT) -> float:
+# LLaVA-NeXT-Video's count at 336 px, patch 14, stride 2. Only for checks made before a checkpoint is read (a serve
+# config's batch limit); a loaded model takes its own count from its config.
+VIDEO_TOKENS_PER_FRAME = 144
+
+
+def rope_factor_for_frames(num_frames: int, per_frame: int = VIDEO_TOKENS_PER_FRAME, base_context: int = BASE_CONTEXT) -> float:
     """LLaVA-NeXT's rule: ceil((frames x 144 + 1000) / 4096); 1.0 means no scaling (16 -> 1, 32 -> 2, 56 -> 3)."""
     return float(max(1, math.ceil((num_frames * per_frame + RESERVED_TEXT_TOKENS) / base_context)))
 

@@ -1,0 +1,108 @@
+"""The AI-feedback pipeline shared by ``jobs.make_preferences`` and ``jobs.eval``: records -> sampled answers ->
+judged rows (Ray Data), its typed config, the binding questions of ``eval --binding``, and reading the output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from video_llava.data.records import flatten_record
+from video_llava.feedback.judges import JudgeConfig
+from video_llava.model.settings import MAX_FRAMES
+
+
+class GenerationConfig(JudgeConfig):
+    """What both AI-feedback jobs need: records, the model that answers, the judge, and the pools."""
+
+    data: Path = Field(..., description="dataset directory with <split>.jsonl (LLaVA-style records with a caption)")
+    model: str = Field("embedded", description="the model that answers: a checkpoint directory (e.g. runs/sft/model)")
+    frames: int = Field(8, ge=1, le=MAX_FRAMES)
+    max_new_tokens: int = Field(16, ge=1, le=512)
+    limit: int | None = Field(None, ge=1, description="use only the first N records")
+    batch_size: int = Field(4, ge=1)
+    concurrency: int = Field(1, ge=1, description="model replicas (actors)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per model replica")
+    judge_concurrency: int = Field(1, ge=1, description="judge actors (raise for a remote endpoint)")
+    seed: int = 0
+    num_cpus: int | None = Field(None, description="CPUs of a local Ray started by this job (ignored on a cluster)")
+
+
+def binding_rows(record: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+    """Rows that test colour-to-shape binding on a synthetic record (one with a ``shapes`` list) of two or more
+    shapes: the colour of every shape and the shape of every colour, each asked on its own, with the clip's shape
+    types in ``clip_shapes`` (e.g. ``circle+square``). Fewer than two shapes (or no ``shapes``, as in non-synthetic
+    data) gives no rows: one shape's colour needs no binding."""
+    from video_llava.data.synthetic_qa import ClipSpec, question_about
+    from video_llava.data.synthetic_video import MovingShape
+
+    described = record.get("shapes") or []
+    if len(described) < 2:
+        return []
+    spec = ClipSpec(tuple(MovingShape(s["shape"], s["color"], s["direction"]) for s in described))
+    base = {**flatten_record(record, root), "clip_shapes": "+".join(sorted(s.shape for s in spec.shapes))}
+    rows = []
+    for target in spec.shapes:
+        for qa_type in ("color", "shape"):
+            question, answer = question_about(spec, target, qa_type)
+            key = target.shape if qa_type == "color" else target.color
+            rows.append({**base, "id": f"{base['id']}/{qa_type}-{key}", "question": question, "reference": answer,
+                         "qa_type": qa_type})
+    return rows
+
+
+def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temperature: float, top_p: float = 1.0,
+                   min_margin: int = 1, binding: bool = False):
+    """records -> sampled answers -> judged rows, as a lazy Ray Dataset. ``jobs.eval`` asks one greedy answer per
+    question; ``binding``: the questions of ``binding_rows`` instead of each record's first."""
+    import ray
+
+    from video_llava.feedback.steps import AnswerSampler, JudgeStep
+
+    ds = ray.data.read_json(str(records_path))
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    if binding:
+        ds = ds.flat_map(binding_rows, fn_kwargs={"root": cfg.data.resolve()}, num_cpus=0.25)
+    else:
+        ds = ds.map(flatten_record, fn_kwargs={"root": cfg.data.resolve()}, num_cpus=0.25)
+    settings = {"model": cfg.model, "num_frames": cfg.frames, "max_frames": MAX_FRAMES, "max_new_tokens": cfg.max_new_tokens}
+    ds = ds.map_batches(
+        AnswerSampler,
+        fn_constructor_kwargs=dict(settings=settings, samples=samples,
+                                   temperature=temperature, top_p=top_p, max_new_tokens=cfg.max_new_tokens,
+                                   frames=cfg.frames, seed=cfg.seed),
+        batch_size=cfg.batch_size,
+        concurrency=cfg.concurrency,
+        num_gpus=cfg.num_gpus,
+        num_cpus=0 if cfg.num_gpus else 1,
+    )
+    judge_config = JudgeConfig.model_validate(cfg.model_dump(include=set(JudgeConfig.model_fields))).model_dump()
+    return ds.map_batches(JudgeStep, fn_constructor_kwargs=dict(judge_config=judge_config, min_margin=min_margin),
+                          batch_size=cfg.batch_size, concurrency=cfg.judge_concurrency, num_cpus=0)  # waits on I/O or does string work
+
+
+def read_preferences(output: Path) -> list[dict]:
+    """Every row ``jobs.make_preferences`` wrote to ``output`` (all statuses), sorted by id."""
+    rows = []
+    for shard in sorted((output / "shards").glob("*.json")):
+        rows += [json.loads(line) for line in shard.read_text().splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Counts of a preferences output: pairs, ties, errors, the score histogram and the mean margin."""
+    scores = [s for r in rows for s in r.get("scores") or []]
+    pairs = [r for r in rows if r["status"] == "pair"]
+    return {
+        "records": len(rows),
+        "pairs": len(pairs),
+        "no_pair": sum(r["status"] == "no_pair" for r in rows),
+        "errors": sum(r["status"] == "error" for r in rows),
+        "candidates_judged": len(scores),
+        "mean_score": round(sum(scores) / len(scores), 4) if scores else None,
+        "score_histogram": {str(k): scores.count(k) for k in range(1, 6)},
+        "mean_margin": round(sum(r["margin"] for r in pairs) / len(pairs), 4) if pairs else None,
+    }

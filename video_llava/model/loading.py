@@ -1,0 +1,228 @@
+"""Loading a LLaVA-NeXT-Video checkpoint with transformers' own classes: where it is, which device, dtype and
+attention, its config with our pooling and RoPE fix-ups applied, and its processor completed from that config."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from video_llava.model.budget import TokenBudget, rope_factor_for_frames, tokens_per_frame
+from video_llava.model.embedded import embedded_path
+from video_llava.model.settings import EMBEDDED, EMBEDDED_INIT, ModelSettings
+
+log = logging.getLogger(__name__)
+
+LLAVA_NEXT_VIDEO_TYPE = "llava_next_video"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to change."""
+
+
+def declared_rope_factor(text_config: Any) -> float | None:
+    """The linear RoPE factor a checkpoint declares, whatever shape its config has.
+
+    Handles a proper ``rope_parameters``/``rope_scaling`` block and the loose ``factor``/``type`` keys that
+    ``llava-hf/LLaVA-NeXT-Video-7B-hf``'s config.json carries in ``text_config`` (which transformers would
+    otherwise ignore, silently running unscaled).
+    """
+    for name in ("rope_parameters", "rope_scaling"):
+        block = getattr(text_config, name, None)
+        if isinstance(block, dict):
+            kind = block.get("rope_type", block.get("type"))
+            if kind == "linear" and block.get("factor"):
+                return float(block["factor"])
+    loose_type = getattr(text_config, "type", None)
+    loose_factor = getattr(text_config, "factor", None)
+    if loose_type == "linear" and loose_factor:
+        return float(loose_factor)
+    return None
+
+
+def apply_rope_scaling(text_config: Any, factor: float) -> None:
+    """Set linear RoPE scaling ``factor`` (1.0 = none) on ``text_config`` and drop loose legacy keys."""
+    current = getattr(text_config, "rope_parameters", None) or {}
+    theta = current.get("rope_theta") or getattr(text_config, "rope_theta", None) or 10000.0
+    if factor > 1.0:
+        text_config.rope_parameters = {"rope_type": "linear", "factor": float(factor), "rope_theta": theta}
+    else:
+        text_config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    for loose in ("type", "factor"):
+        if hasattr(text_config, loose):
+            try:
+                delattr(text_config, loose)
+            except AttributeError:
+                pass
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the model runs."""
+
+    device: str
+    dtype: Any  # a torch dtype
+    attn_implementation: str
+
+
+def resolve_runtime(device: str = "auto", dtype: str = "auto", attention: str = "auto") -> Runtime:
+    """Settings' ``auto`` values made concrete: CUDA when visible; bf16 there (fp16 where bf16 is unsupported),
+    float32 on a CPU; flash-attention 2 on a GPU when the ``gpu`` extra is installed, else sdpa."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device={device!r} but no CUDA GPU is visible; use device='cpu' or 'auto'")
+    on_gpu = device.startswith("cuda")
+    if dtype == "auto":
+        resolved_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_gpu else torch.float32
+    else:
+        resolved_dtype = getattr(torch, dtype)
+    flash = importlib.util.find_spec("flash_attn") is not None
+    if attention == "auto":
+        attention = "flash_attention_2" if on_gpu and flash else "sdpa"
+    elif attention == "flash_attention_2" and not flash:
+        raise ModelLoadError("attn_implementation='flash_attention_2' needs the gpu extra: pip install '.[gpu]'")
+    return Runtime(device, resolved_dtype, attention)
+
+
+def resolve_source(settings: ModelSettings) -> str:
+    """A local directory or hub id for ``settings.model``; 'embedded' resolves to the tiny default (the trained one
+    shipped in the package), 'embedded-init' to its untrained, deterministic starting point (what training starts from)."""
+    if settings.model == EMBEDDED:
+        return str(embedded_path())
+    if settings.model == EMBEDDED_INIT:
+        return str(embedded_path(packaged=False))
+    path = Path(settings.model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} exists but has no config.json: not a transformers checkpoint directory")
+        return str(path)
+    return settings.model
+
+
+def is_offline(settings: ModelSettings) -> bool:
+    """Never contact the hub: ``local_files_only`` or ``HF_HUB_OFFLINE`` set."""
+    return settings.local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+@dataclass
+class ResolvedConfig:
+    """A checkpoint's config with our settings applied, and the numbers derived from it."""
+
+    config: Any
+    per_frame: int
+    base_context: int
+    rope_factor: float
+    declared_factor: float | None
+
+    @property
+    def budget_context(self) -> int:
+        return int(self.base_context * self.rope_factor)
+
+    def budget(self, max_frames: int) -> TokenBudget:
+        return TokenBudget(context=self.budget_context, per_frame=self.per_frame, max_frames=max_frames)
+
+
+def resolve_config(settings: ModelSettings, source: str | None = None) -> ResolvedConfig:
+    """Load only the config (no weights) and apply pooling and RoPE scaling as ``settings`` say."""
+    from transformers import AutoConfig
+
+    source = source or resolve_source(settings)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=settings.revision, local_files_only=is_offline(settings))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot load model {settings.model!r}: {str(exc).splitlines()[0]} "
+            "(give a local checkpoint directory, or a hub id that is cached or reachable)"
+        ) from exc
+    if config.model_type != LLAVA_NEXT_VIDEO_TYPE:
+        raise ModelLoadError(
+            f"{settings.model!r} is a {config.model_type!r} checkpoint; a LLaVA-NeXT-Video checkpoint "
+            f"(model_type {LLAVA_NEXT_VIDEO_TYPE!r}) is needed"
+        )
+    if config.spatial_pool_stride != 2:
+        raise ModelLoadError(
+            f"checkpoint pools with stride {config.spatial_pool_stride}; only stride 2 gives the token count "
+            "transformers' processor assumes (144 per frame at 336 px)"
+        )
+    if config.spatial_pool_mode in ("average", "max"):  # parameter-free modes; "conv" has weights, keep it
+        config.spatial_pool_mode = settings.spatial_pool_mode
+    declared = declared_rope_factor(config.text_config)
+    per_frame = tokens_per_frame(config.vision_config.image_size, config.vision_config.patch_size, config.spatial_pool_stride)
+    base_context = settings.base_context or int(config.text_config.max_position_embeddings)
+    if settings.rope_scaling_factor is not None:
+        factor = float(settings.rope_scaling_factor)
+    else:
+        factor = max(rope_factor_for_frames(settings.max_frames, per_frame, base_context), declared or 1.0)
+    if declared and factor != declared:
+        log.info("RoPE linear factor %.2f (checkpoint declares %.2f)", factor, declared)
+    apply_rope_scaling(config.text_config, factor)
+    return ResolvedConfig(config, per_frame, base_context, factor, declared)
+
+
+def complete_processor(processor, config) -> None:
+    """Fill in processor fields that older or hand-made processor configs leave out, from the model's config.
+
+    ``patch_size``/``vision_feature_select_strategy`` size the visual-token placeholders; ``num_additional_image_tokens``
+    is 1 for CLIP towers (the CLS token): left at 0, the processor expands ``<image>`` one token per image short
+    and a forward with images fails with "Image features and image tokens do not match".
+    """
+    if getattr(processor, "patch_size", None) is None:
+        processor.patch_size = config.vision_config.patch_size
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    if not getattr(processor, "num_additional_image_tokens", 0) and config.vision_config.model_type == "clip_vision_model":
+        processor.num_additional_image_tokens = 1
+
+
+def load_processor(source: str, settings: ModelSettings | None = None, config: Any = None):
+    """The checkpoint's ``LlavaNextVideoProcessor``, completed from its config (read here unless given)."""
+    from transformers import AutoConfig, LlavaNextVideoProcessor
+
+    settings = settings or ModelSettings()
+    kwargs = dict(revision=settings.revision, local_files_only=is_offline(settings))
+    processor = LlavaNextVideoProcessor.from_pretrained(source, **kwargs)
+    complete_processor(processor, config if config is not None else AutoConfig.from_pretrained(source, **kwargs))
+    return processor
+
+
+def load_checkpoint(path: str | Path):
+    """(model, processor) of a checkpoint directory as saved, on the CPU in float32: what training starts from."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    model = LlavaNextVideoForConditionalGeneration.from_pretrained(path)
+    return model, load_processor(str(path), config=model.config)
+
+
+@dataclass
+class LoadedModel:
+    """Weights and processor on their device, with what was resolved to load them."""
+
+    model: Any
+    processor: Any
+    resolved: ResolvedConfig
+    runtime: Runtime
+    source: str
+
+
+def load_model(settings: ModelSettings) -> LoadedModel:
+    """Resolve ``settings`` and load the weights for inference (eval mode, on the resolved device)."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    source = resolve_source(settings)
+    runtime = resolve_runtime(settings.device, settings.dtype, settings.attn_implementation)
+    resolved = resolve_config(settings, source)
+    try:
+        processor = load_processor(source, settings, resolved.config)
+        model = LlavaNextVideoForConditionalGeneration.from_pretrained(
+            source, config=resolved.config, dtype=runtime.dtype, attn_implementation=runtime.attn_implementation,
+            revision=settings.revision, local_files_only=is_offline(settings),
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"cannot load weights of {settings.model!r}: {str(exc).splitlines()[0]}") from exc
+    model.to(runtime.device).eval()  # every call into it runs under torch.inference_mode(); grad mode is left alone
+    return LoadedModel(model, processor, resolved, runtime, source)
