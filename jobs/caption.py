@@ -25,9 +25,10 @@ import json
 import sys
 from typing import Any
 
-from video_llava.batch.pipeline import CaptionConfig, final_view, run_caption
+from video_llava.batch.pipeline import CaptionConfig, final_rows, read_output, run_caption
 from video_llava.data.storage import StorageError
-from video_llava.job_cli import add_config_flags, config_from_flags
+from video_llava.job_cli import SubmittedJobError, add_config_flags, check_submitted_job, config_from_flags
+from video_llava.ray_runtime import ClusterResourceError
 
 
 def main(cfg: CaptionConfig) -> dict:
@@ -65,12 +66,16 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: invalid arguments: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     try:
+        check_submitted_job(cfg)
         if show:
-            for row in final_view(cfg.output, cfg.endpoint_url):
+            table = read_output(cfg.output, cfg.endpoint_url)
+            if table is None:
+                raise StorageError(f"no caption output at {cfg.output}: it holds no readable shards/ (is the path right?)")
+            for row in final_rows(table):
                 print(json.dumps(row))
             return 0
         manifest = main(cfg)
-    except StorageError as exc:
+    except (StorageError, SubmittedJobError, ClusterResourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0 if manifest["missing"] == 0 else 1

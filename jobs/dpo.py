@@ -85,7 +85,8 @@ def train_loop(config: dict) -> None:
         run.optimizer.step()
         metrics = {"step": step, "epoch": epoch + 1, "loss": float(loss.detach()),
                    "margin": float(margin.mean()), "reward_accuracy": float(accuracy.mean())}
-        run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == total)
+        run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == total, total_steps=total,
+                     samples=len(batch_pairs))
 
 
 def read_pairs(preferences: Path):

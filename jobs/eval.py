@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from video_llava.feedback.judges import JudgeError, check_judge
 from video_llava.feedback.pipeline import GenerationConfig, build_pipeline
 from video_llava.feedback.scoring import binding_by_shapes, clips_all_right, score
 from video_llava.job_cli import absolute_paths, run_job
@@ -42,6 +43,7 @@ def main(cfg: EvalConfig) -> dict:
     records = cfg.data / f"{cfg.split}.jsonl"
     if not records.is_file():
         raise FileNotFoundError(f"no {cfg.split}.jsonl in {cfg.data}")
+    check_judge(cfg)
     cfg = absolute_paths(cfg)  # actors may run in other directories (or on other nodes)
     ensure_ray(cfg.num_cpus)
     rows = sorted(build_pipeline(cfg, records, samples=1, temperature=0.0, binding=cfg.binding).take_all(),
@@ -72,7 +74,7 @@ def main(cfg: EvalConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(EvalConfig, main, "python -m jobs.eval", __doc__, argv, expected=(FileNotFoundError, NothingToAsk))
+    return run_job(EvalConfig, main, "python -m jobs.eval", __doc__, argv, expected=(FileNotFoundError, NothingToAsk, JudgeError))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from video_llava.feedback.judges import JudgeError, check_judge
 from video_llava.feedback.pipeline import GenerationConfig, build_pipeline, read_preferences, summarize
 from video_llava.job_cli import absolute_paths, run_job
 from video_llava.ray_runtime import ensure_ray
@@ -42,6 +43,7 @@ def main(cfg: PreferenceConfig) -> dict:
     records = cfg.data / f"{cfg.split}.jsonl"
     if not records.is_file():
         raise FileNotFoundError(f"no {cfg.split}.jsonl in {cfg.data} (make one with python -m jobs.make_synthetic)")
+    check_judge(cfg)  # before any sampling (a missing key would make every record an error row) or overwriting
     shards = cfg.output / "shards"
     if shards.exists():
         if not cfg.overwrite:
@@ -64,7 +66,7 @@ def main(cfg: PreferenceConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(PreferenceConfig, main, "python -m jobs.make_preferences", __doc__, argv, expected=(FileNotFoundError, FileExistsError))
+    return run_job(PreferenceConfig, main, "python -m jobs.make_preferences", __doc__, argv, expected=(FileNotFoundError, FileExistsError, JudgeError))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from video_llava.data.synthetic_qa import (
+    CAPTION,
     QA_TYPES,
     VARIED_SIZES,
     all_visible,
@@ -53,6 +54,9 @@ class SyntheticConfig(BaseModel):
         "ones, so a model meant for real videos should see both)")
     follow_ups: bool = Field(False, description="after each record's question, a colour or shape question about every "
                              "other shape, the count and the detailed caption as further conversation turns")
+    caption_first: float = Field(0.0, ge=0.0, le=1.0, description="this fraction of records asks only 'Describe the "
+                                 "video in detail.' as the first turn, answered with the caption (qa_type 'caption'), so "
+                                 "a model also captions when that is the first thing asked")
 
     @field_validator("frame_sizes", mode="before")
     @classmethod
@@ -90,6 +94,8 @@ def write_split(cfg: SyntheticConfig, split: str, count: int) -> int:
             relative = f"videos/{split}/{record_id}.mp4"
             write_video(cfg.output / relative, frames, fps=cfg.fps, fmt="mp4")
             qa_type = QA_TYPES[i % len(QA_TYPES)]  # balanced question types
+            if cfg.caption_first and rng.random() < cfg.caption_first:  # no draw at 0: earlier datasets unchanged
+                qa_type = CAPTION
             out.write(json.dumps(make_record(record_id, relative, spec, qa_type, rng, cfg.follow_ups)) + "\n")
             if (i + 1) % 500 == 0:
                 print(f"  {split}: {i + 1}/{count}", flush=True)

@@ -33,7 +33,9 @@ class SFTConfig(TrainRunConfig):
     max_steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
-    train_vision_tower: bool = Field(False, description="also train the vision tower (for a tower that is not pretrained, like the embedded model's)")
+    train_vision_tower: bool = Field(False, description="also train the vision tower (LLaVA's recipes keep it frozen; "
+                                     "training the embedded model's small random tower erases the shape information "
+                                     "its features carry: docs/embedded-default.md)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the LLM's attention projections (PEFT); 0 trains the full LLM")
     decay_from: int | None = Field(None, ge=0, description="hold --lr until this step, then decay it linearly towards 0 at "
                                    "--max-steps (warmup-stable-decay); unset keeps it constant")
@@ -102,7 +104,8 @@ def train_loop(config: dict) -> None:
             group["lr"] = cfg.lr_at(step)
         run.optimizer.step()
         metrics = {"step": step, "loss": float(loss.detach()), "frames": frames, "lr": cfg.lr_at(step)}
-        run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == cfg.max_steps)
+        run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == cfg.max_steps, total_steps=cfg.max_steps,
+                     samples=len(drawn))
 
 
 def main(cfg: SFTConfig):

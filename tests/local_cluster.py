@@ -25,12 +25,33 @@ def pids(*markers: str, program: str = "") -> list[int]:
     return found
 
 
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(proc.name))
+    return tree
+
+
 def stop_cluster(gcs_port: int) -> None:
-    """Kill the Ray processes of the cluster whose GCS listens on ``gcs_port`` (every one of them names it).
+    """Kill the Ray processes of the cluster whose GCS listens on ``gcs_port``: those that name it on their command
+    line, and their descendants (the dashboard agent renames itself and would otherwise outlive the cluster, holding
+    its port against the next cluster's agent).
 
     ``ray stop`` would stop every Ray instance on the machine, a developer's own included.
     """
-    for pid in pids(f":{gcs_port}") + pids(f"={gcs_port}"):
+    tree, found = _children(), []
+    todo = pids(f":{gcs_port}") + pids(f"={gcs_port}")
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.append(pid)
+            todo += tree.get(pid, [])
+    for pid in found:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -60,7 +60,7 @@ def test_info_says_when_a_video_does_not_fit(embedded_cache, tmp_path):
 
     long_clip = shapes_video(tmp_path / "long.mp4", num_frames=240, width=64, height=48)
     result = run_cli("info", str(long_clip), "--frames", "200", "--max-frames", "512", "--rope-factor", "3", "--json", cache=embedded_cache)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr  # the figures, and an exit status that says it does not fit
     info = json.loads(result.stdout)
     assert info["fits_context"] is False and info["num_sampled"] == 200
     assert 80 <= info["max_frames_that_fit"] <= 84 and "use at most" in info["budget_error"]
@@ -89,6 +89,12 @@ def test_too_many_frames_is_refused_with_the_budget(embedded_cache, tmp_path):
     clip = shapes_video(tmp_path / "long.mp4", num_frames=240, width=64, height=48)
     result = run_cli("ask", str(clip), "What?", "--frames", "200", cache=embedded_cache)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "exceeds max_frames=56" in result.stderr and "use at most 56 frames" in result.stderr
+
+
+def test_more_frames_than_max_frames_are_refused_even_when_the_clip_is_shorter(embedded_cache):
+    result = run_cli("ask", str(SAMPLE), "What?", "--frames", "200", cache=embedded_cache)  # 48 frames in the clip
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # as the service's 400 too_many_frames
     assert "exceeds max_frames=56" in result.stderr and "use at most 56 frames" in result.stderr
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,15 @@ def cluster(embedded_cache):
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
              "--temp-dir", tempfile.mkdtemp(prefix="ray-", dir="/tmp")]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
-    yield f"http://127.0.0.1:{dashboard}", env
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the job agent comes up some seconds after `ray start` returns
+        probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
+                               capture_output=True, text=True, timeout=120)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
+    yield address, env
     stop_cluster(port)
 
 
@@ -52,11 +61,14 @@ def test_caption_job_submitted_with_ray_job_submit_succeeds(cluster, tmp_path):
     assert (tmp_path / "out" / "_manifest.json").exists()
 
 
-def _submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
-    runtime_env = '{"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".venv", ".git", "tests", "bench", "data", "runs"]}'
+def _submit(address: str, env: dict, *args: str, env_vars: dict | None = None) -> subprocess.CompletedProcess:
+    import json
+
+    runtime_env = json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1", **(env_vars or {})},
+                              "excludes": [".venv", ".git", "tests", "bench", "data", "runs"]})
     return subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json", runtime_env,
-         "--", "python", "-m", *args],
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json",
+         runtime_env, "--", "python", "-m", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
 
@@ -89,3 +101,41 @@ def test_sft_and_dpo_jobs_submitted_with_ray_job_submit_succeed(cluster, tmp_pat
     assert dpo.returncode == 0, (dpo.stdout + dpo.stderr)[-3000:]
     assert "succeeded" in dpo.stdout.lower() and "finished at step 2" in dpo.stdout
     assert (tmp_path / "runs" / "dpo" / "model" / "config.json").exists()
+
+
+def test_a_submitted_job_given_the_readmes_relative_paths_says_to_use_shared_storage(cluster):
+    address, env = cluster
+    result = _submit(address, env, "jobs.dpo", "--preferences", "runs/prefs", "--model", "runs/sft/model",
+                     "--output", "runs", "--name", "dpo")
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "relative paths in a submitted job (--output runs, --preferences runs/prefs)" in out, out[-3000:]
+    assert "shared storage" in out
+    assert "make them with python -m jobs.make_preferences" not in out  # the old, misleading hint
+
+
+def test_a_submitted_s3_job_without_credentials_says_how_to_pass_them(cluster, tmp_path):
+    address, env = cluster
+    no_credentials = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": "",
+                      "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                      "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    result = _submit(address, env, "jobs.caption", "--input", "s3://bucket/videos/", "--output", str(tmp_path / "out"),
+                     env_vars=no_credentials)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "no AWS credentials" in out and "--runtime-env-json" in out, out[-3000:]
+
+
+def test_a_submitted_job_asking_for_gpus_the_cluster_lacks_fails_in_one_line(cluster, tmp_path):
+    address, env = cluster
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    from video_llava.data.synthetic_video import SAMPLE_SHAPES, render_frames, write_video
+
+    write_video(videos / "clip.mp4", render_frames(SAMPLE_SHAPES, num_frames=12, fps=12, width=96, height=64))
+    result = _submit(address, env, "jobs.caption", "--input", str(videos), "--output", str(tmp_path / "out"),
+                     "--num-gpus", "1", env_vars={"VIDEO_LLAVA_RESOURCE_WAIT_S": "3"})
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "error: the caption job (--num-gpus 1) needs 1 CPU, 1 GPU" in out and "0 GPU" in out, out[-3000:]
+    assert "Traceback" not in out

@@ -15,6 +15,7 @@ from video_llava.feedback.judges import (
     JudgeConfig,
     JudgeError,
     OpenAIJudge,
+    check_judge,
     make_judge,
     parse_judgement,
 )
@@ -124,3 +125,28 @@ def test_judge_config_needs_an_endpoint_for_the_openai_backend():
     assert isinstance(make_judge(JudgeConfig()), CaptionJudge)
     with pytest.raises(ValueError, match="judge-url"):
         JudgeConfig(judge="openai")
+
+
+def test_the_openai_judge_without_its_key_is_refused_before_any_answer_is_sampled(tmp_path, capsys, monkeypatch):
+    from jobs.make_preferences import cli
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    argv = ["--data", str(tmp_path), "--output", str(tmp_path / "prefs"), "--judge", "openai",
+            "--judge-url", "http://127.0.0.1:9/v1"]
+    assert cli(argv) == 2
+    assert "$OPENAI_API_KEY, which is not set" in capsys.readouterr().err
+    assert not (tmp_path / "prefs").exists()
+
+
+def test_an_unreachable_judge_endpoint_is_refused_before_any_answer_is_sampled(monkeypatch):
+    from video_llava.ray_runtime import free_port
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with pytest.raises(JudgeError, match="cannot reach the judge endpoint"):
+        check_judge(JudgeConfig(judge="openai", judge_url=f"http://127.0.0.1:{free_port()}/v1"))
+
+
+def test_a_reachable_judge_endpoint_with_a_key_passes_the_check(fake_llm, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    check_judge(JudgeConfig(judge="openai", judge_url=fake_llm))  # it lists no models (501): reached is enough

@@ -68,9 +68,12 @@ def _settings(args: argparse.Namespace, **extra):
     frames = args.frames if args.frames is not None else min(DEFAULT_FRAMES, args.max_frames)
     if frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}")
+    if frames > args.max_frames:  # refused, as the service refuses it (400 too_many_frames)
+        raise ValueError(f"num_frames={frames} exceeds max_frames={args.max_frames} (--frames, --max-frames): use at "
+                         f"most {args.max_frames} frames, or raise --max-frames (which raises the RoPE factor)")
     return ModelSettings(
         model=args.model,
-        num_frames=min(frames, args.max_frames),
+        num_frames=frames,
         max_frames=args.max_frames,
         sampling=args.sampling,
         sample_fps=args.fps,
@@ -180,13 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from video_llava.model.budget import ContextBudgetError
     from video_llava.model.loading import ModelLoadError
     from video_llava.video.decode import VideoDecodeError
+    from video_llava.video.isolated import DecoderStartError
 
     try:
         result = _ask(args) if args.command == "ask" else _info(args)
     except (VideoDecodeError, ContextBudgetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except ModelLoadError as exc:
+    except (ModelLoadError, DecoderStartError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except ValueError as exc:  # invalid settings (pydantic's ValidationError is a ValueError)
@@ -199,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         _print_human(args.command, result)
+    if args.command == "info" and not result["fits_context"]:
+        return EXIT_BAD_INPUT  # the request `ask` would make does not fit: say so in the exit status too
     return 0
 
 

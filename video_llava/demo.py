@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()  # a demo should not fail because something already listens on 8000
     print(f"== starting Ray and Serve ({args.config}) ...", flush=True)
     start = time.perf_counter()
-    start_local_ray(num_cpus=2)
+    start_local_ray(num_cpus=2, logging_level=logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our "==" lines say what happens
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(ServeArgs.model_validate(app_args)), name="video_llava", route_prefix="/", blocking=False)
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         print("== shutting down", flush=True)
-        serve.shutdown()
+        # ray.shutdown stops the private Ray and the Serve app with it; serve.shutdown first would only add the
+        # raylet's "graceful_shutdown failed ... killed by ray.kill" notice to the output.
         ray.shutdown()
 
 

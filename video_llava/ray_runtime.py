@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
+import time
+
+RESOURCE_WAIT_ENV = "VIDEO_LLAVA_RESOURCE_WAIT_S"
+DEFAULT_RESOURCE_WAIT_S = 120.0  # on a cluster: time for an autoscaler to add the nodes a job asks for
+
+
+class ClusterResourceError(RuntimeError):
+    """The Ray cluster cannot give what a job asks for (GPUs, CPUs, a custom resource); the message says what."""
 
 
 def free_port() -> int:
@@ -20,13 +29,44 @@ def port_is_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+VERBOSE_ENV = "VIDEO_LLAVA_VERBOSE"  # 1: keep Ray's and transformers' INFO logs and progress bars in jobs
+
+
+def is_quiet() -> bool:
+    """Whether jobs keep Ray's INFO logs to themselves (unless ``$VIDEO_LLAVA_VERBOSE=1``)."""
+    return os.environ.get(VERBOSE_ENV, "") in ("", "0")
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect a job to Ray: the cluster of ``ray job submit`` (``RAY_ADDRESS``), else a local Ray of ``num_cpus``
-    CPUs (``None``: all). A no-op when Ray is already up in this process."""
+    """Connect a job to Ray: the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it; ``RAY_ADDRESS=auto`` joins a
+    local ``ray start``), else a new local Ray of ``num_cpus`` CPUs (``None``: all), even when another Ray runs on the
+    machine. A no-op when Ray is already up in this process.
+
+    Ray's and transformers' INFO logs and progress bars are off unless ``$VIDEO_LLAVA_VERBOSE=1``: a job prints its
+    own progress lines. (Workers of a local Ray inherit this process's environment; a cluster's keep their own.)
+    """
+    import logging
+
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else num_cpus)
+    if ray.is_initialized():
+        return
+    quiet = is_quiet()
+    if quiet:
+        for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                            ("RAY_DEDUP_LOGS", "1"), ("RAY_DATA_DISABLE_PROGRESS_BARS", "1")):
+            os.environ.setdefault(name, value)
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, num_cpus=None if address != "local" else num_cpus,
+             logging_level=logging.WARNING if quiet else logging.INFO)
+    if quiet:
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 def start_local_ray(num_cpus: int = 2, log_to_driver: bool = False, **options) -> None:
@@ -38,3 +78,41 @@ def start_local_ray(num_cpus: int = 2, log_to_driver: bool = False, **options) -
     # a short path: Ray's socket paths have a length limit
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
              _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"), **options)
+
+
+def _missing(needed: dict[str, float]) -> dict[str, float]:
+    import ray
+
+    have = ray.cluster_resources()
+    return {name: amount for name, amount in needed.items() if amount > 0 and have.get(name, 0.0) < amount}
+
+
+def require_resources(needed: dict[str, float], what: str) -> None:
+    """Fail in one line, before any work, when the cluster lacks ``needed`` (e.g. ``{"GPU": 4}`` for ``what`` =
+    "--num-workers 4 --use-gpu"); Ray would otherwise wait for them forever or fail deep in a traceback.
+
+    A local Ray started by the job is refused at once. On a cluster (``RAY_ADDRESS``), an autoscaler may still be
+    adding nodes, so the check waits up to ``$VIDEO_LLAVA_RESOURCE_WAIT_S`` seconds (default 120) first.
+    """
+    import ray
+
+    missing = _missing(needed)
+    if missing and os.environ.get("RAY_ADDRESS"):
+        wait_s = float(os.environ.get(RESOURCE_WAIT_ENV, DEFAULT_RESOURCE_WAIT_S))
+        if wait_s > 0:
+            print(f"waiting up to {wait_s:g} s for {_amounts(missing)} ({what}) to join the cluster", file=sys.stderr,
+                  flush=True)
+        deadline = time.monotonic() + wait_s
+        while missing and time.monotonic() < deadline:
+            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+            missing = _missing(needed)
+    if missing:
+        have = ray.cluster_resources()
+        raise ClusterResourceError(
+            f"{what} needs {_amounts(needed)}, but this Ray cluster has "
+            f"{_amounts({name: have.get(name, 0.0) for name in needed})}: run on a cluster that has them, or ask for less"
+        )
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    return ", ".join(f"{amount:g} {name}" for name, amount in resources.items())

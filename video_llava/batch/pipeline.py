@@ -24,7 +24,7 @@ from video_llava.data.storage import (
     pyarrow_filesystem,
 )
 from video_llava.model.settings import DEFAULT_FRAMES, MAX_FRAMES
-from video_llava.ray_runtime import ensure_ray
+from video_llava.ray_runtime import ensure_ray, require_resources
 
 DEFAULT_PROMPT = "Describe the video in detail."
 
@@ -83,7 +83,11 @@ def read_output(cfg_output: str, endpoint_url: str | None):
 
 def final_view(cfg_output: str, endpoint_url: str | None = None) -> list[dict]:
     """One row per (key, ETag): ``ok`` preferred over ``error``, then the newest."""
-    table = read_output(cfg_output, endpoint_url)
+    return final_rows(read_output(cfg_output, endpoint_url))
+
+
+def final_rows(table) -> list[dict]:
+    """``final_view`` of a table ``read_output`` returned (``None``: no output, no rows)."""
     if table is None:
         return []
     best: dict[tuple[str, str], dict] = {}
@@ -149,6 +153,17 @@ def write_manifest(cfg: CaptionConfig, manifest: dict) -> None:
         stream.write(json.dumps(manifest, indent=2).encode())
 
 
+def needed_resources(cfg: CaptionConfig) -> tuple[dict[str, float], str]:
+    """What one decoder and one model replica need, and the flags that asked for it."""
+    needed = {"CPU": 1.0, "GPU": cfg.num_gpus}
+    asked = [f"--num-gpus {cfg.num_gpus:g}"] if cfg.num_gpus else []
+    for flag, resource in (("--decode-resource", cfg.decode_resource), ("--model-resource", cfg.model_resource)):
+        if resource:
+            needed[resource] = 1.0
+            asked.append(f"{flag} {resource}")
+    return needed, "the caption job" + (f" ({' '.join(asked)})" if asked else "")
+
+
 def run_caption(cfg: CaptionConfig) -> dict:
     """Caption every video of ``cfg.input`` not yet in ``cfg.output``; returns the manifest it writes."""
     start = time.perf_counter()
@@ -157,6 +172,7 @@ def run_caption(cfg: CaptionConfig) -> dict:
           f"{counts['to_caption']} to caption, {counts['skipped_non_video']} non-video objects skipped)", flush=True)
     if todo:
         ensure_ray(cfg.num_cpus)
+        require_resources(*needed_resources(cfg))
         output = Location.parse(cfg.output)
         build_pipeline(cfg, todo).write_parquet(_shards_dir(output), filesystem=pyarrow_filesystem(output, cfg.endpoint_url))
     wall = time.perf_counter() - start

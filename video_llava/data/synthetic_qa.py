@@ -22,6 +22,7 @@ QA_TYPES = ("color", "shape", "count", "direction")
 # Start positions that keep up to three shapes apart (fractions of width/height).
 STARTS = [(0.25, 0.3), (0.7, 0.35), (0.45, 0.75)]
 DESCRIBE = "Describe the video in detail."
+CAPTION = "caption"  # the qa_type of a record whose one question is DESCRIBE, answered with the detailed caption
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,13 @@ def follow_up_turns(spec: ClipSpec, first: tuple[str, str], rng: np.random.Gener
 
 def make_record(record_id: str, video_path: str, spec: ClipSpec, qa_type: str, rng: np.random.Generator,
                 follow_ups: bool = False) -> dict:
-    question, answer = question_for(spec, qa_type, rng)
-    turns = [(question, answer)] + (follow_up_turns(spec, (question, answer), rng) if follow_ups else [])
+    """One record; ``qa_type`` ``CAPTION`` asks only for the detailed caption (no follow-ups: it states every answer)."""
+    if qa_type == CAPTION:
+        question, answer = DESCRIBE, spec.caption()
+        turns = [(question, answer)]
+    else:
+        question, answer = question_for(spec, qa_type, rng)
+        turns = [(question, answer)] + (follow_up_turns(spec, (question, answer), rng) if follow_ups else [])
     conversations = []
     for i, (q, a) in enumerate(turns):
         conversations += [{"from": "human", "value": f"<video>\n{q}" if i == 0 else q}, {"from": "gpt", "value": a}]

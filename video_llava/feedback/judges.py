@@ -147,6 +147,35 @@ class JudgeConfig(BaseModel):
             raise ValueError("--judge openai needs --judge-url (the endpoint's base URL, ending in /v1)")
 
 
+def check_judge(cfg: JudgeConfig) -> None:
+    """Before any answer is sampled: the openai judge's key is set and its endpoint answers (``JudgeError`` if not).
+
+    An endpoint that does not list models (404, 5xx on ``/models``) still passes: it was reached.
+    """
+    if cfg.judge != "openai":
+        return
+    key = os.environ.get(cfg.judge_api_key_env)
+    if not key:
+        raise JudgeError(
+            f"--judge openai reads the endpoint's key from ${cfg.judge_api_key_env}, which is not set: export it (an "
+            f"endpoint that needs no key takes any value, e.g. {cfg.judge_api_key_env}=none), or name another variable "
+            "with --judge-api-key-env"
+        )
+    import openai
+
+    client = openai.OpenAI(base_url=cfg.judge_url, api_key=key, timeout=min(cfg.judge_timeout_s, 15.0), max_retries=0)
+    try:
+        client.models.list()
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+        raise JudgeError(f"the judge endpoint {cfg.judge_url} refused the key in ${cfg.judge_api_key_env} "
+                         f"(HTTP {exc.status_code})") from exc
+    except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+        raise JudgeError(f"cannot reach the judge endpoint {cfg.judge_url}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}") from exc
+    except openai.APIStatusError:
+        pass
+
+
 def make_judge(cfg: JudgeConfig) -> Judge:
     if cfg.judge == "caption":
         return CaptionJudge()

@@ -60,6 +60,9 @@ def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temp
     import ray
 
     from video_llava.feedback.steps import AnswerSampler, JudgeStep
+    from video_llava.ray_runtime import require_resources
+
+    require_resources({"CPU": 0 if cfg.num_gpus else 1, "GPU": cfg.num_gpus}, f"--num-gpus {cfg.num_gpus:g}")
 
     ds = ray.data.read_json(str(records_path))
     if cfg.limit:

@@ -15,10 +15,10 @@ from typing import Any, Iterator, Sequence, Union
 import numpy as np
 
 from video_llava.model.budget import TokenBudget
-from video_llava.model.video_embeds import VideoEmbedder
 from video_llava.model.loading import load_model
 from video_llava.model.prompts import build_prompt, count_prompt_tokens
 from video_llava.model.settings import EMBEDDED, ModelSettings
+from video_llava.model.video_embeds import VideoEmbedder
 from video_llava.video.decode import SampledVideo
 
 VideoArg = Union[np.ndarray, SampledVideo, Sequence[Union[np.ndarray, SampledVideo]]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class TrainRunConfig(BaseModel):
     use_gpu: bool = False
     cpus_per_worker: int = Field(2, ge=1, description="CPUs reserved per worker (torch uses as many threads)")
     seed: int = 0
+    log_every: int = Field(10, ge=1, description="print a progress line (step, loss, samples/s, ETA) every N steps")
 
 
 def setup_worker(cfg: TrainRunConfig) -> None:
@@ -139,11 +141,32 @@ class WorkerRun:
     rank: int
     device: Any
     log: MetricsLog
+    name: str = "train"
+    log_every: int = 10
+    _mark: tuple[float, int, int] | None = None  # (time, step, samples since) at the last progress line
 
-    def end_step(self, metrics: dict[str, Any], save: bool) -> None:
-        """Log the step's metrics and, at a checkpoint step, report them with a checkpoint."""
+    def end_step(self, metrics: dict[str, Any], save: bool, total_steps: int, samples: int) -> None:
+        """Log the step's metrics, print a progress line every ``log_every`` steps (rank 0) and, at a checkpoint
+        step, report the metrics with a checkpoint. ``samples``: examples this step took on this worker."""
         self.log.write(metrics)
+        self._progress(metrics, total_steps, samples)
         report(metrics, self.model, self.processor, self.optimizer, self.source, save)
+
+    def _progress(self, metrics: dict[str, Any], total_steps: int, samples: int) -> None:
+        step = metrics["step"]
+        since, since_step, counted = self._mark or (self.log.start, self.start_step, 0)
+        counted += samples
+        if self.rank != 0 or (step % self.log_every and step != total_steps):
+            self._mark = (since, since_step, counted)
+            return
+        now = time.perf_counter()
+        elapsed = max(now - since, 1e-9)
+        eta = elapsed / max(1, step - since_step) * (total_steps - step)
+        # sys.stdout, not print: Ray Train patches print on its workers into a logger that shows each line twice
+        sys.stdout.write(f"{self.name}: step {step}/{total_steps} loss {metrics['loss']:.4f} "
+                         f"{counted / elapsed:.2f} samples/s ETA {int(eta // 60)}m{int(eta % 60):02d}s\n")
+        sys.stdout.flush()
+        self._mark = (now, step, 0)
 
 
 def start_worker(cfg: TrainRunConfig, model: str, lr: float, **load: Any) -> WorkerRun:
@@ -159,7 +182,8 @@ def start_worker(cfg: TrainRunConfig, model: str, lr: float, **load: Any) -> Wor
     wrapped, optimizer, start_step = prepare_training(loaded, state, lr)
     rank = ray.train.get_context().get_world_rank()
     log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank, start_step)
-    return WorkerRun(wrapped, processor, optimizer, start_step, source, rank, ray.train.torch.get_device(), log)
+    return WorkerRun(wrapped, processor, optimizer, start_step, source, rank, ray.train.torch.get_device(), log,
+                     name=cfg.name, log_every=cfg.log_every)
 
 
 def report(metrics: dict[str, Any], model, processor, optimizer, base_source: str, save: bool) -> None:
@@ -194,14 +218,17 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainRunConfig, datasets: dict 
 
     Paths are made absolute first: workers run in their own directories, where relative ones point elsewhere.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from video_llava.job_cli import absolute_paths
-    from video_llava.ray_runtime import ensure_ray
+    from video_llava.ray_runtime import ensure_ray, is_quiet, require_resources
 
     cfg = absolute_paths(cfg)
     ensure_ray()
+    asked = f"--num-workers {cfg.num_workers} --cpus-per-worker {cfg.cpus_per_worker}" + (" --use-gpu" if cfg.use_gpu else "")
+    require_resources({"CPU": cfg.num_workers * cfg.cpus_per_worker, "GPU": cfg.num_workers if cfg.use_gpu else 0},
+                      f"training with {asked}")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=cfg.model_dump(mode="json"),
@@ -209,7 +236,8 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainRunConfig, datasets: dict 
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=str(cfg.output),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=0),
+                             logging_config=LoggingConfig(log_level="WARNING" if is_quiet() else "INFO")),
         datasets=datasets,
     )
     result = trainer.fit()

@@ -23,14 +23,21 @@ from video_llava.video.decode import (
     sample_video,
 )
 
+STARTUP_TIMEOUT_S = 120.0  # spawn, import the caller's main module again, then ours
+
+
+class DecoderStartError(RuntimeError):
+    """A decoder worker process could not start: a fault of the environment or the calling script, not of a video."""
+
 
 def _worker_main(conn: Connection) -> None:
-    """Worker loop: receive (source, options), reply ("ok", SampledVideo) or ("error", reason)."""
+    """Worker loop: say ("ready", pid), then receive (source, options), reply ("ok", SampledVideo) or ("error", reason)."""
     if not os.environ.get("VIDEO_LLAVA_DECODER_STDERR"):
         # decord/FFmpeg log to fd 2 from C++; the reasons reach the caller in the error instead.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
+    conn.send(("ready", os.getpid()))
     while True:
         try:
             job = conn.recv()
@@ -54,6 +61,24 @@ class _Worker:
         self.process = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="video-decode")
         self.process.start()
         child.close()
+        self.ready = False  # set once its "ready" arrived; started workers are awaited lazily, at their first job
+
+    def await_ready(self) -> None:
+        """Wait for the worker's "ready"; ``DecoderStartError`` if it exits (or hangs) before saying it."""
+        try:
+            if self.conn.poll(STARTUP_TIMEOUT_S):
+                self.conn.recv()
+                self.ready = True
+                return
+            reason = f"did not start within {STARTUP_TIMEOUT_S:g} s"
+        except (EOFError, OSError):
+            self.process.join(timeout=5)
+            reason = f"exited with code {self.process.exitcode} before it was ready"
+        raise DecoderStartError(
+            f"a video decoder worker process {reason}: it could not start, whatever the video. Run from a script, "
+            "the script must guard its entry point with `if __name__ == \"__main__\":` (the workers are started with "
+            "multiprocessing's spawn, which imports the script again); its own error is printed above"
+        )
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -105,6 +130,12 @@ class IsolatedDecoder:
         source = as_source(video)  # cheap checks (missing/empty file) in this process
         options = options or DecodeOptions()
         worker = self._idle.get()
+        if not worker.ready:
+            try:
+                worker.await_ready()
+            except DecoderStartError:
+                self._retire(worker)
+                raise
         try:
             worker.conn.send((source, options))
             if not worker.conn.poll(self.timeout_s):
@@ -155,4 +186,4 @@ def decode_video(video: VideoInput, options: DecodeOptions | None = None, timeou
         return decoder.decode(video, options)
 
 
-__all__ = ["IsolatedDecoder", "decode_video"]
+__all__ = ["DecoderStartError", "IsolatedDecoder", "decode_video"]
