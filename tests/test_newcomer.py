@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -9,6 +10,8 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -91,3 +94,72 @@ def test_a_missing_required_flag_is_named_in_one_line_not_a_pydantic_dump(tmp_pa
     assert capsys.readouterr().err.strip() == "error: invalid arguments: --input: required"
     assert sft(["--data", str(tmp_path), "--output", str(tmp_path), "--frames", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: invalid arguments: --frames: Input should be greater than or equal to 1"
+
+
+# What the README's training commands change to run in a minute: tiny counts, and the flags of a 2-core machine.
+TINY = {"--train": "8", "--val": "0", "--test": "8", "--max-steps": "2", "--samples": "4"}
+EXTRA = {
+    "jobs.sft": ["--batch-size", "2", "--frames", "2", "--cpus-per-worker", "1"],
+    "jobs.make_preferences": ["--frames", "2", "--limit", "8", "--max-new-tokens", "4"],
+    "jobs.dpo": ["--max-steps", "2", "--batch-size", "2", "--frames", "2", "--cpus-per-worker", "1"],
+    "jobs.eval": ["--frames", "2", "--max-new-tokens", "4"],
+}
+
+
+def _readme_commands(section: str) -> list[list[str]]:
+    import shlex
+
+    text = README.read_text()
+    body = text[text.index(f"\n## {section}"):]
+    block = re.search(r"```bash\n(.*?)```", body, re.S).group(1)
+    return [shlex.split(line) for line in block.splitlines() if line.startswith("python -m jobs.")]
+
+
+def _tiny(argv: list[str], root: Path) -> list[str]:
+    out = []
+    for i, token in enumerate(argv):
+        if i and argv[i - 1] in TINY:
+            token = TINY[argv[i - 1]]
+        elif token.startswith(("data/", "runs")):
+            token = str(root / token)
+        elif token == "embedded-init":
+            token = "embedded"  # two steps from the untrained model would answer alike: no preference pairs
+        out.append(token)
+    return out + EXTRA.get(argv[2], [])
+
+
+@pytest.mark.slow
+def test_the_readme_training_chain_runs_as_written_with_tiny_step_counts(tmp_path, embedded_cache):
+    commands = _readme_commands("Training")
+    assert [c[2] for c in commands] == ["jobs.make_synthetic", "jobs.sft", "jobs.make_preferences", "jobs.dpo",
+                                        "jobs.eval", "jobs.expand_llm"]
+    for argv in commands:
+        result = _job(*_tiny(argv, tmp_path)[2:], cache=embedded_cache)
+        assert result.returncode == 0, (argv, result.stderr[-3000:])
+    assert (tmp_path / "runs" / "dpo" / "model" / "config.json").exists()
+    assert json.loads((tmp_path / "runs" / "eval-dpo.json").read_text())["all"]["n"] == 8
+    assert (tmp_path / "runs" / "sft-4-blocks" / "config.json").exists()
+
+
+CAPTION = re.compile(r"^The video shows two shapes on a light background: an? \w+ \w+ moving \w+ and an? \w+ \w+ moving \w+\.$")
+
+
+def test_the_default_model_captions_the_bundled_clip_in_a_whole_sentence(embedded_cache):
+    sample = ROOT / "video_llava" / "assets" / "sample.mp4"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(embedded_cache)}
+    result = subprocess.run([sys.executable, "-m", "video_llava.cli", "ask", str(sample), "Describe the video in detail.",
+                             "--max-new-tokens", "64"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert CAPTION.match(result.stdout.strip()), result.stdout
+
+
+@pytest.mark.slow
+def test_the_caption_quick_start_gives_the_bundled_clip_a_whole_caption(tmp_path, embedded_cache):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "sample.mp4").write_bytes((ROOT / "video_llava" / "assets" / "sample.mp4").read_bytes())
+    run = _job("jobs.caption", "--input", str(videos), "--output", str(tmp_path / "captions"), cache=embedded_cache)
+    assert run.returncode == 0, run.stderr[-3000:]
+    show = _job("jobs.caption", "--output", str(tmp_path / "captions"), "--show", cache=embedded_cache)
+    (row,) = [json.loads(line) for line in show.stdout.splitlines()]
+    assert row["status"] == "ok" and CAPTION.match(row["caption"]), row["caption"]
