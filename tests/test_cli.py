@@ -119,3 +119,5 @@ def test_make_demo_entry_point_answers_over_rest_and_shuts_down(embedded_cache):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "answer: " in result.stdout and "32 frames" in result.stdout
     assert "== shutting down" in result.stdout
+    output = result.stdout + result.stderr  # a fresh start and a clean stop, with nothing that reads like a fault
+    assert "Connecting to existing Serve app" not in output and "graceful_shutdown failed" not in output

@@ -163,3 +163,19 @@ def test_the_caption_quick_start_gives_the_bundled_clip_a_whole_caption(tmp_path
     show = _job("jobs.caption", "--output", str(tmp_path / "captions"), "--show", cache=embedded_cache)
     (row,) = [json.loads(line) for line in show.stdout.splitlines()]
     assert row["status"] == "ok" and CAPTION.match(row["caption"]), row["caption"]
+
+
+@pytest.mark.slow
+def test_a_training_job_prints_a_progress_line_per_n_steps_and_keeps_ray_quiet(tmp_path, embedded_cache):
+    from jobs.make_synthetic import SyntheticConfig
+    from jobs.make_synthetic import main as make_synthetic
+
+    data = tmp_path / "data"
+    make_synthetic(SyntheticConfig(output=data, train=4, val=0, test=0, seed=1))
+    result = _job("jobs.sft", "--data", str(data), "--output", str(tmp_path / "runs"), "--max-steps", "4",
+                  "--batch-size", "2", "--frames", "2", "--cpus-per-worker", "1", "--log-every", "2", cache=embedded_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    progress = re.findall(r"sft: step (\d+)/4 loss [\d.]+ [\d.]+ samples/s ETA \d+m\d\ds", result.stdout)
+    assert progress == ["2", "4"], result.stdout[-3000:]
+    output = result.stdout + result.stderr
+    assert "Starting execution of Dataset" not in output and "Loading weights" not in output  # Ray's, transformers'

@@ -54,11 +54,19 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     quiet = is_quiet()
     if quiet:
         for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                            ("RAY_DEDUP_LOGS", "1"), ("RAY_DATA_DISABLE_PROGRESS_BARS", "1")):
+                            ("RAY_DEDUP_LOGS", "1"), ("RAY_DATA_DISABLE_PROGRESS_BARS", "1"),
+                            ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):  # spot preemption: a cluster's concern
             os.environ.setdefault(name, value)
     address = os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, num_cpus=None if address != "local" else num_cpus,
-             logging_level=logging.WARNING if quiet else logging.INFO)
+    options: dict = {}
+    if address == "local":
+        # Ray's own actors (Ray Train's placement-group cleaner) find their cluster's state API by scanning the
+        # machine for Ray instances, and print a traceback when they find several; naming our dashboard in the
+        # environment the new processes inherit tells them which.
+        port = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        options = dict(num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port)
+    ray.init(address=address, logging_level=logging.WARNING if quiet else logging.INFO, **options)
     if quiet:
         import ray.data
 

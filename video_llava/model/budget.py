@@ -20,7 +20,7 @@ def tokens_per_frame(image_size: int = 336, patch_size: int = 14, pool_stride: i
 
 # LLaVA-NeXT-Video's count at 336 px, patch 14, stride 2. Only for checks made before a checkpoint is read (a serve
 # config's batch limit); a loaded model takes its own count from its config.
-VIDEO_TOKENS_PER_FRAME = 144
+VIDEO_TOKENS_PER_FRAME = tokens_per_frame()
 
 
 def rope_factor_for_frames(num_frames: int, per_frame: int = VIDEO_TOKENS_PER_FRAME, base_context: int = BASE_CONTEXT) -> float:

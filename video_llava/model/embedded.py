@@ -21,6 +21,7 @@ from pathlib import Path
 
 from video_llava.model.budget import BASE_CONTEXT, rope_factor_for_frames, tokens_per_frame
 from video_llava.model.prompts import LLAVA_HF_CHAT_TEMPLATE
+from video_llava.model.settings import MAX_FRAMES
 
 PACKAGED_DIR = Path(__file__).parents[1] / "assets" / "embedded"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
@@ -44,7 +45,7 @@ class TinySpec:
     patch_size: int = 14
     pool_stride: int = 2
     base_context: int = BASE_CONTEXT
-    max_frames: int = 56
+    max_frames: int = MAX_FRAMES
     seed: int = 0
     format_version: int = 2
 
