@@ -29,10 +29,13 @@ MAX_QUESTION_CHARS = 9000
 class _Files(http.server.SimpleHTTPRequestHandler):
     """Serves the test's video directory; /to-metadata redirects to a link-local address."""
 
+    REDIRECTS = {"/to-metadata": "http://169.254.169.254/latest/meta-data/", "/to-data": "data:,x",
+                 "/to-bad-port": "http://127.0.0.1:99999/x.mp4"}
+
     def do_GET(self):
-        if self.path == "/to-metadata":
+        if self.path in self.REDIRECTS:
             self.send_response(302)
-            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.send_header("Location", self.REDIRECTS[self.path])
             self.end_headers()
             return
         super().do_GET()
@@ -304,6 +307,23 @@ def test_non_video_url_and_missing_objects_are_4xx(service, http_files):
 def test_ssrf_attempts_are_refused(service, url):
     response = httpx.post(f"{service}/v1/video/qa", json={"video_url": url, "question": "What?"}, timeout=60)
     _error(response, 400, "url_not_allowed")
+
+
+@pytest.mark.parametrize("url", ["http://h:99999/a.mp4", "http://h:abc/a.mp4", "http://[::1/x", f"http://{'a' * 64}.com/x",
+                                 "http://a..b/x.mp4"])
+def test_malformed_urls_are_400_not_500_and_the_service_keeps_answering(service, url):
+    response = httpx.post(f"{service}/v1/video/qa", json={"video_url": url, "question": "What?"}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] in ("invalid_video_url", "fetch_failed")
+    _assert_still_answers(service)
+
+
+@pytest.mark.parametrize("path", ["/to-data", "/to-bad-port"])
+def test_a_redirect_to_a_malformed_or_non_http_url_is_400_not_500(service, http_files, path):
+    base_url, _ = http_files
+    response = httpx.post(f"{service}/v1/video/qa", json={"video_url": f"{base_url}{path}", "question": "What?"}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] in ("invalid_video_url", "url_not_allowed", "fetch_failed")
 
 
 def test_redirect_to_a_link_local_address_is_refused(service, http_files):

@@ -64,6 +64,8 @@ async def _checked_address(host: str, port: int, limits: LimitSettings) -> str:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         raise _bad_url(f"cannot resolve host {host!r}", code="fetch_failed")
+    except UnicodeError:  # IDNA: an empty label (a..b) or one over 63 characters
+        raise _bad_url(f"malformed host name {host[:100]!r}")
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     for address in addresses:
         if limits.allow_private_urls or _is_public(address) or _host_allowed(host, address, limits):
@@ -76,20 +78,32 @@ async def _checked_address(host: str, port: int, limits: LimitSettings) -> str:
     return str(addresses[0])
 
 
+def _http_target(url: str) -> tuple:
+    """(parts, host, port) of an http(s) URL; a 400 for any other scheme or a URL that does not parse."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise _bad_url(f"malformed URL {url[:200]!r}: {exc}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _bad_url(f"unsupported URL {url[:200]!r}: use http(s)://, s3:// or data:", code="url_not_allowed")
+    return parts, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
 async def _fetch_http(url: str, limits: LimitSettings) -> bytes:
     async with httpx.AsyncClient(follow_redirects=False, timeout=limits.fetch_timeout_s) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise _bad_url(f"unsupported URL {url[:200]!r}: use http(s)://, s3:// or data:", code="url_not_allowed")
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            address = await _checked_address(parts.hostname, port, limits)
+            parts, host, port = _http_target(url)
+            address = await _checked_address(host, port, limits)
             pinned_host = f"[{address}]" if ":" in address else address
             pinned = urlunsplit((parts.scheme, f"{pinned_host}:{port}", parts.path or "/", parts.query, ""))
             headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "User-Agent": "video-llava/0.1"}
             extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
-            request = client.build_request("GET", pinned, headers=headers, extensions=extensions)
-            response = await client.send(request, stream=True)
+            try:
+                request = client.build_request("GET", pinned, headers=headers, extensions=extensions)
+                response = await client.send(request, stream=True)
+            except httpx.InvalidURL as exc:  # httpx also parses a redirect's Location while sending: not an HTTPError
+                raise _bad_url(f"the server at {host} answered with an invalid URL: {exc}", code="fetch_failed")
             try:
                 if response.is_redirect:
                     location = response.headers.get("location")
@@ -163,7 +177,10 @@ def _fetch_s3(url: str, limits: LimitSettings) -> bytes:
 async def fetch_video(url: str, limits: LimitSettings) -> Fetched:
     """Bytes of the video at ``url`` within the time and size limits, or a ``ServiceError`` (4xx)."""
     start = time.perf_counter()
-    scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+    try:
+        scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise _bad_url(f"malformed URL {url[:200]!r}: {exc}")
     try:
         if scheme == "data":
             data, source = _decode_data_url(url, limits), "data"
