@@ -9,14 +9,18 @@ transformers' documented path for this).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from video_llava.cache import LRUCache, content_key
 
-if TYPE_CHECKING:
-    from video_llava.model.qa_model import PreparedQuestion
+
+class Embeddable(Protocol):
+    """What an embedding needs of a question (``qa_model.PreparedQuestion`` is one)."""
+
+    prompt: str  # one ``<video>`` placeholder per clip
+    clips: tuple[np.ndarray, ...]
 
 
 class VideoEmbedder:
@@ -46,7 +50,7 @@ class VideoEmbedder:
             self.feature_cache.put(key, features)
         return features, False
 
-    def __call__(self, prepared: Sequence[PreparedQuestion]):
+    def __call__(self, prepared: Sequence[Embeddable]):
         """(embeddings, attention mask, per question: whether every video's features were cached, seconds in the
         vision tower) of a left-padded batch of prepared questions."""
         import torch
