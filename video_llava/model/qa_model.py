@@ -182,8 +182,11 @@ class VideoQAModel:
         start = time.perf_counter()
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
+        started = False
         for piece in streamer:
+            piece = piece if started else piece.lstrip()  # as Answer.text: no leading space
             if piece:
+                started = True
                 yield piece
         worker.join()
         if "error" in result:

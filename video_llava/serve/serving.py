@@ -236,13 +236,9 @@ class QAService:
             async for event in events:
                 yield event
 
-        started = False
         async for event in all_events():
             if isinstance(event, str):
-                text = event if started else event.lstrip()  # as the non-streamed answer: no leading space
-                if text:
-                    started = True
-                    yield _sse(chat_chunk(cid, self.model_name, {"content": text}))
+                yield _sse(chat_chunk(cid, self.model_name, {"content": event}))
             elif isinstance(event, ModelReply):
                 finish = event.answer.finish_reason
         yield _sse(chat_chunk(cid, self.model_name, {}, finish_reason=finish))
