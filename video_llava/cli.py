@@ -125,7 +125,7 @@ def _info(args: argparse.Namespace) -> dict:
     video, decode_s = _decode(args, frames)
     source = resolve_source(settings)
     resolved = resolve_config(settings, source)
-    processor = load_processor(source, settings, resolved.config)
+    processor = load_processor(source, resolved.config, settings)
     prompt_tokens = count_prompt_tokens(processor, build_prompt(processor, args.question, settings.chat_template))
     budget = resolved.budget(settings.max_frames)
     try:

@@ -179,14 +179,14 @@ def complete_processor(processor, config) -> None:
         processor.num_additional_image_tokens = 1
 
 
-def load_processor(source: str, settings: ModelSettings | None = None, config: Any = None):
-    """The checkpoint's ``LlavaNextVideoProcessor``, completed from its config (read here unless given)."""
-    from transformers import AutoConfig, LlavaNextVideoProcessor
+def load_processor(source: str, config: Any, settings: ModelSettings | None = None):
+    """The checkpoint's ``LlavaNextVideoProcessor``, completed from its (already loaded) ``config``."""
+    from transformers import LlavaNextVideoProcessor
 
     settings = settings or ModelSettings()
-    kwargs = dict(revision=settings.revision, local_files_only=is_offline(settings))
-    processor = LlavaNextVideoProcessor.from_pretrained(source, **kwargs)
-    complete_processor(processor, config if config is not None else AutoConfig.from_pretrained(source, **kwargs))
+    processor = LlavaNextVideoProcessor.from_pretrained(source, revision=settings.revision,
+                                                        local_files_only=is_offline(settings))
+    complete_processor(processor, config)
     return processor
 
 
@@ -195,7 +195,7 @@ def load_checkpoint(path: str | Path):
     from transformers import LlavaNextVideoForConditionalGeneration
 
     model = LlavaNextVideoForConditionalGeneration.from_pretrained(path)
-    return model, load_processor(str(path), config=model.config)
+    return model, load_processor(str(path), model.config)
 
 
 @dataclass
@@ -217,7 +217,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     runtime = resolve_runtime(settings.device, settings.dtype, settings.attn_implementation)
     resolved = resolve_config(settings, source)
     try:
-        processor = load_processor(source, settings, resolved.config)
+        processor = load_processor(source, resolved.config, settings)
         model = LlavaNextVideoForConditionalGeneration.from_pretrained(
             source, config=resolved.config, dtype=runtime.dtype, attn_implementation=runtime.attn_implementation,
             revision=settings.revision, local_files_only=is_offline(settings),
