@@ -23,6 +23,7 @@ EXIT_FAILED = 1
 
 
 def _quiet_libraries() -> None:
+    """Before a model loads (importing transformers costs about half a second: not before a video decoded)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -94,10 +95,11 @@ def _decode(args: argparse.Namespace, frames: int):
 
 
 def _ask(args: argparse.Namespace) -> dict:
+    settings, frames = _settings(args, device=args.device)
+    video, decode_s = _decode(args, frames)  # a bad file fails here, before torch is imported
+    _quiet_libraries()
     from video_llava.model.qa_model import VideoQAModel
 
-    settings, frames = _settings(args, device=args.device)
-    video, decode_s = _decode(args, frames)
     start = time.perf_counter()
     model = VideoQAModel(settings)
     load_s = time.perf_counter() - start
@@ -122,7 +124,8 @@ def _info(args: argparse.Namespace) -> dict:
     from video_llava.model.prompts import build_prompt, count_prompt_tokens
 
     settings, frames = _settings(args)
-    video, decode_s = _decode(args, frames)
+    video, decode_s = _decode(args, frames)  # a bad file fails here, before any model file is read
+    _quiet_libraries()
     source = resolve_source(settings)
     resolved = resolve_config(settings, source)
     processor = load_processor(source, resolved.config, settings)
@@ -175,11 +178,12 @@ def _print_human(command: str, result: dict) -> None:
         print(f"{name:>24}: {value}")
     for warning in result["warnings"]:
         print(f"{'warning':>24}: {warning}")
+    for warning in result["decode_warnings"]:
+        print(f"{'damaged':>24}: {warning}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_libraries()
     from video_llava.model.budget import ContextBudgetError
     from video_llava.model.loading import ModelLoadError
     from video_llava.video.decode import VideoDecodeError

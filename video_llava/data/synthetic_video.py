@@ -37,8 +37,10 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "mkv": ("matroska", "libx264", "yuv420p"),
     "mov": ("mov", "libx264", "yuv420p"),
     "mjpeg": ("avi", "mjpeg", "yuvj420p"),
-    "mkv-444": ("matroska", "libx264", "yuv444p"),
-    "gif": ("gif", "gif", "rgb8"),  # animated GIF: what chat apps send as "video"  # no chroma subsampling: odd widths/heights allowed
+    "mkv-444": ("matroska", "libx264", "yuv444p"),  # no chroma subsampling: odd widths/heights allowed
+    "mpegts": ("mpegts", "libx264", "yuv420p"),  # broadcast / camera .ts (x264's default B-frames)
+    "mpeg-ps": ("mpeg", "mpeg2video", "yuv420p"),  # DVD / capture .mpg
+    "gif": ("gif", "gif", "rgb8"),  # animated GIF: what chat apps send as "video"
 }
 
 
@@ -101,12 +103,14 @@ def write_video(
     rotation: int = 0,
     frame_times: Sequence[float] | None = None,
     gop: int | None = None,
+    b_frames: int | None = None,
 ) -> None:
     """Encode RGB ``frames`` into ``dest`` as ``fmt`` (a key of ``FORMATS``).
 
     ``rotation`` stores display-rotation metadata (degrees counter-clockwise) as phones do.
     ``frame_times`` (seconds, increasing) gives a variable frame rate; otherwise frames are 1/fps apart.
     ``gop``: keyframe interval in frames (encoder default when ``None``; phones use about one second).
+    ``b_frames``: most consecutive B-frames (encoder default when ``None``; DivX/XviD AVIs and DVDs use 2).
 
     Byte-identical output: muxers run ``bitexact`` (no random Matroska segment UID or date, no library version
     string), and libx264 runs without its assembly (``asm=0``). x264's SIMD lookahead reads memory it never wrote,
@@ -128,9 +132,11 @@ def write_video(
         if codec == "libx265":
             stream.options = {"preset": "ultrafast", "x265-params": "log-level=error"}
         if codec == "libsvtav1":
-            stream.options = {"preset": "12"}
+            stream.options = {"preset": "8"}  # 10 and up leave stale blocks when the whole frame changes
         if gop is not None:
             stream.codec_context.gop_size = gop
+        if b_frames is not None:
+            stream.codec_context.max_b_frames = b_frames
         if frame_times is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         if rotation:

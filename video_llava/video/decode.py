@@ -1,14 +1,18 @@
 """Open a video (path, bytes or file object), sample frames, return them with metadata.
 
-decord is tried first (fast seeking ``get_batch``); PyAV is the fallback for anything decord cannot open or
-read (e.g. AV1, some webm/avi files, truncated files). Every failure becomes one ``VideoDecodeError`` with a
-human reason. These functions decode in the calling process; ``video_llava.video.isolated`` runs them in a
-worker process with a time limit so a hostile file can neither hang nor crash the caller.
+The container is demuxed first (``probe``): its packets' presentation times say how many frames there are and
+when each is shown, and they are what both decoders are held to. decord is tried first (fast seeking
+``get_batch``) where it is known to be right, and its count, frame size and every sampled timestamp are checked
+against the container; any disagreement sends the file to PyAV, which decodes in order, skips packets that do
+not decode, and matches frames to indices by presentation time. Timestamps are seconds from the first video
+frame, whichever decoder ran. Every failure becomes one ``VideoDecodeError`` with a human reason. These
+functions decode in the calling process; ``video_llava.video.isolated`` runs them in a worker process with a time
+limit so a hostile file can neither hang nor crash the caller.
 """
 
 from __future__ import annotations
 
-import io
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -17,19 +21,12 @@ from typing import BinaryIO, Literal, Union
 
 import numpy as np
 
-from video_llava.video.sampling import SamplingMode, sample_frame_indices
+from video_llava.video.probe import ContainerProbe, VideoDecodeError, open_for_reader, probe_container
+from video_llava.video.sampling import SamplingMode, sample_by_time
 
 VideoInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 Backend = Literal["auto", "decord", "pyav"]
-
-
-class VideoDecodeError(ValueError):
-    """The input could not be turned into frames; ``reason`` says why in words a user can act on."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
+log = logging.getLogger("video_llava.video")
 
 @dataclass(frozen=True)
 class DecodeOptions:
@@ -74,13 +71,19 @@ class VideoMetadata:
 
 @dataclass(frozen=True)
 class SampledVideo:
-    """Sampled frames ``(N, H, W, 3)`` uint8 RGB, their source indices and timestamps (seconds)."""
+    """Sampled frames ``(N, H, W, 3)`` uint8 RGB, their indices and timestamps (seconds from the first frame).
+
+    ``warnings``: how the frames were obtained when not by the first choice (a decoder fallen back from);
+    ``decode_warnings``: what of the file could not be decoded (damaged stretches), in which case ``indices``
+    count the frames that did decode.
+    """
 
     frames: np.ndarray
     metadata: VideoMetadata
     indices: np.ndarray
     timestamps: np.ndarray
     warnings: list[str] = field(default_factory=list)
+    decode_warnings: list[str] = field(default_factory=list)
 
     @property
     def num_frames(self) -> int:
@@ -95,6 +98,7 @@ class SampledVideo:
             "sampled_indices": [int(i) for i in self.indices],
             "timestamps": [round(float(t), 4) for t in self.timestamps],
             "warnings": list(self.warnings),
+            "decode_warnings": list(self.decode_warnings),
         }
 
 
@@ -123,10 +127,6 @@ def as_source(video: VideoInput) -> str | bytes:
     return data
 
 
-def _open_for_reader(source: str | bytes) -> str | io.BytesIO:
-    return source if isinstance(source, str) else io.BytesIO(source)
-
-
 def _resized_dims(width: int, height: int, short_side: int | None) -> tuple[int, int]:
     """(width, height) with the shorter side scaled to ``short_side``; even numbers for the scalers."""
     if short_side is None or min(width, height) <= short_side:
@@ -141,111 +141,152 @@ def _rotate(frames: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(frames, k=k, axes=(1, 2))) if k else frames
 
 
-def probe_stream_info(source: str | bytes) -> dict:
-    """Container/codec names and display rotation from PyAV (cheap: headers plus at most one frame)."""
-    import av
+@dataclass
+class _Decoded:
+    """What one backend produced: frames and the indices (into the decodable frames) they are."""
 
-    info: dict = {"rotation": 0, "codec": None, "container": None}
-    try:
-        with av.open(_open_for_reader(source), metadata_errors="ignore") as container:
-            info["container"] = container.format.name
-            if not container.streams.video:
-                return info
-            stream = container.streams.video[0]
-            info["codec"] = stream.codec_context.name
-            for frame in container.decode(stream):
-                info["rotation"] = int(round(getattr(frame, "rotation", 0) or 0)) % 360
-                break
-    except (av.FFmpegError, ValueError, IndexError, OSError):
-        pass  # The decoders below report a precise reason if the file is really unreadable.
-    return info
+    frames: np.ndarray
+    indices: np.ndarray
+    timestamps: np.ndarray
+    frame_count: int
+    decode_warnings: list[str] = field(default_factory=list)
 
 
-def _decode_decord(source: str | bytes, opts: DecodeOptions) -> tuple:
+class DecordMismatch(VideoDecodeError):
+    """decord's answer disagrees with the container: the file goes to PyAV."""
+
+
+def _plan(probe: ContainerProbe, times: np.ndarray, opts: DecodeOptions) -> np.ndarray:
+    return sample_by_time(times, opts.num_frames, opts.mode, probe.fps, opts.sample_fps)
+
+
+def _decode_decord(source: str | bytes, probe: ContainerProbe, opts: DecodeOptions) -> _Decoded:
+    """decord's seeking decode, checked against the container: count, shape and every sampled timestamp."""
     import decord
 
-    reader = decord.VideoReader(_open_for_reader(source), ctx=decord.cpu(0), num_threads=opts.threads)
-    total = len(reader)
-    if total < 1:
-        raise VideoDecodeError("the video has zero frames")
-    # decord applies the display rotation itself, and its width/height arguments are display dimensions.
-    display_h, display_w = reader[0].shape[:2]
-    if opts.short_side is not None:
-        width, height = _resized_dims(display_w, display_h, opts.short_side)
-        if (width, height) != (display_w, display_h):
-            reader = decord.VideoReader(
-                _open_for_reader(source), ctx=decord.cpu(0), num_threads=opts.threads, width=width, height=height
-            )
-    fps = float(reader.get_avg_fps() or 0.0)
-    indices = sample_frame_indices(total, opts.num_frames, opts.mode, fps, opts.sample_fps)
+    why_not = probe.decord_is_wrong_here()
+    if why_not:
+        raise DecordMismatch(why_not)
+    display_w, display_h = probe.display_size  # decord applies the display rotation; its sizes are display sizes
+    width, height = _resized_dims(display_w, display_h, opts.short_side)
+    sized = {"width": width, "height": height} if (width, height) != (display_w, display_h) else {}
+    reader = decord.VideoReader(open_for_reader(source), ctx=decord.cpu(0), num_threads=opts.threads, **sized)
+    if len(reader) != probe.frame_count:
+        raise DecordMismatch(f"decord counts {len(reader)} frames where the container holds {probe.frame_count}")
+    times = probe.times
+    indices = _plan(probe, times, opts)
     frames = reader.get_batch(indices.tolist()).asnumpy()
-    stamps = reader.get_frame_timestamp(indices.tolist())[:, 0].astype(np.float64)
-    last_end = float(reader.get_frame_timestamp([total - 1])[0, 1])
-    duration = last_end if last_end > 0 else (total / fps if fps else 0.0)
-    return frames, indices, stamps, total, fps, duration, (display_w, display_h)
+    if frames.shape[1:3] != (height, width):
+        raise DecordMismatch(f"decord returned {frames.shape[2]}x{frames.shape[1]} frames, expected {width}x{height}")
+    stamps = reader.get_frame_timestamp([0] + indices.tolist())[:, 0].astype(np.float64)
+    stamps = stamps[1:] - stamps[0]
+    tolerance = max(probe.frame_interval / 2, 1e-3)
+    wrong = np.flatnonzero(np.abs(stamps - times[indices]) > tolerance)
+    if len(wrong):
+        k = wrong[0]
+        raise DecordMismatch(
+            f"decord's frame {int(indices[k])} is at {stamps[k]:.3f} s where the container says {times[indices[k]]:.3f} s"
+        )
+    return _Decoded(frames, indices, times[indices], probe.frame_count)
 
 
-def _packet_times(source: str | bytes) -> tuple[list[float], float]:
-    """Presentation times (s) of every video packet, sorted, via demuxing only (no decoding)."""
+def _decode_pyav(source: str | bytes, probe: ContainerProbe, opts: DecodeOptions) -> _Decoded:
+    """Decode in order, skipping packets that do not decode; frames are matched to indices by presentation time.
+
+    When packets are lost to damage, the frames that did decode are sampled again (a second pass fetches them),
+    and ``frame_count`` is what decoded: the model sees what ffmpeg can show, never a frame under another's index.
+    """
+    times = probe.times
+    indices = _plan(probe, times, opts)
+    first = _pyav_pass(source, probe, opts, indices, stop_early=True)
+    frames, decoded, complete = first
+    if complete:
+        return _Decoded(np.stack([frames[int(i)] for i in indices]), indices, times[indices], probe.frame_count)
+    good = np.asarray(sorted(decoded), dtype=np.int64)
+    if not len(good):
+        raise VideoDecodeError("no frame could be decoded (corrupt or unsupported video data)")
+    chosen = good[_plan(probe, times[good], opts)]
+    if not all(int(i) in frames for i in chosen):
+        frames, _, _ = _pyav_pass(source, probe, opts, chosen, stop_early=False)
+        if not all(int(i) in frames for i in chosen):
+            raise VideoDecodeError("frames could not be decoded consistently (corrupt video data)")
+    lost = _lost_runs(probe, good)
+    positions = np.searchsorted(good, chosen)
+    return _Decoded(np.stack([frames[int(i)] for i in chosen]), positions, times[chosen], len(good), lost)
+
+
+def _pyav_pass(
+    source: str | bytes, probe: ContainerProbe, opts: DecodeOptions, wanted: np.ndarray, stop_early: bool
+) -> tuple[dict[int, np.ndarray], set[int], bool]:
+    """One decode pass: {index: frame} for ``wanted``, the indices that decoded, whether nothing was lost."""
     import av
 
-    with av.open(_open_for_reader(source), metadata_errors="ignore") as container:
-        if not container.streams.video:
-            raise VideoDecodeError("no video stream in the file")
+    want = {int(i) for i in wanted}
+    last_wanted = max(want)
+    frames: dict[int, np.ndarray] = {}
+    decoded: set[int] = set()
+    damaged = False
+    width, height = _resized_dims(*probe.coded_size, opts.short_side)
+    with av.open(open_for_reader(source), metadata_errors="ignore") as container:
         stream = container.streams.video[0]
-        tb = float(stream.time_base) if stream.time_base else 0.0
-        rate = float(stream.average_rate or stream.guessed_rate or 0.0)
-        times = []
-        for n, packet in enumerate(container.demux(stream)):
-            if packet.size == 0:
-                continue  # flush packet
-            ts = packet.pts if packet.pts is not None else packet.dts
-            times.append(ts * tb if ts is not None and tb else (n / rate if rate else float(n)))
-    times.sort()
-    return times, rate
-
-
-def _decode_pyav(source: str | bytes, opts: DecodeOptions, rotation: int) -> tuple:
-    import av
-
-    times, rate = _packet_times(source)
-    if not times:
-        raise VideoDecodeError("the video has zero frames")
-    for _ in range(2):  # a second pass only when fewer frames decode than packets
-        total = len(times)
-        span = times[-1] - times[0]
-        fps = rate or ((total - 1) / span if span > 0 else 0.0)
-        indices = sample_frame_indices(total, opts.num_frames, opts.mode, fps, opts.sample_fps)
-        wanted = {int(i): k for k, i in enumerate(indices)}
-        frames: list = [None] * len(indices)
-        stamps = np.zeros(len(indices), dtype=np.float64)
-        decoded = 0
-        with av.open(_open_for_reader(source), metadata_errors="ignore") as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            stream.codec_context.thread_count = opts.threads
-            coded_w, coded_h = stream.codec_context.width, stream.codec_context.height
-            width, height = _resized_dims(coded_w, coded_h, opts.short_side)
-            display = (coded_h, coded_w) if rotation % 180 == 90 else (coded_w, coded_h)
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = opts.threads
+        packets = container.demux(stream)
+        order = 0  # frames without a timestamp are matched by decode order
+        broke_early = False
+        while True:
             try:
-                for frame in container.decode(stream):
-                    if decoded in wanted:
-                        k = wanted[decoded]
-                        frames[k] = frame.to_ndarray(format="rgb24", width=width, height=height)
-                        stamps[k] = frame.time if frame.time is not None else times[min(decoded, total - 1)]
-                    decoded += 1
-                    if decoded > indices[-1]:
-                        break
-            except av.FFmpegError:
-                pass  # truncated/corrupt tail: keep what decoded, re-plan below if needed
-        if all(f is not None for f in frames):
-            duration = span + (1.0 / fps if fps else 0.0)
-            # PyAV hands out frames as coded; turn them the way the display matrix says.
-            return _rotate(np.stack(frames), rotation), indices, stamps, total, fps, duration, display
-        if decoded == 0:
-            raise VideoDecodeError("no frame could be decoded (corrupt or unsupported video data)")
-        times = times[:decoded]  # fewer decodable frames than packets: sample from what decodes
-    raise VideoDecodeError("frames could not be decoded consistently (corrupt video data)")
+                packet = next(packets)
+            except StopIteration:
+                break
+            except (av.FFmpegError, ValueError, OSError):
+                damaged = True  # the container ends early: what decoded so far is what there is
+                break
+            try:
+                out = stream.decode(packet)
+            except (av.FFmpegError, ValueError):
+                damaged = True  # this packet does not decode: skip it, as ffmpeg does, and go on
+                continue
+            for frame in out:
+                index = _frame_index(probe, frame.pts, order)
+                order += 1
+                if index is None or index in decoded:
+                    continue
+                decoded.add(index)
+                if index in want:
+                    frames[index] = _rotate(
+                        frame.to_ndarray(format="rgb24", width=width, height=height)[None], probe.rotation
+                    )[0]
+            if stop_early and not damaged and want <= frames.keys() and order > last_wanted:
+                broke_early = True
+                break
+    complete = not damaged and want <= frames.keys() and (broke_early or len(decoded) == probe.frame_count)
+    return frames, decoded, complete
+
+
+def _frame_index(probe: ContainerProbe, pts: int | None, order: int) -> int | None:
+    if pts is None:
+        return order if order < probe.frame_count else None
+    i = int(np.searchsorted(probe.pts, pts))
+    return i if i < probe.frame_count and probe.pts[i] == pts else None
+
+
+def _lost_runs(probe: ContainerProbe, good: np.ndarray, limit: int = 5) -> list[str]:
+    """Human lines for the runs of frames that did not decode."""
+    missing = np.setdiff1d(np.arange(probe.frame_count), good)
+    if not len(missing):
+        return []
+    runs = np.split(missing, np.flatnonzero(np.diff(missing) > 1) + 1)
+    times = probe.times
+    lines = [
+        f"frames {int(r[0])}-{int(r[-1])} ({times[r[0]]:.2f}-{times[r[-1]]:.2f} s) could not be decoded (damaged data)"
+        if len(r) > 1 else f"frame {int(r[0])} ({times[r[0]]:.2f} s) could not be decoded (damaged data)"
+        for r in runs[:limit]
+    ]
+    if len(runs) > limit:
+        lines.append(f"... and {len(runs) - limit} more damaged stretches")
+    lines.append(f"{len(good)} of {probe.frame_count} frames decoded; indices count the decoded frames")
+    return lines
 
 
 _DECORD_LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: |Check failed: .*?\(-?\d+ vs\. -?\d+\) ")
@@ -258,51 +299,55 @@ def _humanize(exc: BaseException) -> str:
 
 
 def sample_video(video: VideoInput, options: DecodeOptions | None = None) -> SampledVideo:
-    """Decode ``video`` in this process and return the sampled frames. Raises ``VideoDecodeError``."""
+    """Decode ``video`` in this process and return the sampled frames. Raises ``VideoDecodeError`` only."""
     opts = options or DecodeOptions()
     source = as_source(video)
-    info = probe_stream_info(source)
-    rotation = info["rotation"]
+    try:
+        return _sample(source, opts)
+    except VideoDecodeError:
+        raise
+    except Exception as exc:  # a library error a file caused: the typed error, with the library's words
+        raise VideoDecodeError(f"could not decode video: {type(exc).__name__}: {_humanize(exc)}") from exc
+
+
+def _sample(source: str | bytes, opts: DecodeOptions) -> SampledVideo:
+    probe = probe_container(source)
     order = {"auto": ["decord", "pyav"], "decord": ["decord"], "pyav": ["pyav"]}[opts.backend]
     errors: list[str] = []
     for backend in order:
         try:
-            if backend == "decord":  # decord applies the display rotation itself
-                frames, indices, stamps, total, fps, duration, display = _decode_decord(source, opts)
-            else:
-                frames, indices, stamps, total, fps, duration, display = _decode_pyav(source, opts, rotation)
+            decoded = (_decode_decord if backend == "decord" else _decode_pyav)(source, probe, opts)
         except VideoDecodeError as exc:
             errors.append(f"{backend}: {exc.reason}")
+            if isinstance(exc, DecordMismatch) and len(order) > 1:
+                log.warning("video decoded with PyAV: %s (%s, codec %s)", exc.reason, probe.container, probe.codec)
             continue
         except Exception as exc:  # decoder libraries raise many types; each is reported, none is hidden
             errors.append(f"{backend}: {_humanize(exc)}")
             continue
+        frames = decoded.frames
         if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
             errors.append(f"{backend}: decoder returned frames of shape {frames.shape}")
             continue
-        frames = frames.astype(np.uint8, copy=False)
-        width, height = display
+        width, height = probe.display_size
+        fps = probe.fps or (1.0 / probe.frame_interval if probe.frame_interval > 0 else 0.0)
         meta = VideoMetadata(
-            frame_count=int(total),
+            frame_count=int(decoded.frame_count),
             fps=round(float(fps), 4),
-            duration=round(float(duration), 4),
+            duration=round(probe.duration, 4),
             width=int(width),
             height=int(height),
-            rotation=rotation,
-            codec=info["codec"],
-            container=info["container"],
+            rotation=probe.rotation,
+            codec=probe.codec,
+            container=probe.container,
             backend=backend,
         )
-        warnings = [f"fell back from {e}" for e in errors]
-        return SampledVideo(frames=frames, metadata=meta, indices=indices, timestamps=stamps, warnings=warnings)
-    raise VideoDecodeError(_summarize_failures(errors, info))
-
-
-def _summarize_failures(errors: list[str], info: dict) -> str:
-    if info.get("container") is None:
-        return (
-            "not a readable video: the data is not in a known video container, or it is truncated or corrupt "
-            "(an MP4 cut short loses its index); details: " + "; ".join(errors)
+        return SampledVideo(
+            frames=frames.astype(np.uint8, copy=False),
+            metadata=meta,
+            indices=decoded.indices.astype(np.int64),
+            timestamps=decoded.timestamps.astype(np.float64),
+            warnings=[f"fell back from {e}" for e in errors],
+            decode_warnings=probe.notes + decoded.decode_warnings,
         )
-    joined = "; ".join(errors)
-    return f"could not decode video ({info.get('container')}, codec {info.get('codec')}): {joined}"
+    raise VideoDecodeError(f"could not decode video ({probe.container}, codec {probe.codec}): {'; '.join(errors)}")

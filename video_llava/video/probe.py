@@ -1,0 +1,160 @@
+"""What the container says, before any frame is sampled: the presentation time of every video packet.
+
+Demuxing reads packets without decoding them (the first frame is decoded, for its display rotation), so this is
+cheap next to decoding, and it is the reference both decoders are held to: frame ``i`` of a video is the packet
+with the ``i``-th smallest presentation time, and its timestamp is that time minus the first one (seconds from the
+first video frame, whatever the container's clock starts at).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class VideoDecodeError(ValueError):
+    """The input could not be turned into frames; ``reason`` says why in words a user can act on."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# Containers whose timestamps decord gets wrong when the stream has B-frames (checked with a frame-number barcode,
+# decord 0.6.0): MPEG-TS/PS return every frame one GOP late under correct-looking timestamps, so no timestamp check
+# can catch it; AVI (DivX/XviD B-frames) returns wrong frames with timestamps near -3.7e17.
+DECORD_WRONG_WITH_B_FRAMES = {"mpegts": "MPEG-TS", "mpeg": "MPEG-PS", "mpegvideo": "MPEG video", "avi": "AVI"}
+
+
+@dataclass(frozen=True)
+class ContainerProbe:
+    """The container's facts about its first video stream.
+
+    ``pts``: presentation timestamps of the video packets in ``time_base`` units, sorted (one per frame);
+    ``times``: the same in seconds from the first one. ``fps`` is the stream's average rate (0 when unknown).
+    """
+
+    container: str
+    codec: str | None
+    rotation: int
+    coded_size: tuple[int, int]
+    fps: float
+    time_base: float
+    pts: np.ndarray
+    has_b_frames: bool
+    notes: list[str] = field(default_factory=list)  # what could not be read (a demux error part-way)
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.pts)
+
+    @property
+    def times(self) -> np.ndarray:
+        return (self.pts - self.pts[0]) * self.time_base
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        width, height = self.coded_size
+        return (height, width) if self.rotation % 180 == 90 else (width, height)
+
+    @property
+    def frame_interval(self) -> float:
+        """Typical seconds between frames (median spacing; 1/fps for a single frame)."""
+        if self.frame_count > 1:
+            return float(np.median(np.diff(self.times)))
+        return 1.0 / self.fps if self.fps > 0 else 0.0
+
+    @property
+    def duration(self) -> float:
+        """From the first frame's start to the last frame's end."""
+        times = self.times
+        return float(times[-1] - times[0]) + self.frame_interval
+
+    def decord_is_wrong_here(self) -> str | None:
+        """Why decord cannot be trusted for this file at all, or None."""
+        name = next((label for key, label in DECORD_WRONG_WITH_B_FRAMES.items() if key in self.container.split(",")), None)
+        if name and self.has_b_frames:
+            return f"decord returns wrong frames for {name} with B-frames"
+        return None
+
+
+def open_for_reader(source: str | bytes) -> str | io.BytesIO:
+    return source if isinstance(source, str) else io.BytesIO(source)
+
+
+def probe_container(source: str | bytes) -> ContainerProbe:
+    """Demux ``source``'s first video stream. Raises ``VideoDecodeError`` for anything a file can cause."""
+    import av
+
+    try:
+        container = av.open(open_for_reader(source), metadata_errors="ignore")
+    except (av.FFmpegError, ValueError, OSError, EOFError) as exc:
+        raise VideoDecodeError(
+            "not a readable video: the data is not in a known video container, or it is truncated or corrupt "
+            f"(an MP4 cut short loses its index); details: {_first_line(exc)}"
+        ) from exc
+    with container:
+        fmt = container.format.name if container.format is not None else "unknown"
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise VideoDecodeError(f"no video stream in the file ({fmt}; streams: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        if ctx is None or not ctx.name:
+            raise VideoDecodeError(f"the video stream's codec is unknown or not supported ({fmt})")
+        codec = ctx.name
+        pts, rotation, notes = _demux(container, stream)
+        if not len(pts):
+            raise VideoDecodeError(f"the video has zero frames ({fmt}, codec {codec})")
+        if stream.frames and stream.frames > len(pts):
+            notes.append(f"the header declares {stream.frames} frames; {len(pts)} are in the file to be shown")
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        return ContainerProbe(
+            container=fmt,
+            codec=codec,
+            rotation=rotation,
+            coded_size=(int(ctx.width or 0), int(ctx.height or 0)),
+            fps=fps,
+            time_base=float(stream.time_base) if stream.time_base else (1.0 / fps if fps else 1.0),
+            pts=pts,
+            has_b_frames=bool(ctx.has_b_frames),
+            notes=notes,
+        )
+
+
+def _demux(container, stream) -> tuple[np.ndarray, int, list[str]]:
+    """Sorted packet presentation times, the display rotation (from the first decodable frame), notes."""
+    import av
+
+    stamps: list[int] = []
+    rotation: int | None = None
+    notes: list[str] = []
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except (av.FFmpegError, ValueError, OSError) as exc:
+            notes.append(f"the container could not be read past packet {len(stamps)}: {_first_line(exc)}")
+            break
+        if packet.size == 0 or packet.is_discard:
+            continue  # the flush packet at the end; a frame the edit list cuts (decoded, never shown)
+        ts = packet.pts if packet.pts is not None else packet.dts
+        # No timestamps at all (a raw elementary stream): frames in decode order, one time-base unit apart.
+        stamps.append(int(ts) if ts is not None else (stamps[-1] + 1 if stamps else 0))
+        if rotation is None:
+            try:
+                for frame in stream.decode(packet):
+                    rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360
+                    break
+            except (av.FFmpegError, ValueError):
+                pass  # damaged first packets: the next decodable frame tells the rotation
+    return np.unique(np.asarray(stamps, dtype=np.int64)), rotation or 0, notes
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
