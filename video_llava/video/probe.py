@@ -44,6 +44,7 @@ class ContainerProbe:
     time_base: float
     pts: np.ndarray
     has_b_frames: bool
+    declared_frames: int = 0  # the header's frame count (0: the container does not say)
     notes: list[str] = field(default_factory=list)  # what could not be read (a demux error part-way)
 
     @property
@@ -77,6 +78,10 @@ class ContainerProbe:
         name = next((label for key, label in DECORD_WRONG_WITH_B_FRAMES.items() if key in self.container.split(",")), None)
         if name and self.has_b_frames:
             return f"decord returns wrong frames for {name} with B-frames"
+        if self.declared_frames > self.frame_count:
+            # Packets are missing (a damaged or cut file, or frames an edit list hides): decord counts from the
+            # index it read, and past damage it returned other frames under the right timestamps (AVI).
+            return f"the header declares {self.declared_frames} frames and {self.frame_count} are in the file"
         return None
 
 
@@ -108,8 +113,9 @@ def probe_container(source: str | bytes) -> ContainerProbe:
         pts, rotation, notes = _demux(container, stream)
         if not len(pts):
             raise VideoDecodeError(f"the video has zero frames ({fmt}, codec {codec})")
-        if stream.frames and stream.frames > len(pts):
-            notes.append(f"the header declares {stream.frames} frames; {len(pts)} are in the file to be shown")
+        declared = int(stream.frames or 0)
+        if declared > len(pts):
+            notes.append(f"the header declares {declared} frames; {len(pts)} are in the file to be shown")
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         return ContainerProbe(
             container=fmt,
@@ -120,6 +126,7 @@ def probe_container(source: str | bytes) -> ContainerProbe:
             time_base=float(stream.time_base) if stream.time_base else (1.0 / fps if fps else 1.0),
             pts=pts,
             has_b_frames=bool(ctx.has_b_frames),
+            declared_frames=declared,
             notes=notes,
         )
 
