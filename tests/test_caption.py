@@ -164,6 +164,34 @@ def test_local_directory_in_and_out_with_a_yaml_config(tmp_path, embedded_cache)
     assert all(r["num_frames"] == 8 for r in rows if r["status"] == "ok")
 
 
+def test_links_out_of_the_input_oversized_objects_and_memory_bombs_become_error_rows(tmp_path, embedded_cache):
+    import numpy as np
+
+    from video_llava.data.synthetic_video import write_video
+
+    source, outside = tmp_path / "videos", tmp_path / "outside"
+    source.mkdir()
+    outside.mkdir()
+    clips = _clips()
+    good = next(body for key, body in clips.items() if key.startswith("inbox/a/"))
+    (source / "good.mp4").write_bytes(good)
+    (outside / "secret.mp4").write_bytes(good)  # a readable video: only the link's target is wrong
+    (source / "linked.mp4").symlink_to(outside / "secret.mp4")
+    (source / "big.mp4").write_bytes(good + b"\x00" * 2**20)  # over --max-object-mb 1
+    thin = np.full((8, 8192, 16, 3), 200, np.uint8)
+    write_video(source / "thin.mp4", thin, fps=8)  # 16x8192: the processor would make 336x172,000 frames
+    args = [sys.executable, "-m", "jobs.caption", "--input", str(source), "--output", str(tmp_path / "out"), "--frames",
+            "8", "--max-new-tokens", "4", "--num-cpus", "2", "--max-object-mb", "1"]
+    result = subprocess.run(args, cwd=ROOT, env=_env(embedded_cache), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["key"]: r for r in final_rows(str(tmp_path / "out"), None)}
+    assert set(rows) == {"good.mp4", "linked.mp4", "big.mp4", "thin.mp4"}
+    assert rows["good.mp4"]["status"] == "ok"
+    assert "link out of the input directory" in rows["linked.mp4"]["error"]
+    assert "over the limit of 1048576 bytes" in rows["big.mp4"]["error"]
+    assert "aspect ratio of 512.0:1" in rows["thin.mp4"]["error"]
+
+
 @pytest.mark.parametrize(
     "input_uri,message",
     [("s3://no-such-bucket/x/", "no such bucket"), ("s3://media/nothing-here/", "no video objects under")],

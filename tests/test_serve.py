@@ -10,18 +10,16 @@ import re
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import shapes_video
+from tests.live_service import ROOT, SAMPLE, assert_still_answers, error_of, qa_upload, running_service
 from video_llava.ray_runtime import free_port
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "video_llava" / "assets" / "sample.mp4"
 MAX_UPLOAD = 2 * 2**20
 MAX_QUESTION_CHARS = 9000
 
@@ -76,62 +74,29 @@ def s3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(embedded_cache, http_files, s3):
-    import ray
-    from ray import serve
-
-    from video_llava.ray_runtime import start_local_ray
-    from video_llava.serve.app import build_app
-    from video_llava.serve.config import ServeArgs
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    metrics_port = free_port()
-    start_local_ray(num_cpus=2, log_to_driver=True, _metrics_export_port=metrics_port)
-    os.environ["VIDEO_LLAVA_TEST_METRICS_PORT"] = str(metrics_port)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = ServeArgs.model_validate(
-        {
-            "model": {"max_new_tokens": 8},
-            "limits": {
-                "max_upload_bytes": MAX_UPLOAD,
-                "max_question_chars": MAX_QUESTION_CHARS,
-                "max_duration_s": 30,
-                "url_allowlist": ["127.0.0.1"],  # the test's own HTTP server
-                "s3_endpoint_url": s3,
-            },
-            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
-            "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "max_ongoing_requests": 64, "max_queued_requests": 256},
-        }
-    )
-    serve.run(build_app(args), name="video_llava", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    yield base
-    serve.shutdown()
-    ray.shutdown()
+    args = {
+        "model": {"max_new_tokens": 8},
+        "limits": {
+            "max_upload_bytes": MAX_UPLOAD,
+            "max_question_chars": MAX_QUESTION_CHARS,
+            "max_duration_s": 30,
+            "url_allowlist": ["127.0.0.1"],  # the test's own HTTP server
+            "s3_endpoint_url": s3,
+            "s3_buckets": ["videos"],
+            "enable_docs": True,
+        },
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
+        "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "max_ongoing_requests": 64, "max_queued_requests": 256},
+    }
+    with running_service(args) as base:
+        yield base
 
 
-def _qa_upload(base: str, data: bytes, question: str = "What color is the circle?", **fields) -> httpx.Response:
-    form = {"question": question, **{k: str(v) for k, v in fields.items()}}
-    return httpx.post(f"{base}/v1/video/qa", files={"video": ("clip.mp4", data, "video/mp4")}, data=form, timeout=120)
-
-
-def _assert_still_answers(base: str) -> None:
-    response = _qa_upload(base, SAMPLE.read_bytes(), num_frames=8)
-    assert response.status_code == 200, response.text
-
-
-def _error(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()["error"]
-    assert body["message"]
-    if code:
-        assert body["code"] == code, body
-    return body
 
 
 # ---- happy paths -------------------------------------------------------------------------------------------
 def test_upload_qa_answers_with_counts_and_timings(service):
-    response = _qa_upload(service, SAMPLE.read_bytes(), num_frames=16)
+    response = qa_upload(service, SAMPLE.read_bytes(), num_frames=16)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == "embedded" and isinstance(body["answer"], str)
@@ -142,7 +107,7 @@ def test_upload_qa_answers_with_counts_and_timings(service):
 
 
 def test_fps_sampling_per_request(service):
-    response = _qa_upload(service, SAMPLE.read_bytes(), sampling="fps", sample_fps=2)
+    response = qa_upload(service, SAMPLE.read_bytes(), sampling="fps", sample_fps=2)
     assert response.status_code == 200, response.text
     assert response.json()["sampled_indices"] == [0, 6, 12, 18, 24, 30, 36, 42]
 
@@ -188,8 +153,8 @@ def test_openai_client_chat_completion_and_stream(service):
 
 
 def test_our_metrics_are_exported_next_to_ray_serves_under_the_names_the_docs_give(service):
-    _assert_still_answers(service)
-    _error(_qa_upload(service, b""), 422, "invalid_video")  # one rejection to count
+    assert_still_answers(service)
+    error_of(qa_upload(service, b""), 422, "invalid_video")  # one rejection to count
     url = f"http://127.0.0.1:{os.environ['VIDEO_LLAVA_TEST_METRICS_PORT']}/metrics"
     documented = re.findall(r"`(ray_video_llava_\w+)`", (ROOT / "docs" / "settings.md").read_text())
     assert len(documented) == 6
@@ -210,7 +175,7 @@ def test_url_fetch_over_the_size_limit_is_413(service, http_files):
     base_url, root = http_files
     (root / "big.mp4").write_bytes(b"\x00" * (MAX_UPLOAD + 10))
     response = httpx.post(f"{service}/v1/video/qa", json={"video_url": f"{base_url}/big.mp4", "question": "What?"}, timeout=60)
-    _error(response, 413, "video_too_large")
+    error_of(response, 413, "video_too_large")
 
 
 def test_models_health_and_docs(service):
@@ -225,7 +190,7 @@ def test_32_concurrent_requests_are_all_answered_in_shared_batches(service):
 
     data = SAMPLE.read_bytes()
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(lambda i: _qa_upload(service, data, f"Question {i}?", num_frames=8), range(32)))
+        responses = list(pool.map(lambda i: qa_upload(service, data, f"Question {i}?", num_frames=8), range(32)))
     assert [r.status_code for r in responses] == [200] * 32
     handle = serve.get_deployment_handle("ModelServer", app_name="video_llava")
     assert max(handle.recent_batch_sizes.remote().result()) > 1
@@ -238,57 +203,57 @@ def test_32_concurrent_requests_are_all_answered_in_shared_batches(service):
     ids=["text", "truncated"],
 )
 def test_corrupt_upload_returns_422_and_service_keeps_answering(service, data, code):
-    _error(_qa_upload(service, data), 422, code)
-    _assert_still_answers(service)
+    error_of(qa_upload(service, data), 422, code)
+    assert_still_answers(service)
 
 
 def test_empty_upload_is_422(service):
-    _error(_qa_upload(service, b""), 422, "invalid_video")
+    error_of(qa_upload(service, b""), 422, "invalid_video")
 
 
 def test_oversized_upload_is_413(service):
-    _error(_qa_upload(service, b"\x00" * (MAX_UPLOAD + 1)), 413, "video_too_large")
-    _assert_still_answers(service)
+    error_of(qa_upload(service, b"\x00" * (MAX_UPLOAD + 1)), 413, "video_too_large")
+    assert_still_answers(service)
 
 
 def test_video_over_the_duration_limit_is_422(service, tmp_path):
     long_clip = shapes_video(tmp_path / "slow.mp4", num_frames=40, fps=1.0, width=64, height=48).read_bytes()
-    body = _error(_qa_upload(service, long_clip), 422, "video_too_long")
+    body = error_of(qa_upload(service, long_clip), 422, "video_too_long")
     assert "limit is 30 s" in body["message"]
 
 
 def test_question_over_the_character_limit_is_400(service):
-    _error(_qa_upload(service, SAMPLE.read_bytes(), "why " * 3000), 400, "context_length_exceeded")
+    error_of(qa_upload(service, SAMPLE.read_bytes(), "why " * 3000), 400, "context_length_exceeded")
 
 
 def test_question_too_long_for_the_context_names_the_token_budget(service, tmp_path):
     clip = shapes_video(tmp_path / "long.mp4", num_frames=60, width=64, height=48).read_bytes()
     question = "動画" * 2500  # 5000 characters (under the limit), ~15000 byte-level tokens (over the context)
-    body = _error(_qa_upload(service, clip, question, num_frames=56), 400, "context_length_exceeded")
+    body = error_of(qa_upload(service, clip, question, num_frames=56), 400, "context_length_exceeded")
     assert "context 12288" in body["message"] and "visual tokens" in body["message"]
-    _assert_still_answers(service)
+    assert_still_answers(service)
 
 
 def test_too_many_frames_and_bad_fields_are_400(service):
-    _error(_qa_upload(service, SAMPLE.read_bytes(), num_frames=57), 400, "too_many_frames")
-    _error(_qa_upload(service, SAMPLE.read_bytes(), num_frames="many"), 400)
-    _error(_qa_upload(service, SAMPLE.read_bytes(), temperature=-1), 400)
-    _error(httpx.post(f"{service}/v1/video/qa", files={"video": ("a.mp4", SAMPLE.read_bytes())}, timeout=60), 400)
-    _error(httpx.post(f"{service}/v1/video/qa", content=b"{not json", headers={"content-type": "application/json"}), 400)
-    _error(httpx.post(f"{service}/v1/video/qa", content=b"x", headers={"content-type": "text/plain"}), 415)
+    error_of(qa_upload(service, SAMPLE.read_bytes(), num_frames=57), 400, "too_many_frames")
+    error_of(qa_upload(service, SAMPLE.read_bytes(), num_frames="many"), 400)
+    error_of(qa_upload(service, SAMPLE.read_bytes(), temperature=-1), 400)
+    error_of(httpx.post(f"{service}/v1/video/qa", files={"video": ("a.mp4", SAMPLE.read_bytes())}, timeout=60), 400)
+    error_of(httpx.post(f"{service}/v1/video/qa", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    error_of(httpx.post(f"{service}/v1/video/qa", content=b"x", headers={"content-type": "text/plain"}), 415)
 
 
 def test_non_video_url_and_missing_objects_are_4xx(service, http_files):
     base_url, _ = http_files
     post = lambda url: httpx.post(f"{service}/v1/video/qa", json={"video_url": url, "question": "What?"}, timeout=120)
-    _error(post(f"{base_url}/notes.txt"), 422, "invalid_video")
-    _error(post(f"{base_url}/missing.mp4"), 400, "fetch_failed")
-    _error(post("s3://videos/clips/none.mp4"), 400, "video_not_found")
-    _error(post("s3://no-such-bucket/x.mp4"), 400, "video_not_found")
-    _error(post("s3://videos"), 400, "invalid_video_url")
-    _error(post("s3://videos/clips/broken.mp4"), 422, "invalid_video")
-    _error(post("data:video/mp4;base64,@@@"), 400, "invalid_video_url")
-    _assert_still_answers(service)
+    error_of(post(f"{base_url}/notes.txt"), 422, "invalid_video")
+    error_of(post(f"{base_url}/missing.mp4"), 400, "fetch_failed")
+    error_of(post("s3://videos/clips/none.mp4"), 400, "video_not_found")
+    error_of(post("s3://no-such-bucket/x.mp4"), 400, "video_not_found")
+    error_of(post("s3://videos"), 400, "invalid_video_url")
+    error_of(post("s3://videos/clips/broken.mp4"), 422, "invalid_video")
+    error_of(post("data:video/mp4;base64,@@@"), 400, "invalid_video_url")
+    assert_still_answers(service)
 
 
 @pytest.mark.parametrize(
@@ -306,7 +271,7 @@ def test_non_video_url_and_missing_objects_are_4xx(service, http_files):
 )
 def test_ssrf_attempts_are_refused(service, url):
     response = httpx.post(f"{service}/v1/video/qa", json={"video_url": url, "question": "What?"}, timeout=60)
-    _error(response, 400, "url_not_allowed")
+    error_of(response, 400, "url_not_allowed")
 
 
 @pytest.mark.parametrize("url", ["http://h:99999/a.mp4", "http://h:abc/a.mp4", "http://[::1/x", f"http://{'a' * 64}.com/x",
@@ -315,7 +280,7 @@ def test_malformed_urls_are_400_not_500_and_the_service_keeps_answering(service,
     response = httpx.post(f"{service}/v1/video/qa", json={"video_url": url, "question": "What?"}, timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] in ("invalid_video_url", "fetch_failed")
-    _assert_still_answers(service)
+    assert_still_answers(service)
 
 
 @pytest.mark.parametrize("path", ["/to-data", "/to-bad-port"])
@@ -329,16 +294,16 @@ def test_a_redirect_to_a_malformed_or_non_http_url_is_400_not_500(service, http_
 def test_redirect_to_a_link_local_address_is_refused(service, http_files):
     base_url, _ = http_files
     response = httpx.post(f"{service}/v1/video/qa", json={"video_url": f"{base_url}/to-metadata", "question": "What?"}, timeout=60)
-    body = _error(response, 400, "url_not_allowed")
+    body = error_of(response, 400, "url_not_allowed")
     assert "169.254.169.254" in body["message"]
 
 
 def test_chat_without_a_video_or_with_a_bad_one_is_400(service):
     post = lambda body: httpx.post(f"{service}/v1/chat/completions", json=body, timeout=60)
-    _error(post({"messages": [{"role": "user", "content": "hello"}]}), 400)
-    _error(post({"messages": []}), 400)
+    error_of(post({"messages": [{"role": "user", "content": "hello"}]}), 400)
+    error_of(post({"messages": []}), 400)
     bad = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "http://10.0.0.1/x.mp4"}}, {"type": "text", "text": "Hi"}]}], "stream": True}
-    _error(post(bad), 400, "url_not_allowed")
+    error_of(post(bad), 400, "url_not_allowed")
 
 
 def test_full_queue_answers_503_with_retry_after_and_recovers(service):
@@ -388,7 +353,7 @@ def test_a_killed_model_replica_is_replaced_and_the_service_keeps_answering(serv
     answered = False
     while time.time() < deadline:
         try:
-            if _qa_upload(service, SAMPLE.read_bytes(), num_frames=4).status_code == 200:
+            if qa_upload(service, SAMPLE.read_bytes(), num_frames=4).status_code == 200:
                 answered = True
                 break
         except httpx.HTTPError:
@@ -403,14 +368,14 @@ def test_a_second_question_about_the_same_video_skips_decode_and_the_vision_towe
 
     clip = shapes_video(tmp_path / "fresh.mp4", num_frames=30, width=96, height=64).read_bytes()
     handle = serve.get_deployment_handle("ModelServer", app_name="video_llava")
-    first = _qa_upload(service, clip, "What color is the circle?", num_frames=12).json()
+    first = qa_upload(service, clip, "What color is the circle?", num_frames=12).json()
     calls_after_first = handle.describe.remote().result()["vision_calls"]
-    second = _qa_upload(service, clip, "Which way does it move?", num_frames=12).json()
+    second = qa_upload(service, clip, "Which way does it move?", num_frames=12).json()
     assert first["cached"] == {"decode": False, "vision": False}
     assert second["cached"] == {"decode": True, "vision": True}
     assert handle.describe.remote().result()["vision_calls"] == calls_after_first
     # other sampling of the same bytes is decoded anew
-    third = _qa_upload(service, clip, "What?", num_frames=10).json()
+    third = qa_upload(service, clip, "What?", num_frames=10).json()
     assert third["cached"] == {"decode": False, "vision": False}
 
 

@@ -54,6 +54,23 @@ def test_gpu_config_is_7b_one_gpu_per_replica_32_frames_factor_2_autoscaling():
     assert args.deployment.num_gpus == 1 and args.deployment.min_replicas < args.deployment.max_replicas
 
 
+def test_the_gpu_config_listens_on_every_interface_so_it_does_not_build_without_api_keys(monkeypatch, tmp_path):
+    from video_llava.serve.app import build_app
+
+    config = _load("gpu.yaml")
+    assert config["http_options"]["host"] == "0.0.0.0"
+    args = config["applications"][0]["args"]
+    monkeypatch.delenv("VIDEO_LLAVA_API_KEYS", raising=False)
+    with pytest.raises(ValueError, match="no API key is configured.*VIDEO_LLAVA_API_KEYS"):
+        build_app(args)
+    monkeypatch.setenv("VIDEO_LLAVA_API_KEYS", "key-one, key-two")
+    assert build_app(args) is not None
+    monkeypatch.delenv("VIDEO_LLAVA_API_KEYS")
+    keys = tmp_path / "keys"
+    keys.write_text("key-three\n")
+    assert build_app({**args, "limits": {**args["limits"], "api_keys_file": str(keys)}}) is not None
+
+
 @pytest.mark.slow
 def test_serve_run_with_the_local_config_answers_over_http(tmp_path, embedded_cache):
     config = _load("local.yaml")

@@ -25,16 +25,21 @@ def _node_id() -> str:
 class DecodeStep:
     """Read each object and sample frames in isolated, time-limited decoder processes (CPU)."""
 
-    def __init__(self, input_uri: str, num_frames: int, endpoint_url: str | None, timeout_s: float = 120.0):
+    def __init__(self, input_uri: str, num_frames: int, endpoint_url: str | None, timeout_s: float = 120.0,
+                 max_object_bytes: int | None = None):
         from video_llava.video.isolated import IsolatedDecoder
 
         self.location = Location.parse(input_uri)
         self.num_frames = num_frames
+        self.max_object_bytes = max_object_bytes
         self.client = s3_client(endpoint_url) if self.location.scheme == "s3" else None
         self.decoder = IsolatedDecoder(workers=1, timeout_s=timeout_s)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from video_llava.video.decode import DecodeOptions, VideoDecodeError
+        from video_llava.video.decode import SERVICE_LIMITS, DecodeOptions, VideoDecodeError
+
+        # the service's frame-size bounds: a 12 KB memory bomb (16x8192 frames) is an error row, not a dead actor
+        options = DecodeOptions(num_frames=self.num_frames, short_side=DECODE_SHORT_SIDE, **SERVICE_LIMITS)
 
         out: dict[str, list] = {k: [] for k in ("key", "size", "etag", "status", "error", "frames", "frame_shape",
                                                  "sampled_indices", "timestamps", "duration", "decode_s")}
@@ -44,8 +49,8 @@ class DecodeStep:
             try:
                 if int(size) == 0:
                     raise VideoDecodeError("empty object (0 bytes)")
-                data = read_object(self.location, str(key), self.client)
-                video = self.decoder.decode(data, DecodeOptions(num_frames=self.num_frames, short_side=DECODE_SHORT_SIDE))
+                data = read_object(self.location, str(key), self.client, self.max_object_bytes)
+                video = self.decoder.decode(data, options)
                 frames, shape = video.frames.tobytes(), list(video.frames.shape)
                 indices, stamps = [int(i) for i in video.indices], [float(t) for t in video.timestamps]
                 duration = float(video.metadata.duration)

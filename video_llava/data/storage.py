@@ -117,11 +117,30 @@ def is_video_key(key: str) -> bool:
     return Path(key).suffix.lower() in VIDEO_EXTENSIONS
 
 
-def read_object(location: Location, key: str, client=None) -> bytes:
-    """The bytes of one object (``client``: a boto3 S3 client to reuse)."""
+def read_object(location: Location, key: str, client=None, max_bytes: int | None = None) -> bytes:
+    """The bytes of one object (``client``: a boto3 S3 client to reuse), at most ``max_bytes`` of them.
+
+    A local key that resolves outside the input directory (a symlink to /etc/passwd) is refused, not read.
+    An S3 body is read under the limit whatever its listing said."""
     if location.scheme == "file":
-        return (Path(location.prefix) / key).read_bytes()
-    return client.get_object(Bucket=location.bucket, Key=key)["Body"].read()
+        root = Path(location.prefix).resolve()
+        path = (root / key).resolve()
+        if not path.is_relative_to(root):
+            raise StorageError(f"{key} is a link out of the input directory (to {path}); links out of it are not followed")
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise StorageError(f"{key} is {path.stat().st_size} bytes, over the limit of {max_bytes} bytes")
+        return path.read_bytes()
+    body = client.get_object(Bucket=location.bucket, Key=key)["Body"]
+    chunks, size = [], 0
+    try:
+        for chunk in body.iter_chunks(1 << 20):
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise StorageError(f"{key} is over the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    finally:
+        body.close()
+    return b"".join(chunks)
 
 
 def pyarrow_filesystem(location: Location, endpoint_url: str | None = None):

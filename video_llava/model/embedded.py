@@ -19,7 +19,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from video_llava.model.budget import BASE_CONTEXT, rope_factor_for_frames, tokens_per_frame
+from video_llava.model.budget import (
+    BASE_CONTEXT,
+    rope_factor_for_frames,
+    tokens_per_frame,
+)
 from video_llava.model.prompts import LLAVA_HF_CHAT_TEMPLATE
 from video_llava.model.settings import MAX_FRAMES
 

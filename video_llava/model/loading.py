@@ -10,7 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from video_llava.model.budget import TokenBudget, rope_factor_for_frames, tokens_per_frame
+from video_llava.model.budget import (
+    TokenBudget,
+    rope_factor_for_frames,
+    tokens_per_frame,
+)
 from video_llava.model.embedded import embedded_path
 from video_llava.model.settings import EMBEDDED, EMBEDDED_INIT, ModelSettings
 

@@ -11,6 +11,30 @@ from typing import Literal
 
 ChatTemplateName = Literal["auto", "vicuna_v1", "mistral_direct", "qwen_1_5"]
 
+# Turn markers of the templates above and of llava-hf's (plain text in Vicuna's, special tokens in ChatML's).
+ROLE_MARKERS = ("USER:", "ASSISTANT:", "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]")
+
+
+class InvalidQuestionError(ValueError):
+    """User text holds what the prompt would read as structure: a media placeholder, a special token, a turn."""
+
+
+def check_user_text(processor, text: str) -> None:
+    """User text is text: a client cannot type a media slot, a special token or a new turn into the prompt.
+
+    ``<video>`` typed in a question became a slot with no frames behind it, and the prompt was cut there (the
+    model saw ``USER: <video x576>\nDescribe the scene`` and nothing after). Refused, naming the marker.
+    """
+    markers = {getattr(processor, "video_token", "<video>"), getattr(processor, "image_token", "<image>"), *ROLE_MARKERS}
+    tokenizer = getattr(processor, "tokenizer", processor)
+    markers.update(t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 1)
+    found = sorted(m for m in markers if m and m in text)
+    if found:
+        raise InvalidQuestionError(
+            f"the question contains {', '.join(repr(m) for m in found)}, which the prompt uses as a media "
+            "placeholder, special token or turn marker; remove it (send media as content parts, turns as messages)"
+        )
+
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."

@@ -16,7 +16,7 @@ import numpy as np
 
 from video_llava.model.budget import TokenBudget
 from video_llava.model.loading import load_model
-from video_llava.model.prompts import build_prompt, count_prompt_tokens
+from video_llava.model.prompts import build_prompt, check_user_text, count_prompt_tokens
 from video_llava.model.settings import EMBEDDED, ModelSettings
 from video_llava.model.video_embeds import VideoEmbedder
 from video_llava.video.decode import SampledVideo
@@ -107,9 +107,11 @@ class VideoQAModel:
         return self.budget.check(num_frames, self.count_prompt_tokens(question, num_videos), new)
 
     def prepare(self, video: VideoArg, question: str, max_new_tokens: int | None = None) -> PreparedQuestion:
-        """The question checked against the token budget (``ContextBudgetError`` if it does not fit) and rendered."""
+        """The question checked (``InvalidQuestionError`` for markup in it) and against the token budget
+        (``ContextBudgetError`` if it does not fit), and rendered."""
         clips = tuple(as_frame_list(video))
         new_tokens = max_new_tokens or self.settings.max_new_tokens
+        check_user_text(self.processor, question)
         prompt = self.prompt_for(question, len(clips))
         prompt_tokens = count_prompt_tokens(self.processor, prompt)
         frames = sum(clip.shape[0] for clip in clips)

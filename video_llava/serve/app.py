@@ -9,7 +9,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from video_llava.serve.config import ServeArgs
+from video_llava.serve.config import API_KEYS_ENV, ServeArgs
 
 
 def build_app(args: ServeArgs | dict) -> Application:
@@ -19,6 +19,13 @@ def build_app(args: ServeArgs | dict) -> Application:
 
     # Validate explicitly: Serve hands a plain dict to builders whose annotation it cannot resolve.
     args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
+    keys = args.limits.resolved_api_keys()
+    if args.limits.require_api_keys and not keys:
+        raise ValueError(
+            "limits.require_api_keys is set (this config listens on every interface) but no API key is configured: "
+            f"set limits.api_keys, limits.api_keys_file or ${API_KEYS_ENV} (comma-separated) before starting"
+        )
+    args = args.model_copy(update={"limits": args.limits.model_copy(update={"api_keys": keys, "api_keys_file": None})})
 
     d = args.deployment
     options: dict[str, Any] = dict(
@@ -36,4 +43,9 @@ def build_app(args: ServeArgs | dict) -> Application:
         }
     model = ModelServer.options(**options).bind(args)
     ingress = {"num_cpus": d.ingress_num_cpus, "resources": dict(d.ingress_resources)}
-    return QAIngress.options(num_replicas=d.ingress_replicas, ray_actor_options=ingress).bind(model, args)
+    return QAIngress.options(
+        num_replicas=d.ingress_replicas,
+        ray_actor_options=ingress,
+        max_ongoing_requests=d.ingress_max_ongoing_requests,
+        max_queued_requests=d.ingress_max_queued_requests,
+    ).bind(model, args)

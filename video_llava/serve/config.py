@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from video_llava.model.budget import VIDEO_TOKENS_PER_FRAME
 from video_llava.model.settings import ModelSettings
+from video_llava.video.decode import SERVICE_LIMITS
+
+API_KEYS_ENV = "VIDEO_LLAVA_API_KEYS"
 
 
 class LimitSettings(BaseModel):
@@ -15,6 +21,10 @@ class LimitSettings(BaseModel):
 
     max_upload_bytes: int = Field(200 * 2**20, ge=1, description="largest upload or fetched video")
     max_duration_s: float = Field(600.0, gt=0, description="longest video accepted")
+    max_video_pixels: int = Field(SERVICE_LIMITS["max_pixels"], ge=1, description="largest frame area (width x height)")
+    max_aspect_ratio: float = Field(
+        SERVICE_LIMITS["max_aspect_ratio"], ge=1, description="longest side / shortest side of a frame, at most"
+    )
     max_question_chars: int = Field(8000, ge=1)
     fetch_timeout_s: float = Field(20.0, gt=0, description="time allowed to fetch a video URL")
     decode_timeout_s: float = Field(60.0, gt=0, description="time allowed to decode one video")
@@ -23,6 +33,29 @@ class LimitSettings(BaseModel):
     url_allowlist: list[str] = Field(default_factory=list, description="hosts/CIDRs allowed even if private")
     allow_private_urls: bool = Field(False, description="allow loopback/private/link-local targets (unsafe)")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto) for s3:// URLs")
+    s3_buckets: list[str] = Field(
+        default_factory=list, description="buckets clients may name in s3:// URLs (empty: no s3:// from clients)"
+    )
+    max_request_bytes: int = Field(
+        400 * 2**20, ge=1, description="all media of one request together (uploads, data: URLs, fetched videos)"
+    )
+    body_timeout_s: float = Field(60.0, gt=0, description="time allowed to receive a request body (slow clients: 408)")
+    # Bearer keys for every /v1 route (empty and no file or environment variable: no authentication).
+    api_keys: list[str] = Field(default_factory=list, description="accepted API keys (Authorization: Bearer KEY)")
+    api_keys_file: str | None = Field(None, description="file of API keys, one per line, read when the app is built")
+    require_api_keys: bool = Field(False, description="refuse to start without keys (configs that listen on 0.0.0.0)")
+    enable_docs: bool = Field(False, description="serve /docs and /openapi.json")
+
+    def resolved_api_keys(self) -> list[str]:
+        """Keys from ``api_keys``, ``api_keys_file`` and ``$VIDEO_LLAVA_API_KEYS`` (comma-separated)."""
+        keys = list(self.api_keys)
+        if self.api_keys_file:
+            path = Path(self.api_keys_file).expanduser()
+            if not path.is_file():
+                raise ValueError(f"limits.api_keys_file: no such file: {path}")
+            keys += path.read_text().split()
+        keys += os.environ.get(API_KEYS_ENV, "").replace(",", " ").split()
+        return sorted({k.strip() for k in keys if k.strip()})
 
 
 class BatchSettings(BaseModel):
@@ -51,6 +84,10 @@ class DeploymentSettings(BaseModel):
     max_queued_requests: int = Field(64, ge=-1, description="beyond this Serve answers 503 (-1: unbounded)")
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(1, ge=0)
+    # Serve's default of 5 in flight per ingress replica let five slow uploads stop the service (/healthz too) and
+    # kept the model replicas' batches at about 2; the ingress is async, so hundreds in flight cost little.
+    ingress_max_ongoing_requests: int = Field(256, ge=1, description="requests in flight per ingress replica")
+    ingress_max_queued_requests: int = Field(512, ge=-1, description="waiting for an ingress replica; then 503")
     decode_workers: int = Field(2, ge=1, description="decode processes per ingress replica")
     decode_cache_mb: int = Field(512, ge=0, description="decoded frames kept per ingress replica for repeat questions")
 

@@ -36,6 +36,42 @@ def _too_large(limit: int) -> ServiceError:
     return ServiceError(413, f"video is larger than the limit of {limit} bytes", code="video_too_large", param="video_url")
 
 
+class ByteBudget:
+    """Bytes one request may still bring in, across all its media; counted as they arrive."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise ServiceError(
+                413, f"the media of this request exceed the limit of {self.limit} bytes together",
+                code="request_too_large", param="messages",
+            )
+
+
+class _Reader:
+    """Counts a body's bytes against the per-video limit and the request's ``ByteBudget`` while reading it."""
+
+    def __init__(self, limits: LimitSettings, budget: ByteBudget | None):
+        self.limit, self.budget = limits.max_upload_bytes, budget
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise _too_large(self.limit)
+        if self.budget is not None:
+            self.budget.take(len(chunk))
+        self.chunks.append(chunk)
+
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
 def _bad_url(message: str, code: str = "invalid_video_url") -> ServiceError:
     return ServiceError(400, message, code=code, param="video_url")
 
@@ -52,9 +88,29 @@ def _host_allowed(host: str, address: ipaddress._BaseAddress, limits: LimitSetti
     return False
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _wrapped_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries: mapped, 6to4, Teredo (server and client), NAT64."""
+    if address.ipv4_mapped:
+        return [address.ipv4_mapped]
+    if address.sixtofour:
+        return [address.sixtofour]
+    if address.teredo:
+        return list(address.teredo)
+    if address in NAT64:
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
+
+
 def _is_public(address: ipaddress._BaseAddress) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:  # fec0::/10: deprecated, still routed inside sites; ipaddress calls it global
+            return False
+        wrapped = _wrapped_ipv4(address)
+        if wrapped:  # 2002:7f00:1:: is 127.0.0.1 over 6to4: judged by what it wraps
+            return all(_is_public(a) for a in wrapped)
     return address.is_global and not (address.is_multicast or address.is_reserved)
 
 
@@ -90,7 +146,7 @@ def _http_target(url: str) -> tuple:
     return parts, parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
-async def _fetch_http(url: str, limits: LimitSettings) -> bytes:
+async def _fetch_http(url: str, limits: LimitSettings, budget: ByteBudget | None) -> bytes:
     async with httpx.AsyncClient(follow_redirects=False, timeout=limits.fetch_timeout_s) as client:
         for _ in range(MAX_REDIRECTS + 1):
             parts, host, port = _http_target(url)
@@ -116,57 +172,79 @@ async def _fetch_http(url: str, limits: LimitSettings) -> bytes:
                 declared = int(response.headers.get("content-length") or 0)
                 if declared > limits.max_upload_bytes:
                     raise _too_large(limits.max_upload_bytes)
-                chunks, size = [], 0
+                reader = _Reader(limits, budget)
                 async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > limits.max_upload_bytes:
-                        raise _too_large(limits.max_upload_bytes)
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                    reader.add(chunk)
+                return reader.data()
             finally:
                 await response.aclose()
     raise _bad_url(f"more than {MAX_REDIRECTS} redirects", code="fetch_failed")
 
 
-def _decode_data_url(url: str, limits: LimitSettings) -> bytes:
+def _decode_data_url(url: str, limits: LimitSettings, budget: ByteBudget | None) -> bytes:
     header, sep, payload = url[5:].partition(",")
     if not sep:
         raise _bad_url("malformed data: URL (no comma)")
     if len(payload) * 3 // 4 > limits.max_upload_bytes:
         raise _too_large(limits.max_upload_bytes)
     try:
-        if header.endswith(";base64"):
-            return base64.b64decode(payload, validate=True)
-        return unquote_to_bytes(payload)
+        data = base64.b64decode(payload, validate=True) if header.endswith(";base64") else unquote_to_bytes(payload)
     except (binascii.Error, ValueError):
         raise _bad_url("malformed data: URL (invalid base64)")
+    _Reader(limits, budget).add(data)
+    return data
 
 
-def _fetch_s3(url: str, limits: LimitSettings) -> bytes:
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+S3_KEY_MAX = 1024
+_NOT_FOUND_OR_DENIED = "no such S3 object, or not one this service may read: {uri}"
 
+
+def _s3_target(url: str, limits: LimitSettings) -> tuple[str, str]:
+    """(bucket, key) of an ``s3://`` URL a client may name; one message for absent and not allowed alike."""
     parts = urlsplit(url)
     bucket, key = parts.netloc, unquote_to_bytes(parts.path.lstrip("/")).decode("utf-8", "replace")
     if not bucket or not key:
         raise _bad_url(f"bad S3 URI {url[:200]!r}: expected s3://bucket/key")
+    segments = key.split("/")
+    if (len(key.encode()) > S3_KEY_MAX or "\ufffd" in key or any(ord(c) < 32 or c == "\x7f" for c in key)
+            or any(s in (".", "..") for s in segments) or parts.query or parts.fragment):
+        raise _bad_url(f"bad S3 key in {url[:200]!r}: no '.' or '..' segments, control characters, query or fragment")
+    if bucket not in limits.s3_buckets:  # the same answer as a missing object: bucket names are not probed here
+        raise _bad_url(_NOT_FOUND_OR_DENIED.format(uri=f"s3://{bucket}/{key}"), code="video_not_found")
+    return bucket, key
+
+
+def _fetch_s3(url: str, limits: LimitSettings, budget: ByteBudget | None) -> bytes:
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    bucket, key = _s3_target(url, limits)
     client = boto3.client(
         "s3",
         endpoint_url=limits.s3_endpoint_url,
         config=Config(connect_timeout=limits.fetch_timeout_s, read_timeout=limits.fetch_timeout_s, retries={"max_attempts": 2}),
     )
     try:
-        head = client.head_object(Bucket=bucket, Key=key)
-        if head["ContentLength"] > limits.max_upload_bytes:
+        obj = client.get_object(Bucket=bucket, Key=key)
+        if obj.get("ContentLength", 0) > limits.max_upload_bytes:
             raise _too_large(limits.max_upload_bytes)
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        # Read under the limit whatever the header said (a server that says 10 B and sends 400 MiB is cut off).
+        reader = _Reader(limits, budget)
+        body = obj["Body"]
+        try:
+            for chunk in body.iter_chunks(1 << 20):
+                reader.add(chunk)
+        finally:
+            body.close()
+        return reader.data()
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
-            raise _bad_url(f"no such S3 object: s3://{bucket}/{key}", code="video_not_found")
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            raise _bad_url(f"access denied to s3://{bucket}/{key}", code="s3_access_denied")
+        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound", "403", "AccessDenied"):
+            # one answer for both: a client cannot learn which buckets and keys exist
+            raise _bad_url(_NOT_FOUND_OR_DENIED.format(uri=f"s3://{bucket}/{key}"), code="video_not_found")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise _bad_url("the service's S3 credentials were refused", code="s3_access_denied")
         raise _bad_url(f"S3 error for s3://{bucket}/{key}: {code or exc}", code="fetch_failed")
     except NoCredentialsError:
         raise _bad_url("the service has no S3 credentials configured", code="s3_access_denied")
@@ -174,8 +252,9 @@ def _fetch_s3(url: str, limits: LimitSettings) -> bytes:
         raise _bad_url(f"S3 request failed: {exc}", code="fetch_failed")
 
 
-async def fetch_video(url: str, limits: LimitSettings) -> Fetched:
-    """Bytes of the video at ``url`` within the time and size limits, or a ``ServiceError`` (4xx)."""
+async def fetch_video(url: str, limits: LimitSettings, budget: ByteBudget | None = None) -> Fetched:
+    """Bytes of the video at ``url`` within the time and size limits (``budget``: the request's bytes left for all
+    its media), or a ``ServiceError`` (4xx)."""
     start = time.perf_counter()
     try:
         scheme = urlsplit(url).scheme.lower() if ":" in url else ""
@@ -183,12 +262,12 @@ async def fetch_video(url: str, limits: LimitSettings) -> Fetched:
         raise _bad_url(f"malformed URL {url[:200]!r}: {exc}")
     try:
         if scheme == "data":
-            data, source = _decode_data_url(url, limits), "data"
+            data, source = _decode_data_url(url, limits, budget), "data"
         elif scheme == "s3":
-            data = await asyncio.wait_for(asyncio.to_thread(_fetch_s3, url, limits), limits.fetch_timeout_s)
+            data = await asyncio.wait_for(asyncio.to_thread(_fetch_s3, url, limits, budget), limits.fetch_timeout_s)
             source = "s3"
         elif scheme in ("http", "https"):
-            data = await asyncio.wait_for(_fetch_http(url, limits), limits.fetch_timeout_s)
+            data = await asyncio.wait_for(_fetch_http(url, limits, budget), limits.fetch_timeout_s)
             source = "http"
         else:
             raise _bad_url(

@@ -19,6 +19,7 @@ from typing import Iterator
 from ray import serve
 
 from video_llava.model.budget import ContextBudgetError
+from video_llava.model.prompts import InvalidQuestionError
 from video_llava.model.qa_model import PreparedQuestion
 from video_llava.serve.config import BatchSettings, ServeArgs
 from video_llava.serve.protocol import ModelError, ModelReply, ModelRequest
@@ -115,6 +116,8 @@ class ModelServer:
             return self.model.prepare(request.videos, request.question, request.max_new_tokens)
         except ContextBudgetError as exc:
             return budget_error(exc)
+        except InvalidQuestionError as exc:
+            return ModelError(400, str(exc), "invalid_question", "question")
 
     async def answer(self, request: ModelRequest) -> ModelReply | ModelError:
         """The request's answer once its batch has run, or why it was refused."""

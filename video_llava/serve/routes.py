@@ -1,7 +1,10 @@
 """HTTP routes (FastAPI) of the ingress deployment: parse, call ``serving.QAService``, return. Every failure, of
 ours or of the framework (404, 405, a malformed body), leaves as the same ``{"error": {...}}`` JSON, mapped here."""
 
+import asyncio
+import hmac
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +30,71 @@ api = FastAPI(
 )
 
 UPLOAD_CHUNK = 1 << 20
+MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries next to the video
+DOC_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+# What this process's middleware and error handlers read, set by the ingress replica (``configure``). Not
+# ``api.state``: Serve serves a pickled copy of ``api``, and the ingress class travels by value with its own copy,
+# so module-level functions (pickled by reference) and this dict are the one state all of them share.
+_STATE: dict[str, Any] = {"api_keys": [], "enable_docs": False, "metrics": None}
+
+
+def configure(args: ServeArgs, metrics: Any) -> None:
+    _STATE.update(api_keys=list(args.limits.api_keys), enable_docs=args.limits.enable_docs, metrics=metrics)
+
+
+class _Gate:
+    """ASGI middleware in front of every route: API keys on ``/v1``, API docs only when enabled."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+            refusal = None
+            if path in DOC_PATHS and not _STATE["enable_docs"]:
+                refusal = ServiceError(404, "Not Found (API docs are off: set limits.enable_docs)", code="not_found")
+            elif path.startswith("/v1") and _STATE["api_keys"]:
+                refusal = _check_key(dict(scope["headers"]).get(b"authorization", b""), _STATE["api_keys"])
+            if refusal is not None:
+                await _error_response(refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _check_key(header: bytes, keys: list[str]) -> ServiceError | None:
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    if scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys):
+        return None
+    message = "Incorrect API key provided." if token else "You didn't provide an API key: send 'Authorization: Bearer KEY'."
+    return ServiceError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+api.add_middleware(_Gate)
+
+
+def limited_body(request: Request, limit: int, timeout_s: float) -> Request:
+    """``request`` whose body may not exceed ``limit`` bytes nor take longer than ``timeout_s`` to arrive: the
+    reader stops at the first byte over (413) or at the deadline (408), chunked or not, before anything is spooled
+    past the limit (``request.form()`` wrote a whole 1 GB upload to /tmp before its size was checked)."""
+    received = 0
+    deadline = time.monotonic() + timeout_s
+
+    async def receive():
+        nonlocal received
+        try:
+            message = await asyncio.wait_for(request.receive(), max(0.001, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise ServiceError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout")
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise ServiceError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
+        return message
+
+    return Request(request.scope, receive)
 
 
 def _error_response(exc: ServiceError) -> JSONResponse:
@@ -35,7 +103,7 @@ def _error_response(exc: ServiceError) -> JSONResponse:
 
 @api.exception_handler(ServiceError)
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    metrics = getattr(request.app.state, "metrics", None)
+    metrics = _STATE["metrics"]
     if metrics is not None:
         metrics.rejected.inc(tags={"code": exc.code or exc.type})
     return _error_response(exc)
@@ -79,7 +147,7 @@ class QAIngress:
 
         self.args = args
         self.service = QAService(model_handle, args)
-        api.state.metrics = self.service.metrics
+        configure(args, self.service.metrics)  # keys resolved by build_app
 
     def __del__(self) -> None:
         service = getattr(self, "service", None)
@@ -106,7 +174,7 @@ class QAIngress:
             return await self._upload_qa(request)
         if content_type.startswith("application/json"):
             try:
-                body = QARequest.model_validate_json(await request.body())
+                body = QARequest.model_validate_json(await self._json_body(request))
             except ValidationError as exc:
                 raise _from_validation(exc.errors())
             fetched = await self.service.fetch(body.video_url)
@@ -114,12 +182,27 @@ class QAIngress:
         raise ServiceError(415, "send multipart/form-data (field 'video') or application/json (field 'video_url')",
                            code="unsupported_media_type")
 
+    async def _json_body(self, request: Request) -> bytes:
+        """The JSON body, read under the limit: base64 ``data:`` URLs of the request's media at most, and time."""
+        limits = self.args.limits
+        limit = limits.max_request_bytes * 4 // 3 + MULTIPART_OVERHEAD
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > limit:
+            raise ServiceError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                               code="request_too_large")
+        return await limited_body(request, limit, limits.body_timeout_s).body()
+
     async def _upload_qa(self, request: Request) -> QAResponse:
         limit = self.args.limits.max_upload_bytes
         declared = int(request.headers.get("content-length") or 0)
-        if declared > limit + 64 * 1024:  # multipart overhead aside, refuse before reading the body
+        if declared > limit + MULTIPART_OVERHEAD:  # refuse before reading the body
             raise ServiceError(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes", code="video_too_large", param="video")
-        form = await request.form()
+        try:
+            form = await limited_body(request, limit + MULTIPART_OVERHEAD, self.args.limits.body_timeout_s).form()
+        except ServiceError as exc:
+            if exc.code == "request_too_large":  # the upload's own limit, named as for a declared size
+                raise ServiceError(413, f"upload exceeds the limit of {limit} bytes", code="video_too_large", param="video")
+            raise
         upload = form.get("video")
         if upload is None or isinstance(upload, str):
             raise ServiceError(400, "multipart field 'video' (a file) is required", param="video")
@@ -145,7 +228,7 @@ class QAIngress:
     async def chat_completions(self, request: Request):
         """OpenAI-compatible chat completions; content parts `{"type": "video_url", "video_url": {"url": ...}}`."""
         try:
-            body = ChatCompletionRequest.model_validate_json(await request.body())
+            body = ChatCompletionRequest.model_validate_json(await self._json_body(request))
         except ValidationError as exc:
             raise _from_validation(exc.errors())
         if body.stream:

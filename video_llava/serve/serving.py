@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 from video_llava.cache import LRUCache, content_key
 from video_llava.model.settings import DECODE_SHORT_SIDE
 from video_llava.serve.config import ServeArgs
-from video_llava.serve.fetch import fetch_video
+from video_llava.serve.fetch import ByteBudget, fetch_video
 from video_llava.serve.metrics import IngressMetrics
 from video_llava.serve.protocol import (
     CacheUse,
@@ -63,6 +63,12 @@ class QAService:
                 400, f"num_frames={frames} exceeds max_frames={settings.max_frames}; use at most {settings.max_frames}",
                 code="too_many_frames", param="num_frames",
             )
+        if frames * num_videos > settings.max_frames:
+            raise ServiceError(
+                400, f"num_frames={frames} for each of {num_videos} videos is {frames * num_videos} frames; the "
+                f"context holds max_frames={settings.max_frames}: use at most {settings.max_frames // num_videos} "
+                "per video, or leave num_frames out to share the budget", code="too_many_frames", param="num_frames",
+            )
         return frames
 
     def _check_question(self, question: str) -> str:
@@ -84,6 +90,10 @@ class QAService:
             mode=opts.sampling or settings.sampling,
             sample_fps=opts.sample_fps or settings.sample_fps,
             short_side=DECODE_SHORT_SIDE,
+            # checked from the container's header in the decoder, before a frame is decoded
+            max_pixels=self.limits.max_video_pixels,
+            max_aspect_ratio=self.limits.max_aspect_ratio,
+            max_duration_s=self.limits.max_duration_s,
         )
         start = time.perf_counter()
         key = content_key(data, repr(options)) if self.frames_cache.max_bytes else None
@@ -93,21 +103,17 @@ class QAService:
         try:
             video = await asyncio.to_thread(self.decoder.decode, data, options)
         except VideoDecodeError as exc:
-            raise ServiceError(422, f"could not read the video: {exc.reason}", code="invalid_video", param="video")
+            reason = exc.reason if exc.code != "invalid_video" else f"could not read the video: {exc.reason}"
+            raise ServiceError(422, reason, code=exc.code, param="video")
         elapsed = time.perf_counter() - start
-        if video.metadata.duration > self.limits.max_duration_s:
-            raise ServiceError(
-                422, f"video is {video.metadata.duration:.1f} s long; the limit is {self.limits.max_duration_s:g} s",
-                code="video_too_long", param="video",
-            )
         self.metrics.frames_decoded.inc(video.num_frames)
         self.metrics.decode_latency.observe(elapsed)
         if key:
             self.frames_cache.put(key, video)
         return video, elapsed, False
 
-    async def fetch(self, url: str):
-        return await fetch_video(url, self.limits)
+    async def fetch(self, url: str, budget: ByteBudget | None = None):
+        return await fetch_video(url, self.limits, budget)
 
     # ---- model ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -195,8 +201,10 @@ class QAService:
         """Fetch and decode every video of the conversation concurrently (videos are placed in order)."""
         question, urls = self._chat_inputs(request)
         question = self._check_question(question)
-        fetched = await asyncio.gather(*(self.fetch(url) for url in urls))
-        decoded = await asyncio.gather(*(self.decode(f.data, request, len(urls)) for f in fetched))
+        self._frames_wanted(request, len(urls))  # the whole message's frame count, before fetching any of it
+        budget = ByteBudget(self.limits.max_request_bytes)  # all media of the message together
+        fetched = await _all_or_none(self.fetch(url, budget) for url in urls)
+        decoded = await _all_or_none(self.decode(f.data, request, len(urls)) for f in fetched)
         videos = [video for video, _, _ in decoded]
         fetch_s = max(f.seconds for f in fetched)
         decode_s = max(seconds for _, seconds, _ in decoded)
@@ -243,6 +251,16 @@ class QAService:
                 finish = event.answer.finish_reason
         yield _sse(chat_chunk(cid, self.model_name, {}, finish_reason=finish))
         yield "data: [DONE]\n\n"
+
+
+async def _all_or_none(coroutines) -> list:
+    """Run concurrently; the first failure cancels the others (a bad video stops its siblings' fetches)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coroutines]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None  # the first failure, as a plain error the routes map to a status
+    return [t.result() for t in tasks]
 
 
 def _sse(payload: dict) -> str:

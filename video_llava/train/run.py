@@ -218,7 +218,13 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainRunConfig, datasets: dict 
 
     Paths are made absolute first: workers run in their own directories, where relative ones point elsewhere.
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from video_llava.job_cli import absolute_paths

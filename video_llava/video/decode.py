@@ -21,7 +21,12 @@ from typing import BinaryIO, Literal, Union
 
 import numpy as np
 
-from video_llava.video.probe import ContainerProbe, VideoDecodeError, open_for_reader, probe_container
+from video_llava.video.probe import (
+    ContainerProbe,
+    VideoDecodeError,
+    open_for_reader,
+    probe_container,
+)
 from video_llava.video.sampling import SamplingMode, sample_by_time
 
 VideoInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
@@ -35,6 +40,10 @@ class DecodeOptions:
     ``num_frames``: frames wanted (fewer come back when the video is shorter: see ``uniform_indices``).
     ``short_side``: when set, frames are resized so their shorter side has this many pixels (aspect kept);
     the model's processor resizes to 336 anyway, so doing it while decoding bounds memory for 4K input.
+    ``max_pixels``, ``max_aspect_ratio``, ``max_duration_s``: refuse a video over these (``VideoDecodeError`` with
+    code ``invalid_video_dimensions`` / ``video_too_long``) from its container header, before decoding a frame.
+    The processor scales the short side up to 336, so a 16x8192 clip (12 KB) became 336x172,000 frames there:
+    an aspect-ratio bound is a memory bound. ``SERVICE_LIMITS`` are the values the service and caption job use.
     """
 
     num_frames: int = 32
@@ -43,6 +52,9 @@ class DecodeOptions:
     short_side: int | None = None
     backend: Backend = "auto"
     threads: int = 1  # decoder threads per video; 1 suits many videos decoded in parallel workers, 0 = all cores
+    max_pixels: int | None = None
+    max_aspect_ratio: float | None = None
+    max_duration_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
@@ -51,7 +63,32 @@ class DecodeOptions:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.short_side is not None and self.short_side < 8:
             raise ValueError(f"short_side must be >= 8 pixels, got {self.short_side}")
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
         object.__setattr__(self, "mode", SamplingMode(self.mode))
+
+
+# 8K UHD at most, and no side more than 8 times the other (32:9 panoramas are 3.6).
+SERVICE_LIMITS = {"max_pixels": 7680 * 4320, "max_aspect_ratio": 8.0}
+
+
+def check_limits(size: tuple[int, int], duration: float, opts: DecodeOptions) -> None:
+    """Refuse a video whose frames (``size``, coded: rotation does not change area or ratio) or ``duration`` are
+    over ``opts``' limits. Run on the header's figures before demuxing and on the demuxed ones after."""
+    width, height = size  # 0x0: not known yet (the decoders find out)
+    ratio = max(width, height) / max(1, min(width, height))
+    if opts.max_aspect_ratio is not None and min(width, height) > 0 and ratio > opts.max_aspect_ratio:
+        raise VideoDecodeError(
+            f"frames of {width}x{height} have an aspect ratio of {ratio:.1f}:1; at most {opts.max_aspect_ratio:g}:1 "
+            "is accepted", "invalid_video_dimensions",
+        )
+    if opts.max_pixels is not None and width * height > opts.max_pixels:
+        raise VideoDecodeError(
+            f"frames of {width}x{height} ({width * height / 1e6:.1f} MP) are over the limit of "
+            f"{opts.max_pixels / 1e6:.1f} MP", "invalid_video_dimensions",
+        )
+    if opts.max_duration_s is not None and duration > opts.max_duration_s:
+        raise VideoDecodeError(f"video is {duration:.1f} s long; the limit is {opts.max_duration_s:g} s", "video_too_long")
 
 
 @dataclass(frozen=True)
@@ -311,7 +348,8 @@ def sample_video(video: VideoInput, options: DecodeOptions | None = None) -> Sam
 
 
 def _sample(source: str | bytes, opts: DecodeOptions) -> SampledVideo:
-    probe = probe_container(source)
+    probe = probe_container(source, lambda size, duration: check_limits(size, duration, opts))
+    check_limits(probe.coded_size, probe.duration, opts)
     order = {"auto": ["decord", "pyav"], "decord": ["decord"], "pyav": ["pyav"]}[opts.backend]
     errors: list[str] = []
     for backend in order:

@@ -31,7 +31,7 @@ class DecoderStartError(RuntimeError):
 
 
 def _worker_main(conn: Connection) -> None:
-    """Worker loop: say ("ready", pid), then receive (source, options), reply ("ok", SampledVideo) or ("error", reason)."""
+    """Worker loop: say ("ready", pid), then receive (source, options), reply ("ok", SampledVideo) or ("error", error)."""
     if not os.environ.get("VIDEO_LLAVA_DECODER_STDERR"):
         # decord/FFmpeg log to fd 2 from C++; the reasons reach the caller in the error instead.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -49,7 +49,7 @@ def _worker_main(conn: Connection) -> None:
         try:
             reply = ("ok", sample_video(source, options))
         except VideoDecodeError as exc:
-            reply = ("error", exc.reason)
+            reply = ("error", exc)
         except Exception as exc:  # report, never hide: the parent turns this into a VideoDecodeError
             reply = ("error", f"decoder failed: {type(exc).__name__}: {exc}")
         conn.send(reply)
@@ -153,7 +153,7 @@ class IsolatedDecoder:
             if worker is not None:
                 self._idle.put(worker)
         if status == "error":
-            raise VideoDecodeError(payload)
+            raise payload if isinstance(payload, VideoDecodeError) else VideoDecodeError(str(payload))
         return payload
 
     def close(self) -> None:

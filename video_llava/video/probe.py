@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 
 class VideoDecodeError(ValueError):
-    """The input could not be turned into frames; ``reason`` says why in words a user can act on."""
+    """The input could not be turned into frames; ``reason`` says why in words a user can act on.
 
-    def __init__(self, reason: str):
+    ``code``: ``invalid_video`` (unreadable), ``invalid_video_dimensions`` or ``video_too_long`` (over a limit of
+    ``DecodeOptions``, found from the container before any frame is decoded).
+    """
+
+    def __init__(self, reason: str, code: str = "invalid_video"):
         super().__init__(reason)
         self.reason = reason
+        self.code = code
+
+    def __reduce__(self):  # keeps ``code`` across processes
+        return (type(self), (self.reason, self.code))
 
 
 # Containers whose timestamps decord gets wrong when the stream has B-frames (checked with a frame-number barcode,
@@ -89,8 +98,15 @@ def open_for_reader(source: str | bytes) -> str | io.BytesIO:
     return source if isinstance(source, str) else io.BytesIO(source)
 
 
-def probe_container(source: str | bytes) -> ContainerProbe:
-    """Demux ``source``'s first video stream. Raises ``VideoDecodeError`` for anything a file can cause."""
+HeaderCheck = Callable[[tuple[int, int], float], None]  # (display size, duration in s or 0) -> raise to refuse
+
+
+def probe_container(source: str | bytes, check_header: HeaderCheck | None = None) -> ContainerProbe:
+    """Demux ``source``'s first video stream. Raises ``VideoDecodeError`` for anything a file can cause.
+
+    ``check_header`` sees the frame size and the duration the header declares before a packet is read, so a
+    video over a limit is refused without reading it (a two-hour file is not demuxed to learn it is too long).
+    """
     import av
 
     try:
@@ -110,6 +126,9 @@ def probe_container(source: str | bytes) -> ContainerProbe:
         if ctx is None or not ctx.name:
             raise VideoDecodeError(f"the video stream's codec is unknown or not supported ({fmt})")
         codec = ctx.name
+        if check_header is not None:
+            size = (int(ctx.width or 0), int(ctx.height or 0))
+            check_header(size, _declared_duration(container, stream))
         pts, rotation, notes = _demux(container, stream)
         if not len(pts):
             raise VideoDecodeError(f"the video has zero frames ({fmt}, codec {codec})")
@@ -129,6 +148,12 @@ def probe_container(source: str | bytes) -> ContainerProbe:
             declared_frames=declared,
             notes=notes,
         )
+
+
+def _declared_duration(container, stream) -> float:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return container.duration / 1e6 if container.duration else 0.0
 
 
 def _demux(container, stream) -> tuple[np.ndarray, int, list[str]]:
