@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -60,7 +61,7 @@ class ContainerProbe:
     def frame_count(self) -> int:
         return len(self.pts)
 
-    @property
+    @cached_property  # read per sampled frame and per check: computed once (frozen dataclass, no slots)
     def times(self) -> np.ndarray:
         return (self.pts - self.pts[0]) * self.time_base
 
@@ -69,7 +70,7 @@ class ContainerProbe:
         width, height = self.coded_size
         return (height, width) if self.rotation % 180 == 90 else (width, height)
 
-    @property
+    @cached_property
     def frame_interval(self) -> float:
         """Typical seconds between frames (median spacing; 1/fps for a single frame)."""
         if self.frame_count > 1:
