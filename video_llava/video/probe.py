@@ -162,30 +162,46 @@ def _demux(container, stream) -> tuple[np.ndarray, int, list[str]]:
     import av
 
     stamps: list[int] = []
-    rotation: int | None = None
     notes: list[str] = []
     packets = container.demux(stream)
+    rotation = _first_rotation(stream, packets, stamps, notes)
+    try:  # the hot loop of the check: kept to attribute reads (about 1 us a packet over libav's own cost)
+        for packet in packets:
+            if packet.size and not packet.is_discard:  # skip the final flush packet and frames an edit list cuts
+                ts = packet.pts
+                stamps.append(ts if ts is not None else _no_pts(packet, stamps))
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        notes.append(f"the container could not be read past packet {len(stamps)}: {_first_line(exc)}")
+    return np.unique(np.asarray(stamps, dtype=np.int64)), rotation, notes
+
+
+def _no_pts(packet, stamps: list[int]) -> int:
+    # No presentation time: the decode time, else (a raw elementary stream) one time-base unit after the last.
+    if packet.dts is not None:
+        return int(packet.dts)
+    return stamps[-1] + 1 if stamps else 0
+
+
+def _first_rotation(stream, packets, stamps: list[int], notes: list[str]) -> int:
+    """Demux up to the first decodable frame (its times go into ``stamps``) and return its display rotation."""
+    import av
+
     while True:
         try:
             packet = next(packets)
         except StopIteration:
-            break
+            return 0
         except (av.FFmpegError, ValueError, OSError) as exc:
             notes.append(f"the container could not be read past packet {len(stamps)}: {_first_line(exc)}")
-            break
-        if packet.size == 0 or packet.is_discard:
-            continue  # the flush packet at the end; a frame the edit list cuts (decoded, never shown)
-        ts = packet.pts if packet.pts is not None else packet.dts
-        # No timestamps at all (a raw elementary stream): frames in decode order, one time-base unit apart.
-        stamps.append(int(ts) if ts is not None else (stamps[-1] + 1 if stamps else 0))
-        if rotation is None:
-            try:
-                for frame in stream.decode(packet):
-                    rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360
-                    break
-            except (av.FFmpegError, ValueError):
-                pass  # damaged first packets: the next decodable frame tells the rotation
-    return np.unique(np.asarray(stamps, dtype=np.int64)), rotation or 0, notes
+            return 0
+        if not packet.size or packet.is_discard:
+            continue
+        stamps.append(packet.pts if packet.pts is not None else _no_pts(packet, stamps))
+        try:
+            for frame in stream.decode(packet):
+                return int(round(getattr(frame, "rotation", 0) or 0)) % 360
+        except (av.FFmpegError, ValueError):
+            pass  # damaged first packets: the next decodable frame tells the rotation
 
 
 def _first_line(exc: BaseException) -> str:
