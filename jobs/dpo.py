@@ -47,15 +47,16 @@ def train_loop(config: dict) -> None:
 
     import ray.train
     import torch
-    from transformers import LlavaNextVideoForConditionalGeneration
 
+    from video_llava.model.loading import load_checkpoint
     from video_llava.train.examples import ExampleMaker, collate
     from video_llava.train.objectives import answer_logprobs, dpo_loss
     from video_llava.train.run import start_worker
 
     cfg = DPOConfig.model_validate(config)
     run = start_worker(cfg, cfg.model, cfg.lr, freeze_projector=not cfg.train_projector)
-    reference = LlavaNextVideoForConditionalGeneration.from_pretrained(run.source).to(run.device).eval().requires_grad_(False)
+    reference, _ = load_checkpoint(run.source)  # the same family's class as the policy
+    reference = reference.to(run.device).eval().requires_grad_(False)
     pairs = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))
     if not pairs:
         raise ValueError("this worker got no preference pairs")

@@ -63,3 +63,19 @@ def shapes_video(path: Path, num_frames: int, fps: float = FPS, width: int = WID
     frames = render_frames([MovingShape("circle", "red", "right")], num_frames=num_frames, fps=fps, width=width, height=height)
     write_video(path, frames, fps=fps, fmt=fmt, **kwargs)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint(family)``: the directory of that family's tiny random-weight checkpoint (built once)."""
+    from video_llava.model.families.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny_families")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny(family, root / family)
+        return built[family]
+
+    return get

@@ -97,7 +97,7 @@ def test_every_object_gets_one_row_errors_have_reasons_and_a_rerun_adds_nothing(
     endpoint, client = s3
     result = run_job("s3://media/inbox/", "s3://media/captions/run1/", endpoint, embedded_cache)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "23 videos under s3://media/inbox/" in result.stdout and "1 non-video objects skipped" in result.stdout
+    assert "23 videos and 0 images under s3://media/inbox/" in result.stdout and "1 other objects skipped" in result.stdout
     rows = final_rows("s3://media/captions/run1/", endpoint)
     assert len(rows) == GOOD + len(BAD_KEYS) and len({r["key"] for r in rows}) == len(rows)
     errors = {r["key"]: r["error"] for r in rows if r["status"] == "error"}
@@ -165,7 +165,9 @@ def test_local_directory_in_and_out_with_a_yaml_config(tmp_path, embedded_cache)
 
 
 def test_links_out_of_the_input_oversized_objects_and_memory_bombs_become_error_rows(tmp_path, embedded_cache):
+    """Images are captioned next to videos; the same bounds make a corrupt or thin image an error row."""
     import numpy as np
+    from PIL import Image
 
     from video_llava.data.synthetic_video import write_video
 
@@ -180,13 +182,19 @@ def test_links_out_of_the_input_oversized_objects_and_memory_bombs_become_error_
     (source / "big.mp4").write_bytes(good + b"\x00" * 2**20)  # over --max-object-mb 1
     thin = np.full((8, 8192, 16, 3), 200, np.uint8)
     write_video(source / "thin.mp4", thin, fps=8)  # 16x8192: the processor would make 336x172,000 frames
+    Image.fromarray(np.full((240, 320, 3), 90, np.uint8)).save(source / "photo.png")
+    (source / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.fromarray(thin[0]).save(source / "thin.png")
     args = [sys.executable, "-m", "jobs.caption", "--input", str(source), "--output", str(tmp_path / "out"), "--frames",
             "8", "--max-new-tokens", "4", "--num-cpus", "2", "--max-object-mb", "1"]
     result = subprocess.run(args, cwd=ROOT, env=_env(embedded_cache), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["key"]: r for r in final_rows(str(tmp_path / "out"), None)}
-    assert set(rows) == {"good.mp4", "linked.mp4", "big.mp4", "thin.mp4"}
+    assert set(rows) == {"good.mp4", "linked.mp4", "big.mp4", "thin.mp4", "photo.png", "broken.jpg", "thin.png"}
     assert rows["good.mp4"]["status"] == "ok"
+    assert rows["photo.png"]["status"] == "ok" and rows["photo.png"]["num_frames"] == 0
+    assert "not a readable image" in rows["broken.jpg"]["error"]
+    assert "aspect ratio of 512.0:1" in rows["thin.png"]["error"]
     assert "link out of the input directory" in rows["linked.mp4"]["error"]
     assert "over the limit of 1048576 bytes" in rows["big.mp4"]["error"]
     assert "aspect ratio of 512.0:1" in rows["thin.mp4"]["error"]

@@ -121,3 +121,23 @@ def test_make_demo_entry_point_answers_over_rest_and_shuts_down(embedded_cache):
     assert "== shutting down" in result.stdout
     output = result.stdout + result.stderr  # a fresh start and a clean stop, with nothing that reads like a fault
     assert "Connecting to existing Serve app" not in output and "graceful_shutdown failed" not in output
+
+
+def test_ask_and_info_take_an_image_with_any_familys_checkpoint(embedded_cache, tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    from video_llava.video.decode import sample_video
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(sample_video(SAMPLE).frames[0]).save(photo)
+    llava = str(tiny_checkpoint("llava"))
+    result = run_cli("ask", str(photo), "What is it?", "--model", llava, "--max-new-tokens", "3", "--json",
+                     cache=embedded_cache)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["num_frames"] == 0 and out["visual_tokens"] == 576 and out["image"]["format"] == "PNG"
+    info = json.loads(run_cli("info", str(photo), "--model", llava, "--json", cache=embedded_cache).stdout)
+    assert info["kind"] == "image" and info["family"] == "LLaVA-1.5" and info["visual_tokens"] == 576
+    refused = run_cli("ask", str(SAMPLE), "What happens?", "--model", llava, cache=embedded_cache)
+    assert refused.returncode == 2 and "takes images, not videos" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

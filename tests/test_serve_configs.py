@@ -24,7 +24,7 @@ def _load(name: str) -> dict:
     return yaml.safe_load((CONFIGS / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml", "gpu-onevision.yaml"])
 def test_config_validates_with_ray_and_our_args_model(name):
     from ray.serve.schema import ServeDeploySchema
 
@@ -52,6 +52,16 @@ def test_gpu_config_is_7b_one_gpu_per_replica_32_frames_factor_2_autoscaling():
     assert args.model.model == "llava-hf/LLaVA-NeXT-Video-7B-hf"
     assert args.model.num_frames == 32 and args.model.rope_scaling_factor == 2.0
     assert args.deployment.num_gpus == 1 and args.deployment.min_replicas < args.deployment.max_replicas
+
+
+def test_onevision_config_is_7b_one_gpu_per_replica_with_its_own_context_and_keys():
+    from video_llava.serve.config import ServeArgs
+
+    args = ServeArgs.model_validate(_load("gpu-onevision.yaml")["applications"][0]["args"])
+    assert args.model.model == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+    assert args.model.rope_scaling_factor is None  # Qwen2's 32k positions: the family scales nothing
+    assert args.deployment.num_gpus == 1 and args.limits.require_api_keys
+    assert args.batching.max_batch_visual_tokens >= args.batching.max_batch_size * args.model.num_frames * 196
 
 
 def test_the_gpu_config_listens_on_every_interface_so_it_does_not_build_without_api_keys(monkeypatch, tmp_path):

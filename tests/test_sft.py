@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -109,3 +110,15 @@ def test_a_rerun_resumes_from_the_last_checkpoint_and_continues_the_step_count(d
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
     assert "finished at step 6" in second.stdout
+
+
+def test_sft_runs_on_a_onevision_checkpoint_with_mixed_image_and_video_records(data, tmp_path, embedded_cache,
+                                                                               tiny_checkpoint):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    result = run_sft(data, tmp_path, embedded_cache, 2, "--model", str(tiny_checkpoint("llava_onevision")))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    losses = [m["loss"] for m in _metrics(tmp_path)]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    trained = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "run" / "model")
+    assert trained.config.model_type == "llava_onevision"

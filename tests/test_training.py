@@ -14,18 +14,10 @@ from video_llava.train.objectives import answer_logprobs, dpo_loss
 
 @pytest.fixture(scope="module")
 def model_and_processor(embedded_cache):
-    from transformers import (
-        LlavaNextVideoForConditionalGeneration,
-        LlavaNextVideoProcessor,
-    )
-
     from video_llava.model.embedded import embedded_path
-    from video_llava.model.loading import complete_processor
+    from video_llava.model.loading import load_checkpoint
 
-    path = embedded_path()
-    model, processor = LlavaNextVideoForConditionalGeneration.from_pretrained(path), LlavaNextVideoProcessor.from_pretrained(path)
-    complete_processor(processor, model.config)
-    return model, processor
+    return load_checkpoint(embedded_path())
 
 
 def test_labels_cover_only_the_answer_and_eos(model_and_processor):

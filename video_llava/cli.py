@@ -1,7 +1,10 @@
-"""``video-llava`` command line: ``ask`` a question about a video, or get its ``info``.
+"""``video-llava`` command line: ``ask`` a question about a video or an image, or get its ``info``.
 
     video-llava ask clip.mp4 "What color is the circle?" [--frames 32] [--model ID_OR_PATH] [--json]
+    video-llava ask photo.jpg "What is on the table?" --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf
     video-llava info clip.mp4 [--frames 32] [--json]
+
+A file is read as an image when its extension is one of ``video.image.IMAGE_EXTENSIONS``, else as a video.
 
 Errors print one line (``error: ...``) and exit non-zero; no tracebacks.
 """
@@ -36,15 +39,16 @@ def _quiet_libraries() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="video-llava", description="Ask LLaVA-NeXT-Video about a video.")
+    parser = argparse.ArgumentParser(prog="video-llava", description="Ask a LLaVA-family model about a video or an image.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("video", help="path to a video file")
+        p.add_argument("video", metavar="FILE", help="path to a video or an image (by extension: .png, .jpg, ...)")
         p.add_argument("--frames", type=int, default=None, help=f"frames to sample (default {DEFAULT_FRAMES}; at most --max-frames)")
         p.add_argument("--sampling", choices=[m.value for m in SamplingMode], default="uniform")
         p.add_argument("--fps", type=float, default=1.0, help="frames per second in --sampling fps mode")
-        p.add_argument("--model", default="embedded", help="'embedded' (default), a hub id or a local checkpoint path")
+        p.add_argument("--model", default="embedded", help="'embedded' (default), a hub id or a local checkpoint "
+                       "directory of any supported family (LLaVA-NeXT-Video, OneVision, LLaVA-NeXT, LLaVA-1.5, Yi-VL)")
         p.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="largest frame count allowed (sets the RoPE factor)")
         p.add_argument("--rope-factor", type=float, default=None, help="force the RoPE linear scaling factor")
         p.add_argument("--max-new-tokens", type=int, default=128)
@@ -85,9 +89,14 @@ def _settings(args: argparse.Namespace, **extra):
 
 
 def _decode(args: argparse.Namespace, frames: int):
+    """The video's sampled frames (or the image: ``DecodedImage``) and the seconds it took."""
     from video_llava.video.decode import DecodeOptions
-    from video_llava.video.isolated import decode_video
+    from video_llava.video.image import is_image_path
+    from video_llava.video.isolated import decode_image_file, decode_video
 
+    if is_image_path(args.video):
+        start = time.perf_counter()
+        return decode_image_file(args.video, timeout_s=args.timeout), time.perf_counter() - start
     options = DecodeOptions(num_frames=frames, mode=args.sampling, sample_fps=args.fps, short_side=DECODE_SHORT_SIDE)
     start = time.perf_counter()
     video = decode_video(args.video, options, timeout_s=args.timeout)
@@ -96,14 +105,19 @@ def _decode(args: argparse.Namespace, frames: int):
 
 def _ask(args: argparse.Namespace) -> dict:
     settings, frames = _settings(args, device=args.device)
-    video, decode_s = _decode(args, frames)  # a bad file fails here, before torch is imported
+    media, decode_s = _decode(args, frames)  # a bad file fails here, before torch is imported
     _quiet_libraries()
     from video_llava.model.qa_model import VideoQAModel
+    from video_llava.video.image import DecodedImage
 
     start = time.perf_counter()
     model = VideoQAModel(settings)
     load_s = time.perf_counter() - start
-    (answer,) = model.answer([video], [args.question], max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    image = isinstance(media, DecodedImage)
+    (answer,) = model.answer([media.pixels if image else media], [args.question], max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature)
+    described = media.describe() if image else {
+        k: v for k, v in media.describe().items() if k not in ("sampled_indices", "timestamps")}
     return {
         "answer": answer.text,
         "model": model.model_id,
@@ -114,41 +128,56 @@ def _ask(args: argparse.Namespace) -> dict:
         "completion_tokens": answer.completion_tokens,
         "finish_reason": answer.finish_reason,
         "timings": {"decode_s": round(decode_s, 3), "load_s": round(load_s, 3), "generate_s": round(answer.generate_s, 3)},
-        "video": {k: v for k, v in video.describe().items() if k not in ("sampled_indices", "timestamps")},
+        "image" if image else "video": described,
     }
 
 
 def _info(args: argparse.Namespace) -> dict:
-    from video_llava.model.budget import ContextBudgetError
+    from video_llava.model.budget import ContextBudgetError, TokenBudget
     from video_llava.model.loading import load_processor, resolve_config, resolve_source
     from video_llava.model.prompts import build_prompt, count_prompt_tokens
+    from video_llava.video.image import DecodedImage
 
     settings, frames = _settings(args)
-    video, decode_s = _decode(args, frames)  # a bad file fails here, before any model file is read
+    media, decode_s = _decode(args, frames)  # a bad file fails here, before any model file is read
     _quiet_libraries()
     source = resolve_source(settings)
     resolved = resolve_config(settings, source)
     processor = load_processor(source, resolved.config, settings)
-    prompt_tokens = count_prompt_tokens(processor, build_prompt(processor, args.question, settings.chat_template))
-    budget = resolved.budget(settings.max_frames)
+    family = resolved.family
+    image = isinstance(media, DecodedImage)
+    family.check_media(["image" if image else "video"])
+    per_frame = family.tokens_per_frame(processor)  # the processor's count, as the loaded model uses
+    if image:
+        visual = family.image_tokens(processor, [media.pixels.shape[:2]])[0]
+        frames_, fixed = 0, visual
+    else:
+        visual = family.video_tokens(processor, media.num_frames)
+        frames_, fixed = media.num_frames, visual - media.num_frames * per_frame
+    prompt = build_prompt(processor, args.question, settings.chat_template, num_videos=int(not image),
+                          num_images=int(image))
+    prompt_tokens = count_prompt_tokens(processor, prompt)
+    budget = TokenBudget(resolved.budget_context, per_frame, settings.max_frames)
     try:
-        needed = budget.check(video.num_frames, prompt_tokens, settings.max_new_tokens)
+        needed = budget.check(frames_, prompt_tokens, settings.max_new_tokens, fixed)
         fits, reason = True, None
     except ContextBudgetError as exc:
         needed, fits, reason = exc.needed, False, str(exc)
     return {
-        **video.describe(),
+        **media.describe(),
+        "kind": "image" if image else "video",
         "decode_s": round(decode_s, 3),
         "model": settings.model,
-        "tokens_per_frame": resolved.per_frame,
-        "visual_tokens": video.num_frames * resolved.per_frame,
+        "family": family.label,
+        "tokens_per_frame": per_frame,
+        "visual_tokens": visual,
         "prompt_tokens": prompt_tokens,
         "max_new_tokens": settings.max_new_tokens,
         "tokens_needed": needed,
         "context": resolved.budget_context,
         "rope_scaling_factor": resolved.rope_factor,
         "fits_context": fits,
-        "max_frames_that_fit": budget.frames_that_fit(prompt_tokens, settings.max_new_tokens),
+        "max_frames_that_fit": budget.frames_that_fit(prompt_tokens, settings.max_new_tokens, fixed),
         "budget_error": reason,
     }
 
@@ -164,13 +193,25 @@ def _print_human(command: str, result: dict) -> None:
             file=sys.stderr,
         )
         return
+    if result["kind"] == "image":
+        rows = [
+            ("image", f"{result['format']} {result['width']}x{result['height']}"),
+            ("visual tokens", f"{result['visual_tokens']} ({result['family']})"),
+            ("context", f"{result['tokens_needed']} needed of {result['context']}"),
+            ("fits", "yes" if result["fits_context"] else f"NO: {result['budget_error']}"),
+        ]
+        for name, value in rows:
+            print(f"{name:>24}: {value}")
+        return
     rows = [
         ("container / codec", f"{result['container']} / {result['codec']} (decoded with {result['backend']})"),
         ("size", f"{result['width']}x{result['height']}" + (f", rotated {result['rotation']} deg" if result["rotation"] else "")),
         ("frames / fps / duration", f"{result['frame_count']} / {result['fps']} / {result['duration']} s"),
         ("sampled", f"{result['num_sampled']} frames: indices {result['sampled_indices']}"),
         ("timestamps (s)", str(result["timestamps"])),
-        ("visual tokens", f"{result['num_sampled']} x {result['tokens_per_frame']} = {result['visual_tokens']}"),
+        ("visual tokens", f"{result['num_sampled']} x {result['tokens_per_frame']} = {result['visual_tokens']}"
+                          + ("" if result["visual_tokens"] == result["num_sampled"] * result["tokens_per_frame"]
+                             else " (with separators)")),
         ("context", f"{result['tokens_needed']} needed of {result['context']} (RoPE x{result['rope_scaling_factor']:g})"),
         ("fits", "yes" if result["fits_context"] else f"NO: {result['budget_error']}"),
     ]
@@ -185,13 +226,14 @@ def _print_human(command: str, result: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from video_llava.model.budget import ContextBudgetError
+    from video_llava.model.families.base import UnsupportedMediaError
     from video_llava.model.loading import ModelLoadError
     from video_llava.video.decode import VideoDecodeError
     from video_llava.video.isolated import DecoderStartError
 
     try:
         result = _ask(args) if args.command == "ask" else _info(args)
-    except (VideoDecodeError, ContextBudgetError) as exc:
+    except (VideoDecodeError, ContextBudgetError, UnsupportedMediaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (ModelLoadError, DecoderStartError) as exc:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from video_llava.data.storage import (
     Location,
     StorageError,
+    is_image_key,
     is_video_key,
     list_objects,
     pyarrow_filesystem,
@@ -105,16 +106,19 @@ def setup_inputs(cfg: CaptionConfig) -> tuple[list[dict], dict]:
     location = Location.parse(cfg.input)
     objects = list(list_objects(location, cfg.endpoint_url))
     videos = [o for o in objects if is_video_key(o.key)]
-    if not videos:
+    images = [o for o in objects if is_image_key(o.key)]
+    media = sorted(videos + images, key=lambda o: o.key)
+    if not media:
         raise StorageError(
             f"no video objects under {cfg.input} ({len(objects)} objects listed; extensions looked for: mp4, mov, "
-            "avi, webm, mkv, ...)"
+            "avi, webm, mkv, ..., and images: png, jpg, webp, ...)"
         )
     done = {(r["key"], r["etag"]) for r in final_view(cfg.output, cfg.endpoint_url)
             if r["status"] == "ok" or not cfg.retry_errors}
-    todo = [{"key": o.key, "size": o.size, "etag": o.etag} for o in videos if (o.key, o.etag) not in done]
-    counts = {"objects_listed": len(objects), "video_objects": len(videos), "skipped_non_video": len(objects) - len(videos),
-              "already_done": len(videos) - len(todo), "to_caption": len(todo)}
+    todo = [{"key": o.key, "size": o.size, "etag": o.etag} for o in media if (o.key, o.etag) not in done]
+    counts = {"objects_listed": len(objects), "video_objects": len(videos), "image_objects": len(images),
+              "skipped_other": len(objects) - len(media), "already_done": len(media) - len(todo),
+              "to_caption": len(todo)}
     return todo, counts
 
 
@@ -169,8 +173,9 @@ def run_caption(cfg: CaptionConfig) -> dict:
     """Caption every video of ``cfg.input`` not yet in ``cfg.output``; returns the manifest it writes."""
     start = time.perf_counter()
     todo, counts = setup_inputs(cfg)
-    print(f"caption: {counts['video_objects']} videos under {cfg.input} ({counts['already_done']} already done, "
-          f"{counts['to_caption']} to caption, {counts['skipped_non_video']} non-video objects skipped)", flush=True)
+    print(f"caption: {counts['video_objects']} videos and {counts['image_objects']} images under {cfg.input} "
+          f"({counts['already_done']} already done, {counts['to_caption']} to caption, {counts['skipped_other']} other "
+          "objects skipped)", flush=True)
     if todo:
         ensure_ray(cfg.num_cpus)
         require_resources(*needed_resources(cfg))

@@ -1,4 +1,5 @@
-"""Batch captioning steps for Ray Data: decode on CPU workers, caption in a model actor pool, typed output rows.
+"""Batch captioning steps for Ray Data: decode on CPU workers (videos, and images by extension), caption in a model
+actor pool, typed output rows (an image's row has no sampled frames: ``num_frames`` 0).
 
 Each step is a callable class (state: a decoder pool, a model) whose ``__call__`` maps a batch dict of columns;
 they can be tried on ``ds.take_batch()`` without a cluster. Every input object yields exactly one output row:
@@ -36,10 +37,13 @@ class DecodeStep:
         self.decoder = IsolatedDecoder(workers=1, timeout_s=timeout_s)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from video_llava.data.storage import is_image_key
         from video_llava.video.decode import SERVICE_LIMITS, DecodeOptions, VideoDecodeError
+        from video_llava.video.image import ImageOptions
 
         # the service's frame-size bounds: a 12 KB memory bomb (16x8192 frames) is an error row, not a dead actor
         options = DecodeOptions(num_frames=self.num_frames, short_side=DECODE_SHORT_SIDE, **SERVICE_LIMITS)
+        image_options = ImageOptions(SERVICE_LIMITS["max_pixels"], SERVICE_LIMITS["max_aspect_ratio"])
 
         out: dict[str, list] = {k: [] for k in ("key", "size", "etag", "status", "error", "frames", "frame_shape",
                                                  "sampled_indices", "timestamps", "duration", "decode_s")}
@@ -50,10 +54,14 @@ class DecodeStep:
                 if int(size) == 0:
                     raise VideoDecodeError("empty object (0 bytes)")
                 data = read_object(self.location, str(key), self.client, self.max_object_bytes)
-                video = self.decoder.decode(data, options)
-                frames, shape = video.frames.tobytes(), list(video.frames.shape)
-                indices, stamps = [int(i) for i in video.indices], [float(t) for t in video.timestamps]
-                duration = float(video.metadata.duration)
+                if is_image_key(str(key)):  # an image: (H, W, 3) pixels, no frames sampled
+                    pixels = self.decoder.decode_image(data, image_options).pixels
+                    frames, shape = pixels.tobytes(), list(pixels.shape)
+                else:
+                    video = self.decoder.decode(data, options)
+                    frames, shape = video.frames.tobytes(), list(video.frames.shape)
+                    indices, stamps = [int(i) for i in video.indices], [float(t) for t in video.timestamps]
+                    duration = float(video.metadata.duration)
             except VideoDecodeError as exc:
                 error = f"decode: {exc.reason}"
             except Exception as exc:  # a read failure of one object must not stop the job: record it
@@ -85,6 +93,7 @@ class CaptionPredictor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from video_llava.model.budget import ContextBudgetError
+        from video_llava.model.families import UnsupportedMediaError
 
         n = len(batch["key"])
         captions, errors, statuses = [""] * n, list(batch["error"]), list(batch["status"])
@@ -97,7 +106,7 @@ class CaptionPredictor:
                 frames = np.frombuffer(batch["frames"][i], np.uint8).reshape(list(batch["frame_shape"][i])).copy()
                 try:
                     prepared[i] = self.model.prepare(frames, self.prompt)
-                except ContextBudgetError as exc:
+                except (ContextBudgetError, UnsupportedMediaError) as exc:  # too long; a video for an image model
                     statuses[i], errors[i] = "error", f"caption: {exc}"
             try:
                 answers = self.model.generate(list(prepared.values())) if prepared else []

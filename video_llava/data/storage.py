@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
+from video_llava.video.image import IMAGE_EXTENSIONS
+
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".gif", ".mpg", ".mpeg", ".ts", ".3gp", ".flv", ".wmv", ".ogv"}
 )
@@ -115,6 +117,10 @@ def list_objects(location: Location, endpoint_url: str | None = None) -> Iterato
 
 def is_video_key(key: str) -> bool:
     return Path(key).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def is_image_key(key: str) -> bool:
+    return Path(key).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def read_object(location: Location, key: str, client=None, max_bytes: int | None = None) -> bytes:

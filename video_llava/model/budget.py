@@ -46,24 +46,31 @@ class TokenBudget:
     per_frame: int
     max_frames: int
 
-    def frames_that_fit(self, prompt_tokens: int, max_new_tokens: int) -> int:
-        room = self.context - prompt_tokens - max_new_tokens
+    def frames_that_fit(self, prompt_tokens: int, max_new_tokens: int, fixed_visual: int = 0) -> int:
+        room = self.context - prompt_tokens - max_new_tokens - fixed_visual
+        if self.per_frame == 0:  # the model takes no video
+            return 0
         return max(0, min(self.max_frames, room // self.per_frame))
 
-    def check(self, num_frames: int, prompt_tokens: int, max_new_tokens: int) -> int:
-        """Total tokens needed; raises ``ContextBudgetError`` naming the numbers and the largest frame count that fits."""
-        visual = num_frames * self.per_frame
-        needed = visual + prompt_tokens + max_new_tokens
-        fit = self.frames_that_fit(prompt_tokens, max_new_tokens)
+    def check(self, num_frames: int, prompt_tokens: int, max_new_tokens: int, fixed_visual: int = 0) -> int:
+        """Total tokens needed; raises ``ContextBudgetError`` naming the numbers and the largest frame count that fits.
+
+        ``fixed_visual``: visual tokens that do not scale with the frame count (images, a video's newline token).
+        """
+        video = num_frames * self.per_frame
+        needed = video + fixed_visual + prompt_tokens + max_new_tokens
+        fit = self.frames_that_fit(prompt_tokens, max_new_tokens, fixed_visual)
         too_many = num_frames > self.max_frames
         if not too_many and needed <= self.context:
             return needed
-        math_ = (
-            f"{num_frames} frames x {self.per_frame} = {visual} visual tokens + {prompt_tokens} prompt "
-            f"+ {max_new_tokens} new = {needed} tokens, context {self.context}"
-        )
+        visual = f"{num_frames} frames x {self.per_frame} = {video} visual tokens" if num_frames else ""
+        if fixed_visual:
+            visual = f"{visual} + {fixed_visual} image and separator tokens" if num_frames else f"{fixed_visual} image tokens"
+        math_ = f"{visual} + {prompt_tokens} prompt + {max_new_tokens} new = {needed} tokens, context {self.context}"
         problem = f"num_frames={num_frames} exceeds max_frames={self.max_frames}" if too_many else "request does not fit the context"
-        if fit == 0:
+        if not num_frames:
+            hint = "send fewer or smaller images, shorten the conversation, or lower max_new_tokens"
+        elif fit == 0:
             hint = "shorten the question or lower max_new_tokens: not even one frame fits"
         else:
             hint = f"use at most {fit} frames" + ("" if too_many else ", shorten the question, or lower max_new_tokens")

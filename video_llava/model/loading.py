@@ -1,5 +1,6 @@
-"""Loading a LLaVA-NeXT-Video checkpoint with transformers' own classes: where it is, which device, dtype and
-attention, its config with our pooling and RoPE fix-ups applied, and its processor completed from that config."""
+"""Loading a checkpoint of any registered LLaVA family with transformers' own classes: where it is, which family
+(from its config), which device, dtype and attention, its config with the family's fix-ups and RoPE policy applied,
+and its processor completed from that config."""
 
 from __future__ import annotations
 
@@ -13,15 +14,12 @@ from typing import Any
 from video_llava.model.budget import (
     TokenBudget,
     rope_factor_for_frames,
-    tokens_per_frame,
 )
 from video_llava.model.embedded import embedded_path
+from video_llava.model.families import Family, family_of
 from video_llava.model.settings import EMBEDDED, EMBEDDED_INIT, ModelSettings
 
 log = logging.getLogger(__name__)
-
-LLAVA_NEXT_VIDEO_TYPE = "llava_next_video"
-
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what to change."""
@@ -119,7 +117,8 @@ class ResolvedConfig:
     """A checkpoint's config with our settings applied, and the numbers derived from it."""
 
     config: Any
-    per_frame: int
+    family: Family
+    per_frame: int  # visual tokens per video frame by the config's geometry (0: the family takes no video)
     base_context: int
     rope_factor: float
     declared_factor: float | None
@@ -144,61 +143,49 @@ def resolve_config(settings: ModelSettings, source: str | None = None) -> Resolv
             f"cannot load model {settings.model!r}: {str(exc).splitlines()[0]} "
             "(give a local checkpoint directory, or a hub id that is cached or reachable)"
         ) from exc
-    if config.model_type != LLAVA_NEXT_VIDEO_TYPE:
-        raise ModelLoadError(
-            f"{settings.model!r} is a {config.model_type!r} checkpoint; a LLaVA-NeXT-Video checkpoint "
-            f"(model_type {LLAVA_NEXT_VIDEO_TYPE!r}) is needed"
-        )
-    if config.spatial_pool_stride != 2:
-        raise ModelLoadError(
-            f"checkpoint pools with stride {config.spatial_pool_stride}; only stride 2 gives the token count "
-            "transformers' processor assumes (144 per frame at 336 px)"
-        )
-    if config.spatial_pool_mode in ("average", "max"):  # parameter-free modes; "conv" has weights, keep it
-        config.spatial_pool_mode = settings.spatial_pool_mode
+    try:
+        family = family_of(config, source)
+        family.check_config(config)
+    except ValueError as exc:
+        raise ModelLoadError(f"{settings.model!r}: {exc}") from exc
+    family.prepare_config(config, settings)
     declared = declared_rope_factor(config.text_config)
-    per_frame = tokens_per_frame(config.vision_config.image_size, config.vision_config.patch_size, config.spatial_pool_stride)
-    base_context = settings.base_context or int(config.text_config.max_position_embeddings)
+    per_frame = family.config_tokens_per_frame(config)
+    base_context = settings.base_context or family.context(config)
     if settings.rope_scaling_factor is not None:
         factor = float(settings.rope_scaling_factor)
-    else:
+    elif family.scales_rope:
         factor = max(rope_factor_for_frames(settings.max_frames, per_frame, base_context), declared or 1.0)
+    else:  # the LLM's own context is long enough (Qwen2's 32k) or the family takes no video: as declared
+        factor = declared or 1.0
     if declared and factor != declared:
         log.info("RoPE linear factor %.2f (checkpoint declares %.2f)", factor, declared)
-    apply_rope_scaling(config.text_config, factor)
-    return ResolvedConfig(config, per_frame, base_context, factor, declared)
+    if family.scales_rope or settings.rope_scaling_factor is not None:
+        apply_rope_scaling(config.text_config, factor)
+    return ResolvedConfig(config, family, per_frame, base_context, factor, declared)
 
 
-def complete_processor(processor, config) -> None:
-    """Fill in processor fields that older or hand-made processor configs leave out, from the model's config.
-
-    ``patch_size``/``vision_feature_select_strategy`` size the visual-token placeholders; ``num_additional_image_tokens``
-    is 1 for CLIP towers (the CLS token): left at 0, the processor expands ``<image>`` one token per image short
-    and a forward with images fails with "Image features and image tokens do not match".
-    """
-    if getattr(processor, "patch_size", None) is None:
-        processor.patch_size = config.vision_config.patch_size
-        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
-    if not getattr(processor, "num_additional_image_tokens", 0) and config.vision_config.model_type == "clip_vision_model":
-        processor.num_additional_image_tokens = 1
+def checkpoint_media(settings: ModelSettings) -> frozenset[str]:
+    """The media (``image``, ``video``) the checkpoint's family takes, from its config alone (no weights loaded)."""
+    return resolve_config(settings).family.media
 
 
 def load_processor(source: str, config: Any, settings: ModelSettings | None = None):
-    """The checkpoint's ``LlavaNextVideoProcessor``, completed from its (already loaded) ``config``."""
-    from transformers import LlavaNextVideoProcessor
-
+    """The checkpoint's processor (its family's class), completed from its (already loaded) ``config``."""
     settings = settings or ModelSettings()
-    processor = LlavaNextVideoProcessor.from_pretrained(source, revision=settings.revision,
-                                                        local_files_only=is_offline(settings))
-    complete_processor(processor, config)
+    family = family_of(config, source)
+    processor = family.processor_class().from_pretrained(source, revision=settings.revision,
+                                                         local_files_only=is_offline(settings))
+    family.complete_processor(processor, config)
     return processor
 
 
 def load_checkpoint(path: str | Path):
     """(model, processor) of a checkpoint directory as saved, on the CPU in float32: what training starts from."""
-    from transformers import LlavaNextVideoForConditionalGeneration
+    from transformers import AutoConfig
 
-    model = LlavaNextVideoForConditionalGeneration.from_pretrained(path)
+    family = family_of(AutoConfig.from_pretrained(path), str(path))
+    model = family.model_class().from_pretrained(path)
     return model, load_processor(str(path), model.config)
 
 
@@ -215,14 +202,12 @@ class LoadedModel:
 
 def load_model(settings: ModelSettings) -> LoadedModel:
     """Resolve ``settings`` and load the weights for inference (eval mode, on the resolved device)."""
-    from transformers import LlavaNextVideoForConditionalGeneration
-
     source = resolve_source(settings)
     runtime = resolve_runtime(settings.device, settings.dtype, settings.attn_implementation)
     resolved = resolve_config(settings, source)
     try:
         processor = load_processor(source, resolved.config, settings)
-        model = LlavaNextVideoForConditionalGeneration.from_pretrained(
+        model = resolved.family.model_class().from_pretrained(
             source, config=resolved.config, dtype=runtime.dtype, attn_implementation=runtime.attn_implementation,
             revision=settings.revision, local_files_only=is_offline(settings),
         )

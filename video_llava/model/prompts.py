@@ -1,4 +1,5 @@
-"""Chat templates of the LLaVA-NeXT-Video family, and the prompt for one video question.
+"""Chat templates of the LLaVA family, conversations (system text, earlier turns, media in any turn) rendered to a
+prompt, and the check that user text stays text.
 
 Named templates follow LLaVA-NeXT's ``conversation.py``: ``vicuna_v1`` (7B, 7B-DPO), ``mistral_direct``
 (34B-DPO), ``qwen_1_5`` (32B-Qwen). ``auto`` uses the chat template saved with the checkpoint's processor
@@ -7,7 +8,10 @@ Named templates follow LLaVA-NeXT's ``conversation.py``: ``vicuna_v1`` (7B, 7B-D
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
 
 ChatTemplateName = Literal["auto", "vicuna_v1", "mistral_direct", "qwen_1_5"]
 
@@ -53,29 +57,82 @@ LLAVA_HF_CHAT_TEMPLATE = (
 )
 
 
-def _user_content(question: str, video_token: str, num_videos: int = 1) -> str:
-    return f"{video_token}\n" * num_videos + question.strip()
+# ChatML, as Qwen2-based checkpoints (LLaVA-OneVision) render a conversation: media first in each user turn.
+CHATML_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'video' %}{{ '<video>\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
-def render_named(template: ChatTemplateName, question: str, video_token: str = "<video>", num_videos: int = 1) -> str:
-    """The generation prompt for a question about ``num_videos`` videos in a LLaVA-NeXT conversation style."""
-    user = _user_content(question, video_token, num_videos)
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation: its role, its text and the media it carries (in order).
+
+    ``media``: images as (H, W, 3) and videos as (N, H, W, 3) uint8 arrays; the chat template places them before
+    the turn's text (images first, then videos, each kind in order).
+    """
+
+    role: Literal["system", "user", "assistant"]
+    text: str
+    media: tuple = ()
+
+
+def media_kinds(media: Sequence) -> list[str]:
+    return ["image" if np.ndim(m) == 3 else "video" for m in media]
+
+
+def _placeholders(processor, kinds: Sequence[str]) -> str:
+    tokens = {"image": getattr(processor, "image_token", "<image>"), "video": getattr(processor, "video_token", "<video>")}
+    ordered = [k for k in kinds if k == "image"] + [k for k in kinds if k == "video"]  # as the chat templates do
+    return "".join(f"{tokens[k]}\n" for k in ordered)
+
+
+def render_named(template: ChatTemplateName, turns: Sequence[Turn], processor=None) -> str:
+    """The generation prompt of a conversation in one of LLaVA-NeXT's named conversation styles."""
+    system = next((t.text.strip() for t in turns if t.role == "system"), None)
+    rest = [t for t in turns if t.role != "system"]
+
+    def content(turn: Turn) -> str:
+        return _placeholders(processor, media_kinds(turn.media)) + turn.text.strip()
+
     if template == "vicuna_v1":
-        return f"{VICUNA_SYSTEM} USER: {user} ASSISTANT:"
-    if template == "mistral_direct":
-        return f"<|im_start|>system\nAnswer the questions.<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-    if template == "qwen_1_5":
-        return (
-            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-            f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        )
+        out = system if system is not None else VICUNA_SYSTEM
+        for turn in rest:
+            out += f" USER: {content(turn)}" if turn.role == "user" else f" ASSISTANT: {content(turn)}</s>"
+        return out + " ASSISTANT:"
+    if template in ("mistral_direct", "qwen_1_5"):
+        default = "Answer the questions." if template == "mistral_direct" else "You are a helpful assistant."
+        out = f"<|im_start|>system\n{system if system is not None else default}<|im_end|>\n"
+        for turn in rest:
+            out += f"<|im_start|>{turn.role}\n{content(turn)}<|im_end|>\n"
+        return out + "<|im_start|>assistant\n"
     raise ValueError(f"unknown chat template {template!r}")
 
 
+def build_conversation(processor, turns: Sequence[Turn], template: ChatTemplateName = "auto") -> str:
+    """The generation prompt of a whole conversation, with one placeholder per medium, in the asked template
+    (``auto``: the checkpoint's own chat template, else ``vicuna_v1``)."""
+    if template == "auto":
+        if getattr(processor, "chat_template", None):
+            conversation = [
+                {"role": t.role, "content": [{"type": k} for k in media_kinds(t.media)] + [{"type": "text", "text": t.text.strip()}]}
+                for t in turns
+            ]
+            return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        template = "vicuna_v1"
+    return render_named(template, turns, processor)
+
+
 def count_prompt_tokens(processor, prompt: str) -> int:
-    """Text tokens of a rendered prompt, the ``<video>`` placeholders excluded (they become visual tokens)."""
+    """Text tokens of a rendered prompt, the ``<image>``/``<video>`` placeholders excluded (they become visual
+    tokens)."""
     ids = processor.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    return len(ids) - ids.count(processor.video_token_id)
+    placeholders = {getattr(processor, name, None) for name in ("image_token_id", "video_token_id")} - {None}
+    return len(ids) - sum(ids.count(t) for t in placeholders)
 
 
 def follow_up_prompt(processor, question: str) -> str:
@@ -90,13 +147,8 @@ def follow_up_prompt(processor, question: str) -> str:
     return f"USER: {question.strip()} ASSISTANT:"
 
 
-def build_prompt(processor, question: str, template: ChatTemplateName = "auto", num_videos: int = 1) -> str:
-    """Prompt text with ``num_videos`` ``<video>`` placeholders (videos first, in order), in the asked template."""
-    video_token = getattr(processor, "video_token", "<video>")
-    if template == "auto":
-        if getattr(processor, "chat_template", None):
-            parts = [{"type": "video"}] * num_videos + [{"type": "text", "text": question.strip()}]
-            conversation = [{"role": "user", "content": parts}]
-            return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        template = "vicuna_v1"
-    return render_named(template, question, video_token, num_videos)
+def build_prompt(processor, question: str, template: ChatTemplateName = "auto", num_videos: int = 1,
+                 num_images: int = 0) -> str:
+    """Prompt of one question about ``num_images`` images and ``num_videos`` videos (media first, in order)."""
+    media = tuple(np.zeros((1, 1, 3)) for _ in range(num_images)) + tuple(np.zeros((1, 1, 1, 3)) for _ in range(num_videos))
+    return build_conversation(processor, [Turn("user", question, media)], template)

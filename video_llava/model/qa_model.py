@@ -1,9 +1,10 @@
-"""``VideoQAModel``: answer questions about videos with LLaVA-NeXT-Video, in batches or streamed.
+"""``VideoQAModel``: answer questions about videos and images with any registered LLaVA family, batched or streamed.
 
-A question is first ``prepare``d (the token-budget check and the prompt, once), then generated: ``generate`` runs
-one batched ``generate`` for many prepared questions, ``stream`` yields one answer's text as it is produced.
-``answer`` and ``stream_answer`` do both steps for library callers. The embeddings ``generate`` receives come from
-``video_embeds.VideoEmbedder`` (vision features spliced in, cached by content).
+A question (or a whole conversation) is first ``prepare``d (media checked against the family, the token-budget
+check and the prompt, once), then generated: ``generate`` runs one batched ``generate`` for many prepared
+questions, ``stream`` yields one answer's text as it is produced. ``answer`` and ``stream_answer`` do both steps for
+library callers. The embeddings ``generate`` receives come from ``media_embeds.MediaEmbedder`` (vision features
+spliced in, cached by content).
 """
 
 from __future__ import annotations
@@ -15,12 +16,20 @@ from typing import Any, Iterator, Sequence, Union
 import numpy as np
 
 from video_llava.model.budget import TokenBudget
+from video_llava.model.families.base import VIDEO, media_kind
 from video_llava.model.loading import load_model
-from video_llava.model.prompts import build_prompt, check_user_text, count_prompt_tokens
+from video_llava.model.media_embeds import MediaEmbedder
+from video_llava.model.prompts import (
+    InvalidQuestionError,
+    Turn,
+    build_conversation,
+    check_user_text,
+    count_prompt_tokens,
+)
 from video_llava.model.settings import EMBEDDED, ModelSettings
-from video_llava.model.video_embeds import VideoEmbedder
 from video_llava.video.decode import SampledVideo
 
+# One medium (an image (H, W, 3), video frames (N, H, W, 3), a SampledVideo) or several, for one question.
 VideoArg = Union[np.ndarray, SampledVideo, Sequence[Union[np.ndarray, SampledVideo]]]
 
 
@@ -36,41 +45,46 @@ class Answer:
     finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
     generate_s: float
     vision_cached: bool = False  # the vision tower was skipped: features came from the cache
-    vision_s: float = 0.0  # time in the vision tower + projector for this question's videos
+    vision_s: float = 0.0  # time in the vision tower + projector for this question's media
+    num_images: int = 0
 
 
 @dataclass(frozen=True)
 class PreparedQuestion:
-    """A question about its videos that fits the token budget, with its prompt rendered (once)."""
+    """A conversation about its media that fits the token budget, with its prompt rendered (once)."""
 
-    clips: tuple[np.ndarray, ...]  # each (N, H, W, 3) uint8, placed in order before the text
-    prompt: str  # one ``<video>`` placeholder per clip
+    media: tuple[np.ndarray, ...]  # images (H, W, 3) and videos (N, H, W, 3) uint8, in conversation order
+    media_tokens: tuple[int, ...]  # visual tokens of each medium, as the family's processor expands it
+    prompt: str  # one placeholder per medium
     prompt_tokens: int  # text tokens of the prompt, placeholders excluded
     visual_tokens: int
     max_new_tokens: int
 
     @property
     def num_frames(self) -> int:
-        return sum(clip.shape[0] for clip in self.clips)
+        return sum(m.shape[0] for m in self.media if m.ndim == 4)
+
+    @property
+    def num_images(self) -> int:
+        return sum(1 for m in self.media if m.ndim == 3)
 
 
-def as_frame_list(video: VideoArg) -> list[np.ndarray]:
-    """One question's videos as a list of ``(N, H, W, 3)`` arrays."""
-    if isinstance(video, SampledVideo) or (isinstance(video, np.ndarray) and video.ndim == 4):
-        items = [video]
+def as_media_list(media: VideoArg) -> list[np.ndarray]:
+    """One question's media as a list of image ``(H, W, 3)`` and video ``(N, H, W, 3)`` arrays."""
+    if isinstance(media, SampledVideo) or (isinstance(media, np.ndarray) and media.ndim in (3, 4)):
+        items = [media]
     else:
-        items = list(video)
-    clips = [v.frames if isinstance(v, SampledVideo) else np.asarray(v) for v in items]
-    if not clips:
-        raise ValueError("no video")
-    for clip in clips:
-        if clip.ndim != 4 or clip.shape[-1] != 3 or clip.shape[0] < 1:
-            raise ValueError(f"expected frames of shape (N, H, W, 3), got {clip.shape}")
-    return clips
+        items = list(media)
+    arrays = [m.frames if isinstance(m, SampledVideo) else np.asarray(m) for m in items]
+    for item in arrays:
+        media_kind(item)  # raises ValueError naming the shape
+        if item.dtype != np.uint8:
+            raise ValueError(f"media must be uint8 pixels, got {item.dtype}")
+    return arrays
 
 
 class VideoQAModel:
-    """LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration`` + ``LlavaNextVideoProcessor``) ready to answer."""
+    """A LLaVA-family checkpoint (its family's transformers model and processor classes) ready to answer."""
 
     def __init__(self, settings: ModelSettings | None = None):
         self.settings = settings or ModelSettings()
@@ -79,13 +93,14 @@ class VideoQAModel:
         self.device, self.dtype = loaded.runtime.device, loaded.runtime.dtype
         self.attn_implementation = loaded.runtime.attn_implementation
         resolved = loaded.resolved
-        self.config, self.per_frame, self.rope_factor = resolved.config, resolved.per_frame, resolved.rope_factor
+        self.config, self.family, self.rope_factor = resolved.config, resolved.family, resolved.rope_factor
+        self.per_frame = self.family.tokens_per_frame(self.processor)  # the processor's count, not the config's
         self.declared_factor = resolved.declared_factor
-        self.budget: TokenBudget = resolved.budget(self.settings.max_frames)
+        self.budget = TokenBudget(resolved.budget_context, self.per_frame, self.settings.max_frames)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generate needs the prompts aligned on the right
         self.model_id = EMBEDDED if self.settings.model == EMBEDDED else self.settings.model
-        self.embedder = VideoEmbedder(self.model, self.processor, self.per_frame, self.settings.feature_cache_mb)
+        self.embedder = MediaEmbedder(self.model, self.processor, self.family, self.settings.feature_cache_mb)
         self.feature_cache = self.embedder.feature_cache
 
     @property
@@ -94,36 +109,54 @@ class VideoQAModel:
         return self.embedder.vision_calls
 
     # ---- prompt and budget ---------------------------------------------------------------------------------
-    def prompt_for(self, question: str, num_videos: int = 1) -> str:
-        return build_prompt(self.processor, question, self.settings.chat_template, num_videos)
+    def prompt_for(self, question: str, num_videos: int = 1, num_images: int = 0) -> str:
+        media = tuple(np.zeros((1, 1, 3), np.uint8) for _ in range(num_images))
+        media += tuple(np.zeros((1, 1, 1, 3), np.uint8) for _ in range(num_videos))
+        return build_conversation(self.processor, [Turn("user", question, media)], self.settings.chat_template)
 
-    def count_prompt_tokens(self, question: str, num_videos: int = 1) -> int:
-        """Text tokens of the full prompt, the ``<video>`` placeholders excluded."""
-        return count_prompt_tokens(self.processor, self.prompt_for(question, num_videos))
+    def count_prompt_tokens(self, question: str, num_videos: int = 1, num_images: int = 0) -> int:
+        """Text tokens of the full prompt, the media placeholders excluded."""
+        return count_prompt_tokens(self.processor, self.prompt_for(question, num_videos, num_images))
 
     def check_request(self, num_frames: int, question: str, max_new_tokens: int | None = None, num_videos: int = 1) -> int:
-        """Tokens the request needs; raises ``ContextBudgetError`` unless it fits (frames summed over its videos)."""
+        """Tokens a question about videos needs; raises ``ContextBudgetError`` unless it fits (frames summed over
+        its videos)."""
         new = max_new_tokens or self.settings.max_new_tokens
-        return self.budget.check(num_frames, self.count_prompt_tokens(question, num_videos), new)
+        extra = self.family.video_tokens(self.processor, 0) * num_videos  # per-video separators (OneVision)
+        return self.budget.check(num_frames, self.count_prompt_tokens(question, num_videos), new, extra)
 
-    def prepare(self, video: VideoArg, question: str, max_new_tokens: int | None = None) -> PreparedQuestion:
-        """The question checked (``InvalidQuestionError`` for markup in it) and against the token budget
-        (``ContextBudgetError`` if it does not fit), and rendered."""
-        clips = tuple(as_frame_list(video))
+    def prepare(self, media: VideoArg, question: str, max_new_tokens: int | None = None) -> PreparedQuestion:
+        """One question about its media (images and/or videos, placed in order before the text); see
+        ``prepare_conversation``."""
+        return self.prepare_conversation([Turn("user", question, tuple(as_media_list(media)))], max_new_tokens)
+
+    def prepare_conversation(self, turns: Sequence[Turn], max_new_tokens: int | None = None) -> PreparedQuestion:
+        """A conversation (system text, earlier turns, media in any user turn) checked and rendered with the
+        family's chat template: ``UnsupportedMediaError`` for media the family does not take,
+        ``InvalidQuestionError`` for markup in any text, ``ContextBudgetError`` unless the whole conversation fits.
+        """
+        if not turns or turns[-1].role != "user":
+            raise InvalidQuestionError("the conversation must end with a user message")
+        turns = [Turn(t.role, t.text, tuple(as_media_list(t.media)) if len(t.media) else ()) for t in turns]
+        media = [m for t in turns for m in t.media]
+        self.family.check_media([media_kind(m) for m in media])
+        for turn in turns:
+            check_user_text(self.processor, turn.text)
         new_tokens = max_new_tokens or self.settings.max_new_tokens
-        check_user_text(self.processor, question)
-        prompt = self.prompt_for(question, len(clips))
+        prompt = build_conversation(self.processor, turns, self.settings.chat_template)
         prompt_tokens = count_prompt_tokens(self.processor, prompt)
-        frames = sum(clip.shape[0] for clip in clips)
-        self.budget.check(frames, prompt_tokens, new_tokens)
-        return PreparedQuestion(clips, prompt, prompt_tokens, frames * self.per_frame, new_tokens)
+        counts = self.embedder.media_tokens(media)
+        frames = sum(m.shape[0] for m in media if media_kind(m) == VIDEO)
+        self.budget.check(frames, prompt_tokens, new_tokens, sum(counts) - frames * self.per_frame)
+        return PreparedQuestion(tuple(media), tuple(counts), prompt, prompt_tokens, sum(counts), new_tokens)
 
     # ---- generation ----------------------------------------------------------------------------------------
     def answer(self, videos: Sequence[VideoArg], questions: Sequence[str], max_new_tokens: int | None = None,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Answer]:
-        """Answer ``questions[i]`` about ``videos[i]`` (frames ``(N,H,W,3)`` uint8) with one batched ``generate``.
+        """Answer ``questions[i]`` about ``videos[i]`` (frames ``(N,H,W,3)`` uint8, or an image ``(H,W,3)``) with one
+        batched ``generate``.
 
-        ``videos[i]`` may also be a list of videos for one question (placed in order before the text). The whole
+        ``videos[i]`` may also be a list of media for one question (placed in order before the text). The whole
         batch is refused before any compute if one question does not fit. Prompts are left-padded; videos may have
         different frame counts. Vision features of frames seen before come from a content-keyed cache, so a second
         question about a video skips the vision tower.
@@ -213,6 +246,7 @@ class VideoQAModel:
         return Answer(
             text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
             num_frames=prepared.num_frames,
+            num_images=prepared.num_images,
             visual_tokens=prepared.visual_tokens,
             prompt_tokens=prepared.prompt_tokens,
             completion_tokens=len(kept) + (0 if stop_at is None else 1),
@@ -230,8 +264,10 @@ class VideoQAModel:
             "device": self.device,
             "dtype": str(self.dtype).replace("torch.", ""),
             "attn_implementation": self.attn_implementation,
+            **self.family.describe(),
             "tokens_per_frame": self.per_frame,
-            "spatial_pool": f"{self.config.spatial_pool_mode} stride {self.config.spatial_pool_stride}",
+            "spatial_pool": (f"{self.config.spatial_pool_mode} stride {self.config.spatial_pool_stride}"
+                             if hasattr(self.config, "spatial_pool_mode") else None),
             "rope_scaling_factor": self.rope_factor,
             "declared_rope_factor": self.declared_factor,
             "context": self.budget.context,

@@ -1,4 +1,4 @@
-"""Fetch a video named by URL: http(s) with an SSRF guard, ``s3://`` via boto3, inline ``data:`` URLs.
+"""Fetch a video or image named by URL: http(s) with an SSRF guard, ``s3://`` via boto3, inline ``data:`` URLs.
 
 The guard resolves the host itself, refuses loopback/private/link-local/reserved addresses unless the host is
 allow-listed, and then connects to the address it checked (Host header and TLS SNI keep the name), so a DNS
@@ -250,6 +250,18 @@ def _fetch_s3(url: str, limits: LimitSettings, budget: ByteBudget | None) -> byt
         raise _bad_url("the service has no S3 credentials configured", code="s3_access_denied")
     except BotoCoreError as exc:
         raise _bad_url(f"S3 request failed: {exc}", code="fetch_failed")
+
+
+async def fetch_media(url: str, limits: LimitSettings, budget: ByteBudget | None = None, kind: str = "video") -> Fetched:
+    """``fetch_video`` for a video or an image: the same guard and limits; an image's errors name the image
+    (``image_not_found``, ``invalid_image_url``, param ``image_url``)."""
+    try:
+        return await fetch_video(url, limits, budget)
+    except ServiceError as exc:
+        if kind == "video":
+            raise
+        rename = lambda text: text.replace("video", kind) if text else text  # noqa: E731
+        raise ServiceError(exc.status, rename(exc.message), exc.type, rename(exc.code), f"{kind}_url", exc.headers) from None
 
 
 async def fetch_video(url: str, limits: LimitSettings, budget: ByteBudget | None = None) -> Fetched:

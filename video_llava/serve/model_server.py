@@ -1,4 +1,4 @@
-"""The model deployment: one replica of ``VideoQAModel``; requests that arrive together share one ``generate``.
+"""The model deployment: one replica of ``VideoQAModel`` (any registered family); requests that arrive together share one ``generate``.
 
 A request's token budget is checked here, once, as it arrives (``VideoQAModel.prepare``); the batch then runs
 the prepared questions. A batch closes at ``max_batch_size`` requests or ``max_batch_visual_tokens`` visual
@@ -19,6 +19,7 @@ from typing import Iterator
 from ray import serve
 
 from video_llava.model.budget import ContextBudgetError
+from video_llava.model.families import UnsupportedMediaError
 from video_llava.model.prompts import InvalidQuestionError
 from video_llava.model.qa_model import PreparedQuestion
 from video_llava.serve.config import BatchSettings, ServeArgs
@@ -111,13 +112,16 @@ class ModelServer:
         return list(self.batch_sizes[-1000:])
 
     def _prepare(self, request: ModelRequest) -> PreparedQuestion | ModelError:
-        """The one token-budget check of a request, and its prompt."""
+        """The one token-budget check of a request (the whole conversation), its media against the family, and
+        its prompt."""
         try:
-            return self.model.prepare(request.videos, request.question, request.max_new_tokens)
+            return self.model.prepare_conversation(request.turns, request.max_new_tokens)
         except ContextBudgetError as exc:
             return budget_error(exc)
         except InvalidQuestionError as exc:
             return ModelError(400, str(exc), "invalid_question", "question")
+        except UnsupportedMediaError as exc:
+            return ModelError(400, str(exc), "unsupported_media", "messages")
 
     async def answer(self, request: ModelRequest) -> ModelReply | ModelError:
         """The request's answer once its batch has run, or why it was refused."""

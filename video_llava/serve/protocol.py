@@ -7,11 +7,12 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from video_llava.model.prompts import Turn
 from video_llava.model.qa_model import Answer
 from video_llava.video.sampling import SamplingMode
 
@@ -36,17 +37,24 @@ class ServiceError(Exception):
 # ---- across the Serve handle: ingress -> model deployment ------------------------------------------------------
 @dataclass(frozen=True)
 class ModelRequest:
-    """One question about decoded videos, as the ingress hands it to the model deployment."""
+    """One conversation about decoded media, as the ingress hands it to the model deployment.
 
-    videos: tuple[np.ndarray, ...]  # sampled frames (N, H, W, 3) uint8 per video, in order
-    question: str
+    ``turns``: system text, earlier turns and the question (the last user turn); each user turn carries its
+    images (H, W, 3) and sampled video frames (N, H, W, 3) as uint8 arrays, in order.
+    """
+
+    turns: tuple[Turn, ...]
     max_new_tokens: int | None = None  # None: the model's default
     temperature: float = 0.0
     top_p: float = 1.0
 
     @property
+    def media(self) -> list[np.ndarray]:
+        return [m for turn in self.turns for m in turn.media]
+
+    @property
     def num_frames(self) -> int:
-        return sum(video.shape[0] for video in self.videos)
+        return sum(m.shape[0] for m in self.media if m.ndim == 4)
 
 
 @dataclass(frozen=True)
@@ -85,12 +93,19 @@ class GenerationOptions(BaseModel):
 
 
 class QARequest(GenerationOptions):
-    """JSON body of ``POST /v1/video/qa``."""
+    """JSON body of ``POST /v1/video/qa``: one of ``video_url`` and ``image_url``, and the question."""
 
     model_config = ConfigDict(extra="forbid")
 
-    video_url: str = Field(..., description="http(s)://, s3://bucket/key or data:video/...;base64,...")
+    video_url: str | None = Field(None, description="http(s)://, s3://bucket/key or data:video/...;base64,...")
+    image_url: str | None = Field(None, description="http(s)://, s3://bucket/key or data:image/...;base64,...")
     question: str = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _one_medium(self) -> "QARequest":
+        if (self.video_url is None) == (self.image_url is None):
+            raise ValueError("give exactly one of video_url and image_url")
+        return self
 
 
 class Timings(BaseModel):
@@ -130,29 +145,53 @@ class QAResponse(BaseModel):
     usage: Usage
     timings: Timings
     cached: CacheUse
-    video: dict[str, Any]
+    video: dict[str, Any] | None = None  # the video's metadata (for an image question: None, see ``image``)
+    image: dict[str, Any] | None = None  # width, height, format of the image asked about
 
 
 # ---- OpenAI-compatible chat completions ------------------------------------------------------------------------
 class _URL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     url: str
 
 
+class _ImageURL(_URL):
+    detail: Literal["auto"] = Field("auto", description="only 'auto': images are tiled as the model's family does")
+
+
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
 class VideoURLPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["video_url"]
     video_url: _URL
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ImageURLPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart | VideoURLPart] | None = None
+    type: Literal["image_url"]
+    image_url: _ImageURL
+
+
+ContentPart = Annotated[TextPart | VideoURLPart | ImageURLPart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    """One message. ``developer`` is read as ``system`` (as OpenAI does for older models); ``tool`` messages and
+    tool calls are refused: this service has no tools."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(GenerationOptions):

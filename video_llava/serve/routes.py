@@ -25,7 +25,7 @@ from video_llava.serve.protocol import (
 
 api = FastAPI(
     title="video_llava",
-    description="Video question answering with LLaVA-NeXT-Video on Ray Serve. Errors are `{\"error\": {...}}` JSON.",
+    description="Video and image question answering with the LLaVA family on Ray Serve. Errors are `{\"error\": {...}}` JSON.",
     version="0.1.0",
 )
 
@@ -132,8 +132,10 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _from_validation(errors: list[dict]) -> ServiceError:
-    first = errors[0] if errors else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    # The deepest error names the field (a union's other branches fail at its top: "content: not a string");
+    # pydantic's branch labels ("list[...]", "image_url" as a tag) are not part of the field's path.
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p))
     return ServiceError(400, f"invalid request: {where or 'body'}: {first.get('msg', 'invalid')}", param=where or None)
 
 
@@ -164,10 +166,11 @@ class QAIngress:
 
     @api.post("/v1/video/qa", response_model=QAResponse)
     async def video_qa(self, request: Request) -> QAResponse:
-        """Answer a question about a video.
+        """Answer a question about a video or an image.
 
-        multipart/form-data: file field `video`, text field `question`, optional `num_frames`, `sampling`,
-        `sample_fps`, `max_new_tokens`, `temperature`, `top_p`. Or JSON: `{"video_url": ..., "question": ...}`.
+        multipart/form-data: file field `video` (or `image`), text field `question`, optional `num_frames`,
+        `sampling`, `sample_fps`, `max_new_tokens`, `temperature`, `top_p`. Or JSON: `{"video_url": ..., "question":
+        ...}` (or `image_url` in place of `video_url`).
         """
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
@@ -177,10 +180,12 @@ class QAIngress:
                 body = QARequest.model_validate_json(await self._json_body(request))
             except ValidationError as exc:
                 raise _from_validation(exc.errors())
-            fetched = await self.service.fetch(body.video_url)
-            return await self.service.answer(fetched.data, body.question, body, fetch_s=fetched.seconds)
-        raise ServiceError(415, "send multipart/form-data (field 'video') or application/json (field 'video_url')",
-                           code="unsupported_media_type")
+            kind = "image" if body.image_url is not None else "video"
+            self.service.check_media([kind])
+            fetched = await self.service.fetch(body.image_url or body.video_url, kind=kind)
+            return await self.service.answer(fetched.data, body.question, body, fetch_s=fetched.seconds, kind=kind)
+        raise ServiceError(415, "send multipart/form-data (field 'video' or 'image') or application/json (field "
+                           "'video_url' or 'image_url')", code="unsupported_media_type")
 
     async def _json_body(self, request: Request) -> bytes:
         """The JSON body, read under the limit: base64 ``data:`` URLs of the request's media at most, and time."""
@@ -203,17 +208,19 @@ class QAIngress:
             if exc.code == "request_too_large":  # the upload's own limit, named as for a declared size
                 raise ServiceError(413, f"upload exceeds the limit of {limit} bytes", code="video_too_large", param="video")
             raise
-        upload = form.get("video")
-        if upload is None or isinstance(upload, str):
-            raise ServiceError(400, "multipart field 'video' (a file) is required", param="video")
+        files = [name for name in ("video", "image") if form.get(name) is not None and not isinstance(form.get(name), str)]
+        if len(files) != 1:
+            raise ServiceError(400, "one multipart file field is required: 'video' or 'image'", param="video")
+        kind = files[0]
+        upload = form.get(kind)
         chunks, size = [], 0
         while chunk := await upload.read(UPLOAD_CHUNK):
             size += len(chunk)
             if size > limit:
-                raise ServiceError(413, f"upload exceeds the limit of {limit} bytes", code="video_too_large", param="video")
+                raise ServiceError(413, f"upload exceeds the limit of {limit} bytes", code=f"{kind}_too_large", param=kind)
             chunks.append(chunk)
         if size == 0:
-            raise ServiceError(422, "the uploaded video is empty (0 bytes)", code="invalid_video", param="video")
+            raise ServiceError(422, f"the uploaded {kind} is empty (0 bytes)", code=f"invalid_{kind}", param=kind)
         fields = {k: v for k, v in form.items() if isinstance(v, str) and k != "question" and v != ""}
         try:
             opts = GenerationOptions.model_validate(fields)
@@ -222,11 +229,12 @@ class QAIngress:
         question = form.get("question")
         if not isinstance(question, str) or not question.strip():
             raise ServiceError(400, "multipart field 'question' is required", param="question")
-        return await self.service.answer(b"".join(chunks), question, opts)
+        return await self.service.answer(b"".join(chunks), question, opts, kind=kind)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        """OpenAI-compatible chat completions; content parts `{"type": "video_url", "video_url": {"url": ...}}`."""
+        """OpenAI-compatible chat completions: the whole conversation (system, earlier turns) with content parts
+        `{"type": "video_url", "video_url": {"url": ...}}` and `{"type": "image_url", "image_url": {"url": ...}}`."""
         try:
             body = ChatCompletionRequest.model_validate_json(await self._json_body(request))
         except ValidationError as exc:

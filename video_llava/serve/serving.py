@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from video_llava.cache import LRUCache, content_key
+from video_llava.model.prompts import Turn
 from video_llava.model.settings import DECODE_SHORT_SIDE
 from video_llava.serve.config import ServeArgs
-from video_llava.serve.fetch import ByteBudget, fetch_video
+from video_llava.serve.fetch import ByteBudget, fetch_media
 from video_llava.serve.metrics import IngressMetrics
 from video_llava.serve.protocol import (
     CacheUse,
@@ -28,10 +31,42 @@ from video_llava.serve.protocol import (
     completion_id,
 )
 from video_llava.video.decode import DecodeOptions, SampledVideo, VideoDecodeError
+from video_llava.video.image import DecodedImage, ImageOptions
 from video_llava.video.isolated import IsolatedDecoder
 
 RETRY_AFTER_S = "2"
-MAX_VIDEOS_PER_REQUEST = 8
+MAX_MEDIA_PER_REQUEST = 8  # images and videos of one conversation together
+
+
+@dataclass
+class PlannedTurn:
+    """A chat message as parsed, before its media are fetched: role, text and (kind, url) per medium."""
+
+    role: str
+    text: str
+    media: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class FetchedMedia:
+    """The decoded media of a conversation, in order, with what it cost to get them."""
+
+    items: list[SampledVideo | DecodedImage]
+    fetch_s: float = 0.0
+    decode_s: float = 0.0
+    decode_cached: bool = False
+
+    @property
+    def videos(self) -> list[SampledVideo]:
+        return [m for m in self.items if isinstance(m, SampledVideo)]
+
+    @property
+    def images(self) -> list[DecodedImage]:
+        return [m for m in self.items if isinstance(m, DecodedImage)]
+
+
+def pixels(item: SampledVideo | DecodedImage):
+    return item.frames if isinstance(item, SampledVideo) else item.pixels
 
 
 class QAService:
@@ -44,8 +79,9 @@ class QAService:
         self.decoder = IsolatedDecoder(workers=args.deployment.decode_workers, timeout_s=args.limits.decode_timeout_s)
         self.metrics = IngressMetrics()
         # Same bytes + same sampling = same frames: a repeat question skips decoding entirely.
-        self.frames_cache = LRUCache(args.deployment.decode_cache_mb * 2**20, lambda v: v.frames.nbytes)
+        self.frames_cache = LRUCache(args.deployment.decode_cache_mb * 2**20, lambda v: pixels(v).nbytes)
         self.model_name = args.model.model
+        self._media = _model_media(args)
 
     def close(self) -> None:
         self.decoder.close()
@@ -112,14 +148,40 @@ class QAService:
             self.frames_cache.put(key, video)
         return video, elapsed, False
 
-    async def fetch(self, url: str, budget: ByteBudget | None = None):
-        return await fetch_video(url, self.limits, budget)
+    async def decode_image(self, data: bytes) -> tuple[DecodedImage, float, bool]:
+        """The image's pixels (Pillow in the same isolated, time-limited workers as videos), cached by content."""
+        options = ImageOptions(max_pixels=self.limits.max_video_pixels, max_aspect_ratio=self.limits.max_aspect_ratio)
+        start = time.perf_counter()
+        key = content_key(b"image", data, repr(options)) if self.frames_cache.max_bytes else None
+        cached = self.frames_cache.get(key) if key else None
+        if cached is not None:
+            return cached, time.perf_counter() - start, True
+        try:
+            image = await asyncio.to_thread(self.decoder.decode_image, data, options)
+        except VideoDecodeError as exc:
+            reason = exc.reason if exc.code != "invalid_image" else f"could not read the image: {exc.reason}"
+            raise ServiceError(422, reason, code=exc.code, param="image")
+        if key:
+            self.frames_cache.put(key, image)
+        return image, time.perf_counter() - start, False
+
+    async def fetch(self, url: str, budget: ByteBudget | None = None, kind: str = "video"):
+        return await fetch_media(url, self.limits, budget, kind)
+
+    def check_media(self, kinds: list[str]) -> None:
+        """Refuse media the model does not take before fetching them (the model deployment refuses them too)."""
+        if self._media is None:  # the config could not be read here: the model deployment refuses them
+            return
+        missing = sorted(set(kinds) - self._media)
+        if missing:
+            takes = " and ".join(f"{m}s" for m in sorted(self._media))
+            raise ServiceError(400, f"the loaded model ({self.model_name}) takes {takes}, not {missing[0]}s",
+                               code="unsupported_media", param="messages")
 
     # ---- model ----------------------------------------------------------------------------------------------
     @staticmethod
-    def _request(videos: list[SampledVideo], question: str, opts: GenerationOptions, new_tokens: int | None) -> ModelRequest:
-        return ModelRequest(tuple(video.frames for video in videos), question, new_tokens or opts.max_new_tokens,
-                            opts.temperature, opts.top_p)
+    def _request(turns: list[Turn], opts: GenerationOptions, new_tokens: int | None) -> ModelRequest:
+        return ModelRequest(tuple(turns), new_tokens or opts.max_new_tokens, opts.temperature, opts.top_p)
 
     async def _ask_model(self, request: ModelRequest) -> ModelReply:
         from ray.serve.exceptions import BackPressureError
@@ -136,88 +198,109 @@ class QAService:
         return reply
 
     # ---- /v1/video/qa ----------------------------------------------------------------------------------------
-    async def answer(self, data: bytes, question: str, opts: GenerationOptions, fetch_s: float = 0.0) -> QAResponse:
+    async def answer(self, data: bytes, question: str, opts: GenerationOptions, fetch_s: float = 0.0,
+                     kind: str = "video") -> QAResponse:
+        """One question about one video (or image, ``kind="image"``)."""
         start = time.perf_counter() - fetch_s
         question = self._check_question(question)
-        video, decode_s, decode_cached = await self.decode(data, opts)
-        reply = await self._ask_model(self._request([video], question, opts, None))
-        return self._qa_response(video, reply, fetch_s, decode_s, start, decode_cached)
+        self.check_media([kind])
+        if kind == "image":
+            item, decode_s, decode_cached = await self.decode_image(data)
+        else:
+            item, decode_s, decode_cached = await self.decode(data, opts)
+        media = FetchedMedia([item], fetch_s, decode_s, decode_cached)
+        reply = await self._ask_model(self._request([Turn("user", question, (pixels(item),))], opts, None))
+        return self._qa_response(media, reply, start)
 
-    def _qa_response(
-        self, video: SampledVideo, reply: ModelReply, fetch_s: float, decode_s: float, start: float, decode_cached: bool
-    ) -> QAResponse:
+    def _qa_response(self, media: FetchedMedia, reply: ModelReply, start: float) -> QAResponse:
         answer = reply.answer
-        described = video.describe()
+        video = media.videos[0].describe() if media.videos else None
         return QAResponse(
             answer=answer.text,
             model=self.model_name,
             num_frames=answer.num_frames,
-            sampled_indices=described.pop("sampled_indices"),
-            timestamps=described.pop("timestamps"),
+            sampled_indices=video.pop("sampled_indices") if video else [],
+            timestamps=video.pop("timestamps") if video else [],
             finish_reason=answer.finish_reason,
             usage=Usage.of(answer),
             timings=Timings(
-                fetch_s=round(fetch_s, 4),
-                decode_s=round(decode_s, 4),
+                fetch_s=round(media.fetch_s, 4),
+                decode_s=round(media.decode_s, 4),
                 queue_s=round(reply.queue_s, 4),
                 vision_s=round(answer.vision_s, 4),
                 generate_s=round(answer.generate_s, 4),
                 total_s=round(time.perf_counter() - start, 4),
             ),
-            cached=CacheUse(decode=decode_cached, vision=answer.vision_cached),
-            video=described,
+            cached=CacheUse(decode=media.decode_cached, vision=answer.vision_cached),
+            video=video,
+            image=media.images[0].describe() if media.images and not media.videos else None,
         )
 
     # ---- /v1/chat/completions --------------------------------------------------------------------------------
-    @staticmethod
-    def _chat_inputs(request: ChatCompletionRequest) -> tuple[str, list[str]]:
-        """The question (text of the last user message) and the video URLs of the conversation, in order."""
-        urls: list[str] = []
-        question = ""
-        for message in request.messages:
-            if message.role != "user":
-                continue
-            if isinstance(message.content, str):
-                question = message.content
-                continue
-            texts = []
-            for part in message.content or []:
-                if part.type == "video_url":
-                    urls.append(part.video_url.url)
-                else:
-                    texts.append(part.text)
-            question = " ".join(t for t in texts if t.strip()) or question
-        if not urls:
-            raise ServiceError(400, "no video: add a content part {'type': 'video_url', 'video_url': {'url': ...}}", param="messages")
-        if len(urls) > MAX_VIDEOS_PER_REQUEST:
-            raise ServiceError(
-                400, f"{len(urls)} videos in one request; at most {MAX_VIDEOS_PER_REQUEST}", param="messages"
-            )
-        if not question.strip():
-            raise ServiceError(400, "no question: add a text content part to the user message", param="messages")
-        return question, urls
+    def _conversation(self, request: ChatCompletionRequest) -> list[PlannedTurn]:
+        """The messages as turns (``developer`` read as ``system``), each user turn's media named by URL, checked
+        for shape: media only in user messages, text in every message, the last one from the user."""
+        turns: list[PlannedTurn] = []
+        for i, message in enumerate(request.messages):
+            role = "system" if message.role == "developer" else message.role
+            parts = message.content if isinstance(message.content, list) else []
+            texts = [message.content] if isinstance(message.content, str) else [p.text for p in parts if p.type == "text"]
+            media = [("video", p.video_url.url) if p.type == "video_url" else ("image", p.image_url.url)
+                     for p in parts if p.type != "text"]
+            if media and role != "user":
+                raise ServiceError(400, f"messages[{i}] is a {message.role} message with media: only user messages "
+                                   "may carry images or videos", param=f"messages.{i}.content")
+            text = " ".join(t.strip() for t in texts if t.strip())
+            if not text and role != "user":
+                raise ServiceError(400, f"messages[{i}] ({message.role}) has no text", param=f"messages.{i}.content")
+            turns.append(PlannedTurn(role, text, media))
+        if turns[-1].role != "user":
+            raise ServiceError(400, "the last message must be the user's question", param="messages")
+        if not turns[-1].text:
+            raise ServiceError(400, "no question: add a text content part to the last user message", param="messages")
+        chars = sum(len(t.text) for t in turns)
+        if chars > self.limits.max_question_chars:
+            raise ServiceError(400, f"the conversation has {chars} characters; the limit is "
+                               f"{self.limits.max_question_chars}", code="context_length_exceeded", param="messages")
+        media = [m for t in turns for m in t.media]
+        if not media:
+            raise ServiceError(400, "no image or video: add a content part {'type': 'video_url', 'video_url': "
+                               "{'url': ...}} or {'type': 'image_url', 'image_url': {'url': ...}}", param="messages")
+        if len(media) > MAX_MEDIA_PER_REQUEST:
+            raise ServiceError(400, f"{len(media)} images and videos in one request; at most {MAX_MEDIA_PER_REQUEST}",
+                               param="messages")
+        return turns
 
-    async def _chat_videos(self, request: ChatCompletionRequest) -> tuple[str, list[SampledVideo], float, float, bool]:
-        """Fetch and decode every video of the conversation concurrently (videos are placed in order)."""
-        question, urls = self._chat_inputs(request)
-        question = self._check_question(question)
-        self._frames_wanted(request, len(urls))  # the whole message's frame count, before fetching any of it
-        budget = ByteBudget(self.limits.max_request_bytes)  # all media of the message together
-        fetched = await _all_or_none(self.fetch(url, budget) for url in urls)
-        decoded = await _all_or_none(self.decode(f.data, request, len(urls)) for f in fetched)
-        videos = [video for video, _, _ in decoded]
-        fetch_s = max(f.seconds for f in fetched)
-        decode_s = max(seconds for _, seconds, _ in decoded)
-        return question, videos, fetch_s, decode_s, all(hit for _, _, hit in decoded)
+    async def _chat_media(self, request: ChatCompletionRequest) -> tuple[list[Turn], FetchedMedia]:
+        """Fetch and decode every medium of the conversation concurrently; the turns with their pixels."""
+        planned = self._conversation(request)
+        media = [m for t in planned for m in t.media]
+        self.check_media([kind for kind, _ in media])
+        num_videos = sum(kind == "video" for kind, _ in media)
+        if num_videos:
+            self._frames_wanted(request, num_videos)  # the whole conversation's frames, before fetching any of it
+        budget = ByteBudget(self.limits.max_request_bytes)  # all media of the request together
+        fetched = await _all_or_none(self.fetch(url, budget, kind) for kind, url in media)
+        decoded = await _all_or_none(
+            self.decode_image(f.data) if kind == "image" else self.decode(f.data, request, num_videos)
+            for (kind, _), f in zip(media, fetched)
+        )
+        items = iter(item for item, _, _ in decoded)
+        turns = [Turn(t.role, t.text, tuple(pixels(next(items)) for _ in t.media)) for t in planned]
+        found = FetchedMedia([item for item, _, _ in decoded], max(f.seconds for f in fetched),
+                             max(seconds for _, seconds, _ in decoded), all(hit for _, _, hit in decoded))
+        return turns, found
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         start = time.perf_counter()
-        question, videos, fetch_s, decode_s, decode_cached = await self._chat_videos(request)
-        reply = await self._ask_model(self._request(videos, question, request, request.new_tokens()))
-        qa = self._qa_response(videos[0], reply, fetch_s, decode_s, start, decode_cached)
+        turns, media = await self._chat_media(request)
+        reply = await self._ask_model(self._request(turns, request, request.new_tokens()))
+        qa = self._qa_response(media, reply, start)
         extra = {
             "num_frames": qa.num_frames,
-            "videos": [{"sampled_indices": [int(i) for i in v.indices], "duration": v.metadata.duration} for v in videos],
+            "videos": [{"sampled_indices": [int(i) for i in v.indices], "duration": v.metadata.duration}
+                       for v in media.videos],
+            "images": [image.describe() for image in media.images],
             "timings": qa.timings.model_dump(),
             "cached": qa.cached.model_dump(),
         }
@@ -226,8 +309,8 @@ class QAService:
     async def open_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
         """Fetch, decode and start generating; a refusal (fetch, decode or the token budget) is raised here, while
         it can still be a plain HTTP error. Returns the server-sent events of the answer."""
-        question, videos, _, _, _ = await self._chat_videos(request)
-        events = self.model.options(stream=True).stream.remote(self._request(videos, question, request, request.new_tokens()))
+        turns, _ = await self._chat_media(request)
+        events = self.model.options(stream=True).stream.remote(self._request(turns, request, request.new_tokens()))
         first = await events.__anext__()
         if isinstance(first, ModelError):
             raise first.exception()
@@ -251,6 +334,18 @@ class QAService:
                 finish = event.answer.finish_reason
         yield _sse(chat_chunk(cid, self.model_name, {}, finish_reason=finish))
         yield "data: [DONE]\n\n"
+
+
+def _model_media(args: ServeArgs) -> set[str] | None:
+    """The media the served checkpoint's family takes, read from its config once at start (not asked of the model
+    deployment per request: its queue may be full); None when the config cannot be read here."""
+    from video_llava.model.loading import ModelLoadError, checkpoint_media
+
+    try:
+        return set(checkpoint_media(args.model))
+    except ModelLoadError as exc:
+        logging.getLogger("ray.serve").warning("media of %s unknown to the ingress: %s", args.model.model, exc)
+        return None
 
 
 async def _all_or_none(coroutines) -> list:

@@ -16,12 +16,10 @@ def expand_llm(source: str | Path, dest: str | Path, layers: int, seed: int = 0)
     """Write ``source`` with its LLM grown to ``layers`` decoder blocks (new ones on top) to ``dest``, with the
     processor and tokenizer. Returns the old and new block counts; refuses to shrink or keep the depth."""
     import torch
-    from transformers import (
-        LlavaNextVideoForConditionalGeneration,
-        LlavaNextVideoProcessor,
-    )
 
-    old = LlavaNextVideoForConditionalGeneration.from_pretrained(source)
+    from video_llava.model.loading import load_checkpoint
+
+    old, processor = load_checkpoint(source)  # the checkpoint's family's classes
     config = old.config
     before = config.text_config.num_hidden_layers
     if layers <= before:
@@ -30,7 +28,7 @@ def expand_llm(source: str | Path, dest: str | Path, layers: int, seed: int = 0)
     if getattr(config.text_config, "layer_types", None):
         config.text_config.layer_types = [config.text_config.layer_types[0]] * layers
     torch.manual_seed(seed)
-    grown = LlavaNextVideoForConditionalGeneration(config)
+    grown = type(old)(config)
     missing, unexpected = grown.load_state_dict(old.state_dict(), strict=False)
     new_prefixes = tuple(f"model.language_model.layers.{i}." for i in range(before, layers))
     if unexpected or any(not k.startswith(new_prefixes) for k in missing):
@@ -42,5 +40,5 @@ def expand_llm(source: str | Path, dest: str | Path, layers: int, seed: int = 0)
     grown.generation_config = old.generation_config
     dest = Path(dest)
     grown.save_pretrained(dest)
-    LlavaNextVideoProcessor.from_pretrained(source).save_pretrained(dest)
+    processor.save_pretrained(dest)
     return {"layers_before": before, "layers": layers}

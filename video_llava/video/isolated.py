@@ -22,6 +22,7 @@ from video_llava.video.decode import (
     as_source,
     sample_video,
 )
+from video_llava.video.image import DecodedImage, ImageDecodeError, ImageOptions, load_image
 
 STARTUP_TIMEOUT_S = 120.0  # spawn, import the caller's main module again, then ours
 
@@ -47,7 +48,10 @@ def _worker_main(conn: Connection) -> None:
             return
         source, options = job
         try:
-            reply = ("ok", sample_video(source, options))
+            if isinstance(options, ImageOptions):
+                reply = ("ok", load_image(source, options))
+            else:
+                reply = ("ok", sample_video(source, options))
         except VideoDecodeError as exc:
             reply = ("error", exc)
         except Exception as exc:  # report, never hide: the parent turns this into a VideoDecodeError
@@ -125,10 +129,18 @@ class IsolatedDecoder:
 
     def decode(self, video: VideoInput, options: DecodeOptions | None = None) -> SampledVideo:
         """Like ``decode.sample_video`` but isolated and time-limited. Raises ``VideoDecodeError``."""
+        source = as_source(video)  # cheap checks (missing/empty file) in this process
+        return self._run(source, options or DecodeOptions(), VideoDecodeError)
+
+    def decode_image(self, data: bytes, options: ImageOptions | None = None) -> DecodedImage:
+        """Like ``image.load_image`` but isolated and time-limited. Raises ``ImageDecodeError``."""
+        if not data:
+            raise ImageDecodeError("the image is empty (0 bytes)")
+        return self._run(data, options or ImageOptions(), ImageDecodeError)
+
+    def _run(self, source, options, error: type[VideoDecodeError]):
         if self._closed:
             raise RuntimeError("IsolatedDecoder is closed")
-        source = as_source(video)  # cheap checks (missing/empty file) in this process
-        options = options or DecodeOptions()
         worker = self._idle.get()
         if not worker.ready:
             try:
@@ -141,19 +153,19 @@ class IsolatedDecoder:
             if not worker.conn.poll(self.timeout_s):
                 self._retire(worker)
                 worker = None
-                raise VideoDecodeError(f"decoding took longer than {self.timeout_s:g} s and was stopped")
+                raise error(f"decoding took longer than {self.timeout_s:g} s and was stopped")
             status, payload = worker.conn.recv()
         except (EOFError, OSError):
             code = worker.process.exitcode if worker is not None else None
             if worker is not None:
                 self._retire(worker)
                 worker = None
-            raise VideoDecodeError(f"the decoder crashed on this input (exit code {code}); the file is corrupt")
+            raise error(f"the decoder crashed on this input (exit code {code}); the file is corrupt")
         finally:
             if worker is not None:
                 self._idle.put(worker)
         if status == "error":
-            raise payload if isinstance(payload, VideoDecodeError) else VideoDecodeError(str(payload))
+            raise payload if isinstance(payload, VideoDecodeError) else error(str(payload))
         return payload
 
     def close(self) -> None:
@@ -186,4 +198,14 @@ def decode_video(video: VideoInput, options: DecodeOptions | None = None, timeou
         return decoder.decode(video, options)
 
 
-__all__ = ["DecoderStartError", "IsolatedDecoder", "decode_video"]
+def decode_image_file(path: str, options: ImageOptions | None = None, timeout_s: float = 60.0) -> DecodedImage:
+    """One-shot isolated image decode of a file (as ``decode_video``)."""
+    try:
+        data = open(path, "rb").read()
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    with IsolatedDecoder(workers=1, timeout_s=timeout_s) as decoder:
+        return decoder.decode_image(data, options)
+
+
+__all__ = ["DecoderStartError", "IsolatedDecoder", "decode_image_file", "decode_video"]
