@@ -11,13 +11,13 @@ processor with the chosen shape's config and random weights, saved with ``save_p
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 from bench.machine import describe_machine
+from bench.service_path import one_at_a_time_vs_batched, service_path_args
 from bench.shapes import SHAPES, build_model, pick_runtime
 
 
@@ -48,13 +48,7 @@ def main() -> None:
     from video_llava.model.qa_model import VideoQAModel
     from video_llava.model.settings import ModelSettings
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
-    parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = service_path_args(__doc__.splitlines()[0], SHAPES)
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -66,15 +60,7 @@ def main() -> None:
         load_s = time.perf_counter() - start
         rng = np.random.default_rng(0)
         videos = [rng.integers(0, 255, (args.frames, 240, 320, 3), dtype=np.uint8) for _ in range(args.batch)]
-        questions = ["What happens in the video?"] * args.batch
-        model.answer(videos[:1], questions[:1])  # warm-up
-        t = time.perf_counter()
-        for v, q in zip(videos, questions):
-            model.answer([v], [q])
-        sequential = time.perf_counter() - t
-        t = time.perf_counter()
-        answers = model.answer(videos, questions)
-        batched = time.perf_counter() - t
+        sequential, batched, answers = one_at_a_time_vs_batched(model, videos, "What happens in the video?")
         described = model.describe()
     figures = {
         "bench": "gpu_service", "shape": args.shape, "frames": args.frames, "batch": args.batch,

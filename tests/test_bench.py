@@ -10,6 +10,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_the_onevision_gpu_bench_runs_on_a_cpu_with_the_tiny_shape():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_families", "--shape", "tiny", "--frames", "2", "--batch", "2",
+         "--new-tokens", "2", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["family"] == "LLaVA-OneVision" and figures["rope_factor"] == 1.0
+    assert figures["visual_tokens_per_video"] == 2 * 196 + 1
+    assert figures["vision_ms_per_frame"] > 0 and figures["prefill_tokens_per_s"] > 0 and figures["batched_speedup"] > 0
+
+
 @pytest.mark.slow
 def test_decode_bench_quick_run_ends_with_its_figures_as_json():
     result = subprocess.run(

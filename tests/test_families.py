@@ -80,13 +80,18 @@ def test_checkpoint_is_chosen_by_its_config_and_counted_by_its_processor(qa, fra
 
 @pytest.mark.parametrize("qa", FAMILIES, indirect=True)
 def test_spliced_cached_features_give_the_tokens_of_transformers_generate(qa, frames, tall_image):
+    """The reference is the checkpoint as transformers loads it: the whole vision tower, ``generate(pixel_values)``;
+    ours drops the tower's unused last layer, splices cached features and generates from embeddings."""
     import torch
 
+    plain = qa.family.model_class().from_pretrained(qa.source).eval()
+    unused = qa.config.vision_config.num_hidden_layers < plain.config.vision_config.num_hidden_layers
+    assert unused == (plain.config.vision_feature_layer == -2)  # CLIP families read the penultimate layer
     for media in media_cases(qa.family.name, frames, tall_image):
         prepared = qa.prepare(media, "Describe it.")
         inputs = processor_inputs(qa, prepared.prompt, media)
         with torch.inference_mode():
-            out = qa.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+            out = plain.generate(**inputs, max_new_tokens=6, do_sample=False)
         reference = qa.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         first, again = (qa.generate([prepared])[0] for _ in range(2))
         assert first.text == reference, [m.shape for m in media]

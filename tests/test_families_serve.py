@@ -17,6 +17,7 @@ from video_llava.model.prompts import Turn
 
 pytestmark = pytest.mark.slow
 
+DECODE_MEMORY_MB = 400
 FRAMES = render_frames(SAMPLE_SHAPES, num_frames=12, width=WIDTH, height=HEIGHT)
 
 
@@ -61,7 +62,7 @@ def served(request, tiny_checkpoint):
         "model": settings,
         "limits": {"max_question_chars": 4000},
         "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05, "max_batch_visual_tokens": 200_000},
-        "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5},
+        "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "decode_worker_memory_mb": DECODE_MEMORY_MB},
     }
     with running_service(args) as base:
         yield base, request.param, VideoQAModel(ModelSettings(**settings))
@@ -162,6 +163,20 @@ def test_corrupt_or_huge_image_is_422_and_the_service_keeps_answering(served):
     error_of(post(image_part(bomb.getvalue())), 422, "invalid_image_dimensions")
     ok = post(image_part(IMAGE))
     assert ok.status_code == 200, ok.text
+
+
+def test_an_image_that_needs_more_than_the_decoders_memory_is_422_and_the_worker_is_replaced(served):
+    """30 MP is within the area limit; decoding it needs more than the 400 MB a decode process may hold."""
+    from PIL import Image
+
+    base, _, _ = served
+    dense = io.BytesIO()
+    Image.new("RGB", (6000, 5000), (90, 120, 30)).save(dense, format="PNG")  # about 100 KB
+    post = lambda data: httpx.post(f"{base}/v1/video/qa", files={"image": ("a.png", data, "image/png")},  # noqa: E731
+                                   data={"question": "What is it?"}, timeout=120)
+    body = error_of(post(dense.getvalue()), 422, "decode_out_of_memory")
+    assert f"{DECODE_MEMORY_MB} MB" in body["message"]
+    assert post(IMAGE).status_code == 200  # a fresh decode process answers the next request
 
 
 def test_malformed_conversations_are_400_naming_the_message(served):

@@ -296,6 +296,22 @@ def test_a_body_that_does_not_arrive_in_time_is_408(service):
     sock.close()
 
 
+def test_a_client_that_leaves_mid_upload_is_counted_as_disconnected_not_as_a_server_error(service):
+    sock = _slow_upload(service)
+    time.sleep(1)
+    sock.close()  # gone with the body half sent
+    url = f"http://127.0.0.1:{os.environ['VIDEO_LLAVA_TEST_METRICS_PORT']}/metrics"
+    deadline, found = time.time() + 60, False
+    while time.time() < deadline and not found:
+        try:
+            found = 'code="client_disconnected"' in httpx.get(url, timeout=5).text
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    assert found, "the disconnect was not counted as client_disconnected (before: an unhandled 500 with a traceback)"
+    assert_still_answers(service, AUTH)
+
+
 def test_healthz_and_a_normal_request_answer_while_50_slow_uploads_are_open(service):
     # five slow connections used to hold all of Serve's 5 ingress slots: /healthz timed out too
     socks = [_slow_upload(service) for _ in range(50)]

@@ -392,3 +392,56 @@ def test_several_videos_in_one_chat_message_share_the_frame_budget(service, http
     assert len(extra["videos"]) == 2
     assert extra["num_frames"] == 2 * 28  # default 32 frames shrink to max_frames // 2 each
     assert response.json()["usage"]["prompt_tokens"] > 56 * 144
+
+
+def _chat_body(question: str = "Describe the video in detail.", **extra) -> dict:
+    return {"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "s3://videos/clips/sample.mp4"}},
+        {"type": "text", "text": question}]}], "max_tokens": 8, **extra}
+
+
+def test_stop_strings_end_the_answer_before_them_streamed_or_not(service):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{service}/v1", api_key="unused")
+    body = _chat_body()
+    full = client.chat.completions.create(model="embedded", **body).choices[0].message.content
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = words[2]
+    cut = client.chat.completions.create(model="embedded", **body, stop=[stop]).choices[0]
+    assert cut.message.content == full[: full.index(stop)].strip() and cut.finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="embedded", **body, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).rstrip() == cut.message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_seeded_sampled_answer_is_the_same_whatever_it_is_batched_with(service):
+    post = lambda body: httpx.post(f"{service}/v1/chat/completions", json=body, timeout=120)  # noqa: E731
+    seeded = _chat_body(temperature=1.0, seed=1234)
+    alone = post(seeded).json()["choices"][0]["message"]["content"]
+    others = [_chat_body(f"What color is shape {i}?", temperature=1.0) for i in range(5)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(post, [*others[:3], seeded, *others[3:]]))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    assert replies[3].json()["choices"][0]["message"]["content"] == alone
+    hot = [post(_chat_body(temperature=2.0, seed=s)).json()["choices"][0]["message"]["content"] for s in range(4)]
+    assert len(set(hot)) > 1  # the seed, not greedy decoding, is what made the answers equal
+
+
+@pytest.mark.parametrize("extra,param", [({"logprobs": True}, "logprobs"),
+                                         ({"response_format": {"type": "json_object"}}, "response_format"),
+                                         ({"frequency_penalty": 0.5}, "frequency_penalty"),
+                                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                                         ({"logit_bias": {"5": 10}}, "logit_bias")])
+def test_parameters_the_service_does_not_implement_are_refused_by_name(service, extra, param):
+    body = error_of(httpx.post(f"{service}/v1/chat/completions", json=_chat_body(**extra), timeout=60), 400,
+                    "unsupported_parameter")
+    assert body["param"] == param and repr(param) in body["message"]
+
+
+def test_parameters_sent_at_values_that_change_nothing_are_accepted(service):
+    body = _chat_body(logprobs=False, frequency_penalty=0, presence_penalty=0.0, response_format={"type": "text"},
+                      user="client-42")
+    response = httpx.post(f"{service}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text

@@ -193,6 +193,21 @@ def test_a_decoder_crash_is_a_typed_error_and_the_next_decode_works(tmp_path, vi
         assert decoder.worker_pids() != [pid]
 
 
+def test_a_decode_over_the_workers_memory_limit_is_a_typed_error_and_a_fresh_worker_takes_the_next(video_files):
+    from video_llava.data.synthetic_video import video_bytes
+
+    full_hd = video_bytes(np.full((24, 1080, 1920, 3), 120, np.uint8), fps=12)  # 24 frames kept at 1080p: 142 MB
+    with IsolatedDecoder(timeout_s=60, memory_mb=400) as decoder:
+        (pid,) = decoder.worker_pids()
+        with pytest.raises(VideoDecodeError, match="memory limit of 400 MB") as err:
+            decoder.decode(full_hd, DecodeOptions(num_frames=24, short_side=None))
+        assert err.value.code == "decode_out_of_memory"
+        assert decoder.decode(video_files["mp4"], DecodeOptions(num_frames=4)).num_frames == 4
+        assert decoder.worker_pids() != [pid]
+        small = decoder.decode(full_hd, DecodeOptions(num_frames=4, short_side=336))  # resized while decoding: fits
+        assert small.frames.shape[:2] == (4, 336)
+
+
 def test_bad_input_through_the_isolated_decoder_is_the_same_typed_error():
     with IsolatedDecoder(timeout_s=30) as decoder:
         with pytest.raises(VideoDecodeError, match="could not decode video|not a readable video"):

@@ -48,6 +48,8 @@ class CaptionConfig(BaseModel):
     decode_workers: int = Field(1, ge=1, description="decoder actors (1 CPU each)")
     decode_timeout_s: float = Field(120, gt=0)
     max_object_mb: float = Field(2048, gt=0, description="larger objects become error rows without being read")
+    decode_memory_mb: int | None = Field(4096, ge=256, description="data memory a decode process may hold; past it "
+                                         "the object is an error row and the process is replaced (None: unlimited)")
     decode_resource: str | None = Field(None, description="custom resource each decoder actor takes one unit of "
                                         "(cluster.yaml's CPU nodes advertise 'decode'); keeps decoding off GPU nodes")
     model_resource: str | None = Field(None, description="custom resource each model actor takes one unit of "
@@ -132,7 +134,8 @@ def build_pipeline(cfg: CaptionConfig, todo: list[dict]):
     ds = ds.map_batches(
         DecodeStep,
         fn_constructor_kwargs={"input_uri": cfg.input, "num_frames": cfg.frames, "endpoint_url": cfg.endpoint_url,
-                               "timeout_s": cfg.decode_timeout_s, "max_object_bytes": int(cfg.max_object_mb * 2**20)},
+                               "timeout_s": cfg.decode_timeout_s, "max_object_bytes": int(cfg.max_object_mb * 2**20),
+                               "memory_mb": cfg.decode_memory_mb},
         batch_size=cfg.batch_size,
         concurrency=cfg.decode_workers,
         num_cpus=1,

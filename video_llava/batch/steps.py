@@ -27,14 +27,14 @@ class DecodeStep:
     """Read each object and sample frames in isolated, time-limited decoder processes (CPU)."""
 
     def __init__(self, input_uri: str, num_frames: int, endpoint_url: str | None, timeout_s: float = 120.0,
-                 max_object_bytes: int | None = None):
+                 max_object_bytes: int | None = None, memory_mb: int | None = None):
         from video_llava.video.isolated import IsolatedDecoder
 
         self.location = Location.parse(input_uri)
         self.num_frames = num_frames
         self.max_object_bytes = max_object_bytes
         self.client = s3_client(endpoint_url) if self.location.scheme == "s3" else None
-        self.decoder = IsolatedDecoder(workers=1, timeout_s=timeout_s)
+        self.decoder = IsolatedDecoder(workers=1, timeout_s=timeout_s, memory_mb=memory_mb)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from video_llava.data.storage import is_image_key

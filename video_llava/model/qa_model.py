@@ -69,6 +69,12 @@ class PreparedQuestion:
         return sum(1 for m in self.media if m.ndim == 3)
 
 
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first of the ``stop`` strings starts in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
 def as_media_list(media: VideoArg) -> list[np.ndarray]:
     """One question's media as a list of image ``(H, W, 3)`` and video ``(N, H, W, 3)`` arrays."""
     if isinstance(media, SampledVideo) or (isinstance(media, np.ndarray) and media.ndim in (3, 4)):
@@ -93,7 +99,7 @@ class VideoQAModel:
         self.device, self.dtype = loaded.runtime.device, loaded.runtime.dtype
         self.attn_implementation = loaded.runtime.attn_implementation
         resolved = loaded.resolved
-        self.config, self.family, self.rope_factor = resolved.config, resolved.family, resolved.rope_factor
+        self.config, self.family, self.rope_factor = self.model.config, resolved.family, resolved.rope_factor
         self.per_frame = self.family.tokens_per_frame(self.processor)  # the processor's count, not the config's
         self.declared_factor = resolved.declared_factor
         self.budget = TokenBudget(resolved.budget_context, self.per_frame, self.settings.max_frames)
@@ -167,8 +173,9 @@ class VideoQAModel:
         return self.generate(prepared, temperature, top_p, seed)
 
     def generate(self, prepared: Sequence[PreparedQuestion], temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None) -> list[Answer]:
-        """One batched ``generate`` for questions that share ``max_new_tokens``."""
+                 seed: int | None = None, stop: Sequence[str] = ()) -> list[Answer]:
+        """One batched ``generate`` for questions that share ``max_new_tokens``; each answer ends before the first
+        of the ``stop`` strings (``finish_reason`` "stop")."""
         import torch
 
         lengths = {p.max_new_tokens for p in prepared}
@@ -181,9 +188,9 @@ class VideoQAModel:
         with torch.inference_mode():
             # With inputs_embeds and no input_ids, generate returns only the new tokens.
             output = self.model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                         **self._generation_kwargs(lengths.pop(), temperature, top_p))
+                                         **self._generation_kwargs(lengths.pop(), temperature, top_p, stop))
         elapsed = time.perf_counter() - start
-        return [self._answer(p, row, elapsed, hit, seconds)
+        return [self._answer(p, row, elapsed, hit, seconds, stop)
                 for p, row, hit, seconds in zip(prepared, output.cpu().tolist(), cached, vision_s)]
 
     def stream_answer(self, video: VideoArg, question: str, max_new_tokens: int | None = None,
@@ -191,10 +198,13 @@ class VideoQAModel:
         """Yield the answer's text as it is generated, then one final ``Answer`` with the counts."""
         return self.stream(self.prepare(video, question, max_new_tokens), temperature, top_p)
 
-    def stream(self, prepared: PreparedQuestion, temperature: float = 0.0, top_p: float = 1.0) -> Iterator[str | Answer]:
+    def stream(self, prepared: PreparedQuestion, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               stop: Sequence[str] = ()) -> Iterator[str | Answer]:
         """Text pieces of one prepared question as generated, then its ``Answer``.
 
         ``generate`` runs in a thread feeding transformers' ``TextIteratorStreamer``; an error in it is raised here.
+        With ``stop`` strings, the last ``len(longest) - 1`` characters are held back until they cannot start one,
+        so the pieces add up to exactly ``Answer.text``.
         """
         import threading
 
@@ -203,11 +213,13 @@ class VideoQAModel:
 
         embeds, mask, cached, vision_s = self.embedder([prepared])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600)
-        gen = dict(self._generation_kwargs(prepared.max_new_tokens, temperature, top_p), streamer=streamer)
+        gen = dict(self._generation_kwargs(prepared.max_new_tokens, temperature, top_p, stop), streamer=streamer)
         result: dict[str, Any] = {}
 
         def run() -> None:
             try:
+                if seed is not None:
+                    torch.manual_seed(seed)
                 with torch.inference_mode():
                     result["output"] = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
             except BaseException as exc:  # surfaced to the caller below, after the streamer ends
@@ -217,19 +229,35 @@ class VideoQAModel:
         start = time.perf_counter()
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        started = False
+        hold = max((len(s) for s in stop), default=1) - 1
+        pending, started, stopped = "", False, False
         for piece in streamer:
-            piece = piece if started else piece.lstrip()  # as Answer.text: no leading space
-            if piece:
-                started = True
-                yield piece
+            if stopped:
+                continue  # drain: generate ends by its own stop criterion
+            if not started:  # as Answer.text: no leading space
+                piece = piece.lstrip()
+                started = bool(piece)
+            pending += piece
+            cut = _first_stop(pending, stop)
+            if cut is not None:
+                pending, stopped = pending[:cut].rstrip(), True
+            ready = pending if stopped else pending[: max(0, len(pending) - hold)]
+            if ready:
+                yield ready
+                pending = pending[len(ready):]
+        if pending and not stopped:
+            yield pending.rstrip()
         worker.join()
         if "error" in result:
             raise result["error"]
-        yield self._answer(prepared, result["output"][0].tolist(), time.perf_counter() - start, cached[0], vision_s[0])
+        yield self._answer(prepared, result["output"][0].tolist(), time.perf_counter() - start, cached[0], vision_s[0],
+                           stop)
 
-    def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+    def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float,
+                           stop: Sequence[str] = ()) -> dict[str, Any]:
         gen: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if stop:  # transformers' StopStringCriteria: a row ends once its text contains one of them
+            gen.update(stop_strings=list(stop), tokenizer=self.tokenizer)
         if temperature > 0:
             gen.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
@@ -237,20 +265,25 @@ class VideoQAModel:
         return gen
 
     def _answer(self, prepared: PreparedQuestion, row: list[int], generate_s: float, cached: bool,
-                vision_s: float) -> Answer:
-        """The ``Answer`` of one generated row: text up to the first EOS, its token count and why it ended."""
+                vision_s: float, stop: Sequence[str] = ()) -> Answer:
+        """The ``Answer`` of one generated row: text up to the first EOS (or before the first stop string), its
+        token count and why it ended."""
         eos = self.model.generation_config.eos_token_id
         eos = set(eos) if isinstance(eos, (list, tuple)) else {eos if eos is not None else self.tokenizer.eos_token_id}
-        stop_at = next((k for k, t in enumerate(row) if t in eos), None)
-        kept = [t for t in (row if stop_at is None else row[:stop_at]) if t != self.tokenizer.pad_token_id]
+        eos_at = next((k for k, t in enumerate(row) if t in eos), None)
+        kept = [t for t in (row if eos_at is None else row[:eos_at]) if t != self.tokenizer.pad_token_id]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True).lstrip()
+        cut = _first_stop(text, stop)
+        if cut is not None:
+            text = text[:cut]
         return Answer(
-            text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+            text=text.strip(),
             num_frames=prepared.num_frames,
             num_images=prepared.num_images,
             visual_tokens=prepared.visual_tokens,
             prompt_tokens=prepared.prompt_tokens,
-            completion_tokens=len(kept) + (0 if stop_at is None else 1),
-            finish_reason="length" if stop_at is None else "stop",
+            completion_tokens=len(kept) + (eos_at is not None),  # generated, the EOS included
+            finish_reason="stop" if eos_at is not None or cut is not None else "length",
             generate_s=generate_s,
             vision_cached=cached,
             vision_s=vision_s,

@@ -90,6 +90,9 @@ class DeploymentSettings(BaseModel):
     ingress_max_queued_requests: int = Field(512, ge=-1, description="waiting for an ingress replica; then 503")
     decode_workers: int = Field(2, ge=1, description="decode processes per ingress replica")
     decode_cache_mb: int = Field(512, ge=0, description="decoded frames kept per ingress replica for repeat questions")
+    decode_worker_memory_mb: int | None = Field(
+        4096, ge=256, description="data memory each decode process may hold; past it the request is 422 "
+        "decode_out_of_memory and the process is replaced (None: unlimited)")
 
 
 class ServeArgs(BaseModel):

@@ -136,14 +136,17 @@ class ModelServer:
         self.batch_sizes.append(len(items))
         self.metrics.batch_size.observe(len(items))
         started = time.perf_counter()
-        # One generate per sampling configuration (videos of any frame count share it).
+        # One generate per sampling configuration (videos of any frame count share it); a seeded sampled request
+        # runs alone, so that its answer depends on its seed only, not on what it was batched with.
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
-            groups[(item.prepared.max_new_tokens, item.request.temperature, item.request.top_p)].append(i)
+            r = item.request
+            alone = i if r.seed is not None and r.temperature > 0 else None
+            groups[(item.prepared.max_new_tokens, r.temperature, r.top_p, r.stop, r.seed, alone)].append(i)
         replies: list[ModelReply | None] = [None] * len(items)
-        for (_, temperature, top_p), members in groups.items():
+        for (_, temperature, top_p, stop, seed, _), members in groups.items():
             answers = await asyncio.to_thread(self.model.generate, [items[i].prepared for i in members],
-                                              temperature, top_p)
+                                              temperature, top_p, seed, stop)
             for i, answer in zip(members, answers):
                 replies[i] = ModelReply(answer, queue_s=started - items[i].enqueued_at)
                 self.metrics.visual_tokens.inc(answer.visual_tokens)
@@ -156,5 +159,5 @@ class ModelServer:
         if isinstance(prepared, ModelError):
             yield prepared
             return
-        for piece in self.model.stream(prepared, request.temperature, request.top_p):
+        for piece in self.model.stream(prepared, request.temperature, request.top_p, request.seed, request.stop):
             yield piece if isinstance(piece, str) else ModelReply(piece)

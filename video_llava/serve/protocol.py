@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from video_llava.model.prompts import Turn
 from video_llava.model.qa_model import Answer
@@ -47,6 +47,8 @@ class ModelRequest:
     max_new_tokens: int | None = None  # None: the model's default
     temperature: float = 0.0
     top_p: float = 1.0
+    seed: int | None = None  # sampling seeded: the request is sampled alone, so its batch-mates cannot change it
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these
 
     @property
     def media(self) -> list[np.ndarray]:
@@ -90,6 +92,20 @@ class GenerationOptions(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="with temperature > 0: the same request samples "
+                             "the same answer, whatever else is being answered")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first one")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("give at most 4 non-empty stop strings")
+        return stops or None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
 
 
 class QARequest(GenerationOptions):
@@ -194,8 +210,19 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
+# OpenAI parameters this service does not implement, with the values that change nothing (sent by some clients as
+# defaults): any other value is refused with 400 naming the parameter, never silently ignored.
+NO_OP_PARAMETERS: dict[str, tuple] = {
+    "logprobs": (False, None), "top_logprobs": (None, 0), "frequency_penalty": (0, None), "presence_penalty": (0, None),
+    "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "stream_options": (None,), "service_tier": (None, "auto"),
+    "store": (None, False), "metadata": (None, {}), "modalities": (None, ["text"]),
+}
+ACCEPTED_UNUSED = {"user"}  # an end-user id for the caller's own records: it cannot change an answer
+
+
 class ChatCompletionRequest(GenerationOptions):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use (n=1, user, ...)
+    model_config = ConfigDict(extra="allow")  # then checked by ``unsupported_parameters``: refused by name
 
     model: str | None = None
     messages: list[ChatMessage] = Field(..., min_length=1)
@@ -206,6 +233,12 @@ class ChatCompletionRequest(GenerationOptions):
 
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens or self.max_new_tokens
+
+    def unsupported_parameters(self) -> list[str]:
+        """Parameters sent with a value this service would have to ignore (see ``NO_OP_PARAMETERS``)."""
+        extra = self.model_extra or {}
+        return sorted(name for name, value in extra.items()
+                      if name not in ACCEPTED_UNUSED and value not in NO_OP_PARAMETERS.get(name, ()))
 
 
 class ChatCompletionMessage(BaseModel):

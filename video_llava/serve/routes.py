@@ -88,6 +88,9 @@ def limited_body(request: Request, limit: int, timeout_s: float) -> Request:
             message = await asyncio.wait_for(request.receive(), max(0.001, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             raise ServiceError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout")
+        if message["type"] == "http.disconnect":  # the client left mid-body: counted, not logged as our error
+            raise ServiceError(499, "the client closed the connection before its request arrived",
+                               code="client_disconnected")
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
@@ -169,7 +172,7 @@ class QAIngress:
         """Answer a question about a video or an image.
 
         multipart/form-data: file field `video` (or `image`), text field `question`, optional `num_frames`,
-        `sampling`, `sample_fps`, `max_new_tokens`, `temperature`, `top_p`. Or JSON: `{"video_url": ..., "question":
+        `sampling`, `sample_fps`, `max_new_tokens`, `temperature`, `top_p`, `seed`, `stop`. Or JSON: `{"video_url": ..., "question":
         ...}` (or `image_url` in place of `video_url`).
         """
         content_type = request.headers.get("content-type", "")
@@ -239,6 +242,12 @@ class QAIngress:
             body = ChatCompletionRequest.model_validate_json(await self._json_body(request))
         except ValidationError as exc:
             raise _from_validation(exc.errors())
+        unsupported = body.unsupported_parameters()
+        if unsupported:
+            raise ServiceError(400, f"{', '.join(repr(n) for n in unsupported)} {'is' if len(unsupported) == 1 else 'are'}"
+                               " not supported by this service; leave it out (supported: seed, stop, temperature, "
+                               "top_p, max_tokens, max_completion_tokens, n=1, stream)", code="unsupported_parameter",
+                               param=unsupported[0])
         if body.stream:
             return StreamingResponse(await self.service.open_stream(body), media_type="text/event-stream")
         return await self.service.chat(body)

@@ -76,7 +76,8 @@ class QAService:
         self.model = model_handle
         self.args = args
         self.limits = args.limits
-        self.decoder = IsolatedDecoder(workers=args.deployment.decode_workers, timeout_s=args.limits.decode_timeout_s)
+        self.decoder = IsolatedDecoder(workers=args.deployment.decode_workers, timeout_s=args.limits.decode_timeout_s,
+                                       memory_mb=args.deployment.decode_worker_memory_mb)
         self.metrics = IngressMetrics()
         # Same bytes + same sampling = same frames: a repeat question skips decoding entirely.
         self.frames_cache = LRUCache(args.deployment.decode_cache_mb * 2**20, lambda v: pixels(v).nbytes)
@@ -131,39 +132,32 @@ class QAService:
             max_aspect_ratio=self.limits.max_aspect_ratio,
             max_duration_s=self.limits.max_duration_s,
         )
-        start = time.perf_counter()
-        key = content_key(data, repr(options)) if self.frames_cache.max_bytes else None
-        cached = self.frames_cache.get(key) if key else None
-        if cached is not None:
-            return cached, time.perf_counter() - start, True
-        try:
-            video = await asyncio.to_thread(self.decoder.decode, data, options)
-        except VideoDecodeError as exc:
-            reason = exc.reason if exc.code != "invalid_video" else f"could not read the video: {exc.reason}"
-            raise ServiceError(422, reason, code=exc.code, param="video")
-        elapsed = time.perf_counter() - start
-        self.metrics.frames_decoded.inc(video.num_frames)
-        self.metrics.decode_latency.observe(elapsed)
-        if key:
-            self.frames_cache.put(key, video)
-        return video, elapsed, False
+        video, elapsed, hit = await self._decode_cached(data, options, "video", self.decoder.decode)
+        if not hit:
+            self.metrics.frames_decoded.inc(video.num_frames)
+            self.metrics.decode_latency.observe(elapsed)
+        return video, elapsed, hit
 
     async def decode_image(self, data: bytes) -> tuple[DecodedImage, float, bool]:
         """The image's pixels (Pillow in the same isolated, time-limited workers as videos), cached by content."""
         options = ImageOptions(max_pixels=self.limits.max_video_pixels, max_aspect_ratio=self.limits.max_aspect_ratio)
+        return await self._decode_cached(data, options, "image", self.decoder.decode_image)
+
+    async def _decode_cached(self, data: bytes, options, kind: str, decode) -> tuple[Any, float, bool]:
+        """``decode(data, options)`` in a decoder worker, or the cached result of the same bytes and options."""
         start = time.perf_counter()
-        key = content_key(b"image", data, repr(options)) if self.frames_cache.max_bytes else None
+        key = content_key(kind.encode(), data, repr(options)) if self.frames_cache.max_bytes else None
         cached = self.frames_cache.get(key) if key else None
         if cached is not None:
             return cached, time.perf_counter() - start, True
         try:
-            image = await asyncio.to_thread(self.decoder.decode_image, data, options)
+            result = await asyncio.to_thread(decode, data, options)
         except VideoDecodeError as exc:
-            reason = exc.reason if exc.code != "invalid_image" else f"could not read the image: {exc.reason}"
-            raise ServiceError(422, reason, code=exc.code, param="image")
+            reason = exc.reason if exc.code != f"invalid_{kind}" else f"could not read the {kind}: {exc.reason}"
+            raise ServiceError(422, reason, code=exc.code, param=kind)
         if key:
-            self.frames_cache.put(key, image)
-        return image, time.perf_counter() - start, False
+            self.frames_cache.put(key, result)
+        return result, time.perf_counter() - start, False
 
     async def fetch(self, url: str, budget: ByteBudget | None = None, kind: str = "video"):
         return await fetch_media(url, self.limits, budget, kind)
@@ -181,7 +175,8 @@ class QAService:
     # ---- model ----------------------------------------------------------------------------------------------
     @staticmethod
     def _request(turns: list[Turn], opts: GenerationOptions, new_tokens: int | None) -> ModelRequest:
-        return ModelRequest(tuple(turns), new_tokens or opts.max_new_tokens, opts.temperature, opts.top_p)
+        return ModelRequest(tuple(turns), new_tokens or opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed,
+                            opts.stop_strings())
 
     async def _ask_model(self, request: ModelRequest) -> ModelReply:
         from ray.serve.exceptions import BackPressureError

@@ -341,7 +341,7 @@ def sample_video(video: VideoInput, options: DecodeOptions | None = None) -> Sam
     source = as_source(video)
     try:
         return _sample(source, opts)
-    except VideoDecodeError:
+    except (VideoDecodeError, MemoryError):  # out of memory is the caller's to handle (a worker over its limit)
         raise
     except Exception as exc:  # a library error a file caused: the typed error, with the library's words
         raise VideoDecodeError(f"could not decode video: {type(exc).__name__}: {_humanize(exc)}") from exc
@@ -360,6 +360,8 @@ def _sample(source: str | bytes, opts: DecodeOptions) -> SampledVideo:
             if isinstance(exc, DecordMismatch) and len(order) > 1:
                 log.warning("video decoded with PyAV: %s (%s, codec %s)", exc.reason, probe.container, probe.codec)
             continue
+        except MemoryError:
+            raise
         except Exception as exc:  # decoder libraries raise many types; each is reported, none is hidden
             errors.append(f"{backend}: {_humanize(exc)}")
             continue

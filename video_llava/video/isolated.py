@@ -31,13 +31,33 @@ class DecoderStartError(RuntimeError):
     """A decoder worker process could not start: a fault of the environment or the calling script, not of a video."""
 
 
-def _worker_main(conn: Connection) -> None:
+OUT_OF_MEMORY = "out_of_memory"  # a worker's reply status: it hit its memory limit and must be replaced
+
+
+def _limit_memory(memory_mb: int | None) -> None:
+    """Cap this process's data (heap and private writable mappings) at ``memory_mb``: an allocation past it fails
+    (MemoryError, or a decoder library aborting), and the parent replaces the worker. Set after the decoders are
+    imported, so the limit bounds what one video can make the worker allocate, not the libraries."""
+    if not memory_mb:
+        return
+    import resource
+
+    import av  # noqa: F401
+    import decord  # noqa: F401
+    import PIL.Image  # noqa: F401
+
+    limit = int(memory_mb) * 2**20
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def _worker_main(conn: Connection, memory_mb: int | None = None) -> None:
     """Worker loop: say ("ready", pid), then receive (source, options), reply ("ok", SampledVideo) or ("error", error)."""
     if not os.environ.get("VIDEO_LLAVA_DECODER_STDERR"):
         # decord/FFmpeg log to fd 2 from C++; the reasons reach the caller in the error instead.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
+    _limit_memory(memory_mb)
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -54,15 +74,17 @@ def _worker_main(conn: Connection) -> None:
                 reply = ("ok", sample_video(source, options))
         except VideoDecodeError as exc:
             reply = ("error", exc)
+        except MemoryError:
+            reply = (OUT_OF_MEMORY, None)
         except Exception as exc:  # report, never hide: the parent turns this into a VideoDecodeError
             reply = ("error", f"decoder failed: {type(exc).__name__}: {exc}")
         conn.send(reply)
 
 
 class _Worker:
-    def __init__(self, ctx: mp.context.BaseContext):
+    def __init__(self, ctx: mp.context.BaseContext, memory_mb: int | None = None):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="video-decode")
+        self.process = ctx.Process(target=_worker_main, args=(child, memory_mb), daemon=True, name="video-decode")
         self.process.start()
         child.close()
         self.ready = False  # set once its "ready" arrived; started workers are awaited lazily, at their first job
@@ -97,12 +119,13 @@ class IsolatedDecoder:
     Thread-safe: each call borrows one worker. Use as a context manager or call ``close()``.
     """
 
-    def __init__(self, workers: int = 1, timeout_s: float = 60.0):
+    def __init__(self, workers: int = 1, timeout_s: float = 60.0, memory_mb: int | None = None):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
+        self.memory_mb = memory_mb  # per worker; None: unlimited
         # spawn: forking a process that holds threads (Ray, torch, uvicorn) can deadlock the child.
         self._ctx = mp.get_context("spawn")
         self._idle: queue.Queue[_Worker] = queue.Queue()
@@ -113,7 +136,7 @@ class IsolatedDecoder:
             self._add_worker()
 
     def _add_worker(self) -> None:
-        worker = _Worker(self._ctx)
+        worker = _Worker(self._ctx, self.memory_mb)
         with self._lock:
             self._all.append(worker)
         self._idle.put(worker)
@@ -155,12 +178,18 @@ class IsolatedDecoder:
                 worker = None
                 raise error(f"decoding took longer than {self.timeout_s:g} s and was stopped")
             status, payload = worker.conn.recv()
+            if status == OUT_OF_MEMORY:  # its heap may be fragmented or a library left in a bad state: a fresh one
+                self._retire(worker)
+                worker = None
+                raise error(f"decoding needed more than the decoder's memory limit of {self.memory_mb} MB",
+                            "decode_out_of_memory")
         except (EOFError, OSError):
             code = worker.process.exitcode if worker is not None else None
             if worker is not None:
                 self._retire(worker)
                 worker = None
-            raise error(f"the decoder crashed on this input (exit code {code}); the file is corrupt")
+            limit = f" or needed more than the decoder's {self.memory_mb} MB" if self.memory_mb else ""
+            raise error(f"the decoder crashed on this input (exit code {code}): the file is corrupt{limit}")
         finally:
             if worker is not None:
                 self._idle.put(worker)
