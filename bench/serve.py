@@ -37,7 +37,7 @@ def make_clips(n: int) -> list[bytes]:
 def app_args(batch_size: int, caches: bool) -> dict:
     return {
         "model": {"max_new_tokens": NEW_TOKENS, "feature_cache_mb": 256 if caches else 0},
-        "batching": {"max_batch_size": batch_size, "batch_wait_timeout_s": 0.05},
+        "batching": {"max_batch_size": batch_size},
         "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "max_ongoing_requests": 64, "max_queued_requests": -1,
                        "decode_cache_mb": 512 if caches else 0},
     }

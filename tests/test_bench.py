@@ -22,6 +22,15 @@ def test_the_onevision_gpu_bench_runs_on_a_cpu_with_the_tiny_shape():
     assert figures["vision_ms_per_frame"] > 0 and figures["prefill_tokens_per_s"] > 0 and figures["batched_speedup"] > 0
 
 
+def test_the_engine_bench_quick_run_ends_with_its_figures_as_json():
+    result = subprocess.run([sys.executable, "-m", "bench.engine", "--quick", "--json"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["runs"]["engine_burst"]["most_running"] > 1 and figures["runs"]["one_at_a_time"]["most_running"] == 1
+    assert figures["engine_speedup"] > 0 and figures["ttft_p99_spread_s"] >= figures["ttft_p50_spread_s"] > 0
+
+
 @pytest.mark.slow
 def test_decode_bench_quick_run_ends_with_its_figures_as_json():
     result = subprocess.run(

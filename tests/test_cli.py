@@ -103,6 +103,24 @@ def test_invalid_options_are_one_line_errors(embedded_cache):
     assert result.returncode == 2 and result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
 
 
+def test_info_counts_a_question_exactly_as_ask_does(embedded_cache):
+    question = "What color is the circle?"
+    asked = run_cli("ask", str(SAMPLE), question, "--frames", "8", "--max-new-tokens", "2", "--json", cache=embedded_cache)
+    info = run_cli("info", str(SAMPLE), "--question", question, "--frames", "8", "--max-new-tokens", "2", "--json",
+                   cache=embedded_cache)
+    asked, info = json.loads(asked.stdout.strip().splitlines()[-1]), json.loads(info.stdout)
+    assert (info["visual_tokens"], info["prompt_tokens"]) == (asked["visual_tokens"], asked["prompt_tokens"])
+    assert info["tokens_needed"] == asked["visual_tokens"] + asked["prompt_tokens"] + 2
+
+
+@pytest.mark.parametrize("command", ["ask", "info"])
+def test_a_question_with_a_media_placeholder_is_a_one_line_bad_input_error(embedded_cache, command):
+    question = ["Describe <video> it."] if command == "ask" else ["--question", "Describe <video> it."]
+    result = run_cli(command, str(SAMPLE), *question, "--frames", "4", cache=embedded_cache)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: the question contains '<video>'"), result.stderr
+
+
 def test_unknown_model_is_a_one_line_error(embedded_cache):
     result = run_cli("ask", str(SAMPLE), "What?", "--model", "nobody/none", cache=embedded_cache)
     assert result.returncode == 1 and "Traceback" not in result.stderr

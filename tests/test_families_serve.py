@@ -61,7 +61,7 @@ def served(request, tiny_checkpoint):
     args = {
         "model": settings,
         "limits": {"max_question_chars": 4000},
-        "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05, "max_batch_visual_tokens": 200_000},
+        "batching": {"max_batch_size": 4},
         "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "decode_worker_memory_mb": DECODE_MEMORY_MB},
     }
     with running_service(args) as base:

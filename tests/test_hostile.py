@@ -111,7 +111,7 @@ def service(embedded_cache, origin):
             "s3_buckets": ["videos", "lying"],
             "api_keys": [KEY],
         },
-        "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05},
+        "batching": {"max_batch_size": 4},
         "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "max_ongoing_requests": 2, "max_queued_requests": 4},
     }
     with running_service(args) as base:

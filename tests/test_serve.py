@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import http.server
+import json
 import os
 import re
 import signal
@@ -85,7 +87,7 @@ def service(embedded_cache, http_files, s3):
             "s3_buckets": ["videos"],
             "enable_docs": True,
         },
-        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
+        "batching": {"max_batch_size": 8},
         "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "max_ongoing_requests": 64, "max_queued_requests": 256},
     }
     with running_service(args) as base:
@@ -306,32 +308,37 @@ def test_chat_without_a_video_or_with_a_bad_one_is_400(service):
     error_of(post(bad), 400, "url_not_allowed")
 
 
-def test_full_queue_answers_503_with_retry_after_and_recovers(service):
-    """A second app with room for one request in flight and one queued: a burst overflows it."""
+@contextlib.contextmanager
+def second_app(service: str, name: str, args: dict):
+    """A second app beside the module's service, deployed under /NAME; yields ``ask(i)`` (a 56-frame question about
+    the sample) and deletes the app afterwards."""
     from ray import serve
 
     from video_llava.serve.app import build_app
     from video_llava.serve.config import ServeArgs
 
-    tight = ServeArgs.model_validate(
-        {
-            "model": {"max_new_tokens": 32},
-            "batching": {"max_batch_size": 1},
-            "deployment": {"num_cpus": 0.25, "ingress_num_cpus": 0.25, "max_ongoing_requests": 1,
-                           "max_queued_requests": 1, "decode_workers": 1},
-        }
-    )
-    serve.run(build_app(tight), name="tight", route_prefix="/tight", blocking=False)
-    url = f"{service}/tight/v1/video/qa"
+    serve.run(build_app(ServeArgs.model_validate(args)), name=name, route_prefix=f"/{name}", blocking=False)
     deadline = time.time() + 120
-    while httpx.get(f"{service}/tight/healthz").status_code != 200 and time.time() < deadline:
+    while httpx.get(f"{service}/{name}/healthz").status_code != 200 and time.time() < deadline:
         time.sleep(0.5)
     data = SAMPLE.read_bytes()
 
     def ask(i):
-        return httpx.post(url, files={"video": ("a.mp4", data)}, data={"question": f"Q{i}?", "num_frames": "56"}, timeout=120)
+        return httpx.post(f"{service}/{name}/v1/video/qa", files={"video": ("a.mp4", data)},
+                          data={"question": f"Q{i}?", "num_frames": "56"}, timeout=120)
 
     try:
+        yield ask
+    finally:
+        serve.delete(name)
+
+
+def test_full_queue_answers_503_with_retry_after_and_recovers(service):
+    """A second app with room for one request in flight and one queued: a burst overflows it."""
+    tight = {"model": {"max_new_tokens": 32}, "batching": {"max_batch_size": 1},
+             "deployment": {"num_cpus": 0.25, "ingress_num_cpus": 0.25, "max_ongoing_requests": 1,
+                            "max_queued_requests": 1, "decode_workers": 1}}
+    with second_app(service, "tight", tight) as ask:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             responses = list(pool.map(ask, range(16)))
         codes = sorted(r.status_code for r in responses)
@@ -339,8 +346,44 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(service):
         rejected = next(r for r in responses if r.status_code == 503)
         assert rejected.headers["retry-after"] and rejected.json()["error"]["code"] == "queue_full"
         assert ask(99).status_code == 200
-    finally:
-        serve.delete("tight")
+
+
+def test_a_full_engine_queue_answers_503_queue_full_with_retry_after_and_recovers(service):
+    """Serve lets every request through to a replica whose engine runs one sequence and keeps one waiting."""
+    busy = {"model": {"max_new_tokens": 32}, "batching": {"max_batch_size": 1, "max_waiting": 1},
+            "deployment": {"num_cpus": 0.25, "ingress_num_cpus": 0.25, "max_ongoing_requests": 64,
+                           "max_queued_requests": -1, "decode_workers": 2}}
+    with second_app(service, "busy", busy) as ask:
+        ask(0)  # decoded once: the burst's decodes are cache hits and reach the model together
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(ask, range(1, 17)))
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        rejected = next(r for r in responses if r.status_code == 503)
+        error = rejected.json()["error"]
+        assert error["code"] == "queue_full" and "the model is at capacity" in error["message"]
+        assert rejected.headers["retry-after"]
+        assert ask(99).status_code == 200
+
+
+def test_streamed_and_whole_answers_share_decode_steps_and_give_the_same_text(service):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ModelServer", app_name="video_llava")
+    steps_before = handle.describe.remote().result()["engine"]["steps"]
+    post = lambda body: httpx.post(f"{service}/v1/chat/completions", json=body, timeout=120)  # noqa: E731
+    questions = [f"What color is shape number {i}?" for i in range(4)]
+    bodies = [_chat_body(q, stream=stream) for q in questions for stream in (False, True)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(post, bodies))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    whole = [r.json()["choices"][0]["message"]["content"] for r in replies[::2]]
+    streamed = ["".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                        for line in r.text.splitlines() if line.startswith("data: {"))
+                for r in replies[1::2]]
+    assert streamed == whole
+    engine = handle.describe.remote().result()["engine"]
+    assert engine["steps"] > steps_before and engine["most_running_in_a_step"] > 1
 
 
 def test_a_killed_model_replica_is_replaced_and_the_service_keeps_answering(service):

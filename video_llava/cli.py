@@ -133,9 +133,10 @@ def _ask(args: argparse.Namespace) -> dict:
 
 
 def _info(args: argparse.Namespace) -> dict:
+    from video_llava.model.accounting import conversation_cost
     from video_llava.model.budget import ContextBudgetError, TokenBudget
     from video_llava.model.loading import load_processor, resolve_config, resolve_source
-    from video_llava.model.prompts import build_prompt, count_prompt_tokens
+    from video_llava.model.prompts import Turn
     from video_llava.video.image import DecodedImage
 
     settings, frames = _settings(args)
@@ -146,20 +147,12 @@ def _info(args: argparse.Namespace) -> dict:
     processor = load_processor(source, resolved.config, settings)
     family = resolved.family
     image = isinstance(media, DecodedImage)
-    family.check_media(["image" if image else "video"])
-    per_frame = family.tokens_per_frame(processor)  # the processor's count, as the loaded model uses
-    if image:
-        visual = family.image_tokens(processor, [media.pixels.shape[:2]])[0]
-        frames_, fixed = 0, visual
-    else:
-        visual = family.video_tokens(processor, media.num_frames)
-        frames_, fixed = media.num_frames, visual - media.num_frames * per_frame
-    prompt = build_prompt(processor, args.question, settings.chat_template, num_videos=int(not image),
-                          num_images=int(image))
-    prompt_tokens = count_prompt_tokens(processor, prompt)
-    budget = TokenBudget(resolved.budget_context, per_frame, settings.max_frames)
+    # counted as the loaded model counts a question, with the processor only: no weights are read
+    cost = conversation_cost(processor, family, [Turn("user", args.question, (media.pixels if image else media.frames,))],
+                             settings.chat_template)
+    budget = TokenBudget(resolved.budget_context, cost.per_frame, settings.max_frames)
     try:
-        needed = budget.check(frames_, prompt_tokens, settings.max_new_tokens, fixed)
+        needed = cost.check(budget, settings.max_new_tokens)
         fits, reason = True, None
     except ContextBudgetError as exc:
         needed, fits, reason = exc.needed, False, str(exc)
@@ -169,15 +162,15 @@ def _info(args: argparse.Namespace) -> dict:
         "decode_s": round(decode_s, 3),
         "model": settings.model,
         "family": family.label,
-        "tokens_per_frame": per_frame,
-        "visual_tokens": visual,
-        "prompt_tokens": prompt_tokens,
+        "tokens_per_frame": cost.per_frame,
+        "visual_tokens": cost.visual_tokens,
+        "prompt_tokens": cost.prompt_tokens,
         "max_new_tokens": settings.max_new_tokens,
         "tokens_needed": needed,
         "context": resolved.budget_context,
         "rope_scaling_factor": resolved.rope_factor,
         "fits_context": fits,
-        "max_frames_that_fit": budget.frames_that_fit(prompt_tokens, settings.max_new_tokens, fixed),
+        "max_frames_that_fit": cost.frames_that_fit(budget, settings.max_new_tokens),
         "budget_error": reason,
     }
 
@@ -228,12 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from video_llava.model.budget import ContextBudgetError
     from video_llava.model.families.base import UnsupportedMediaError
     from video_llava.model.loading import ModelLoadError
+    from video_llava.model.prompts import InvalidQuestionError
     from video_llava.video.decode import VideoDecodeError
     from video_llava.video.isolated import DecoderStartError
 
     try:
         result = _ask(args) if args.command == "ask" else _info(args)
-    except (VideoDecodeError, ContextBudgetError, UnsupportedMediaError) as exc:
+    except (VideoDecodeError, ContextBudgetError, UnsupportedMediaError, InvalidQuestionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (ModelLoadError, DecoderStartError) as exc:

@@ -42,7 +42,7 @@ class CaptionConfig(BaseModel):
     frames: int = Field(DEFAULT_FRAMES, ge=1, le=MAX_FRAMES)
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = Field(64, ge=1, le=1024)
-    batch_size: int = Field(4, ge=1, description="videos per generate call")
+    batch_size: int = Field(4, ge=1, description="videos per Ray Data batch, captioned together (continuous batching)")
     concurrency: int = Field(1, ge=1, description="model replicas (actors)")
     num_gpus: float = Field(0, ge=0, description="GPUs per model replica")
     decode_workers: int = Field(1, ge=1, description="decoder actors (1 CPU each)")
@@ -143,7 +143,7 @@ def build_pipeline(cfg: CaptionConfig, todo: list[dict]):
     )
     return ds.map_batches(
         CaptionPredictor,
-        fn_constructor_kwargs={"settings": settings, "prompt": cfg.prompt},
+        fn_constructor_kwargs={"settings": settings, "prompt": cfg.prompt, "batch_size": cfg.batch_size},
         batch_size=cfg.batch_size,
         concurrency=cfg.concurrency,
         num_gpus=cfg.num_gpus,

@@ -82,13 +82,16 @@ class DecodeStep:
 
 
 class CaptionPredictor:
-    """One model replica in Ray Data's actor pool; captions the decoded rows of a batch in one ``generate``."""
+    """One model replica in Ray Data's actor pool; captions the decoded rows of a batch with continuous batching
+    (a short caption leaves the batch as soon as it ends, instead of waiting for the longest)."""
 
-    def __init__(self, settings: dict[str, Any], prompt: str):
+    def __init__(self, settings: dict[str, Any], prompt: str, batch_size: int = 8):
+        from video_llava.engine import Engine
         from video_llava.model.qa_model import VideoQAModel
         from video_llava.model.settings import ModelSettings
 
         self.model = VideoQAModel(ModelSettings.model_validate(settings))
+        self.engine = Engine(self.model, max_running=batch_size)
         self.prompt = prompt
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -108,13 +111,14 @@ class CaptionPredictor:
                     prepared[i] = self.model.prepare(frames, self.prompt)
                 except (ContextBudgetError, UnsupportedMediaError) as exc:  # too long; a video for an image model
                     statuses[i], errors[i] = "error", f"caption: {exc}"
-            try:
-                answers = self.model.generate(list(prepared.values())) if prepared else []
-                for i, answer in zip(prepared, answers):
-                    captions[i], statuses[i] = answer.text, "ok"
-            except Exception as exc:  # one bad batch becomes error rows with the reason; the job goes on
-                for i in prepared:
-                    statuses[i], errors[i] = "error", f"caption: {type(exc).__name__}: {exc}"
+            from video_llava.engine import SamplingParams
+
+            params = [SamplingParams(p.max_new_tokens) for p in prepared.values()]
+            for i, result in zip(prepared, self.engine.run(list(prepared.values()), params)):
+                if isinstance(result, BaseException):  # its own row only, with the reason; the job goes on
+                    statuses[i], errors[i] = "error", f"caption: {type(result).__name__}: {result}"
+                else:
+                    captions[i], statuses[i] = result.text, "ok"
             elapsed = (time.perf_counter() - start) / len(ready)
             for i in ready:
                 caption_s[i] = round(elapsed, 4)

@@ -37,15 +37,6 @@ class MediaEmbedder:
         self.tokens = {IMAGE: getattr(processor, "image_token", None), VIDEO: getattr(processor, "video_token", None)}
         self.token_ids = {IMAGE: getattr(processor, "image_token_id", None), VIDEO: getattr(processor, "video_token_id", None)}
 
-    def media_tokens(self, media: Sequence[np.ndarray]) -> list[int]:
-        """Visual tokens of each medium as the family's processor expands it (images counted together: a
-        family may treat several images of one conversation differently from one)."""
-        kinds = [media_kind(m) for m in media]
-        images = iter(self.family.image_tokens(self.processor, [m.shape[:2] for m, k in zip(media, kinds) if k == IMAGE])
-                      if IMAGE in kinds else [])
-        return [next(images) if k == IMAGE else self.family.video_tokens(self.processor, m.shape[0])
-                for m, k in zip(media, kinds)]
-
     def _cached(self, key_parts: tuple, compute) -> tuple[Any, bool]:
         key = content_key(*key_parts) if self.feature_cache.max_bytes else None
         if key is not None:

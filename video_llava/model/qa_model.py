@@ -11,26 +11,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from video_llava.model.accounting import MediaArg, as_media_list, conversation_cost
 from video_llava.model.budget import TokenBudget
-from video_llava.model.families.base import VIDEO, media_kind
 from video_llava.model.loading import load_model
 from video_llava.model.media_embeds import MediaEmbedder
-from video_llava.model.prompts import (
-    InvalidQuestionError,
-    Turn,
-    build_conversation,
-    check_user_text,
-    count_prompt_tokens,
-)
+from video_llava.model.prompts import Turn, build_prompt, count_prompt_tokens
 from video_llava.model.settings import EMBEDDED, ModelSettings
-from video_llava.video.decode import SampledVideo
+from video_llava.model.stops import StreamedText, answer_text, first_stop
 
-# One medium (an image (H, W, 3), video frames (N, H, W, 3), a SampledVideo) or several, for one question.
-VideoArg = Union[np.ndarray, SampledVideo, Sequence[Union[np.ndarray, SampledVideo]]]
+VideoArg = MediaArg  # one medium or several, for one question
 
 
 @dataclass(frozen=True)
@@ -69,26 +62,6 @@ class PreparedQuestion:
         return sum(1 for m in self.media if m.ndim == 3)
 
 
-def _first_stop(text: str, stop: Sequence[str]) -> int | None:
-    """Where the first of the ``stop`` strings starts in ``text``, or None."""
-    found = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return min(found) if found else None
-
-
-def as_media_list(media: VideoArg) -> list[np.ndarray]:
-    """One question's media as a list of image ``(H, W, 3)`` and video ``(N, H, W, 3)`` arrays."""
-    if isinstance(media, SampledVideo) or (isinstance(media, np.ndarray) and media.ndim in (3, 4)):
-        items = [media]
-    else:
-        items = list(media)
-    arrays = [m.frames if isinstance(m, SampledVideo) else np.asarray(m) for m in items]
-    for item in arrays:
-        media_kind(item)  # raises ValueError naming the shape
-        if item.dtype != np.uint8:
-            raise ValueError(f"media must be uint8 pixels, got {item.dtype}")
-    return arrays
-
-
 class VideoQAModel:
     """A LLaVA-family checkpoint (its family's transformers model and processor classes) ready to answer."""
 
@@ -116,9 +89,7 @@ class VideoQAModel:
 
     # ---- prompt and budget ---------------------------------------------------------------------------------
     def prompt_for(self, question: str, num_videos: int = 1, num_images: int = 0) -> str:
-        media = tuple(np.zeros((1, 1, 3), np.uint8) for _ in range(num_images))
-        media += tuple(np.zeros((1, 1, 1, 3), np.uint8) for _ in range(num_videos))
-        return build_conversation(self.processor, [Turn("user", question, media)], self.settings.chat_template)
+        return build_prompt(self.processor, question, self.settings.chat_template, num_videos, num_images)
 
     def count_prompt_tokens(self, question: str, num_videos: int = 1, num_images: int = 0) -> int:
         """Text tokens of the full prompt, the media placeholders excluded."""
@@ -134,27 +105,18 @@ class VideoQAModel:
     def prepare(self, media: VideoArg, question: str, max_new_tokens: int | None = None) -> PreparedQuestion:
         """One question about its media (images and/or videos, placed in order before the text); see
         ``prepare_conversation``."""
-        return self.prepare_conversation([Turn("user", question, tuple(as_media_list(media)))], max_new_tokens)
+        return self.prepare_conversation([Turn("user", question, as_media_list(media))], max_new_tokens)
 
     def prepare_conversation(self, turns: Sequence[Turn], max_new_tokens: int | None = None) -> PreparedQuestion:
         """A conversation (system text, earlier turns, media in any user turn) checked and rendered with the
         family's chat template: ``UnsupportedMediaError`` for media the family does not take,
         ``InvalidQuestionError`` for markup in any text, ``ContextBudgetError`` unless the whole conversation fits.
         """
-        if not turns or turns[-1].role != "user":
-            raise InvalidQuestionError("the conversation must end with a user message")
-        turns = [Turn(t.role, t.text, tuple(as_media_list(t.media)) if len(t.media) else ()) for t in turns]
-        media = [m for t in turns for m in t.media]
-        self.family.check_media([media_kind(m) for m in media])
-        for turn in turns:
-            check_user_text(self.processor, turn.text)
         new_tokens = max_new_tokens or self.settings.max_new_tokens
-        prompt = build_conversation(self.processor, turns, self.settings.chat_template)
-        prompt_tokens = count_prompt_tokens(self.processor, prompt)
-        counts = self.embedder.media_tokens(media)
-        frames = sum(m.shape[0] for m in media if media_kind(m) == VIDEO)
-        self.budget.check(frames, prompt_tokens, new_tokens, sum(counts) - frames * self.per_frame)
-        return PreparedQuestion(tuple(media), tuple(counts), prompt, prompt_tokens, sum(counts), new_tokens)
+        cost = conversation_cost(self.processor, self.family, turns, self.settings.chat_template)
+        cost.check(self.budget, new_tokens)
+        return PreparedQuestion(cost.media, cost.media_tokens, cost.prompt, cost.prompt_tokens, cost.visual_tokens,
+                                new_tokens)
 
     # ---- generation ----------------------------------------------------------------------------------------
     def answer(self, videos: Sequence[VideoArg], questions: Sequence[str], max_new_tokens: int | None = None,
@@ -190,7 +152,7 @@ class VideoQAModel:
             output = self.model.generate(inputs_embeds=embeds, attention_mask=mask,
                                          **self._generation_kwargs(lengths.pop(), temperature, top_p, stop))
         elapsed = time.perf_counter() - start
-        return [self._answer(p, row, elapsed, hit, seconds, stop)
+        return [self.answer_from_tokens(p, row, elapsed, hit, seconds, stop)
                 for p, row, hit, seconds in zip(prepared, output.cpu().tolist(), cached, vision_s)]
 
     def stream_answer(self, video: VideoArg, question: str, max_new_tokens: int | None = None,
@@ -203,8 +165,7 @@ class VideoQAModel:
         """Text pieces of one prepared question as generated, then its ``Answer``.
 
         ``generate`` runs in a thread feeding transformers' ``TextIteratorStreamer``; an error in it is raised here.
-        With ``stop`` strings, the last ``len(longest) - 1`` characters are held back until they cannot start one,
-        so the pieces add up to exactly ``Answer.text``.
+        The pieces join to exactly ``Answer.text`` (``stops.StreamedText``).
         """
         import threading
 
@@ -229,29 +190,21 @@ class VideoQAModel:
         start = time.perf_counter()
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        hold = max((len(s) for s in stop), default=1) - 1
-        pending, started, stopped = "", False, False
+        text, streamed = "", StreamedText(stop)
         for piece in streamer:
-            if stopped:
-                continue  # drain: generate ends by its own stop criterion
-            if not started:  # as Answer.text: no leading space
-                piece = piece.lstrip()
-                started = bool(piece)
-            pending += piece
-            cut = _first_stop(pending, stop)
-            if cut is not None:
-                pending, stopped = pending[:cut].rstrip(), True
-            ready = pending if stopped else pending[: max(0, len(pending) - hold)]
-            if ready:
-                yield ready
-                pending = pending[len(ready):]
-        if pending and not stopped:
-            yield pending.rstrip()
+            text += piece
+            piece = streamed.update(text)  # after a stop string: '' while generate ends by its own criterion
+            if piece:
+                yield piece
         worker.join()
         if "error" in result:
             raise result["error"]
-        yield self._answer(prepared, result["output"][0].tolist(), time.perf_counter() - start, cached[0], vision_s[0],
-                           stop)
+        answer = self.answer_from_tokens(prepared, result["output"][0].tolist(), time.perf_counter() - start, cached[0],
+                                         vision_s[0], stop)
+        rest = streamed.finish(answer.text)
+        if rest:
+            yield rest
+        yield answer
 
     def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float,
                            stop: Sequence[str] = ()) -> dict[str, Any]:
@@ -264,26 +217,27 @@ class VideoQAModel:
             gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return gen
 
-    def _answer(self, prepared: PreparedQuestion, row: list[int], generate_s: float, cached: bool,
-                vision_s: float, stop: Sequence[str] = ()) -> Answer:
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        return set(eos) if isinstance(eos, (list, tuple)) else {eos if eos is not None else self.tokenizer.eos_token_id}
+
+    def answer_from_tokens(self, prepared: PreparedQuestion, row: Sequence[int], generate_s: float, cached: bool,
+                           vision_s: float, stop: Sequence[str] = ()) -> Answer:
         """The ``Answer`` of one generated row: text up to the first EOS (or before the first stop string), its
         token count and why it ended."""
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos) if isinstance(eos, (list, tuple)) else {eos if eos is not None else self.tokenizer.eos_token_id}
+        eos = self.eos_token_ids
         eos_at = next((k for k, t in enumerate(row) if t in eos), None)
         kept = [t for t in (row if eos_at is None else row[:eos_at]) if t != self.tokenizer.pad_token_id]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True).lstrip()
-        cut = _first_stop(text, stop)
-        if cut is not None:
-            text = text[:cut]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
         return Answer(
-            text=text.strip(),
+            text=answer_text(text, stop),
             num_frames=prepared.num_frames,
             num_images=prepared.num_images,
             visual_tokens=prepared.visual_tokens,
             prompt_tokens=prepared.prompt_tokens,
             completion_tokens=len(kept) + (eos_at is not None),  # generated, the EOS included
-            finish_reason="stop" if eos_at is not None or cut is not None else "length",
+            finish_reason="stop" if eos_at is not None or first_stop(text, stop) is not None else "length",
             generate_s=generate_s,
             vision_cached=cached,
             vision_s=vision_s,

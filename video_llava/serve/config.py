@@ -7,7 +7,6 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from video_llava.model.budget import VIDEO_TOKENS_PER_FRAME
 from video_llava.model.settings import ModelSettings
 from video_llava.video.decode import SERVICE_LIMITS
 
@@ -59,11 +58,15 @@ class LimitSettings(BaseModel):
 
 
 class BatchSettings(BaseModel):
+    """The model replica's continuous batching: requests join the running decode batch between steps."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_batch_size: int = Field(8, ge=1, le=256, description="requests per generate call")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
-    max_batch_visual_tokens: int = Field(8 * 64 * VIDEO_TOKENS_PER_FRAME, ge=VIDEO_TOKENS_PER_FRAME, description="visual tokens per generate call")
+    max_batch_size: int = Field(8, ge=1, le=256, description="sequences decoded together")
+    max_batch_tokens: int = Field(
+        8 * 12288, ge=1, description="KV positions the running sequences may hold together (each counts its prompt, "
+        "visual tokens and max_new_tokens); a request larger than this runs alone")
+    max_waiting: int = Field(256, ge=1, description="requests waiting for room in the batch; beyond, 503 queue_full")
 
 
 class DeploymentSettings(BaseModel):
@@ -107,10 +110,4 @@ class ServeArgs(BaseModel):
     def _consistent(self) -> "ServeArgs":
         if self.deployment.min_replicas > self.deployment.max_replicas:
             raise ValueError("deployment.min_replicas must be <= deployment.max_replicas")
-        per_video = self.model.max_frames * VIDEO_TOKENS_PER_FRAME  # the model deployment checks its own count
-        if self.batching.max_batch_visual_tokens < per_video:
-            raise ValueError(
-                f"batching.max_batch_visual_tokens={self.batching.max_batch_visual_tokens} cannot hold one video of "
-                f"max_frames={self.model.max_frames} ({per_video} tokens); raise it or lower max_frames"
-            )
         return self

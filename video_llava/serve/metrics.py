@@ -12,11 +12,11 @@ class ModelMetrics:
 
     def __init__(self) -> None:
         self.batch_size = Histogram(
-            "video_llava_batch_size", description="Requests per generate call.", boundaries=[1, 2, 4, 8, 16, 32, 64]
+            "video_llava_batch_size", description="Sequences decoding together when a request finishes.", boundaries=[1, 2, 4, 8, 16, 32, 64]
         )
         self.visual_tokens = Counter("video_llava_visual_tokens", description="Visual tokens fed to the LLM.")
         self.generate_latency = Histogram(
-            "video_llava_generate_seconds", description="Time in generate per batch.", boundaries=LATENCY_BUCKETS_S
+            "video_llava_generate_seconds", description="Time from a request's prefill to its last token.", boundaries=LATENCY_BUCKETS_S
         )
 
 

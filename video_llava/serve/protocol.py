@@ -16,6 +16,8 @@ from video_llava.model.prompts import Turn
 from video_llava.model.qa_model import Answer
 from video_llava.video.sampling import SamplingMode
 
+RETRY_AFTER_S = "2"  # what a 503 asks clients to wait
+
 
 class ServiceError(Exception):
     """An error with an HTTP status that leaves the service as ``{"error": {...}}`` JSON (OpenAI's shape)."""
@@ -80,6 +82,9 @@ class ModelError:
     param: str | None = None
 
     def exception(self) -> ServiceError:
+        if self.status == 503:  # at capacity, or out of memory for now: the client may retry
+            return ServiceError(503, self.message, type="overloaded", code=self.code, param=self.param,
+                                headers={"Retry-After": RETRY_AFTER_S})
         return ServiceError(self.status, self.message, code=self.code, param=self.param)
 
 

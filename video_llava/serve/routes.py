@@ -88,6 +88,9 @@ def limited_body(request: Request, limit: int, timeout_s: float) -> Request:
             message = await asyncio.wait_for(request.receive(), max(0.001, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             raise ServiceError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout")
+        except asyncio.CancelledError:  # Serve's proxy saw the client leave first and cancelled the request
+            _count_rejected("client_disconnected")
+            raise
         if message["type"] == "http.disconnect":  # the client left mid-body: counted, not logged as our error
             raise ServiceError(499, "the client closed the connection before its request arrived",
                                code="client_disconnected")
@@ -104,11 +107,15 @@ def _error_response(exc: ServiceError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-@api.exception_handler(ServiceError)
-async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+def _count_rejected(code: str) -> None:
     metrics = _STATE["metrics"]
     if metrics is not None:
-        metrics.rejected.inc(tags={"code": exc.code or exc.type})
+        metrics.rejected.inc(tags={"code": code})
+
+
+@api.exception_handler(ServiceError)
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    _count_rejected(exc.code or exc.type)
     return _error_response(exc)
 
 

@@ -16,6 +16,7 @@ from video_llava.serve.config import ServeArgs
 from video_llava.serve.fetch import ByteBudget, fetch_media
 from video_llava.serve.metrics import IngressMetrics
 from video_llava.serve.protocol import (
+    RETRY_AFTER_S,
     CacheUse,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -34,7 +35,6 @@ from video_llava.video.decode import DecodeOptions, SampledVideo, VideoDecodeErr
 from video_llava.video.image import DecodedImage, ImageOptions
 from video_llava.video.isolated import IsolatedDecoder
 
-RETRY_AFTER_S = "2"
 MAX_MEDIA_PER_REQUEST = 8  # images and videos of one conversation together
 
 
@@ -327,6 +327,10 @@ class QAService:
                 yield _sse(chat_chunk(cid, self.model_name, {"content": event}))
             elif isinstance(event, ModelReply):
                 finish = event.answer.finish_reason
+            elif isinstance(event, ModelError):  # failed after its first piece: the stream ends with the error
+                yield _sse(event.exception().body())
+                yield "data: [DONE]\n\n"
+                return
         yield _sse(chat_chunk(cid, self.model_name, {}, finish_reason=finish))
         yield "data: [DONE]\n\n"
 

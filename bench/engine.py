@@ -1,0 +1,134 @@
+"""The continuous-batching engine in one process: throughput and time to first token vs one request at a time.
+
+    python -m bench.engine [--json] [--quick] [--concurrency 32] [--new-tokens 64]
+
+The embedded default (or ``--model``), answers forced to ``--new-tokens`` (EOS ignored, in this bench only), questions
+of mixed lengths about distinct clips of 16 and 32 frames, half of them streamed. Side by side in one run, on the
+same prepared requests: ``Engine(max_running=c)`` with all requests arriving at once and spread over time, the same
+engine limited to one sequence, and a plain loop of transformers' ``generate`` one request at a time. TTFT is
+measured on the streamed half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+
+from bench.machine import describe_machine
+from video_llava.data.synthetic_video import COLORS, DIRECTIONS, SHAPES, MovingShape, render_frames
+
+QUESTIONS = ["What color is the shape?", "Which way does the shape move? Answer in one word.",
+             "Describe the video in detail: every shape, its color, where it starts and where it goes.", "What moves?"]
+
+
+def make_requests(model, n: int, new_tokens: int) -> list:
+    colors, directions = list(COLORS), list(DIRECTIONS)
+    prepared = []
+    for i in range(n):
+        shape = MovingShape(SHAPES[i % 3], colors[i % len(colors)], directions[i % 4], start=(0.1 + 0.01 * i, 0.5))
+        frames = render_frames([shape], num_frames=16 if i % 2 else 32, fps=12, width=160, height=120)
+        prepared.append(model.prepare(frames, QUESTIONS[i % len(QUESTIONS)], new_tokens))
+    return prepared
+
+
+def run_engine(engine, prepared: list, params, spread_s: float) -> dict:
+    """Submit every request (evenly over ``spread_s``), half streamed; wall time and time to first token."""
+    from video_llava.engine import Failed, Finished, TextPiece
+
+    n = len(prepared)
+    first: list[float | None] = [None] * n
+    submitted = [0.0] * n
+    done = threading.Semaphore(0)
+    failures: list[BaseException] = []
+
+    def emit(i):
+        def on(event):
+            if first[i] is None and isinstance(event, (TextPiece, Finished)) and i % 2 == 0:  # streamed ones
+                first[i] = time.perf_counter() - submitted[i]
+            if isinstance(event, Failed):
+                failures.append(event.error)
+            if not isinstance(event, TextPiece):
+                done.release()
+        return on
+
+    start = time.perf_counter()
+    for i, p in enumerate(prepared):
+        if spread_s:
+            time.sleep(max(0.0, start + spread_s * i / n - time.perf_counter()))
+        submitted[i] = time.perf_counter()
+        engine.submit(p, params, emit(i), stream=i % 2 == 0)
+    for _ in prepared:
+        done.acquire()
+    wall = time.perf_counter() - start
+    if failures:
+        raise failures[0]
+    ttft = sorted(t for t in first if t is not None)
+    return {"wall_s": round(wall, 3), "requests_per_s": round(n / wall, 3),
+            "ttft_p50_s": round(ttft[len(ttft) // 2], 4), "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))], 4),
+            "most_running": max(engine.recent_running() or [0])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="8 requests, 16 new tokens")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from video_llava.engine import Engine, SamplingParams
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
+
+    c, new_tokens = (8, 16) if args.quick else (args.concurrency, args.new_tokens)
+    machine = describe_machine(("torch", "transformers"))
+    machine["torch_threads"] = torch.get_num_threads()
+    print(f"machine: {machine['cpu']} x{machine['cpus']} ({machine['torch_threads']} torch threads); "
+          f"torch {machine['torch']}, transformers {machine['transformers']}", flush=True)
+    model = VideoQAModel(ModelSettings(model=args.model, max_new_tokens=new_tokens, feature_cache_mb=0))
+    prepared = make_requests(model, c, new_tokens)
+    params = SamplingParams(new_tokens, ignore_eos=True)
+    model.generate(prepared[:1])  # warm-up
+
+    start = time.perf_counter()
+    for p in prepared:  # the plain path: transformers' generate, one request at a time, as long as the engine's
+        embeds, mask, _, _ = model.embedder([p])
+        with torch.inference_mode():
+            model.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+    plain_s = time.perf_counter() - start
+    figures: dict = {"bench": "engine", "machine": machine, "model": args.model, "requests": c,
+                     "new_tokens": new_tokens, "frames": [16, 32]}
+    runs = {}
+    for name, running, spread in (("engine_burst", c, 0.0), ("engine_spread", c, None), ("one_at_a_time", 1, 0.0)):
+        engine = Engine(model, max_running=running)
+        try:
+            if spread is None:  # arrivals over about half the burst's wall time
+                spread = runs["engine_burst"]["wall_s"] / 2
+            runs[name] = run_engine(engine, prepared, params, spread)
+        finally:
+            engine.close()
+        print(f"{name:>14}: {runs[name]}", flush=True)
+    tokens = c * new_tokens
+    figures["runs"] = runs
+    figures["engine_speedup"] = round(runs["one_at_a_time"]["wall_s"] / runs["engine_burst"]["wall_s"], 2)
+    figures["engine_tokens_per_s"] = round(tokens / runs["engine_burst"]["wall_s"], 1)
+    figures["plain_generate_loop_s"] = round(plain_s, 3)
+    figures["engine_vs_plain_generate_loop"] = round(plain_s / runs["engine_burst"]["wall_s"], 2)
+    figures["ttft_p50_spread_s"] = runs["engine_spread"]["ttft_p50_s"]
+    figures["ttft_p99_spread_s"] = runs["engine_spread"]["ttft_p99_s"]
+    print(f"engine {figures['engine_speedup']}x one-at-a-time at c={c} ({new_tokens} tokens each, "
+          f"{figures['engine_tokens_per_s']} tokens/s); TTFT p50 {figures['ttft_p50_spread_s']}s, "
+          f"p99 {figures['ttft_p99_spread_s']}s with spread arrivals", flush=True)
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

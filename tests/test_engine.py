@@ -1,0 +1,197 @@
+"""The continuous-batching engine against the plain path it replaces: one-at-a-time ``generate``."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from video_llava.data.synthetic_video import MovingShape, render_frames
+from video_llava.engine import Engine, Failed, Finished, QueueFullError, SamplingParams, TextPiece
+from video_llava.engine.kv import BatchKV
+
+QUESTIONS = ["What color is the circle?", "Which way does the green square move? Answer in one word.", "Hi",
+             "Describe the video in detail, frame by frame, with every shape and color you see in it."]
+
+
+@pytest.fixture(scope="module")
+def videos():
+    shapes = [("circle", "red", "right"), ("square", "green", "up"), ("triangle", "blue", "left"),
+              ("circle", "yellow", "down")]
+    return [render_frames([MovingShape(*s)], num_frames=n, fps=12, width=160, height=120)
+            for s, n in zip(shapes, (16, 8, 12, 4))]
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_model):
+    engine = Engine(embedded_model, max_running=4)
+    yield engine
+    engine.close()
+
+
+def _alone(model, video, question, tokens):
+    (answer,) = model.generate([model.prepare(video, question, tokens)])
+    return answer
+
+
+def test_staggered_arrivals_give_the_tokens_of_one_at_a_time_generate(embedded_model, engine, videos):
+    """Mixed questions, frame counts and answer lengths; each request joins the running batch as it arrives."""
+    cases = [(videos[i % 4], QUESTIONS[(i * 3) % 4], (6, 12, 3, 9)[i % 4]) for i in range(8)]
+    expected = [_alone(embedded_model, v, q, n) for v, q, n in cases]
+    results: dict[int, object] = {}
+    done = threading.Event()
+
+    def emit(i):
+        def on(event):
+            if not isinstance(event, TextPiece):
+                results[i] = event
+                if len(results) == len(cases):
+                    done.set()
+        return on
+
+    decoding = threading.Event()
+    engine.submit(embedded_model.prepare(videos[2], QUESTIONS[3], 300), SamplingParams(max_new_tokens=300, ignore_eos=True),
+                  lambda e: decoding.set())  # a long answer the others join while it is generated
+    assert decoding.wait(60)
+    for i, (v, q, n) in enumerate(cases):
+        engine.submit(embedded_model.prepare(v, q, n), SamplingParams(max_new_tokens=n), emit(i))
+        time.sleep(0.03 * (i % 3))  # some arrive together, some while others decode
+    assert done.wait(300)
+    got = [results[i] for i in range(len(cases))]
+    assert all(isinstance(r, Finished) for r in got), got
+    assert [r.answer.text for r in got] == [a.text for a in expected]
+    assert [r.answer.completion_tokens for r in got] == [a.completion_tokens for a in expected]
+    assert [r.answer.finish_reason for r in got] == [a.finish_reason for a in expected]
+    assert [r.answer.prompt_tokens for r in got] == [a.prompt_tokens for a in expected]
+    assert max(engine.recent_running()) > 2  # rows of different lengths really shared decode steps
+
+
+def test_a_request_arriving_mid_generation_finishes_before_the_long_one(embedded_model, engine, videos):
+    order: "queue.SimpleQueue[str]" = queue.SimpleQueue()
+    decoding = threading.Event()
+    long = embedded_model.prepare(videos[0], QUESTIONS[3], 400)
+    short = embedded_model.prepare(videos[1], QUESTIONS[2], 2)
+
+    def on_long(event):
+        decoding.set()
+        if isinstance(event, Finished):
+            order.put("long")
+
+    engine.submit(long, SamplingParams(max_new_tokens=400, ignore_eos=True), on_long)
+    assert decoding.wait(60)  # the long answer is being generated
+    engine.submit(short, SamplingParams(max_new_tokens=2), lambda e: order.put("short") if isinstance(e, Finished) else None)
+    assert [order.get(timeout=120), order.get(timeout=120)] == ["short", "long"]
+
+
+def test_streamed_pieces_join_to_the_answer_and_streaming_shares_the_batch(embedded_model, engine, videos):
+    prepared = [embedded_model.prepare(v, q, 12) for v, q in zip(videos, QUESTIONS)]
+    streams = [list(engine.stream(p, SamplingParams(max_new_tokens=12))) for p in prepared[:1]]
+    *pieces, answer = streams[0]
+    assert "".join(pieces) == answer.text and all(isinstance(p, str) and p for p in pieces)
+    plain = engine.generate(prepared, SamplingParams(max_new_tokens=12))
+    assert plain[0].text == answer.text
+
+
+def test_stop_strings_cut_the_answer_streamed_or_not(embedded_model, engine, videos):
+    prepared = embedded_model.prepare(videos[0], "Describe the video.", 24)
+    (full,) = engine.generate([prepared], SamplingParams(max_new_tokens=24))
+    words = full.text.split()
+    assert len(words) > 3, full.text
+    stop = f" {words[3][:2]}"  # begins within one token and ends in the next, or spans a word boundary
+    *pieces, answer = engine.stream(prepared, SamplingParams(max_new_tokens=24, stop=(stop,)))
+    assert answer.text == full.text[: full.text.index(stop)].strip() and answer.finish_reason == "stop"
+    assert "".join(pieces) == answer.text
+    (whole,) = engine.generate([prepared], SamplingParams(max_new_tokens=24, stop=(stop,)))
+    assert whole.text == answer.text
+
+
+def test_a_seeded_sampled_answer_does_not_depend_on_its_batch_mates(embedded_model, engine, videos):
+    prepared = [embedded_model.prepare(v, q, 10) for v, q in zip(videos, QUESTIONS)]
+    seeded = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    alone = engine.generate([prepared[0]], seeded)[0].text
+    others = [SamplingParams(max_new_tokens=10, temperature=1.0)] * 3
+    together = engine.generate(prepared, [seeded, *others])[0].text
+    assert together == alone
+    open_ended = embedded_model.prepare(videos[0], "Describe the video.", 10)
+    unseeded = {engine.generate([open_ended], SamplingParams(max_new_tokens=10, temperature=1.5))[0].text
+                for _ in range(4)}
+    assert len(unseeded) > 1  # without a seed, samples differ
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_finish(embedded_model, engine, videos):
+    events: "queue.SimpleQueue[object]" = queue.SimpleQueue()
+    long = embedded_model.prepare(videos[0], QUESTIONS[3], 2000)
+    request_id = engine.submit(long, SamplingParams(max_new_tokens=2000, ignore_eos=True), events.put)
+    events.get(timeout=60)  # it is being generated
+    cancelled_before = engine.stats.cancelled
+    engine.cancel(request_id)
+    (other,) = engine.generate([embedded_model.prepare(videos[1], QUESTIONS[0], 4)], SamplingParams(max_new_tokens=4))
+    assert other.completion_tokens >= 1
+    assert engine.stats.cancelled == cancelled_before + 1
+    seen = []
+    while not events.empty():
+        seen.append(events.get())
+    assert not any(isinstance(e, Finished) for e in seen)  # it never ran to its 2000 tokens
+
+
+def test_a_request_that_fails_in_its_prefill_fails_alone(embedded_model, engine, videos):
+    good = embedded_model.prepare(videos[0], QUESTIONS[0], 4)
+    bad = embedded_model.prepare(videos[1], QUESTIONS[0], 4)
+    broken = type(bad)(bad.media, (bad.media_tokens[0] + 5,), bad.prompt, bad.prompt_tokens, bad.visual_tokens, 4)
+    results: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
+    engine.submit(broken, SamplingParams(max_new_tokens=4), lambda e: results.put(("bad", e)), stream=False)
+    engine.submit(good, SamplingParams(max_new_tokens=4), lambda e: results.put(("good", e)), stream=False)
+    got = dict(results.get(timeout=120) for _ in range(2))
+    assert isinstance(got["bad"], Failed) and isinstance(got["good"], Finished)
+    assert got["good"].answer.text == _alone(embedded_model, videos[0], QUESTIONS[0], 4).text
+
+
+def test_the_waiting_queue_is_bounded(embedded_model, videos):
+    engine = Engine(embedded_model, max_running=1, max_waiting=1)
+    try:
+        prepared = embedded_model.prepare(videos[3], QUESTIONS[2], 30)
+        params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+        engine.submit(prepared, params, lambda e: None)
+        time.sleep(0.3)  # the first runs, the second waits
+        engine.submit(prepared, params, lambda e: None)
+        with pytest.raises(QueueFullError, match="already waiting"):
+            engine.submit(prepared, params, lambda e: None)
+    finally:
+        engine.close()
+
+
+def test_kv_rows_join_left_padded_and_leave_with_unused_front_positions_dropped():
+    import torch
+    from transformers import DynamicCache
+
+    def one_row(length, value):
+        cache = DynamicCache()
+        cache.update(torch.full((1, 2, length, 4), float(value)), torch.full((1, 2, length, 4), float(value)), 0)
+        return cache
+
+    kv = BatchKV()
+    kv.add(one_row(3, 1), 3)
+    kv.add(one_row(5, 2), 5)
+    assert kv.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    mask, positions = kv.step_inputs()
+    assert positions.tolist() == [[3], [5]] and mask.shape == (2, 6)
+    kv.keep([0])
+    assert kv.mask.tolist() == [[1, 1, 1]] and kv.cache.layers[0].keys.shape == (1, 2, 3, 4)
+    assert np.all(kv.cache.layers[0].keys.numpy() == 1)
+
+
+def test_requests_share_the_batch_only_as_far_as_the_kv_budget_allows(embedded_model, videos):
+    prepared = embedded_model.prepare(videos[0], QUESTIONS[0], 20)
+    one = prepared.prompt_tokens + prepared.visual_tokens + 20
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    for budget, most in ((one, 1), (2 * one, 2), (one // 2, 1)):  # the last: larger than the budget, it runs alone
+        engine = Engine(embedded_model, max_running=4, max_tokens=budget)
+        try:
+            answers = engine.generate([prepared] * 3, params)
+            assert [a.completion_tokens for a in answers] == [20] * 3
+            assert max(engine.recent_running()) == most, budget
+        finally:
+            engine.close()

@@ -1,0 +1,7 @@
+"""The model replica's engine: continuous batching of prepared questions over one loaded ``VideoQAModel``."""
+
+from video_llava.engine.engine import Engine, EngineClosedError, QueueFullError
+from video_llava.engine.events import Failed, Finished, TextPiece
+from video_llava.engine.params import SamplingParams
+
+__all__ = ["Engine", "EngineClosedError", "Failed", "Finished", "QueueFullError", "SamplingParams", "TextPiece"]

@@ -1,0 +1,354 @@
+"""Continuous batching over a loaded ``VideoQAModel``: requests join the running decode batch between steps and
+leave when done.
+
+Written by hand, over the model's own ``forward`` with a ``DynamicCache``: transformers' continuous batching
+(``ContinuousBatchingManager``, paged attention) takes ``input_ids`` only, and our requests arrive as embeddings
+with their vision features spliced in (transformers#43386 and #46376 are open). No attention kernel is written here.
+
+One thread runs the loop: admit waiting requests that fit (prefill each alone, unpadded, so its first token comes
+at once), then one decode step for every running sequence (the KV of rows left-padded to one length, the mask
+marking real positions, as ``generate`` with a padded batch). Greedy rows give the tokens of one-at-a-time
+``generate`` (float32 on CPU: token-identical, tested). A request that fails in its prefill fails alone; one that is
+cancelled leaves the batch before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import inspect
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+
+from video_llava.engine.events import Event, Failed, Finished, TextPiece
+from video_llava.engine.kv import BatchKV
+from video_llava.engine.params import SamplingParams
+from video_llava.engine.sampler import next_tokens, row_generator
+from video_llava.model.qa_model import Answer, PreparedQuestion, VideoQAModel
+from video_llava.model.stops import StreamedText, first_stop
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than the engine keeps; retry later."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was closed before the request finished."""
+
+
+@dataclass(eq=False)
+class _Sequence:
+    id: int
+    prepared: PreparedQuestion
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    submitted: float
+    streamed: bool  # its owner wants TextPiece events
+    generator: Any = None
+    tokens: list[int] = field(default_factory=list)
+    text: StreamedText | None = None
+    cancelled: bool = False
+    started: float = 0.0
+    cached: bool = False
+    vision_s: float = 0.0
+
+    @property
+    def reserved(self) -> int:
+        """KV positions it may come to hold."""
+        p = self.prepared
+        return p.prompt_tokens + p.visual_tokens + p.max_new_tokens
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0  # decode steps run
+    prefills: int = 0
+    max_running: int = 0  # most sequences decoded in one step
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    running_per_step: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
+
+
+class Engine:
+    """Continuous batching for one model. Thread-safe; ``events``/``answer`` for asyncio callers, ``generate`` and
+    ``stream`` for plain ones.
+
+    ``max_running``: sequences decoded together; ``max_tokens``: KV positions they may hold together (each counts
+    prompt + visual + ``max_new_tokens``; one request larger than that still runs, alone); ``max_waiting``: requests
+    queued behind them before ``submit`` raises ``QueueFullError``.
+    """
+
+    def __init__(self, qa: VideoQAModel, max_running: int = 8, max_tokens: int = 1 << 20, max_waiting: int = 256):
+        if min(max_running, max_tokens, max_waiting) < 1:
+            raise ValueError(f"max_running, max_tokens and max_waiting must be >= 1 (got {max_running}, {max_tokens}, "
+                             f"{max_waiting})")
+        self.qa, self.model, self.tokenizer = qa, qa.model, qa.tokenizer
+        self.max_running, self.max_tokens, self.max_waiting = max_running, max_tokens, max_waiting
+        self.eos = qa.eos_token_ids
+        self.stats = EngineStats()
+        # transformers renamed forward's past_key_values to cache (5.2x); the GPU image may hold either
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._live: dict[int, _Sequence] = {}  # submitted and not yet finished, failed or dropped
+        self._kv = BatchKV()
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # ---- submitting --------------------------------------------------------------------------------------------
+    def submit(self, prepared: PreparedQuestion, params: SamplingParams, emit: Callable[[Event], None],
+               stream: bool = True) -> int:
+        """Queue a request; ``emit`` receives its events on the engine's thread (it must not block); with
+        ``stream=False`` only ``Finished`` or ``Failed``. Returns the request's id."""
+        seq = _Sequence(next(self._ids), prepared, params, emit, time.perf_counter(), stream)
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting for the model")
+            self._waiting.append(seq)
+            self._live[seq.id] = seq
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return seq.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request: it leaves the batch before the next decode step and emits nothing more."""
+        with self._cond:
+            seq = self._live.get(request_id)
+            if seq is not None:
+                seq.cancelled = True
+            self._cond.notify()
+
+    async def events(self, prepared: PreparedQuestion, params: SamplingParams, stream: bool = True
+                     ) -> AsyncIterator[Event]:
+        """The request's events as an async iterator; leaving the iteration early (or being cancelled) cancels it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        request_id = self.submit(prepared, params, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
+                                 stream)
+        done = False
+        try:
+            while not done:
+                event = await queue.get()
+                done = not isinstance(event, TextPiece)
+                yield event
+        finally:
+            if not done:
+                self.cancel(request_id)
+
+    def stream(self, prepared: PreparedQuestion, params: SamplingParams) -> Iterator[str | Answer]:
+        """Text pieces, then the ``Answer`` (an error of the request is raised)."""
+        import queue as queue_
+
+        events: queue_.SimpleQueue[Event] = queue_.SimpleQueue()
+        request_id = self.submit(prepared, params, events.put)
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, TextPiece):
+                    yield event.text
+                elif isinstance(event, Finished):
+                    yield event.answer
+                    return
+                else:
+                    raise event.error
+        finally:
+            self.cancel(request_id)
+
+    def run(self, prepared: Sequence[PreparedQuestion], params: SamplingParams | Sequence[SamplingParams]
+            ) -> list[Answer | BaseException]:
+        """Each request's answer or the error it failed with, submitted together and batched as they fit."""
+        import queue as queue_
+
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prepared)
+        done: queue_.SimpleQueue[tuple[int, Event]] = queue_.SimpleQueue()
+        for i, (p, sp) in enumerate(zip(prepared, params)):
+            self.submit(p, sp, lambda event, i=i: done.put((i, event)), stream=False)
+        results: list[Answer | BaseException | None] = [None] * len(prepared)
+        for _ in prepared:
+            i, event = done.get()
+            results[i] = event.error if isinstance(event, Failed) else event.answer
+        return results
+
+    def generate(self, prepared: Sequence[PreparedQuestion], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[Answer]:
+        """Answers of several requests (``run``); the first error is raised."""
+        results = self.run(prepared, params)
+        error = next((r for r in results if isinstance(r, BaseException)), None)
+        if error is not None:
+            raise error
+        return results
+
+    def close(self) -> None:
+        """Stop the loop; requests not finished get ``Failed(EngineClosedError)``."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    @property
+    def running(self) -> int:
+        """Sequences in the running batch now."""
+        return len(self._running)
+
+    def describe(self) -> dict:
+        s = self.stats
+        return {"max_running": self.max_running, "max_tokens": self.max_tokens, "max_waiting": self.max_waiting,
+                "running": len(self._running), "waiting": len(self._waiting), "steps": s.steps,
+                "prefills": s.prefills, "most_running_in_a_step": s.max_running, "finished": s.finished,
+                "cancelled": s.cancelled, "failed": s.failed}
+
+    def recent_running(self) -> list[int]:
+        """Sequences in each of the last (up to 1000) decode steps."""
+        return list(self.stats.running_per_step)
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                admitted = self._admissible()
+            try:
+                self._drop_cancelled()
+                for seq in admitted:
+                    self._prefill(seq)
+                if self._running:
+                    self._step()
+            except Exception as exc:  # a decode step failed: its sequences fail, the engine keeps serving
+                log.exception("decode step failed for %d sequences", len(self._running))
+                for seq in self._running:
+                    self._fail(seq, exc)
+                self._running, self._kv = [], BatchKV()
+        error = EngineClosedError("the engine was closed")
+        for seq in list(self._waiting) + self._running:
+            seq.emit(Failed(error))
+
+    def _admissible(self) -> list[_Sequence]:
+        """Waiting requests (in arrival order) that fit beside the running ones; called holding the lock."""
+        admitted: list[_Sequence] = []
+        reserved = sum(s.reserved for s in self._running)
+        while self._waiting and len(self._running) + len(admitted) < self.max_running:
+            seq = self._waiting[0]
+            if seq.cancelled:
+                self._waiting.popleft()
+                self._live.pop(seq.id, None)
+                self.stats.cancelled += 1
+                continue
+            if (self._running or admitted) and reserved + seq.reserved > self.max_tokens:
+                break  # first come, first served: it waits for room rather than being overtaken
+            admitted.append(self._waiting.popleft())
+            reserved += seq.reserved
+        return admitted
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, s in enumerate(self._running) if not s.cancelled]
+        if len(keep) < len(self._running):
+            for seq in self._running:
+                if seq.cancelled:
+                    self._live.pop(seq.id, None)
+            self.stats.cancelled += len(self._running) - len(keep)
+            self._running = [self._running[i] for i in keep]
+            self._kv.keep(keep)
+
+    def _forward(self, embeds: Any, mask: Any, cache: Any = None, position_ids: Any = None) -> tuple[Any, Any]:
+        """Logits of the last position (rows x vocabulary, float32) and the cache."""
+        import torch
+
+        kwargs = {self._cache_arg: cache} if cache is not None else {}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        with torch.inference_mode():
+            out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[:, -1, :].float(), cache
+
+    def _prefill(self, seq: _Sequence) -> None:
+        """Embed and prefill one request alone; its first token; it joins the batch unless already done."""
+        seq.started = time.perf_counter()
+        try:
+            embeds, mask, cached, vision_s = self.qa.embedder([seq.prepared])
+            seq.cached, seq.vision_s = cached[0], vision_s[0]
+            seq.generator = row_generator(seq.params.seed) if seq.params.temperature > 0 else None
+            seq.text = StreamedText(seq.params.stop)
+            logits, cache = self._forward(embeds, mask)
+            (token,) = next_tokens(logits, [seq.params], [seq.generator])
+        except Exception as exc:  # this request alone: out of memory for its size, a bad input that got through
+            log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
+            self._fail(seq, exc)
+            return
+        self.stats.prefills += 1
+        if not self._append(seq, token):
+            self._kv.add(cache, embeds.shape[1])
+            self._running.append(seq)
+
+    def _step(self) -> None:
+        """One decode step: every running sequence gets its next token; finished ones leave the batch."""
+        import torch
+
+        rows = self._running
+        self.stats.steps += 1
+        self.stats.max_running = max(self.stats.max_running, len(rows))
+        self.stats.running_per_step.append(len(rows))
+        ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.model.device)
+        with torch.inference_mode():
+            embeds = self.model.get_input_embeddings()(ids)
+        mask, positions = self._kv.step_inputs()
+        logits, _ = self._forward(embeds, mask, self._kv.cache, positions)
+        self._kv.advance()
+        chosen = next_tokens(logits, [s.params for s in rows], [s.generator for s in rows])
+        keep = [i for i, (seq, token) in enumerate(zip(rows, chosen)) if not self._append(seq, token)]
+        if len(keep) < len(rows):
+            self._running = [rows[i] for i in keep]
+            self._kv.keep(keep)
+
+    def _append(self, seq: _Sequence, token: int) -> bool:
+        """Add a generated token, stream the new text, finish the sequence if it ended; whether it ended."""
+        seq.tokens.append(token)
+        if seq.cancelled:  # cancelled during this step: it leaves now
+            self._live.pop(seq.id, None)
+            self.stats.cancelled += 1
+            return True
+        p = seq.params
+        eos = token in self.eos and not p.ignore_eos
+        piece, stopped = "", False
+        if seq.streamed or p.stop:  # the text so far: what to stream, whether a stop string appeared
+            text = self.tokenizer.decode([t for t in seq.tokens if t not in self.eos], skip_special_tokens=True)
+            piece = seq.text.update(text) if seq.streamed else ""
+            stopped = first_stop(text, p.stop) is not None
+        if eos or stopped or len(seq.tokens) >= p.max_new_tokens:
+            answer = self.qa.answer_from_tokens(seq.prepared, seq.tokens, time.perf_counter() - seq.started, seq.cached,
+                                                seq.vision_s, p.stop)
+            if p.ignore_eos:
+                answer = dataclasses.replace(answer, completion_tokens=len(seq.tokens))
+            piece += seq.text.finish(answer.text) if seq.streamed else ""
+            if piece:
+                seq.emit(TextPiece(piece))
+            self.stats.finished += 1
+            self._live.pop(seq.id, None)
+            seq.emit(Finished(answer, seq.started - seq.submitted))
+            return True
+        if piece:
+            seq.emit(TextPiece(piece))
+        return False
+
+    def _fail(self, seq: _Sequence, exc: BaseException) -> None:
+        self.stats.failed += 1
+        self._live.pop(seq.id, None)
+        seq.emit(Failed(exc))

@@ -1,0 +1,30 @@
+"""What the engine tells a request's owner, in order: text pieces, then ``Finished`` or ``Failed``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from video_llava.model.qa_model import Answer
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """New answer text, safe to send (the pieces join to ``Answer.text``)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    answer: Answer
+    queue_s: float  # from submission to the start of its prefill
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request failed alone (its prefill, or the decode step it was in); the engine keeps serving."""
+
+    error: BaseException
+
+
+Event = TextPiece | Finished | Failed

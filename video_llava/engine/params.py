@@ -1,0 +1,21 @@
+"""How one request is sampled: per row of the running batch, whatever its batch-mates ask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # a sampled row draws from its own generator: the same seed, the same answer
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these
+    ignore_eos: bool = False  # benchmarks only: every answer runs to max_new_tokens
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
