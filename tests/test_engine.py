@@ -195,3 +195,47 @@ def test_requests_share_the_batch_only_as_far_as_the_kv_budget_allows(embedded_m
             assert max(engine.recent_running()) == most, budget
         finally:
             engine.close()
+
+
+def _events(engine, prepared, params) -> list:
+    got: "queue.SimpleQueue[object]" = queue.SimpleQueue()
+    engine.submit(prepared, params, got.put, stream=False)
+    events, finished = [], 0
+    while finished < params.n:
+        events.append(got.get(timeout=120))
+        assert not isinstance(events[-1], Failed), events[-1]
+        finished += isinstance(events[-1], Finished)
+    return sorted(events, key=lambda e: e.index)
+
+
+def test_n_answers_come_from_one_prefill_each_sampled_with_its_own_seed(embedded_model, engine, videos):
+    prepared = embedded_model.prepare(videos[0], "Describe the video.", 10)
+    prefills = engine.stats.prefills
+    greedy = _events(engine, prepared, SamplingParams(max_new_tokens=10, n=3))
+    assert engine.stats.prefills == prefills + 1 and [e.index for e in greedy] == [0, 1, 2]
+    assert len({e.answer.text for e in greedy}) == 1 and greedy[0].answer.text == _alone(embedded_model, videos[0], "Describe the video.", 10).text
+    sampled = _events(engine, prepared, SamplingParams(max_new_tokens=10, n=4, temperature=2.0, seed=40))
+    singles = [engine.generate([prepared], SamplingParams(max_new_tokens=10, temperature=2.0, seed=40 + i))[0].text
+               for i in range(4)]
+    assert [e.answer.text for e in sampled] == singles  # answer i is the request's sample with seed + i
+    assert len(set(singles)) > 1
+
+
+def test_logprobs_are_the_models_own_and_the_tokens_spell_the_answer(embedded_model, engine, videos):
+    import torch
+
+    prepared = embedded_model.prepare(videos[0], "Describe the video.", 8)
+    (event,) = _events(engine, prepared, SamplingParams(max_new_tokens=8, logprobs=True, top_logprobs=3))
+    answer = event.answer
+    assert "".join(t.token for t in answer.logprobs).strip() == answer.text
+    embeds, mask, _, _ = embedded_model.embedder([prepared])
+    with torch.inference_mode():
+        out = embedded_model.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                            output_logits=True, return_dict_in_generate=True,
+                                            pad_token_id=embedded_model.tokenizer.pad_token_id)
+    reference = [step[0].float().log_softmax(-1) for step in out.logits]
+    for k, entry in enumerate(answer.logprobs):
+        token = int(out.sequences[0, k])
+        assert entry.logprob == pytest.approx(float(reference[k][token]), abs=1e-4)
+        assert len(entry.top) == 3 and entry.top[0][1] == pytest.approx(entry.logprob, abs=1e-6)  # greedy: the best
+        assert entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]

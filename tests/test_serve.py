@@ -472,7 +472,8 @@ def test_a_seeded_sampled_answer_is_the_same_whatever_it_is_batched_with(service
     assert len(set(hot)) > 1  # the seed, not greedy decoding, is what made the answers equal
 
 
-@pytest.mark.parametrize("extra,param", [({"logprobs": True}, "logprobs"),
+@pytest.mark.parametrize("extra,param", [({"logprobs": True, "stream": True}, "logprobs"),
+                                         ({"n": 2, "stream": True}, "n"),
                                          ({"response_format": {"type": "json_object"}}, "response_format"),
                                          ({"frequency_penalty": 0.5}, "frequency_penalty"),
                                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -481,6 +482,25 @@ def test_parameters_the_service_does_not_implement_are_refused_by_name(service, 
     body = error_of(httpx.post(f"{service}/v1/chat/completions", json=_chat_body(**extra), timeout=60), 400,
                     "unsupported_parameter")
     assert body["param"] == param and repr(param) in body["message"]
+
+
+def test_n_answers_with_logprobs_through_the_openai_client(service):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{service}/v1", api_key="unused")
+    body = _chat_body("Describe the video.")
+    ask = lambda: client.chat.completions.create(model="embedded", **body, n=3, temperature=1.5, seed=5,  # noqa: E731
+                                                 logprobs=True, top_logprobs=2)
+    reply = ask()
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    for choice in reply.choices:
+        content = choice.logprobs.content
+        assert "".join(t.token for t in content).strip() == choice.message.content
+        assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+    single = client.chat.completions.create(model="embedded", **body)
+    assert reply.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt is read once for the three
+    assert [c.message.content for c in ask().choices] == [c.message.content for c in reply.choices]  # seeded
+    error_of(httpx.post(f"{service}/v1/chat/completions", json={**body, "top_logprobs": 2}, timeout=60), 400)
 
 
 def test_parameters_sent_at_values_that_change_nothing_are_accepted(service):

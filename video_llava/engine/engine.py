@@ -29,7 +29,7 @@ from video_llava.engine.events import Event, Failed, Finished, TextPiece
 from video_llava.engine.kv import BatchKV
 from video_llava.engine.params import SamplingParams
 from video_llava.engine.sampler import next_tokens, row_generator
-from video_llava.model.qa_model import Answer, PreparedQuestion, VideoQAModel
+from video_llava.model.qa_model import Answer, PreparedQuestion, TokenLogprob, VideoQAModel
 from video_llava.model.stops import StreamedText, first_stop
 
 log = logging.getLogger(__name__)
@@ -44,26 +44,39 @@ class EngineClosedError(RuntimeError):
 
 
 @dataclass(eq=False)
-class _Sequence:
+class _Request:
+    """A submitted request: its ``n`` answers are generated as sequences of one prefill."""
+
     id: int
     prepared: PreparedQuestion
     params: SamplingParams
     emit: Callable[[Event], None]
     submitted: float
     streamed: bool  # its owner wants TextPiece events
-    generator: Any = None
-    tokens: list[int] = field(default_factory=list)
-    text: StreamedText | None = None
     cancelled: bool = False
-    started: float = 0.0
-    cached: bool = False
-    vision_s: float = 0.0
+    unfinished: int = 0  # answers still being generated, once prefilled
+    failed: bool = False
 
     @property
     def reserved(self) -> int:
-        """KV positions it may come to hold."""
+        """KV positions its sequences may come to hold."""
         p = self.prepared
-        return p.prompt_tokens + p.visual_tokens + p.max_new_tokens
+        return (p.prompt_tokens + p.visual_tokens + p.max_new_tokens) * self.params.n
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One answer being generated: a row of the running batch."""
+
+    request: _Request
+    index: int
+    started: float
+    cached: bool
+    vision_s: float
+    generator: Any = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # asked for: per token
+    text: StreamedText | None = None
 
 
 @dataclass
@@ -96,9 +109,9 @@ class Engine:
         self.stats = EngineStats()
         # transformers renamed forward's past_key_values to cache (5.2x); the GPU image may hold either
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Sequence] = []
-        self._live: dict[int, _Sequence] = {}  # submitted and not yet finished, failed or dropped
+        self._live: dict[int, _Request] = {}  # submitted and not yet finished, failed or dropped
         self._kv = BatchKV()
         self._ids = itertools.count()
         self._cond = threading.Condition()
@@ -110,26 +123,26 @@ class Engine:
                stream: bool = True) -> int:
         """Queue a request; ``emit`` receives its events on the engine's thread (it must not block); with
         ``stream=False`` only ``Finished`` or ``Failed``. Returns the request's id."""
-        seq = _Sequence(next(self._ids), prepared, params, emit, time.perf_counter(), stream)
+        request = _Request(next(self._ids), prepared, params, emit, time.perf_counter(), stream)
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting for the model")
-            self._waiting.append(seq)
-            self._live[seq.id] = seq
+            self._waiting.append(request)
+            self._live[request.id] = request
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
                 self._thread.start()
             self._cond.notify()
-        return seq.id
+        return request.id
 
     def cancel(self, request_id: int) -> None:
         """Stop a request: it leaves the batch before the next decode step and emits nothing more."""
         with self._cond:
-            seq = self._live.get(request_id)
-            if seq is not None:
-                seq.cancelled = True
+            request = self._live.get(request_id)
+            if request is not None:
+                request.cancelled = True
             self._cond.notify()
 
     async def events(self, prepared: PreparedQuestion, params: SamplingParams, stream: bool = True
@@ -139,20 +152,22 @@ class Engine:
         queue: asyncio.Queue[Event] = asyncio.Queue()
         request_id = self.submit(prepared, params, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
                                  stream)
-        done = False
+        done, left = False, params.n
         try:
             while not done:
                 event = await queue.get()
-                done = not isinstance(event, TextPiece)
+                left -= isinstance(event, Finished)
+                done = isinstance(event, Failed) or left == 0
                 yield event
         finally:
             if not done:
                 self.cancel(request_id)
 
     def stream(self, prepared: PreparedQuestion, params: SamplingParams) -> Iterator[str | Answer]:
-        """Text pieces, then the ``Answer`` (an error of the request is raised)."""
+        """Text pieces, then the ``Answer`` (an error of the request is raised); one answer (``n=1``)."""
         import queue as queue_
 
+        _one_answer(params)
         events: queue_.SimpleQueue[Event] = queue_.SimpleQueue()
         request_id = self.submit(prepared, params, events.put)
         try:
@@ -174,6 +189,8 @@ class Engine:
         import queue as queue_
 
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prepared)
+        for p in params:
+            _one_answer(p)
         done: queue_.SimpleQueue[tuple[int, Event]] = queue_.SimpleQueue()
         for i, (p, sp) in enumerate(zip(prepared, params)):
             self.submit(p, sp, lambda event, i=i: done.put((i, event)), stream=False)
@@ -234,36 +251,38 @@ class Engine:
             except Exception as exc:  # a decode step failed: its sequences fail, the engine keeps serving
                 log.exception("decode step failed for %d sequences", len(self._running))
                 for seq in self._running:
-                    self._fail(seq, exc)
+                    self._fail(seq.request, exc)
                 self._running, self._kv = [], BatchKV()
         error = EngineClosedError("the engine was closed")
-        for seq in list(self._waiting) + self._running:
-            seq.emit(Failed(error))
+        for request in list(self._waiting) + [seq.request for seq in self._running]:
+            self._fail(request, error)
 
-    def _admissible(self) -> list[_Sequence]:
+    def _admissible(self) -> list[_Request]:
         """Waiting requests (in arrival order) that fit beside the running ones; called holding the lock."""
-        admitted: list[_Sequence] = []
-        reserved = sum(s.reserved for s in self._running)
-        while self._waiting and len(self._running) + len(admitted) < self.max_running:
-            seq = self._waiting[0]
-            if seq.cancelled:
+        admitted: list[_Request] = []
+        reserved = sum(s.request.reserved // s.request.params.n for s in self._running)
+        rows = len(self._running)
+        while self._waiting:
+            request = self._waiting[0]
+            if request.cancelled:
                 self._waiting.popleft()
-                self._live.pop(seq.id, None)
+                self._live.pop(request.id, None)
                 self.stats.cancelled += 1
                 continue
-            if (self._running or admitted) and reserved + seq.reserved > self.max_tokens:
+            busy = rows > 0
+            if busy and (rows + request.params.n > self.max_running or reserved + request.reserved > self.max_tokens):
                 break  # first come, first served: it waits for room rather than being overtaken
             admitted.append(self._waiting.popleft())
-            reserved += seq.reserved
+            reserved += request.reserved
+            rows += request.params.n
         return admitted
 
     def _drop_cancelled(self) -> None:
-        keep = [i for i, s in enumerate(self._running) if not s.cancelled]
+        keep = [i for i, s in enumerate(self._running) if not s.request.cancelled]
         if len(keep) < len(self._running):
             for seq in self._running:
-                if seq.cancelled:
-                    self._live.pop(seq.id, None)
-            self.stats.cancelled += len(self._running) - len(keep)
+                if seq.request.cancelled and self._live.pop(seq.request.id, None) is not None:
+                    self.stats.cancelled += 1
             self._running = [self._running[i] for i in keep]
             self._kv.keep(keep)
 
@@ -279,24 +298,34 @@ class Engine:
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return out.logits[:, -1, :].float(), cache
 
-    def _prefill(self, seq: _Sequence) -> None:
-        """Embed and prefill one request alone; its first token; it joins the batch unless already done."""
-        seq.started = time.perf_counter()
+    def _prefill(self, request: _Request) -> None:
+        """Embed and prefill one request alone; the first token of each of its ``n`` answers, which join the batch
+        (one copy of the prefill's KV each) unless already done."""
+        started = time.perf_counter()
+        p = request.params
         try:
-            embeds, mask, cached, vision_s = self.qa.embedder([seq.prepared])
-            seq.cached, seq.vision_s = cached[0], vision_s[0]
-            seq.generator = row_generator(seq.params.seed) if seq.params.temperature > 0 else None
-            seq.text = StreamedText(seq.params.stop)
+            embeds, mask, cached, vision_s = self.qa.embedder([request.prepared])
             logits, cache = self._forward(embeds, mask)
-            (token,) = next_tokens(logits, [seq.params], [seq.generator])
+            forks = [_Sequence(request, i, started, cached[0], vision_s[0], text=StreamedText(p.stop))
+                     for i in range(p.n)]
+            for seq in forks:
+                if p.temperature > 0:
+                    seq.generator = row_generator(None if p.seed is None else p.seed + seq.index)
+            chosen = next_tokens(logits.expand(p.n, -1), [p] * p.n, [s.generator for s in forks])
         except Exception as exc:  # this request alone: out of memory for its size, a bad input that got through
             log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
-            self._fail(seq, exc)
+            self._fail(request, exc)
             return
         self.stats.prefills += 1
-        if not self._append(seq, token):
-            self._kv.add(cache, embeds.shape[1])
-            self._running.append(seq)
+        request.unfinished = p.n
+        try:
+            going = [seq for seq, token in zip(forks, chosen) if not self._append(seq, token, logits[0])]
+            if going:
+                self._kv.add(cache, embeds.shape[1], copies=len(going))
+                self._running.extend(going)
+        except Exception as exc:  # its rows already in the batch leave at the next step (``failed``)
+            log.exception("first token failed")
+            self._fail(request, exc)
 
     def _step(self) -> None:
         """One decode step: every running sequence gets its next token; finished ones leave the batch."""
@@ -312,43 +341,81 @@ class Engine:
         mask, positions = self._kv.step_inputs()
         logits, _ = self._forward(embeds, mask, self._kv.cache, positions)
         self._kv.advance()
-        chosen = next_tokens(logits, [s.params for s in rows], [s.generator for s in rows])
-        keep = [i for i, (seq, token) in enumerate(zip(rows, chosen)) if not self._append(seq, token)]
+        chosen = next_tokens(logits, [s.request.params for s in rows], [s.generator for s in rows])
+        keep = [i for i, (seq, token) in enumerate(zip(rows, chosen)) if not self._append(seq, token, logits[i])]
         if len(keep) < len(rows):
             self._running = [rows[i] for i in keep]
             self._kv.keep(keep)
 
-    def _append(self, seq: _Sequence, token: int) -> bool:
-        """Add a generated token, stream the new text, finish the sequence if it ended; whether it ended."""
+    def _append(self, seq: _Sequence, token: int, logits: Any) -> bool:
+        """Add a generated token (``logits``: its position's), stream the new text, finish the sequence if it
+        ended; whether it ended."""
+        request, p = seq.request, seq.request.params
         seq.tokens.append(token)
-        if seq.cancelled:  # cancelled during this step: it leaves now
-            self._live.pop(seq.id, None)
-            self.stats.cancelled += 1
+        if request.cancelled or request.failed:  # cancelled during this step: it leaves now
+            if request.cancelled and self._live.pop(request.id, None) is not None:
+                self.stats.cancelled += 1
             return True
-        p = seq.params
+        if p.logprobs:
+            seq.logprobs.append(token_logprobs(logits, token, p.top_logprobs))
         eos = token in self.eos and not p.ignore_eos
         piece, stopped = "", False
-        if seq.streamed or p.stop:  # the text so far: what to stream, whether a stop string appeared
+        if request.streamed or p.stop:  # the text so far: what to stream, whether a stop string appeared
             text = self.tokenizer.decode([t for t in seq.tokens if t not in self.eos], skip_special_tokens=True)
-            piece = seq.text.update(text) if seq.streamed else ""
+            piece = seq.text.update(text) if request.streamed else ""
             stopped = first_stop(text, p.stop) is not None
-        if eos or stopped or len(seq.tokens) >= p.max_new_tokens:
-            answer = self.qa.answer_from_tokens(seq.prepared, seq.tokens, time.perf_counter() - seq.started, seq.cached,
-                                                seq.vision_s, p.stop)
-            if p.ignore_eos:
-                answer = dataclasses.replace(answer, completion_tokens=len(seq.tokens))
-            piece += seq.text.finish(answer.text) if seq.streamed else ""
+        if not (eos or stopped or len(seq.tokens) >= p.max_new_tokens):
             if piece:
-                seq.emit(TextPiece(piece))
-            self.stats.finished += 1
-            self._live.pop(seq.id, None)
-            seq.emit(Finished(answer, seq.started - seq.submitted))
-            return True
+                request.emit(TextPiece(piece, seq.index))
+            return False
+        answer = self.qa.answer_from_tokens(request.prepared, seq.tokens, time.perf_counter() - seq.started,
+                                            seq.cached, seq.vision_s, p.stop)
+        if p.ignore_eos:
+            answer = dataclasses.replace(answer, completion_tokens=len(seq.tokens))
+        if p.logprobs:
+            answer = dataclasses.replace(answer, logprobs=self._token_texts(seq, answer))
+        piece += seq.text.finish(answer.text) if request.streamed else ""
         if piece:
-            seq.emit(TextPiece(piece))
-        return False
+            request.emit(TextPiece(piece, seq.index))
+        self.stats.finished += 1
+        request.unfinished -= 1
+        if request.unfinished == 0:
+            self._live.pop(request.id, None)
+        request.emit(Finished(answer, seq.started - request.submitted, seq.index))
+        return True
 
-    def _fail(self, seq: _Sequence, exc: BaseException) -> None:
+    def _token_texts(self, seq: _Sequence, answer: Answer) -> tuple[TokenLogprob, ...]:
+        """The answer's tokens (up to its end: EOS and what a stop string cut are left out) with their
+        log-probabilities, each token as the text it adds (leading space included)."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        out, shown = [], ""
+        for k, (token, (logprob, top)) in enumerate(zip(seq.tokens, seq.logprobs)):
+            if token in self.eos or len(shown.strip()) >= len(answer.text):
+                break
+            before = decode(seq.tokens[:k])
+            piece = lambda t: decode(seq.tokens[:k] + [t])[len(before):]  # noqa: E731
+            out.append(TokenLogprob(piece(token), logprob, tuple((piece(t), lp) for t, lp in top)))
+            shown += out[-1].token
+        return tuple(out)
+
+    def _fail(self, request: _Request, exc: BaseException) -> None:
+        if request.failed:
+            return
+        request.failed = True
         self.stats.failed += 1
-        self._live.pop(seq.id, None)
-        seq.emit(Failed(exc))
+        self._live.pop(request.id, None)
+        request.emit(Failed(exc))
+
+
+def _one_answer(params: SamplingParams) -> None:
+    if params.n != 1:
+        raise ValueError(f"run, generate and stream give one answer per request (n=1), got n={params.n}: use events")
+
+
+def token_logprobs(logits: Any, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability under the model's distribution at its position, and the ``top`` most
+    likely tokens with theirs."""
+    logprobs = logits.float().log_softmax(-1)
+    best = logprobs.topk(top) if top else None
+    alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return float(logprobs[token]), alternatives

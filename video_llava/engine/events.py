@@ -12,12 +12,16 @@ class TextPiece:
     """New answer text, safe to send (the pieces join to ``Answer.text``)."""
 
     text: str
+    index: int = 0  # which of the request's ``n`` answers
 
 
 @dataclass(frozen=True)
 class Finished:
+    """One of the request's answers is complete (a request of ``n`` answers has ``n`` of these)."""
+
     answer: Answer
     queue_s: float  # from submission to the start of its prefill
+    index: int = 0
 
 
 @dataclass(frozen=True)

@@ -42,18 +42,24 @@ class BatchKV:
     def length(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def add(self, cache: Any, length: int) -> None:
-        """Append a prefilled sequence's one-row cache of ``length`` positions as the last row."""
+    def add(self, cache: Any, length: int, copies: int = 1) -> None:
+        """Append a prefilled sequence's one-row cache of ``length`` positions as the last ``copies`` rows (the
+        answers of one prefill)."""
         import torch
 
-        row_mask = torch.ones(1, length, dtype=torch.long, device=cache_layers(cache)[0].keys.device)
+        theirs = [(layer.keys, layer.values) for layer in cache_layers(cache)]
+        if copies > 1:
+            theirs = [(k.expand(copies, -1, -1, -1), v.expand(copies, -1, -1, -1)) for k, v in theirs]
+        row_mask = torch.ones(copies, length, dtype=torch.long, device=theirs[0][0].device)
         if self.cache is None:
+            for layer, (k, v) in zip(cache_layers(cache), theirs):
+                layer.keys, layer.values = k.contiguous(), v.contiguous()
             self.cache, self.mask = cache, row_mask
             return
         width = max(self.length, length)
-        for mine, theirs in zip(cache_layers(self.cache), cache_layers(cache)):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        for mine, (k, v) in zip(cache_layers(self.cache), theirs):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(k, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(v, width)])
         pad = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
         self.mask = torch.cat([pad(self.mask), pad(row_mask)])
 

@@ -27,6 +27,15 @@ VideoArg = MediaArg  # one medium or several, for one question
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token as text, its log-probability under the model, and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Answer:
     """One generated answer with the token counts that produced it."""
 
@@ -40,6 +49,7 @@ class Answer:
     vision_cached: bool = False  # the vision tower was skipped: features came from the cache
     vision_s: float = 0.0  # time in the vision tower + projector for this question's media
     num_images: int = 0
+    logprobs: tuple[TokenLogprob, ...] | None = None  # asked for: one per answer token
 
 
 @dataclass(frozen=True)

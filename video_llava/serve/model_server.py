@@ -86,16 +86,21 @@ class ModelServer:
         if isinstance(prepared, ModelError):
             yield prepared
             return
-        params = SamplingParams(prepared.max_new_tokens, request.temperature, request.top_p, request.seed, request.stop)
+        params = SamplingParams(prepared.max_new_tokens, request.temperature, request.top_p, request.seed, request.stop,
+                                n=request.n, logprobs=request.logprobs, top_logprobs=request.top_logprobs)
+        answers: dict[int, Finished] = {}
         try:
             async for event in self.engine.events(prepared, params, stream):
                 if isinstance(event, TextPiece):
-                    yield event.text
+                    yield event.text  # one answer when streamed (n=1)
                 elif isinstance(event, Finished):
                     self.metrics.batch_size.observe(self.engine.running)
-                    self.metrics.visual_tokens.inc(event.answer.visual_tokens)
                     self.metrics.generate_latency.observe(event.answer.generate_s)
-                    yield ModelReply(event.answer, queue_s=event.queue_s)
+                    answers[event.index] = event
+                    if len(answers) == params.n:
+                        self.metrics.visual_tokens.inc(event.answer.visual_tokens)
+                        ordered = tuple(answers[i].answer for i in range(params.n))
+                        yield ModelReply(ordered[0], queue_s=answers[0].queue_s, answers=ordered)
                 elif isinstance(event, Failed):
                     yield failure(event.error)
         except QueueFullError as exc:

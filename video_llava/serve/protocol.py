@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -51,6 +51,9 @@ class ModelRequest:
     top_p: float = 1.0
     seed: int | None = None  # sampling seeded: the request is sampled alone, so its batch-mates cannot change it
     stop: tuple[str, ...] = ()  # the answer ends before the first of these
+    n: int = 1  # answers sampled from one prefill
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def media(self) -> list[np.ndarray]:
@@ -65,8 +68,13 @@ class ModelRequest:
 class ModelReply:
     """The model deployment's answer, with how long the request waited for its batch."""
 
-    answer: Answer
+    answer: Answer  # the first of ``answers``
     queue_s: float = 0.0
+    answers: tuple[Answer, ...] = ()  # all ``n`` of them, in order (empty: just ``answer``)
+
+    @property
+    def choices(self) -> tuple[Answer, ...]:
+        return self.answers or (self.answer,)
 
 
 @dataclass(frozen=True)
@@ -218,7 +226,7 @@ class ChatMessage(BaseModel):
 # OpenAI parameters this service does not implement, with the values that change nothing (sent by some clients as
 # defaults): any other value is refused with 400 naming the parameter, never silently ignored.
 NO_OP_PARAMETERS: dict[str, tuple] = {
-    "logprobs": (False, None), "top_logprobs": (None, 0), "frequency_penalty": (0, None), "presence_penalty": (0, None),
+    "frequency_penalty": (0, None), "presence_penalty": (0, None),
     "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "tools": (None, []),
     "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "stream_options": (None,), "service_tier": (None, "auto"),
     "store": (None, False), "metadata": (None, {}), "modalities": (None, ["text"]),
@@ -234,7 +242,10 @@ class ChatCompletionRequest(GenerationOptions):
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=8, description="answers sampled from one prefill (seeded: seed, seed + 1, ...)")
+    logprobs: bool | None = Field(False, description="each answer token's log-probability under the model")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the most likely tokens at each "
+                                     "position")
 
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens or self.max_new_tokens
@@ -242,8 +253,19 @@ class ChatCompletionRequest(GenerationOptions):
     def unsupported_parameters(self) -> list[str]:
         """Parameters sent with a value this service would have to ignore (see ``NO_OP_PARAMETERS``)."""
         extra = self.model_extra or {}
-        return sorted(name for name, value in extra.items()
-                      if name not in ACCEPTED_UNUSED and value not in NO_OP_PARAMETERS.get(name, ()))
+        names = [name for name, value in extra.items()
+                 if name not in ACCEPTED_UNUSED and value not in NO_OP_PARAMETERS.get(name, ())]
+        if self.stream and self.n > 1:  # not yet: chunks of several choices
+            names.append("n")
+        if self.stream and self.logprobs:
+            names.append("logprobs")
+        return sorted(names)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 class ChatCompletionMessage(BaseModel):
@@ -251,10 +273,34 @@ class ChatCompletionMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+
+    @classmethod
+    def of(cls, answer: Answer) -> "ChoiceLogprobs | None":
+        if answer.logprobs is None:
+            return None
+        entry = lambda token, logprob: dict(token=token, logprob=logprob, bytes=list(token.encode()))  # noqa: E731
+        return cls(content=[TokenLogprobOut(**entry(t.token, t.logprob),
+                                            top_logprobs=[TopLogprob(**entry(tok, lp)) for tok, lp in t.top])
+                            for t in answer.logprobs])
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: str
+    logprobs: ChoiceLogprobs | None = None
 
 
 class CompletionUsage(BaseModel):
@@ -273,12 +319,15 @@ class ChatCompletionResponse(BaseModel):
     video_llava: dict[str, Any]  # our extras: frames per video, timings, cache use
 
     @classmethod
-    def of(cls, cid: str, model: str, text: str, finish_reason: str, usage: Usage, extra: dict) -> "ChatCompletionResponse":
+    def of(cls, cid: str, model: str, answers: Sequence[Answer], extra: dict) -> "ChatCompletionResponse":
+        """One choice per answer; the prompt is counted once, the completions summed (as OpenAI does for n > 1)."""
+        prompt = answers[0].prompt_tokens + answers[0].visual_tokens
+        completion = sum(a.completion_tokens for a in answers)
         return cls(
             id=cid, model=model,
-            choices=[ChatChoice(message=ChatCompletionMessage(content=text), finish_reason=finish_reason)],
-            usage=CompletionUsage(prompt_tokens=usage.prompt_tokens + usage.visual_tokens,
-                                  completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens),
+            choices=[ChatChoice(index=i, message=ChatCompletionMessage(content=a.text), finish_reason=a.finish_reason,
+                                logprobs=ChoiceLogprobs.of(a)) for i, a in enumerate(answers)],
+            usage=CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion),
             video_llava=extra,
         )
 

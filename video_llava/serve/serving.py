@@ -175,8 +175,10 @@ class QAService:
     # ---- model ----------------------------------------------------------------------------------------------
     @staticmethod
     def _request(turns: list[Turn], opts: GenerationOptions, new_tokens: int | None) -> ModelRequest:
+        chat = isinstance(opts, ChatCompletionRequest)  # n and logprobs are chat parameters
         return ModelRequest(tuple(turns), new_tokens or opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed,
-                            opts.stop_strings())
+                            opts.stop_strings(), n=opts.n if chat else 1, logprobs=bool(chat and opts.logprobs),
+                            top_logprobs=(opts.top_logprobs or 0) if chat else 0)
 
     async def _ask_model(self, request: ModelRequest) -> ModelReply:
         from ray.serve.exceptions import BackPressureError
@@ -299,7 +301,7 @@ class QAService:
             "timings": qa.timings.model_dump(),
             "cached": qa.cached.model_dump(),
         }
-        return ChatCompletionResponse.of(completion_id(), self.model_name, qa.answer, qa.finish_reason, qa.usage, extra)
+        return ChatCompletionResponse.of(completion_id(), self.model_name, reply.choices, extra)
 
     async def open_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
         """Fetch, decode and start generating; a refusal (fetch, decode or the token budget) is raised here, while
