@@ -118,7 +118,7 @@ class CaptionPredictor:
                 if isinstance(result, BaseException):  # its own row only, with the reason; the job goes on
                     statuses[i], errors[i] = "error", f"caption: {type(result).__name__}: {result}"
                 else:
-                    captions[i], statuses[i] = result.text, "ok"
+                    captions[i], statuses[i] = result[0].text, "ok"
             elapsed = (time.perf_counter() - start) / len(ready)
             for i in ready:
                 caption_s[i] = round(elapsed, 4)

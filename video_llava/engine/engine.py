@@ -184,30 +184,37 @@ class Engine:
             self.cancel(request_id)
 
     def run(self, prepared: Sequence[PreparedQuestion], params: SamplingParams | Sequence[SamplingParams]
-            ) -> list[Answer | BaseException]:
-        """Each request's answer or the error it failed with, submitted together and batched as they fit."""
+            ) -> list[tuple[Answer, ...] | BaseException]:
+        """Each request's ``n`` answers (in order) or the error it failed with; submitted together, batched as they
+        fit."""
         import queue as queue_
 
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prepared)
-        for p in params:
-            _one_answer(p)
         done: queue_.SimpleQueue[tuple[int, Event]] = queue_.SimpleQueue()
         for i, (p, sp) in enumerate(zip(prepared, params)):
             self.submit(p, sp, lambda event, i=i: done.put((i, event)), stream=False)
-        results: list[Answer | BaseException | None] = [None] * len(prepared)
-        for _ in prepared:
+        answers: list[dict[int, Answer]] = [{} for _ in prepared]
+        results: list[tuple[Answer, ...] | BaseException | None] = [None] * len(prepared)
+        while any(r is None for r in results):
             i, event = done.get()
-            results[i] = event.error if isinstance(event, Failed) else event.answer
+            if results[i] is not None:
+                continue  # already failed
+            if isinstance(event, Failed):
+                results[i] = event.error
+                continue
+            answers[i][event.index] = event.answer
+            if len(answers[i]) == params[i].n:
+                results[i] = tuple(answers[i][k] for k in range(params[i].n))
         return results
 
     def generate(self, prepared: Sequence[PreparedQuestion], params: SamplingParams | Sequence[SamplingParams]
                  ) -> list[Answer]:
-        """Answers of several requests (``run``); the first error is raised."""
+        """The first answer of each request (``run``); the first error is raised."""
         results = self.run(prepared, params)
         error = next((r for r in results if isinstance(r, BaseException)), None)
         if error is not None:
             raise error
-        return results
+        return [r[0] for r in results]
 
     def close(self) -> None:
         """Stop the loop; requests not finished get ``Failed(EngineClosedError)``."""
@@ -409,7 +416,7 @@ class Engine:
 
 def _one_answer(params: SamplingParams) -> None:
     if params.n != 1:
-        raise ValueError(f"run, generate and stream give one answer per request (n=1), got n={params.n}: use events")
+        raise ValueError(f"stream gives one answer per request (n=1), got n={params.n}: use events or run")
 
 
 def token_logprobs(logits: Any, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:

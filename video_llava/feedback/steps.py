@@ -17,14 +17,17 @@ from video_llava.data.records import load_media
 
 
 class AnswerSampler:
-    """A model replica: ``samples`` answers per row (one batched ``generate`` per row, seeded by the row id)."""
+    """A model replica: ``samples`` answers per row, sampled from one prefill (seeded by the row id: answer k draws
+    with seed + k), the rows of a batch generated together by the continuous-batching engine."""
 
     def __init__(self, settings: dict[str, Any], samples: int, temperature: float, top_p: float,
                  max_new_tokens: int, frames: int, seed: int = 0):
+        from video_llava.engine import Engine
         from video_llava.model.qa_model import VideoQAModel
         from video_llava.model.settings import ModelSettings
 
         self.model = VideoQAModel(ModelSettings.model_validate(settings))
+        self.engine = Engine(self.model, max_running=max(8, samples))
         self.samples, self.temperature, self.top_p = samples, temperature, top_p
         self.max_new_tokens, self.frames, self.seed = max_new_tokens, frames, seed
 
@@ -32,16 +35,23 @@ class AnswerSampler:
         n = len(batch["id"])
         candidates: list[list[str]] = [[] for _ in range(n)]
         errors = [""] * n
+        from video_llava.engine import SamplingParams
+
+        prepared, params = {}, {}
         for i in range(n):
             try:
                 frames = load_media(batch["video"][i], batch["image"][i], self.frames)
+                prepared[i] = self.model.prepare(frames, batch["question"][i], self.max_new_tokens)
                 seed = self.seed + zlib.crc32(str(batch["id"][i]).encode())  # same row, same samples, any batching
-                answers = self.model.answer([frames] * self.samples, [batch["question"][i]] * self.samples,
-                                            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                            top_p=self.top_p, seed=seed)
-                candidates[i] = [a.text for a in answers]
+                params[i] = SamplingParams(prepared[i].max_new_tokens, self.temperature, self.top_p, seed,
+                                           n=self.samples)
             except Exception as exc:  # a broken video costs one row, reported with its reason
                 errors[i] = f"sample: {type(exc).__name__}: {str(exc)[:300]}"
+        for i, result in zip(prepared, self.engine.run(list(prepared.values()), list(params.values()))):
+            if isinstance(result, BaseException):
+                errors[i] = f"sample: {type(result).__name__}: {str(result)[:300]}"
+            else:
+                candidates[i] = [a.text for a in result]
         return {**{k: list(v) for k, v in batch.items()}, "candidates": candidates, "error": errors,
                 "model": [self.model.model_id] * n}
 
