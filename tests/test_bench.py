@@ -51,8 +51,9 @@ def test_serve_bench_quick_run_reports_the_ratios_the_readme_quotes():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert figures["batching_speedup_c8"] > 0 and figures["repeat_question_latency_ratio"] > 0
-    assert {"decode_s", "queue_s", "vision_s", "generate_s"} <= set(figures["runs"]["batched"][0]["mean_stage_s"])
+    assert figures["engine_speedup_c8"] > 0 and figures["service_vs_library_loop"] > 0
+    assert figures["repeat_question_latency_ratio"] > 0
+    assert figures["ttft_p99_s_c8"] >= figures["ttft_p50_s_c8"] > 0
 
 
 @pytest.mark.slow

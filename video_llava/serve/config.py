@@ -67,6 +67,7 @@ class BatchSettings(BaseModel):
         8 * 12288, ge=1, description="KV positions the running sequences may hold together (each counts its prompt, "
         "visual tokens and max_new_tokens); a request larger than this runs alone")
     max_waiting: int = Field(256, ge=1, description="requests waiting for room in the batch; beyond, 503 queue_full")
+    ignore_eos: bool = Field(False, description="benchmarks only: every answer runs to its max tokens (bench/serve.py)")
 
 
 class DeploymentSettings(BaseModel):

@@ -87,7 +87,8 @@ class ModelServer:
             yield prepared
             return
         params = SamplingParams(prepared.max_new_tokens, request.temperature, request.top_p, request.seed, request.stop,
-                                n=request.n, logprobs=request.logprobs, top_logprobs=request.top_logprobs)
+                                n=request.n, logprobs=request.logprobs, top_logprobs=request.top_logprobs,
+                                ignore_eos=self.args.batching.ignore_eos)
         answers: dict[int, Finished] = {}
         try:
             async for event in self.engine.events(prepared, params, stream):
