@@ -46,7 +46,7 @@ def frames_of(i: int) -> int:
 def app_args(batch_size: int, caches: bool, new_tokens: int = NEW_TOKENS, ignore_eos: bool = True) -> dict:
     return {
         "model": {"max_new_tokens": new_tokens, "feature_cache_mb": 256 if caches else 0},
-        "batching": {"max_batch_size": batch_size, "ignore_eos": ignore_eos},
+        "batching": {"max_batch_size": batch_size, "ignore_eos": ignore_eos, "prefix_cache_mb": 256 if caches else 0},
         "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "max_ongoing_requests": 64, "max_queued_requests": -1,
                        "decode_cache_mb": 512 if caches else 0},
     }

@@ -239,3 +239,21 @@ def test_logprobs_are_the_models_own_and_the_tokens_spell_the_answer(embedded_mo
         assert entry.logprob == pytest.approx(float(reference[k][token]), abs=1e-4)
         assert len(entry.top) == 3 and entry.top[0][1] == pytest.approx(entry.logprob, abs=1e-6)  # greedy: the best
         assert entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]
+
+
+def test_a_repeat_question_reuses_the_prefix_kv_and_gives_the_tokens_of_a_full_prefill(embedded_model, videos):
+    engine = Engine(embedded_model, max_running=4, prefix_cache_mb=64)
+    try:
+        params = SamplingParams(max_new_tokens=12)
+        questions = ["Describe the video.", "What color is the circle?", "Which way does it move?"]
+        first = engine.generate([embedded_model.prepare(videos[0], questions[0], 12)], params)[0]
+        assert engine.stats.prefix_hits == 0 and first.text
+        repeats = [engine.generate([embedded_model.prepare(videos[0], q, 12)], params)[0] for q in questions]
+        assert engine.stats.prefix_hits == 3 and all(a.vision_cached and a.vision_s == 0 for a in repeats)
+        assert [a.text for a in repeats] == [_alone(embedded_model, videos[0], q, 12).text for q in questions]
+        assert [a.prompt_tokens for a in repeats] == [_alone(embedded_model, videos[0], q, 12).prompt_tokens
+                                                      for q in questions]
+        other = engine.generate([embedded_model.prepare(videos[1], questions[1], 12)], params)[0]
+        assert engine.stats.prefix_hits == 3 and other.text  # other pixels: no reuse
+    finally:
+        engine.close()

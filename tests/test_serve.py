@@ -412,11 +412,14 @@ def test_a_second_question_about_the_same_video_skips_decode_and_the_vision_towe
     clip = shapes_video(tmp_path / "fresh.mp4", num_frames=30, width=96, height=64).read_bytes()
     handle = serve.get_deployment_handle("ModelServer", app_name="video_llava")
     first = qa_upload(service, clip, "What color is the circle?", num_frames=12).json()
-    calls_after_first = handle.describe.remote().result()["vision_calls"]
+    after_first = handle.describe.remote().result()
     second = qa_upload(service, clip, "Which way does it move?", num_frames=12).json()
     assert first["cached"] == {"decode": False, "vision": False}
     assert second["cached"] == {"decode": True, "vision": True}
-    assert handle.describe.remote().result()["vision_calls"] == calls_after_first
+    after_second = handle.describe.remote().result()
+    assert after_second["vision_calls"] == after_first["vision_calls"]
+    # and its prompt up to the video's last token was not prefilled again: its KV was kept
+    assert after_second["engine"]["prefix_hits"] == after_first["engine"]["prefix_hits"] + 1
     # other sampling of the same bytes is decoded anew
     third = qa_upload(service, clip, "What?", num_frames=10).json()
     assert third["cached"] == {"decode": False, "vision": False}

@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
 from video_llava.engine.kv import BatchKV
 from video_llava.engine.params import SamplingParams
+from video_llava.engine.prefix import PrefixCache, prefix_length
 from video_llava.engine.sampler import next_tokens, row_generator
 from video_llava.model.qa_model import Answer, PreparedQuestion, TokenLogprob, VideoQAModel
 from video_llava.model.stops import StreamedText, first_stop
@@ -87,6 +88,7 @@ class EngineStats:
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
+    prefix_hits: int = 0  # prefills that reused a cached prefix
     running_per_step: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
 
 
@@ -96,16 +98,19 @@ class Engine:
 
     ``max_running``: sequences decoded together; ``max_tokens``: KV positions they may hold together (each counts
     prompt + visual + ``max_new_tokens``; one request larger than that still runs, alone); ``max_waiting``: requests
-    queued behind them before ``submit`` raises ``QueueFullError``.
+    queued behind them before ``submit`` raises ``QueueFullError``; ``prefix_cache_mb``: KV of prompt prefixes kept
+    for repeat questions (``prefix.PrefixCache``; 0: none).
     """
 
-    def __init__(self, qa: VideoQAModel, max_running: int = 8, max_tokens: int = 1 << 20, max_waiting: int = 256):
+    def __init__(self, qa: VideoQAModel, max_running: int = 8, max_tokens: int = 1 << 20, max_waiting: int = 256,
+                 prefix_cache_mb: int = 0):
         if min(max_running, max_tokens, max_waiting) < 1:
             raise ValueError(f"max_running, max_tokens and max_waiting must be >= 1 (got {max_running}, {max_tokens}, "
                              f"{max_waiting})")
         self.qa, self.model, self.tokenizer = qa, qa.model, qa.tokenizer
         self.max_running, self.max_tokens, self.max_waiting = max_running, max_tokens, max_waiting
         self.eos = qa.eos_token_ids
+        self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.stats = EngineStats()
         # transformers renamed forward's past_key_values to cache (5.2x); the GPU image may hold either
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -234,7 +239,8 @@ class Engine:
         return {"max_running": self.max_running, "max_tokens": self.max_tokens, "max_waiting": self.max_waiting,
                 "running": len(self._running), "waiting": len(self._waiting), "steps": s.steps,
                 "prefills": s.prefills, "most_running_in_a_step": s.max_running, "finished": s.finished,
-                "cancelled": s.cancelled, "failed": s.failed}
+                "cancelled": s.cancelled, "failed": s.failed, "prefix_hits": s.prefix_hits,
+                "prefix_cache": self.prefix_cache.stats()}
 
     def recent_running(self) -> list[int]:
         """Sequences in each of the last (up to 1000) decode steps."""
@@ -311,9 +317,8 @@ class Engine:
         started = time.perf_counter()
         p = request.params
         try:
-            embeds, mask, cached, vision_s = self.qa.embedder([request.prepared])
-            logits, cache = self._forward(embeds, mask)
-            forks = [_Sequence(request, i, started, cached[0], vision_s[0], text=StreamedText(p.stop))
+            logits, cache, length, cached, vision_s = self._prefill_forward(request.prepared)
+            forks = [_Sequence(request, i, started, cached, vision_s, text=StreamedText(p.stop))
                      for i in range(p.n)]
             for seq in forks:
                 if p.temperature > 0:
@@ -328,11 +333,38 @@ class Engine:
         try:
             going = [seq for seq, token in zip(forks, chosen) if not self._append(seq, token, logits[0])]
             if going:
-                self._kv.add(cache, embeds.shape[1], copies=len(going))
+                self._kv.add(cache, length, copies=len(going))
                 self._running.extend(going)
         except Exception as exc:  # its rows already in the batch leave at the next step (``failed``)
             log.exception("first token failed")
             self._fail(request, exc)
+
+    def _prefill_forward(self, prepared: PreparedQuestion) -> tuple[Any, Any, int, bool, float]:
+        """(last logits, one-row cache, its length, whether the vision tower was skipped, seconds in it) of one
+        request's prefill: after a prefix seen before, only the text past its last visual token is run."""
+        import torch
+
+        key = None
+        if self.prefix_cache.enabled:
+            ids = self.qa.embedder.prompt_ids(prepared)
+            cut = prefix_length(ids, self.qa.embedder.visual_token_ids)
+            if 0 < cut < len(ids):
+                key, length = self.prefix_cache.key(ids[:cut], prepared.media), len(ids)
+                cache = self.prefix_cache.get(key)
+                if cache is not None:
+                    rest = torch.tensor([ids[cut:]], device=self.model.device)
+                    with torch.inference_mode():
+                        embeds = self.model.get_input_embeddings()(rest)
+                    mask = torch.ones(1, length, dtype=torch.long, device=self.model.device)
+                    positions = torch.arange(cut, length, device=self.model.device).unsqueeze(0)
+                    logits, cache = self._forward(embeds, mask, cache, positions)
+                    self.stats.prefix_hits += 1
+                    return logits, cache, length, True, 0.0
+        embeds, mask, cached, vision_s = self.qa.embedder([prepared])
+        logits, cache = self._forward(embeds, mask)
+        if key is not None:
+            self.prefix_cache.put(key, cache, cut)
+        return logits, cache, embeds.shape[1], cached[0], vision_s[0]
 
     def _step(self) -> None:
         """One decode step: every running sequence gets its next token; finished ones leave the batch."""

@@ -83,6 +83,14 @@ class MediaEmbedder:
             raise ValueError(f"the prompt has fewer placeholders than {' and '.join(left)}s")
         return "".join(out)
 
+    def prompt_ids(self, prepared: Embeddable) -> list[int]:
+        """The ids of one question's prompt with its placeholders expanded (what ``__call__`` embeds)."""
+        return self.tokenizer(self.expand(prepared), add_special_tokens=True)["input_ids"]
+
+    @property
+    def visual_token_ids(self) -> set[int]:
+        return {t for t in self.token_ids.values() if t is not None}
+
     def __call__(self, prepared: Sequence[Embeddable]):
         """(embeddings, attention mask, per question: whether all its features were cached, seconds in the
         vision tower) of a left-padded batch of prepared questions."""

@@ -67,6 +67,9 @@ class BatchSettings(BaseModel):
         8 * 12288, ge=1, description="KV positions the running sequences may hold together (each counts its prompt, "
         "visual tokens and max_new_tokens); a request larger than this runs alone")
     max_waiting: int = Field(256, ge=1, description="requests waiting for room in the batch; beyond, 503 queue_full")
+    prefix_cache_mb: int = Field(
+        1024, ge=0, description="KV of prompt prefixes (up to the last visual token) kept for repeat questions about the "
+        "same media; 0: none. A 32-frame 7B prefix is about 2.4 GB in bf16 (LLaVA-NeXT-Video), 0.4 GB (OneVision)")
     ignore_eos: bool = Field(False, description="benchmarks only: every answer runs to its max tokens (bench/serve.py)")
 
 
