@@ -366,6 +366,37 @@ def test_a_full_engine_queue_answers_503_queue_full_with_retry_after_and_recover
         assert ask(99).status_code == 200
 
 
+def test_a_client_that_leaves_mid_stream_frees_its_sequence_for_the_next_request(service):
+    """One sequence at a time and answers that never end on their own: only cancellation can free the slot."""
+    from ray import serve
+
+    endless = {"model": {"max_new_tokens": 4000}, "batching": {"max_batch_size": 1, "ignore_eos": True},
+               "deployment": {"num_cpus": 0.25, "ingress_num_cpus": 0.25, "decode_workers": 1}}
+    with second_app(service, "endless", endless):
+        video = "data:video/mp4;base64," + base64.b64encode(SAMPLE.read_bytes()).decode()
+        body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
+                                                          {"type": "text", "text": "Describe it."}]}],
+                "stream": True, "max_tokens": 4000, "num_frames": 4}
+        with httpx.stream("POST", f"{service}/endless/v1/chat/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            chunks = 0
+            for line in response.iter_lines():
+                chunks += line.startswith("data: {")
+                if chunks >= 3:
+                    break  # and leave, 4000 tokens early
+        handle = serve.get_deployment_handle("ModelServer", app_name="endless")
+        deadline, engine = time.time() + 60, {}
+        while time.time() < deadline:
+            engine = handle.describe.remote().result()["engine"]
+            if engine["cancelled"] >= 1 and engine["running"] == 0:
+                break
+            time.sleep(0.5)
+        assert engine["cancelled"] >= 1 and engine["running"] == 0, {k: engine[k] for k in ("running", "steps", "finished", "cancelled", "prefills")}
+        reply = httpx.post(f"{service}/endless/v1/video/qa", files={"video": ("a.mp4", SAMPLE.read_bytes())},
+                           data={"question": "What?", "num_frames": "4", "max_new_tokens": "4"}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+
+
 def test_streamed_and_whole_answers_share_decode_steps_and_give_the_same_text(service):
     from ray import serve
 
