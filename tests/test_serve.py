@@ -397,6 +397,36 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence_for_the_next_request
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
 
 
+def test_load_above_the_target_starts_a_second_model_replica(service):
+    """The engine keeps every request in flight on its replica, so Serve sees the load and autoscales."""
+    from ray import serve
+
+    scaling = {"model": {"max_new_tokens": 1500}, "batching": {"max_batch_size": 8, "ignore_eos": True},
+               # no CPU reserved for the model replicas: this 2-CPU cluster's other app holds 1.5 of them
+               "deployment": {"num_cpus": 0, "ingress_num_cpus": 0.25, "decode_workers": 1, "min_replicas": 1,
+                              "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+                              "max_ongoing_requests": 8}}
+
+    def replicas() -> int:
+        deployment = serve.status().applications["scaling"].deployments["ModelServer"]
+        return deployment.replica_states.get("RUNNING", 0)
+
+    with second_app(service, "scaling", scaling):
+        assert replicas() == 1
+        data = SAMPLE.read_bytes()
+        ask = lambda i: httpx.post(f"{service}/scaling/v1/video/qa", files={"video": ("a.mp4", data)},  # noqa: E731
+                                   data={"question": f"Q{i}?", "num_frames": "4"}, timeout=300)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            pending = [pool.submit(ask, i) for i in range(6)]
+            deadline = time.time() + 120
+            while replicas() < 2 and time.time() < deadline:
+                time.sleep(1)
+            scaled = replicas()
+            for future in pending:
+                future.cancel()
+        assert scaled == 2
+
+
 def test_streamed_and_whole_answers_share_decode_steps_and_give_the_same_text(service):
     from ray import serve
 

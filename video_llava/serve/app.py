@@ -40,6 +40,8 @@ def build_app(args: ServeArgs | dict) -> Application:
             "min_replicas": d.min_replicas,
             "max_replicas": d.max_replicas,
             "target_ongoing_requests": d.target_ongoing_requests,
+            "upscale_delay_s": d.upscale_delay_s,
+            "downscale_delay_s": d.downscale_delay_s,
         }
     model = ModelServer.options(**options).bind(args)
     ingress = {"num_cpus": d.ingress_num_cpus, "resources": dict(d.ingress_resources)}

@@ -87,6 +87,8 @@ class DeploymentSettings(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0, description="load above the target this long before a replica is added")
+    downscale_delay_s: float = Field(600.0, ge=0, description="load below the target this long before one is removed")
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1, description="beyond this Serve answers 503 (-1: unbounded)")
     ingress_replicas: int = Field(1, ge=1)
