@@ -536,8 +536,7 @@ def test_a_seeded_sampled_answer_is_the_same_whatever_it_is_batched_with(service
     assert len(set(hot)) > 1  # the seed, not greedy decoding, is what made the answers equal
 
 
-@pytest.mark.parametrize("extra,param", [({"logprobs": True, "stream": True}, "logprobs"),
-                                         ({"n": 2, "stream": True}, "n"),
+@pytest.mark.parametrize("extra,param", [({"best_of": 2}, "best_of"),
                                          ({"response_format": {"type": "json_object"}}, "response_format"),
                                          ({"frequency_penalty": 0.5}, "frequency_penalty"),
                                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -565,6 +564,13 @@ def test_n_answers_with_logprobs_through_the_openai_client(service):
     assert reply.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt is read once for the three
     assert [c.message.content for c in ask().choices] == [c.message.content for c in reply.choices]  # seeded
     error_of(httpx.post(f"{service}/v1/chat/completions", json={**body, "top_logprobs": 2}, timeout=60), 400)
+    streamed = list(client.chat.completions.create(model="embedded", **body, n=3, temperature=1.5, seed=5,
+                                                   logprobs=True, top_logprobs=2, stream=True))
+    for i, choice in enumerate(reply.choices):  # the same choices, streamed: text in pieces, logprobs at the end
+        mine = [c.choices[0] for c in streamed if c.choices[0].index == i]
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        assert mine[-1].finish_reason == choice.finish_reason
+        assert [t.token for t in mine[-1].logprobs.content] == [t.token for t in choice.logprobs.content]
 
 
 def test_parameters_sent_at_values_that_change_nothing_are_accepted(service):

@@ -20,7 +20,7 @@ from video_llava.model.families import UnsupportedMediaError
 from video_llava.model.prompts import InvalidQuestionError
 from video_llava.model.qa_model import PreparedQuestion
 from video_llava.serve.config import ServeArgs
-from video_llava.serve.protocol import ModelError, ModelReply, ModelRequest
+from video_llava.serve.protocol import ModelChoice, ModelError, ModelPiece, ModelReply, ModelRequest
 
 log = logging.getLogger("ray.serve")
 
@@ -81,7 +81,8 @@ class ModelServer:
         except UnsupportedMediaError as exc:
             return ModelError(400, str(exc), "unsupported_media", "messages")
 
-    async def _events(self, request: ModelRequest, stream: bool) -> AsyncIterator[str | ModelReply | ModelError]:
+    async def _events(self, request: ModelRequest, stream: bool
+                      ) -> AsyncIterator[ModelPiece | ModelChoice | ModelReply | ModelError]:
         prepared = self._prepare(request)
         if isinstance(prepared, ModelError):
             yield prepared
@@ -93,11 +94,13 @@ class ModelServer:
         try:
             async for event in self.engine.events(prepared, params, stream):
                 if isinstance(event, TextPiece):
-                    yield event.text  # one answer when streamed (n=1)
+                    yield ModelPiece(event.text, event.index)
                 elif isinstance(event, Finished):
                     self.metrics.batch_size.observe(self.engine.running)
                     self.metrics.generate_latency.observe(event.answer.generate_s)
                     answers[event.index] = event
+                    if stream:
+                        yield ModelChoice(event.answer, event.index)
                     if len(answers) == params.n:
                         self.metrics.visual_tokens.inc(event.answer.visual_tokens)
                         ordered = tuple(answers[i].answer for i in range(params.n))
@@ -113,7 +116,8 @@ class ModelServer:
             return event
         raise RuntimeError("the engine ended a request without an answer")
 
-    async def stream(self, request: ModelRequest) -> AsyncIterator[str | ModelReply | ModelError]:
-        """Text pieces as generated, then the ``ModelReply``; or a ``ModelError`` (first, or in place of the reply)."""
+    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelPiece | ModelChoice | ModelReply | ModelError]:
+        """Each choice's text pieces as generated and its ``ModelChoice`` when done, then the ``ModelReply``; or a
+        ``ModelError`` (first, or in place of the rest)."""
         async for event in self._events(request, stream=True):
             yield event

@@ -78,6 +78,22 @@ class ModelReply:
 
 
 @dataclass(frozen=True)
+class ModelPiece:
+    """Streamed answer text of choice ``index``, as generated."""
+
+    text: str
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Streamed: choice ``index`` is complete (its text was sent in pieces; its counts and logprobs are here)."""
+
+    answer: Answer
+    index: int = 0
+
+
+@dataclass(frozen=True)
 class ModelError:
     """A request the model deployment refused (it does not fit the context), as the HTTP error it becomes.
 
@@ -255,10 +271,6 @@ class ChatCompletionRequest(GenerationOptions):
         extra = self.model_extra or {}
         names = [name for name, value in extra.items()
                  if name not in ACCEPTED_UNUSED and value not in NO_OP_PARAMETERS.get(name, ())]
-        if self.stream and self.n > 1:  # not yet: chunks of several choices
-            names.append("n")
-        if self.stream and self.logprobs:
-            names.append("logprobs")
         return sorted(names)
 
     @model_validator(mode="after")
@@ -336,12 +348,16 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def chat_chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+def chat_chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, index: int = 0,
+               logprobs: ChoiceLogprobs | None = None) -> dict:
     """One server-sent event's payload in OpenAI's ``chat.completion.chunk`` shape."""
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs.model_dump()
     return {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        "choices": [choice],
     }

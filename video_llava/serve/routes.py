@@ -253,8 +253,8 @@ class QAIngress:
         if unsupported:
             raise ServiceError(400, f"{', '.join(repr(n) for n in unsupported)} {'is' if len(unsupported) == 1 else 'are'}"
                                " not supported by this service; leave it out (supported: seed, stop, temperature, "
-                               "top_p, max_tokens, max_completion_tokens, n, logprobs, top_logprobs, stream; n > 1 and "
-                               "logprobs not yet with stream)", code="unsupported_parameter", param=unsupported[0])
+                               "top_p, max_tokens, max_completion_tokens, n, logprobs, top_logprobs, stream)",
+                               code="unsupported_parameter", param=unsupported[0])
         if body.stream:
             return StreamingResponse(await self.service.open_stream(body), media_type="text/event-stream")
         return await self.service.chat(body)

@@ -20,8 +20,11 @@ from video_llava.serve.protocol import (
     CacheUse,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChoiceLogprobs,
     GenerationOptions,
+    ModelChoice,
     ModelError,
+    ModelPiece,
     ModelReply,
     ModelRequest,
     QAResponse,
@@ -311,13 +314,14 @@ class QAService:
         first = await events.__anext__()
         if isinstance(first, ModelError):
             raise first.exception()
-        return self._sse_events(first, events)
+        return self._sse_events(first, events, request.n)
 
-    async def _sse_events(self, first: str | ModelReply, events) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+    async def _sse_events(self, first, events, choices: int = 1) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``: each choice's role, its text
+        as generated, then its finish reason (with its logprobs, when asked for, in that last chunk)."""
         cid = completion_id()
-        yield _sse(chat_chunk(cid, self.model_name, {"role": "assistant", "content": ""}))
-        finish = "stop"
+        for index in range(choices):
+            yield _sse(chat_chunk(cid, self.model_name, {"role": "assistant", "content": ""}, index=index))
 
         async def all_events():
             yield first
@@ -325,15 +329,14 @@ class QAService:
                 yield event
 
         async for event in all_events():
-            if isinstance(event, str):
-                yield _sse(chat_chunk(cid, self.model_name, {"content": event}))
-            elif isinstance(event, ModelReply):
-                finish = event.answer.finish_reason
+            if isinstance(event, ModelPiece):
+                yield _sse(chat_chunk(cid, self.model_name, {"content": event.text}, index=event.index))
+            elif isinstance(event, ModelChoice):
+                yield _sse(chat_chunk(cid, self.model_name, {}, event.answer.finish_reason, event.index,
+                                      ChoiceLogprobs.of(event.answer)))
             elif isinstance(event, ModelError):  # failed after its first piece: the stream ends with the error
                 yield _sse(event.exception().body())
-                yield "data: [DONE]\n\n"
-                return
-        yield _sse(chat_chunk(cid, self.model_name, {}, finish_reason=finish))
+                break
         yield "data: [DONE]\n\n"
 
 
