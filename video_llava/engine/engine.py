@@ -9,7 +9,8 @@ One thread runs the loop: admit waiting requests that fit (prefill each alone, u
 at once), then one decode step for every running sequence (the KV of rows left-padded to one length, the mask
 marking real positions, as ``generate`` with a padded batch). Greedy rows give the tokens of one-at-a-time
 ``generate`` (float32 on CPU: token-identical, tested). A request that fails in its prefill fails alone; one that is
-cancelled leaves the batch before the next step.
+cancelled leaves the batch before the next step. A request of ``n`` answers is prefilled once and forked into ``n``
+rows; a prompt whose prefix (up to its last visual token) was seen before prefills only the rest (``prefix.py``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
 from video_llava.engine.kv import BatchKV
+from video_llava.engine.logprobs import spelled, token_logprobs
 from video_llava.engine.params import SamplingParams
 from video_llava.engine.prefix import PrefixCache, prefix_length
 from video_llava.engine.sampler import next_tokens, row_generator
-from video_llava.model.qa_model import Answer, PreparedQuestion, TokenLogprob, VideoQAModel
+from video_llava.model.qa_model import Answer, PreparedQuestion, VideoQAModel
 from video_llava.model.stops import StreamedText, first_stop
 
 log = logging.getLogger(__name__)
@@ -412,7 +414,8 @@ class Engine:
         if p.ignore_eos:
             answer = dataclasses.replace(answer, completion_tokens=len(seq.tokens))
         if p.logprobs:
-            answer = dataclasses.replace(answer, logprobs=self._token_texts(seq, answer))
+            answer = dataclasses.replace(answer, logprobs=spelled(self.tokenizer, self.eos, seq.tokens, seq.logprobs,
+                                                                          answer.text))
         piece += seq.text.finish(answer.text) if request.streamed else ""
         if piece:
             request.emit(TextPiece(piece, seq.index))
@@ -422,20 +425,6 @@ class Engine:
             self._live.pop(request.id, None)
         request.emit(Finished(answer, seq.started - request.submitted, seq.index))
         return True
-
-    def _token_texts(self, seq: _Sequence, answer: Answer) -> tuple[TokenLogprob, ...]:
-        """The answer's tokens (up to its end: EOS and what a stop string cut are left out) with their
-        log-probabilities, each token as the text it adds (leading space included)."""
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        out, shown = [], ""
-        for k, (token, (logprob, top)) in enumerate(zip(seq.tokens, seq.logprobs)):
-            if token in self.eos or len(shown.strip()) >= len(answer.text):
-                break
-            before = decode(seq.tokens[:k])
-            piece = lambda t: decode(seq.tokens[:k] + [t])[len(before):]  # noqa: E731
-            out.append(TokenLogprob(piece(token), logprob, tuple((piece(t), lp) for t, lp in top)))
-            shown += out[-1].token
-        return tuple(out)
 
     def _fail(self, request: _Request, exc: BaseException) -> None:
         if request.failed:
@@ -449,12 +438,3 @@ class Engine:
 def _one_answer(params: SamplingParams) -> None:
     if params.n != 1:
         raise ValueError(f"stream gives one answer per request (n=1), got n={params.n}: use events or run")
-
-
-def token_logprobs(logits: Any, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-    """The chosen token's log-probability under the model's distribution at its position, and the ``top`` most
-    likely tokens with theirs."""
-    logprobs = logits.float().log_softmax(-1)
-    best = logprobs.topk(top) if top else None
-    alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-    return float(logprobs[token]), alternatives
