@@ -6,6 +6,7 @@ import io
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -206,6 +207,36 @@ def test_a_decode_over_the_workers_memory_limit_is_a_typed_error_and_a_fresh_wor
         assert decoder.worker_pids() != [pid]
         small = decoder.decode(full_hd, DecodeOptions(num_frames=4, short_side=336))  # resized while decoding: fits
         assert small.frames.shape[:2] == (4, 336)
+
+
+def test_a_cancelled_decode_kills_its_worker_and_a_fresh_one_takes_the_next(video_files):
+    from video_llava.video.isolated import DecodeCancelledError
+
+    with IsolatedDecoder(timeout_s=60) as decoder:
+        assert decoder.decode(video_files["mp4"], DecodeOptions(num_frames=4)).num_frames == 4
+        (pid,) = decoder.worker_pids()
+        cancel = threading.Event()
+        cancel.set()  # as the service does when the client leaves mid-decode
+        with pytest.raises(DecodeCancelledError):
+            decoder.decode(video_files["mp4"], DecodeOptions(num_frames=4), cancel=cancel)
+        assert decoder.worker_pids() != [pid]
+        assert decoder.decode(video_files["mp4"], DecodeOptions(num_frames=4)).num_frames == 4
+
+
+def test_a_decode_that_cannot_get_a_worker_in_time_is_refused_as_busy(video_files):
+    from video_llava.video.isolated import DecodersBusyError
+
+    from video_llava.data.synthetic_video import video_bytes
+
+    full_hd = video_bytes(np.full((48, 1080, 1920, 3), 90, np.uint8), fps=12)
+    with IsolatedDecoder(workers=1, timeout_s=60) as decoder:
+        first = threading.Thread(target=decoder.decode, args=(full_hd, DecodeOptions(num_frames=48, short_side=None)))
+        first.start()  # holds the only worker: 48 full-HD frames decoded and sent back whole
+        time.sleep(0.1)
+        with pytest.raises(DecodersBusyError, match="stayed busy for 0.05 s"):
+            decoder.decode(video_files["mp4"], DecodeOptions(num_frames=4), wait_s=0.05)
+        first.join()
+        assert decoder.decode(video_files["mp4"], DecodeOptions(num_frames=4), wait_s=0.05).num_frames == 4
 
 
 def test_bad_input_through_the_isolated_decoder_is_the_same_typed_error():

@@ -98,6 +98,8 @@ class DeploymentSettings(BaseModel):
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="requests in flight per ingress replica")
     ingress_max_queued_requests: int = Field(512, ge=-1, description="waiting for an ingress replica; then 503")
     decode_workers: int = Field(2, ge=1, description="decode processes per ingress replica")
+    decode_wait_s: float = Field(30.0, gt=0, description="how long a request may wait for a free decode process; "
+                                 "then 503 decoders_busy with Retry-After")
     decode_cache_mb: int = Field(512, ge=0, description="decoded frames kept per ingress replica for repeat questions")
     decode_worker_memory_mb: int | None = Field(
         4096, ge=256, description="data memory each decode process may hold; past it the request is 422 "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -36,7 +37,7 @@ from video_llava.serve.protocol import (
 )
 from video_llava.video.decode import DecodeOptions, SampledVideo, VideoDecodeError
 from video_llava.video.image import DecodedImage, ImageOptions
-from video_llava.video.isolated import IsolatedDecoder
+from video_llava.video.isolated import DecodersBusyError, IsolatedDecoder
 
 MAX_MEDIA_PER_REQUEST = 8  # images and videos of one conversation together
 
@@ -153,8 +154,15 @@ class QAService:
         cached = self.frames_cache.get(key) if key else None
         if cached is not None:
             return cached, time.perf_counter() - start, True
+        cancel = threading.Event()
         try:
-            result = await asyncio.to_thread(decode, data, options)
+            result = await asyncio.to_thread(decode, data, options, cancel, self.args.deployment.decode_wait_s)
+        except asyncio.CancelledError:  # the client left, or a sibling medium failed: stop the decoder too
+            cancel.set()
+            raise
+        except DecodersBusyError as exc:
+            raise ServiceError(503, f"the service is at capacity ({exc}); retry shortly", type="overloaded",
+                               code="decoders_busy", headers={"Retry-After": RETRY_AFTER_S})
         except VideoDecodeError as exc:
             reason = exc.reason if exc.code != f"invalid_{kind}" else f"could not read the {kind}: {exc.reason}"
             raise ServiceError(422, reason, code=exc.code, param=kind)
@@ -281,10 +289,14 @@ class QAService:
             self._frames_wanted(request, num_videos)  # the whole conversation's frames, before fetching any of it
         budget = ByteBudget(self.limits.max_request_bytes)  # all media of the request together
         fetched = await _all_or_none(self.fetch(url, budget, kind) for kind, url in media)
-        decoded = await _all_or_none(
-            self.decode_image(f.data) if kind == "image" else self.decode(f.data, request, num_videos)
-            for (kind, _), f in zip(media, fetched)
-        )
+        # one message decodes on at most all but one worker at a time, so a small request is never stuck behind it
+        share = asyncio.Semaphore(max(1, self.args.deployment.decode_workers - 1))
+
+        async def decoded_one(kind: str, data: bytes):
+            async with share:
+                return await (self.decode_image(data) if kind == "image" else self.decode(data, request, num_videos))
+
+        decoded = await _all_or_none(decoded_one(kind, f.data) for (kind, _), f in zip(media, fetched))
         items = iter(item for item, _, _ in decoded)
         turns = [Turn(t.role, t.text, tuple(pixels(next(items)) for _ in t.media)) for t in planned]
         found = FetchedMedia([item for item, _, _ in decoded], max(f.seconds for f in fetched),

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import queue
 import threading
+import time
 from multiprocessing.connection import Connection
 
 from video_llava.video.decode import (
@@ -25,6 +26,14 @@ from video_llava.video.decode import (
 from video_llava.video.image import DecodedImage, ImageDecodeError, ImageOptions, load_image
 
 STARTUP_TIMEOUT_S = 120.0  # spawn, import the caller's main module again, then ours
+
+
+class DecodersBusyError(RuntimeError):
+    """No decoder worker came free within the wait allowed: the service is at capacity, retry later."""
+
+
+class DecodeCancelledError(RuntimeError):
+    """The caller cancelled the decode (its client left, or a sibling medium failed); its worker was replaced."""
 
 
 class DecoderStartError(RuntimeError):
@@ -150,21 +159,43 @@ class IsolatedDecoder:
         if not closed:
             self._add_worker()
 
-    def decode(self, video: VideoInput, options: DecodeOptions | None = None) -> SampledVideo:
-        """Like ``decode.sample_video`` but isolated and time-limited. Raises ``VideoDecodeError``."""
-        source = as_source(video)  # cheap checks (missing/empty file) in this process
-        return self._run(source, options or DecodeOptions(), VideoDecodeError)
+    def decode(self, video: VideoInput, options: DecodeOptions | None = None, cancel: threading.Event | None = None,
+               wait_s: float | None = None) -> SampledVideo:
+        """Like ``decode.sample_video`` but isolated and time-limited. Raises ``VideoDecodeError``.
 
-    def decode_image(self, data: bytes, options: ImageOptions | None = None) -> DecodedImage:
-        """Like ``image.load_image`` but isolated and time-limited. Raises ``ImageDecodeError``."""
+        ``cancel``: set it to stop the decode (its worker is killed and replaced; ``DecodeCancelledError``);
+        ``wait_s``: how long to wait for a free worker (``DecodersBusyError`` after; None: as long as it takes).
+        """
+        source = as_source(video)  # cheap checks (missing/empty file) in this process
+        return self._run(source, options or DecodeOptions(), VideoDecodeError, cancel, wait_s)
+
+    def decode_image(self, data: bytes, options: ImageOptions | None = None, cancel: threading.Event | None = None,
+                     wait_s: float | None = None) -> DecodedImage:
+        """Like ``image.load_image`` but isolated and time-limited. Raises ``ImageDecodeError``; see ``decode``."""
         if not data:
             raise ImageDecodeError("the image is empty (0 bytes)")
-        return self._run(data, options or ImageOptions(), ImageDecodeError)
+        return self._run(data, options or ImageOptions(), ImageDecodeError, cancel, wait_s)
 
-    def _run(self, source, options, error: type[VideoDecodeError]):
+    def _wait_for_result(self, worker: _Worker, cancel: threading.Event | None) -> bool:
+        """Whether the worker's reply arrived within the timeout; ``DecodeCancelledError`` once ``cancel`` is set."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise DecodeCancelledError("the decode was cancelled")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if worker.conn.poll(min(left, 0.05) if cancel is not None else left):
+                return True
+
+    def _run(self, source, options, error: type[VideoDecodeError], cancel: threading.Event | None = None,
+             wait_s: float | None = None):
         if self._closed:
             raise RuntimeError("IsolatedDecoder is closed")
-        worker = self._idle.get()
+        try:
+            worker = self._idle.get(timeout=wait_s)
+        except queue.Empty:
+            raise DecodersBusyError(f"all {len(self._all)} decoders stayed busy for {wait_s:g} s") from None
         if not worker.ready:
             try:
                 worker.await_ready()
@@ -173,7 +204,13 @@ class IsolatedDecoder:
                 raise
         try:
             worker.conn.send((source, options))
-            if not worker.conn.poll(self.timeout_s):
+            try:
+                arrived = self._wait_for_result(worker, cancel)
+            except DecodeCancelledError:
+                self._retire(worker)  # it may be deep in a long decode: a fresh worker, not a wait
+                worker = None
+                raise
+            if not arrived:
                 self._retire(worker)
                 worker = None
                 raise error(f"decoding took longer than {self.timeout_s:g} s and was stopped")
