@@ -224,9 +224,8 @@ def test_a_cancelled_decode_kills_its_worker_and_a_fresh_one_takes_the_next(vide
 
 
 def test_a_decode_that_cannot_get_a_worker_in_time_is_refused_as_busy(video_files):
-    from video_llava.video.isolated import DecodersBusyError
-
     from video_llava.data.synthetic_video import video_bytes
+    from video_llava.video.isolated import DecodersBusyError
 
     full_hd = video_bytes(np.full((48, 1080, 1920, 3), 90, np.uint8), fps=12)
     with IsolatedDecoder(workers=1, timeout_s=60) as decoder:

@@ -246,7 +246,8 @@ class Engine:
 
     def recent_running(self) -> list[int]:
         """Sequences in each of the last (up to 1000) decode steps."""
-        return list(self.stats.running_per_step)
+        with self._cond:
+            return list(self.stats.running_per_step)
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -375,7 +376,8 @@ class Engine:
         rows = self._running
         self.stats.steps += 1
         self.stats.max_running = max(self.stats.max_running, len(rows))
-        self.stats.running_per_step.append(len(rows))
+        with self._cond:  # read by other threads (recent_running): a deque must not change while they copy it
+            self.stats.running_per_step.append(len(rows))
         ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.model.device)
         with torch.inference_mode():
             embeds = self.model.get_input_embeddings()(ids)
