@@ -1,0 +1,102 @@
+"""The continuous-batching engine on a GPU: a 7B-shaped LLaVA-NeXT-Video checkpoint (random weights) through
+``VideoQAModel`` and ``Engine``, against its own ceiling and against one request at a time (issue 20's GPU bench).
+
+    python -m bench.gpu_engine [--shape 7b|tiny] [--frames 32] [--requests 32] [--json]
+
+For 32 and 256 new tokens (EOS ignored), ``--requests`` distinct videos arrive spread over time: videos/s, TTFT
+p50/p99 and decode tokens/s per sequence. In the same run, the ceiling: vision + prefill alone, back to back, for
+the same requests (no decoding); and a quarter of the requests answered one at a time at 256 tokens. Targets: at 32
+tokens >= 0.8 of the ceiling; at 256 tokens >= 3x one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from bench.engine import run_engine
+from bench.gpu_service import write_checkpoint
+from bench.machine import describe_machine
+from bench.shapes import SHAPES
+
+
+def ceiling_videos_per_s(model, prepared: list) -> float:
+    """Requests per second of vision + prefill alone (what no schedule can beat), after one warm-up."""
+    import torch
+
+    def prefill(p):
+        embeds, mask, _, _ = model.embedder([p])
+        with torch.inference_mode():
+            model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    prefill(prepared[0])
+    start = time.perf_counter()
+    for p in prepared:
+        prefill(p)
+    return len(prepared) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    import numpy as np
+    import torch
+
+    from video_llava.engine import Engine, SamplingParams
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
+
+    figures: dict = {"bench": "gpu_engine", "shape": args.shape, "frames": args.frames, "requests": args.requests,
+                     "machine": describe_machine(("torch", "transformers", "flash-attn"))}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(args.shape, args.frames, Path(tmp) / "ckpt")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        model = VideoQAModel(ModelSettings(model=str(path), num_frames=args.frames, max_frames=args.frames,
+                                           feature_cache_mb=0, max_new_tokens=max(args.tokens)))
+        rng = np.random.default_rng(0)
+        videos = [rng.integers(0, 255, (args.frames, 240, 320, 3), dtype=np.uint8) for _ in range(args.requests)]
+        described = model.describe()
+        figures.update(device=described.get("device"), dtype=described.get("dtype"),
+                       attention=described.get("attn_implementation"))
+        for new in args.tokens:
+            prepared = [model.prepare(v, "What happens in the video?", new) for v in videos]
+            params = SamplingParams(new, ignore_eos=True)
+            ceiling = ceiling_videos_per_s(model, prepared)
+            engine = Engine(model, max_running=args.requests)
+            try:
+                run_engine(engine, prepared[:2], params, 0.0)  # warm-up
+                burst = run_engine(engine, prepared, params, 0.0)
+                spread = run_engine(engine, prepared, params, burst["wall_s"] / 2)
+            finally:
+                engine.close()
+            row = {"ceiling_videos_per_s": round(ceiling, 3), "burst": burst, "spread": spread,
+                   "of_ceiling": round(burst["requests_per_s"] / ceiling, 2),
+                   "decode_tokens_per_s_per_sequence": round(new / burst["wall_s"], 1)}
+            if new == max(args.tokens):
+                alone = Engine(model, max_running=1)
+                try:
+                    few = prepared[: max(2, args.requests // 4)]
+                    one = run_engine(alone, few, params, 0.0)
+                finally:
+                    alone.close()
+                row["one_at_a_time_videos_per_s"] = one["requests_per_s"]
+                row["vs_one_at_a_time"] = round(burst["requests_per_s"] / one["requests_per_s"], 2)
+            figures[f"new_tokens_{new}"] = row
+            print(f"{new} new tokens: {row}", flush=True)
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
