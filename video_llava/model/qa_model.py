@@ -107,10 +107,12 @@ class VideoQAModel:
 
     def check_request(self, num_frames: int, question: str, max_new_tokens: int | None = None, num_videos: int = 1) -> int:
         """Tokens a question about videos needs; raises ``ContextBudgetError`` unless it fits (frames summed over
-        its videos)."""
-        new = max_new_tokens or self.settings.max_new_tokens
-        extra = self.family.video_tokens(self.processor, 0) * num_videos  # per-video separators (OneVision)
-        return self.budget.check(num_frames, self.count_prompt_tokens(question, num_videos), new, extra)
+        its videos). Counted as ``prepare_conversation`` counts, on placeholder videos of those frame counts."""
+        counts = [num_frames // num_videos + (i < num_frames % num_videos) for i in range(num_videos)]
+        videos = tuple(np.zeros((n, 1, 1, 3), np.uint8) for n in counts)
+        cost = conversation_cost(self.processor, self.family, [Turn("user", question, videos)],
+                                 self.settings.chat_template)
+        return cost.check(self.budget, max_new_tokens or self.settings.max_new_tokens)
 
     def prepare(self, media: VideoArg, question: str, max_new_tokens: int | None = None) -> PreparedQuestion:
         """One question about its media (images and/or videos, placed in order before the text); see
