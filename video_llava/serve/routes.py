@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from video_llava.serve.config import ServeArgs
@@ -91,9 +92,10 @@ def limited_body(request: Request, limit: int, timeout_s: float) -> Request:
         except asyncio.CancelledError:  # Serve's proxy saw the client leave first and cancelled the request
             _count_rejected("client_disconnected")
             raise
+        except TaskCancelledError:  # the same, seen from inside Serve's receive (a RayError, not asyncio's)
+            raise _client_left()
         if message["type"] == "http.disconnect":  # the client left mid-body: counted, not logged as our error
-            raise ServiceError(499, "the client closed the connection before its request arrived",
-                               code="client_disconnected")
+            raise _client_left()
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
@@ -101,6 +103,10 @@ def limited_body(request: Request, limit: int, timeout_s: float) -> Request:
         return message
 
     return Request(request.scope, receive)
+
+
+def _client_left() -> ServiceError:
+    return ServiceError(499, "the client closed the connection before its request arrived", code="client_disconnected")
 
 
 def _error_response(exc: ServiceError) -> JSONResponse:
