@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -147,6 +148,78 @@ def test_a_request_that_fails_in_its_prefill_fails_alone(embedded_model, engine,
     got = dict(results.get(timeout=120) for _ in range(2))
     assert isinstance(got["bad"], Failed) and isinstance(got["good"], Finished)
     assert got["good"].answer.text == _alone(embedded_model, videos[0], QUESTIONS[0], 4).text
+
+
+@contextlib.contextmanager
+def _failing(module, when, error):
+    """``module`` raises ``error`` whenever ``when(its first input)`` holds: a fault inside the model's forward."""
+    raised = []
+
+    def hook(_, args, kwargs):
+        first = args[0] if args else next(iter(kwargs.values()))
+        if when(first):
+            raised.append(first.shape)
+            raise error
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield raised
+    finally:
+        handle.remove()
+
+
+def test_a_decode_step_out_of_memory_is_run_in_halves_and_no_request_fails(embedded_model, videos):
+    """The fault is in the second decoder layer, after the first appended its KV: the retry must not see that
+    half-written step (the tokens would shift)."""
+    import torch
+
+    cases = [embedded_model.prepare(videos[i], QUESTIONS[i], 8) for i in range(4)]
+    expected = [_alone(embedded_model, videos[i], QUESTIONS[i], 8).text for i in range(4)]
+    engine = Engine(embedded_model, max_running=4)
+    layer = embedded_model.model.model.language_model.layers[1]
+    try:
+        with _failing(layer, lambda h: h.shape[0] > 2 and h.shape[1] == 1,
+                      torch.OutOfMemoryError("more than two rows do not fit")) as raised:
+            results = engine.run(cases, SamplingParams(max_new_tokens=8))
+        assert raised, "no step ran with more than two rows: the test tested nothing"
+        assert [r[0].text for r in results] == expected
+        assert engine.stats.failed == 0 and engine.stats.split_steps == len(raised)
+    finally:
+        engine.close()
+
+
+def _decode_inputs(model, engine, prepared) -> list[int]:
+    """The tokens a request feeds to its decode steps, run alone."""
+    seen: list[int] = []
+    handle = model.model.get_input_embeddings().register_forward_hook(
+        lambda _, args, out: seen.extend(args[0][:, 0].tolist()) if args[0].shape[1] == 1 else None)
+    try:
+        engine.generate([prepared], SamplingParams(max_new_tokens=8))
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_a_request_whose_decode_step_fails_fails_alone_and_its_batch_mates_finish(embedded_model, videos):
+    cases = [embedded_model.prepare(videos[i], QUESTIONS[i], 8) for i in range(4)]
+    engine = Engine(embedded_model, max_running=4)
+    try:
+        inputs = [_decode_inputs(embedded_model, engine, p) for p in cases]
+        bad, poison = next((i, t) for i in (3, 0, 1, 2) for t in inputs[i]
+                           if not any(t in inputs[j] for j in range(4) if j != i))  # a token only it feeds back
+        expected = [_alone(embedded_model, videos[i], QUESTIONS[i], 8).text for i in range(4)]
+        embeddings = embedded_model.model.get_input_embeddings()
+        with _failing(embeddings, lambda ids: ids.shape[1] == 1 and bool((ids == poison).any()),
+                      ValueError("a bad input that got through")) as raised:
+            results = engine.run(cases, SamplingParams(max_new_tokens=8))
+        assert raised
+        assert isinstance(results[bad], ValueError)
+        assert [r[0].text for i, r in enumerate(results) if i != bad] == [t for i, t in enumerate(expected) if i != bad]
+        assert engine.stats.failed == 1
+        (again,) = engine.generate([cases[bad]], SamplingParams(max_new_tokens=8))  # the engine keeps serving
+        assert again.text == expected[bad]
+    finally:
+        engine.close()
 
 
 def test_the_waiting_queue_is_bounded(embedded_model, videos):

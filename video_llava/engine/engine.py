@@ -9,8 +9,10 @@ One thread runs the loop: admit waiting requests that fit (prefill each alone, u
 at once), then one decode step for every running sequence (the KV of rows left-padded to one length, the mask
 marking real positions, as ``generate`` with a padded batch). Greedy rows give the tokens of one-at-a-time
 ``generate`` (float32 on CPU: token-identical, tested). A request that fails in its prefill fails alone; one that is
-cancelled leaves the batch before the next step. A request of ``n`` answers is prefilled once and forked into ``n``
-rows; a prompt whose prefix (up to its last visual token) was seen before prefills only the rest (``prefix.py``).
+cancelled leaves the batch before the next step; a decode step that raises is run again in halves until the rows
+that fail alone are found (only those requests fail; an out-of-memory step fails nobody). A request of ``n``
+answers is prefilled once and forked into ``n`` rows; a prompt whose prefix (up to its last visual token) was seen
+before prefills only the rest (``prefix.py``).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     prefix_hits: int = 0  # prefills that reused a cached prefix
+    split_steps: int = 0  # decode steps that raised and were run again in halves
     running_per_step: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
 
 
@@ -242,7 +245,7 @@ class Engine:
                 "running": len(self._running), "waiting": len(self._waiting), "steps": s.steps,
                 "prefills": s.prefills, "most_running_in_a_step": s.max_running, "finished": s.finished,
                 "cancelled": s.cancelled, "failed": s.failed, "prefix_hits": s.prefix_hits,
-                "prefix_cache": self.prefix_cache.stats()}
+                "split_steps": s.split_steps, "prefix_cache": self.prefix_cache.stats()}
 
     def recent_running(self) -> list[int]:
         """Sequences in each of the last (up to 1000) decode steps."""
@@ -264,8 +267,8 @@ class Engine:
                     self._prefill(seq)
                 if self._running:
                     self._step()
-            except Exception as exc:  # a decode step failed: its sequences fail, the engine keeps serving
-                log.exception("decode step failed for %d sequences", len(self._running))
+            except Exception as exc:  # not one request's fault (those fail alone): the running ones fail, it goes on
+                log.exception("the engine loop failed with %d sequences running", len(self._running))
                 for seq in self._running:
                     self._fail(seq.request, exc)
                 self._running, self._kv = [], BatchKV()
@@ -327,6 +330,9 @@ class Engine:
                 if p.temperature > 0:
                     seq.generator = row_generator(None if p.seed is None else p.seed + seq.index)
             chosen = next_tokens(logits.expand(p.n, -1), [p] * p.n, [s.generator for s in forks])
+            error = next((c for c in chosen if isinstance(c, Exception)), None)
+            if error is not None:
+                raise error
         except Exception as exc:  # this request alone: out of memory for its size, a bad input that got through
             log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
             self._fail(request, exc)
@@ -378,17 +384,77 @@ class Engine:
         self.stats.max_running = max(self.stats.max_running, len(rows))
         with self._cond:  # read by other threads (recent_running): a deque must not change while they copy it
             self.stats.running_per_step.append(len(rows))
-        ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.model.device)
-        with torch.inference_mode():
-            embeds = self.model.get_input_embeddings()(ids)
-        mask, positions = self._kv.step_inputs()
-        logits, _ = self._forward(embeds, mask, self._kv.cache, positions)
-        self._kv.advance()
-        chosen = next_tokens(logits, [s.request.params for s in rows], [s.generator for s in rows])
-        keep = [i for i, (seq, token) in enumerate(zip(rows, chosen)) if not self._append(seq, token, logits[i])]
+        parts = self._isolated_decode(self._kv, rows)
+        if len(parts) != 1 or parts[0][1] is not rows:  # the step was split: the rows that survived, rejoined
+            self._kv, rows = BatchKV(), []
+            for kv, part, _ in parts:
+                self._kv.extend(kv)
+                rows += part
+            self._running = rows
+        if not rows:
+            return
+        logits = parts[0][2] if len(parts) == 1 else torch.cat([p[2] for p in parts])
+        chosen = self._choose(logits, rows)
+        keep = [i for i, (seq, token) in enumerate(zip(rows, chosen))
+                if token is not None and not self._appended_alone(seq, token, logits[i])]
         if len(keep) < len(rows):
             self._running = [rows[i] for i in keep]
             self._kv.keep(keep)
+
+    def _decode(self, kv: BatchKV, rows: list[_Sequence]) -> Any:
+        """Logits of one decode step over ``rows`` (their KV ``kv``, advanced; as it was if the step raises)."""
+        import torch
+
+        ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.model.device)
+        mask, positions = kv.step_inputs()
+        try:
+            with torch.inference_mode():
+                embeds = self.model.get_input_embeddings()(ids)
+            logits, _ = self._forward(embeds, mask, kv.cache, positions)
+        except BaseException:
+            kv.crop()  # the layers the failed forward had already appended to
+            raise
+        kv.advance()
+        return logits
+
+    def _isolated_decode(self, kv: BatchKV, rows: list[_Sequence]) -> list[tuple[BatchKV, list[_Sequence], Any]]:
+        """``_decode``, and if it fails, the same step in halves until the rows that fail alone are found: those
+        requests fail, the others go on (an out-of-memory step succeeds in smaller parts: nobody fails). The parts
+        that ran: (KV, rows, logits)."""
+        try:
+            return [(kv, rows, self._decode(kv, rows))]
+        except Exception as exc:
+            if len(rows) == 1:
+                log.warning("decode step failed for request %d: %s: %s", rows[0].request.id, type(exc).__name__, exc)
+                self._fail(rows[0].request, exc)
+                return []
+            log.warning("decode step of %d sequences failed (%s: %s): retrying in halves", len(rows),
+                        type(exc).__name__, exc)
+            self.stats.split_steps += 1
+        half = len(rows) // 2
+        second = kv.take(range(half, len(rows)))
+        kv.keep(range(half))
+        return self._isolated_decode(kv, rows[:half]) + self._isolated_decode(second, rows[half:])
+
+    def _choose(self, logits: Any, rows: list[_Sequence]) -> list[int | None]:
+        """Each row's next token; a row whose sampling failed (non-finite probabilities) fails its request alone."""
+        chosen: list[int | None] = []
+        for seq, token in zip(rows, next_tokens(logits, [s.request.params for s in rows], [s.generator for s in rows])):
+            if isinstance(token, Exception):
+                log.warning("sampling failed for request %d: %s", seq.request.id, token)
+                self._fail(seq.request, token)
+                token = None
+            chosen.append(token)
+        return chosen
+
+    def _appended_alone(self, seq: _Sequence, token: int, logits: Any) -> bool:
+        """``_append``; an error there (a stop string, a tokenizer, an owner's callback) fails that request alone."""
+        try:
+            return self._append(seq, token, logits)
+        except Exception as exc:
+            log.exception("finishing a token failed for request %d", seq.request.id)
+            self._fail(seq.request, exc)
+            return True
 
     def _append(self, seq: _Sequence, token: int, logits: Any) -> bool:
         """Add a generated token (``logits``: its position's), stream the new text, finish the sequence if it
@@ -434,7 +500,10 @@ class Engine:
         request.failed = True
         self.stats.failed += 1
         self._live.pop(request.id, None)
-        request.emit(Failed(exc))
+        try:
+            request.emit(Failed(exc))
+        except Exception:  # its owner is gone (its event loop closed): nothing is left to tell
+            log.warning("request %d failed and its owner could not be told", request.id)
 
 
 def _one_answer(params: SamplingParams) -> None:

@@ -50,18 +50,45 @@ class BatchKV:
         theirs = [(layer.keys, layer.values) for layer in cache_layers(cache)]
         if copies > 1:
             theirs = [(k.expand(copies, -1, -1, -1), v.expand(copies, -1, -1, -1)) for k, v in theirs]
-        row_mask = torch.ones(copies, length, dtype=torch.long, device=theirs[0][0].device)
+        self._append_rows(cache, theirs, torch.ones(copies, length, dtype=torch.long, device=theirs[0][0].device))
+
+    def extend(self, other: "BatchKV") -> None:
+        """Append ``other``'s rows after these (``other`` is used up)."""
+        if other.cache is not None:
+            self._append_rows(other.cache, [(layer.keys, layer.values) for layer in cache_layers(other.cache)],
+                              other.mask)
+
+    def _append_rows(self, cache: Any, theirs: list[tuple[Any, Any]], mask: Any) -> None:
+        import torch
+
         if self.cache is None:
             for layer, (k, v) in zip(cache_layers(cache), theirs):
                 layer.keys, layer.values = k.contiguous(), v.contiguous()
-            self.cache, self.mask = cache, row_mask
+            self.cache, self.mask = cache, mask
             return
-        width = max(self.length, length)
+        width = max(self.length, mask.shape[1])
         for mine, (k, v) in zip(cache_layers(self.cache), theirs):
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(k, width)])
             mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(v, width)])
         pad = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
-        self.mask = torch.cat([pad(self.mask), pad(row_mask)])
+        self.mask = torch.cat([pad(self.mask), pad(mask)])
+
+    def take(self, rows: Sequence[int]) -> "BatchKV":
+        """A new batch of (copies of) ``rows``; this one is unchanged."""
+        import copy
+
+        part = BatchKV()
+        part.cache = copy.copy(self.cache)
+        part.cache.layers = [copy.copy(layer) for layer in cache_layers(self.cache)]
+        part.mask = self.mask
+        part.keep(rows)
+        return part
+
+    def crop(self) -> None:
+        """Drop the positions a failed step appended to some layers before it raised (the mask was not advanced)."""
+        for layer in cache_layers(self.cache):
+            if layer.keys.shape[-2] > self.length:
+                layer.keys, layer.values = layer.keys[..., :self.length, :], layer.values[..., :self.length, :]
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (in this order); positions no kept row uses are dropped from the front."""

@@ -27,16 +27,20 @@ def _top_p_filtered(logits: Any, top_p: float) -> Any:
     return torch.full_like(logits, float("-inf")).scatter(0, index, ordered)
 
 
-def next_tokens(logits: Any, params: Sequence[SamplingParams], generators: Sequence[Any]) -> list[int]:
-    """One token per row of ``logits`` (rows x vocabulary, float32)."""
+def next_tokens(logits: Any, params: Sequence[SamplingParams], generators: Sequence[Any]) -> list[int | Exception]:
+    """One token per row of ``logits`` (rows x vocabulary, float32); in place of a row's token, the error its
+    sampling raised (non-finite probabilities), so one bad row does not take the others' tokens with it."""
     import torch
 
-    chosen = logits.argmax(-1).tolist()
+    chosen: list[int | Exception] = logits.argmax(-1).tolist()
     for i, (p, generator) in enumerate(zip(params, generators)):
         if p.temperature <= 0:
             continue
-        row = logits[i].float().cpu() / p.temperature
-        if p.top_p < 1:
-            row = _top_p_filtered(row, p.top_p)
-        chosen[i] = int(torch.multinomial(row.softmax(-1), 1, generator=generator))
+        try:
+            row = logits[i].float().cpu() / p.temperature
+            if p.top_p < 1:
+                row = _top_p_filtered(row, p.top_p)
+            chosen[i] = int(torch.multinomial(row.softmax(-1), 1, generator=generator))
+        except RuntimeError as exc:
+            chosen[i] = exc
     return chosen
