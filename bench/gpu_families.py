@@ -107,7 +107,7 @@ def main() -> None:
         videos = [rng.integers(0, 255, (args.frames, 384, 384, 3), dtype=np.uint8) for _ in range(args.batch)]
         image = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
         question = "What happens in the video?"
-        vision_s = median_s(lambda: qa.family.video_features(qa.model, qa.processor, videos[0]))
+        vision_s = median_s(lambda: qa.family.video_features(qa.model, qa.processor, [videos[0]]))
         prepared = qa.prepare(videos[0], question)
         embeds, mask, _, _ = qa.embedder([prepared])
         with torch.inference_mode():

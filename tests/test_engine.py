@@ -173,14 +173,15 @@ def test_a_decode_step_out_of_memory_is_run_in_halves_and_no_request_fails(embed
     half-written step (the tokens would shift)."""
     import torch
 
-    cases = [embedded_model.prepare(videos[i], QUESTIONS[i], 8) for i in range(4)]
-    expected = [_alone(embedded_model, videos[i], QUESTIONS[i], 8).text for i in range(4)]
+    cases = [embedded_model.prepare(videos[i], QUESTIONS[i], 24) for i in range(4)]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)  # long enough to share steps however they arrive
     engine = Engine(embedded_model, max_running=4)
     layer = embedded_model.model.model.language_model.layers[1]
     try:
+        expected = [r[0].text for r in engine.run(cases, params)]
         with _failing(layer, lambda h: h.shape[0] > 2 and h.shape[1] == 1,
                       torch.OutOfMemoryError("more than two rows do not fit")) as raised:
-            results = engine.run(cases, SamplingParams(max_new_tokens=8))
+            results = engine.run(cases, params)
         assert raised, "no step ran with more than two rows: the test tested nothing"
         assert [r[0].text for r in results] == expected
         assert engine.stats.failed == 0 and engine.stats.split_steps == len(raised)
@@ -220,6 +221,28 @@ def test_a_request_whose_decode_step_fails_fails_alone_and_its_batch_mates_finis
         assert again.text == expected[bad]
     finally:
         engine.close()
+
+
+def test_requests_admitted_together_share_one_vision_pass_and_give_the_tokens_of_one_at_a_time(embedded_cache):
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
+
+    qa = VideoQAModel(ModelSettings(feature_cache_mb=0))  # every request runs the vision tower
+    clips = [render_frames([MovingShape("square", color, "right")], num_frames=8, fps=12, width=160, height=120)
+             for color in ("red", "green", "blue")]
+    cases = [qa.prepare(clip, QUESTIONS[0], 6) for clip in clips]
+    expected = [_alone(qa, clip, QUESTIONS[0], 6).text for clip in clips]
+    passes: list[int] = []
+    handle = qa.model.model.vision_tower.register_forward_hook(lambda _, args, out: passes.append(args[0].shape[0]))
+    engine = Engine(qa, max_running=4)
+    try:
+        results = engine.run(cases, SamplingParams(max_new_tokens=6))
+    finally:
+        handle.remove()
+        engine.close()
+    assert passes == [24]  # the three videos' 8 frames each, in one pass
+    assert [r[0].text for r in results] == expected
+    assert all(not r[0].vision_cached and r[0].vision_s > 0 for r in results)
 
 
 def test_the_waiting_queue_is_bounded(embedded_model, videos):

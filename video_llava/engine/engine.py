@@ -5,8 +5,8 @@ Written by hand, over the model's own ``forward`` with a ``DynamicCache``: trans
 (``ContinuousBatchingManager``, paged attention) takes ``input_ids`` only, and our requests arrive as embeddings
 with their vision features spliced in (transformers#43386 and #46376 are open). No attention kernel is written here.
 
-One thread runs the loop: admit waiting requests that fit (prefill each alone, unpadded, so its first token comes
-at once), then one decode step for every running sequence (the KV of rows left-padded to one length, the mask
+One thread runs the loop: admit waiting requests that fit (one vision pass for all their media not cached, then
+each prefilled alone, unpadded, so its first token comes at once), then one decode step for every running sequence (the KV of rows left-padded to one length, the mask
 marking real positions, as ``generate`` with a padded batch). Greedy rows give the tokens of one-at-a-time
 ``generate`` (float32 on CPU: token-identical, tested). A request that fails in its prefill fails alone; one that is
 cancelled leaves the batch before the next step; a decode step that raises is run again in halves until the rows
@@ -34,6 +34,7 @@ from video_llava.engine.logprobs import spelled, token_logprobs
 from video_llava.engine.params import SamplingParams
 from video_llava.engine.prefix import PrefixCache, prefix_length
 from video_llava.engine.sampler import next_tokens, row_generator
+from video_llava.model.media_embeds import MediaFeatures, media_keys
 from video_llava.model.qa_model import Answer, PreparedQuestion, VideoQAModel
 from video_llava.model.stops import StreamedText, first_stop
 
@@ -82,6 +83,16 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # asked for: per token
     text: StreamedText | None = None
+
+
+@dataclass
+class _Plan:
+    """How an admitted request is prefilled: its prompt's ids and, if its prefix was seen before, that KV."""
+
+    ids: list[int]
+    cut: int = 0  # positions of its cacheable prefix (up to its last visual token); 0: none
+    key: str | None = None  # the prefix's key in the prefix cache
+    prefix: Any = None  # a fresh one-row cache of those positions (a hit), or None
 
 
 @dataclass
@@ -201,8 +212,9 @@ class Engine:
 
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prepared)
         done: queue_.SimpleQueue[tuple[int, Event]] = queue_.SimpleQueue()
-        for i, (p, sp) in enumerate(zip(prepared, params)):
-            self.submit(p, sp, lambda event, i=i: done.put((i, event)), stream=False)
+        with self._cond:  # all queued before the loop looks: admitted together as far as they fit
+            for i, (p, sp) in enumerate(zip(prepared, params)):
+                self.submit(p, sp, lambda event, i=i: done.put((i, event)), stream=False)
         answers: list[dict[int, Answer]] = [{} for _ in prepared]
         results: list[tuple[Answer, ...] | BaseException | None] = [None] * len(prepared)
         while any(r is None for r in results):
@@ -263,8 +275,7 @@ class Engine:
                 admitted = self._admissible()
             try:
                 self._drop_cancelled()
-                for seq in admitted:
-                    self._prefill(seq)
+                self._prefill_all(admitted)
                 if self._running:
                     self._step()
             except Exception as exc:  # not one request's fault (those fail alone): the running ones fail, it goes on
@@ -317,13 +328,45 @@ class Engine:
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return out.logits[:, -1, :].float(), cache
 
-    def _prefill(self, request: _Request) -> None:
-        """Embed and prefill one request alone; the first token of each of its ``n`` answers, which join the batch
-        (one copy of the prefill's KV each) unless already done."""
+    def _prefill_all(self, admitted: list[_Request]) -> None:
+        """Prefill the admitted requests one by one, after one vision pass for all of their media not cached."""
+        plans: list[_Plan | None] = []
+        for request in admitted:
+            try:
+                plans.append(self._plan(request.prepared))
+            except Exception as exc:  # its prompt cannot be tokenized or expanded: it fails alone
+                log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
+                self._fail(request, exc)
+                plans.append(None)
+        need = [r for r, plan in zip(admitted, plans) if plan is not None and plan.prefix is None]
+        features: dict[int, MediaFeatures] = {}
+        if len(need) > 1:
+            try:
+                features = dict(zip((r.id for r in need), self.qa.embedder.features([r.prepared for r in need])))
+            except Exception as exc:  # out of memory for all of them at once, or one bad medium: each runs its own
+                log.warning("the vision pass of %d requests failed (%s: %s): each runs alone", len(need),
+                            type(exc).__name__, exc)
+        for request, plan in zip(admitted, plans):
+            if plan is not None:
+                self._prefill(request, plan, features.get(request.id))
+
+    def _plan(self, prepared: PreparedQuestion) -> _Plan:
+        ids = self.qa.embedder.prompt_ids(prepared)
+        plan = _Plan(ids)
+        if self.prefix_cache.enabled:
+            cut = prefix_length(ids, self.qa.embedder.visual_token_ids)
+            if 0 < cut < len(ids):
+                plan.cut, plan.key = cut, self.prefix_cache.key(ids[:cut], media_keys(prepared))
+                plan.prefix = self.prefix_cache.get(plan.key)
+        return plan
+
+    def _prefill(self, request: _Request, plan: _Plan, features: MediaFeatures | None) -> None:
+        """Prefill one request alone; the first token of each of its ``n`` answers, which join the batch (one
+        copy of the prefill's KV each) unless already done."""
         started = time.perf_counter()
         p = request.params
         try:
-            logits, cache, length, cached, vision_s = self._prefill_forward(request.prepared)
+            logits, cache, cached, vision_s = self._prefill_forward(request.prepared, plan, features)
             forks = [_Sequence(request, i, started, cached, vision_s, text=StreamedText(p.stop))
                      for i in range(p.n)]
             for seq in forks:
@@ -342,38 +385,35 @@ class Engine:
         try:
             going = [seq for seq, token in zip(forks, chosen) if not self._append(seq, token, logits[0])]
             if going:
-                self._kv.add(cache, length, copies=len(going))
+                self._kv.add(cache, len(plan.ids), copies=len(going))
                 self._running.extend(going)
         except Exception as exc:  # its rows already in the batch leave at the next step (``failed``)
             log.exception("first token failed")
             self._fail(request, exc)
 
-    def _prefill_forward(self, prepared: PreparedQuestion) -> tuple[Any, Any, int, bool, float]:
-        """(last logits, one-row cache, its length, whether the vision tower was skipped, seconds in it) of one
-        request's prefill: after a prefix seen before, only the text past its last visual token is run."""
+    def _prefill_forward(self, prepared: PreparedQuestion, plan: _Plan, features: MediaFeatures | None
+                         ) -> tuple[Any, Any, bool, float]:
+        """(last logits, one-row cache, whether the vision tower was skipped, seconds in it) of one request's
+        prefill: after a prefix seen before, only the text past its last visual token is run."""
         import torch
 
-        key = None
-        if self.prefix_cache.enabled:
-            ids = self.qa.embedder.prompt_ids(prepared)
-            cut = prefix_length(ids, self.qa.embedder.visual_token_ids)
-            if 0 < cut < len(ids):
-                key, length = self.prefix_cache.key(ids[:cut], prepared.media), len(ids)
-                cache = self.prefix_cache.get(key)
-                if cache is not None:
-                    rest = torch.tensor([ids[cut:]], device=self.model.device)
-                    with torch.inference_mode():
-                        embeds = self.model.get_input_embeddings()(rest)
-                    mask = torch.ones(1, length, dtype=torch.long, device=self.model.device)
-                    positions = torch.arange(cut, length, device=self.model.device).unsqueeze(0)
-                    logits, cache = self._forward(embeds, mask, cache, positions)
-                    self.stats.prefix_hits += 1
-                    return logits, cache, length, True, 0.0
-        embeds, mask, cached, vision_s = self.qa.embedder([prepared])
-        logits, cache = self._forward(embeds, mask)
-        if key is not None:
-            self.prefix_cache.put(key, cache, cut)
-        return logits, cache, embeds.shape[1], cached[0], vision_s[0]
+        device = self.model.device
+        if plan.prefix is not None:
+            rest = torch.tensor([plan.ids[plan.cut:]], device=device)
+            with torch.inference_mode():
+                embeds = self.model.get_input_embeddings()(rest)
+            mask = torch.ones(1, len(plan.ids), dtype=torch.long, device=device)
+            positions = torch.arange(plan.cut, len(plan.ids), device=device).unsqueeze(0)
+            logits, cache = self._forward(embeds, mask, plan.prefix, positions)
+            self.stats.prefix_hits += 1
+            return logits, cache, True, 0.0
+        if features is None:
+            (features,) = self.qa.embedder.features([prepared])
+        embeds = self.qa.embedder.splice([plan.ids], [features])
+        logits, cache = self._forward(embeds, torch.ones(1, len(plan.ids), dtype=torch.long, device=device))
+        if plan.key is not None:
+            self.prefix_cache.put(plan.key, cache, plan.cut)
+        return logits, cache, features.cached, features.vision_s
 
     def _step(self) -> None:
         """One decode step: every running sequence gets its next token; finished ones leave the batch."""

@@ -1,7 +1,7 @@
 """KV reuse for repeat questions: the KV of a prompt's prefix up to its last visual token (system text, earlier
 turns, the media), kept by content, so a second question about the same video prefills only its own text.
 
-The key is the prefix's token ids and the media's pixels; the value is each layer's keys and values of those
+The key is the prefix's token ids and the media's content keys (their pixels, hashed once per request); the value is each layer's keys and values of those
 positions (copied out of the request's cache, never written to afterwards). Bounded by bytes, least recently used
 first out. A 32-frame LLaVA-NeXT-Video-7B prefix holds about 2.4 GB in bf16: size ``prefix_cache_mb`` to the GPU.
 """
@@ -33,11 +33,9 @@ class PrefixCache:
         return self.store.max_bytes > 0
 
     @staticmethod
-    def key(prefix_ids: Sequence[int], media: Sequence[np.ndarray]) -> str:
-        parts = [np.asarray(prefix_ids, np.int64).tobytes()]
-        for m in media:
-            parts += [str(m.shape), np.ascontiguousarray(m).tobytes()]
-        return content_key(*parts)
+    def key(prefix_ids: Sequence[int], media_keys: Sequence[str]) -> str:
+        """The key of a prefix: its token ids and its media's content keys (``media_embeds.media_keys``)."""
+        return content_key(np.asarray(prefix_ids, np.int64).tobytes(), *media_keys)
 
     def get(self, key: str) -> Any | None:
         """A fresh one-row ``DynamicCache`` holding the prefix, or None."""

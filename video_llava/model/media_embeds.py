@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -27,6 +28,35 @@ class Embeddable(Protocol):
     media_tokens: tuple[int, ...]  # visual tokens of each medium, in the same order
 
 
+VISION_BATCH_FRAMES = 256  # frames through the vision tower in one call at most (CLIP-L 336 px: ~1.2 GB bf16 at its MLP)
+
+
+@dataclass
+class MediaFeatures:
+    """One question's projected vision features as they are spliced: its images' (together), its videos'."""
+
+    images: Any | None
+    videos: list[Any]
+    cached: bool  # all of them came from the feature cache
+    vision_s: float  # its share of the seconds in the vision tower + projector
+
+
+def medium_key(medium: np.ndarray) -> str:
+    """A content key of one image or video: its kind, shape and pixels."""
+    return content_key(media_kind(medium), str(medium.shape), np.ascontiguousarray(medium).tobytes())
+
+
+def media_keys(question: Embeddable) -> tuple[str, ...]:
+    """Each medium's key; a question that keeps them (``PreparedQuestion.media_keys``) hashes its pixels once."""
+    keys = getattr(question, "media_keys", None)
+    return tuple(keys) if keys is not None else tuple(medium_key(m) for m in question.media)
+
+
+@dataclass(frozen=True)
+class _Media:
+    media: tuple[np.ndarray, ...]
+
+
 class MediaEmbedder:
     """Embeddings of prepared questions for one loaded model (its weights, processor and family)."""
 
@@ -37,31 +67,74 @@ class MediaEmbedder:
         self.tokens = {IMAGE: getattr(processor, "image_token", None), VIDEO: getattr(processor, "video_token", None)}
         self.token_ids = {IMAGE: getattr(processor, "image_token_id", None), VIDEO: getattr(processor, "video_token_id", None)}
 
-    def _cached(self, key_parts: tuple, compute) -> tuple[Any, bool]:
-        key = content_key(*key_parts) if self.feature_cache.max_bytes else None
-        if key is not None:
-            hit = self.feature_cache.get(key)
-            if hit is not None:
-                return hit, True
-        import torch
-
-        with torch.inference_mode():
-            features = compute()
-        self.vision_calls += 1
-        if key is not None:
-            self.feature_cache.put(key, features)
-        return features, False
-
     def video_features(self, frames: np.ndarray) -> tuple[Any, bool]:
         """Features ``(tokens, hidden)`` of one video, and whether they were cached."""
-        return self._cached((VIDEO, str(frames.shape), frames.tobytes()),
-                            lambda: self.family.video_features(self.model, self.processor, frames))
+        (features,) = self.features([_Media((frames,))])
+        return features.videos[0], features.cached
 
-    def image_features(self, images: Sequence[np.ndarray]) -> tuple[Any, bool]:
-        """Features ``(tokens, hidden)`` of one conversation's images together, and whether they were cached."""
-        parts = (IMAGE, *[str(m.shape) for m in images], *[m.tobytes() for m in images])
-        return self._cached(parts, lambda: self.family.image_features(
-            self.model, self.family.image_inputs(self.processor, images)))
+    def features(self, prepared: Sequence[Embeddable]) -> list[MediaFeatures]:
+        """Each question's vision features. The videos not in the cache, across all the questions, go through the
+        vision tower together, one pass per frame shape and up to ``VISION_BATCH_FRAMES`` frames (a video seen
+        twice, once); a question's images go through together (AnyRes tiles differ per image)."""
+        import torch
+
+        keys = [[k if media_kind(m) == VIDEO else None for m, k in zip(p.media, media_keys(p))] for p in prepared]
+        found: dict[str, Any] = {}
+        missing: dict[str, np.ndarray] = {}
+        for p, question_keys in zip(prepared, keys):
+            for m, key in zip(p.media, question_keys):
+                if key is not None and key not in found and key not in missing:
+                    hit = self.feature_cache.get(key) if self.feature_cache.max_bytes else None
+                    if hit is None:
+                        missing[key] = m
+                    else:
+                        found[key] = hit
+        seconds = self._run_videos(missing, found)
+        out = []
+        for p, question_keys in zip(prepared, keys):
+            start = time.perf_counter()
+            images = [m for m in p.media if media_kind(m) == IMAGE]
+            image_features, images_cached = None, True
+            if images:
+                key = content_key(IMAGE, *[k for m, k in zip(p.media, media_keys(p)) if media_kind(m) == IMAGE])
+                image_features = self.feature_cache.get(key) if self.feature_cache.max_bytes else None
+                if image_features is None:
+                    images_cached = False
+                    with torch.inference_mode():
+                        inputs = self.family.image_inputs(self.processor, images, self.model.device)
+                        image_features = self.family.image_features(self.model, inputs)
+                    self.vision_calls += 1
+                    if self.feature_cache.max_bytes:
+                        self.feature_cache.put(key, image_features)
+            videos = [found[k] for k in question_keys if k is not None]
+            out.append(MediaFeatures(image_features, videos,
+                                     images_cached and not any(k in missing for k in question_keys if k is not None),
+                                     time.perf_counter() - start + sum(seconds.get(k, 0.0) for k in set(question_keys))))
+        return out
+
+    def _run_videos(self, missing: dict[str, np.ndarray], found: dict[str, Any]) -> dict[str, float]:
+        """Features of the ``missing`` videos into ``found`` (and the cache); each video's share of the seconds."""
+        import torch
+
+        by_shape: dict[tuple, list[str]] = {}
+        for key, frames in missing.items():
+            by_shape.setdefault(frames.shape, []).append(key)
+        seconds: dict[str, float] = {}
+        for shape, shaped in by_shape.items():
+            per_call = max(1, VISION_BATCH_FRAMES // shape[0])
+            for i in range(0, len(shaped), per_call):
+                chunk = shaped[i:i + per_call]
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    features = self.family.video_features(self.model, self.processor, [missing[k] for k in chunk])
+                elapsed = time.perf_counter() - start
+                self.vision_calls += len(chunk)
+                for key, f in zip(chunk, features):
+                    found[key] = f
+                    seconds[key] = elapsed / len(chunk)
+                    if self.feature_cache.max_bytes:
+                        self.feature_cache.put(key, f)
+        return seconds
 
     def expand(self, prepared: Embeddable) -> str:
         """The prompt with each placeholder repeated as many times as its medium has visual tokens."""
@@ -91,30 +164,29 @@ class MediaEmbedder:
     def visual_token_ids(self) -> set[int]:
         return {t for t in self.token_ids.values() if t is not None}
 
-    def __call__(self, prepared: Sequence[Embeddable]):
+    def __call__(self, prepared: Sequence[Embeddable], features: Sequence[MediaFeatures] | None = None):
         """(embeddings, attention mask, per question: whether all its features were cached, seconds in the
-        vision tower) of a left-padded batch of prepared questions."""
-        import torch
+        vision tower) of a left-padded batch of prepared questions; ``features``: theirs, if already computed."""
 
+        features = self.features(prepared) if features is None else features
         batch = self.tokenizer([self.expand(p) for p in prepared], padding=True, return_tensors="pt",
                                add_special_tokens=True)
-        ids = batch["input_ids"].to(self.model.device)
-        mask = batch["attention_mask"].to(self.model.device)
-        features: dict[str, list] = {IMAGE: [], VIDEO: []}
-        cached, vision_s = [], []
-        for p in prepared:
-            start = time.perf_counter()
-            images = [m for m in p.media if media_kind(m) == IMAGE]
-            results = [self.image_features(images)] if images else []
-            features[IMAGE] += [f for f, _ in results]
-            videos = [self.video_features(m) for m in p.media if media_kind(m) == VIDEO]
-            features[VIDEO] += [f for f, _ in videos]
-            vision_s.append(time.perf_counter() - start)
-            cached.append(all(hit for _, hit in results + videos))
+        embeds = self.splice(batch["input_ids"], features)
+        return embeds, batch["attention_mask"].to(self.model.device), [f.cached for f in features], \
+            [f.vision_s for f in features]
+
+    def splice(self, ids: Any, features: Sequence[MediaFeatures]) -> Any:
+        """The embeddings of prompt ids (rows x positions, placeholders expanded) with the features of each row's
+        media in place of its visual tokens."""
+        import torch
+
+        ids = torch.as_tensor(ids, device=self.model.device)
+        spliced = {IMAGE: [f.images for f in features if f.images is not None],
+                   VIDEO: [v for f in features for v in f.videos]}
         with torch.inference_mode():
             embeds = self.model.get_input_embeddings()(ids)
-            for kind, found in features.items():
+            for kind, found in spliced.items():
                 if found:
                     positions = (ids == self.token_ids[kind]).unsqueeze(-1).expand_as(embeds)
                     embeds = embeds.masked_scatter(positions, torch.cat(found).to(embeds.device, embeds.dtype))
-        return embeds, mask, cached, vision_s
+        return embeds

@@ -9,6 +9,7 @@ spliced in, cached by content).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 from video_llava.model.accounting import MediaArg, as_media_list, conversation_cost
 from video_llava.model.budget import TokenBudget
 from video_llava.model.loading import load_model
-from video_llava.model.media_embeds import MediaEmbedder
+from video_llava.model.media_embeds import MediaEmbedder, medium_key
 from video_llava.model.prompts import Turn, build_prompt, count_prompt_tokens
 from video_llava.model.settings import EMBEDDED, ModelSettings
 from video_llava.model.stops import StreamedText, answer_text, first_stop
@@ -66,6 +67,11 @@ class PreparedQuestion:
     @property
     def num_frames(self) -> int:
         return sum(m.shape[0] for m in self.media if m.ndim == 4)
+
+    @functools.cached_property
+    def media_keys(self) -> tuple[str, ...]:
+        """Each medium's content key, hashed once for the feature and prefix caches."""
+        return tuple(medium_key(m) for m in self.media)
 
     @property
     def num_images(self) -> int:

@@ -115,9 +115,10 @@ class Family:
         raise NotImplementedError
 
     # ---- features ------------------------------------------------------------------------------------------
-    def image_inputs(self, processor: Any, images: Sequence[np.ndarray]) -> dict[str, Any]:
-        """The processor's tensors for one message's images (what ``generate`` would receive)."""
-        return dict(processor.image_processor(images=list(images), return_tensors="pt"))
+    def image_inputs(self, processor: Any, images: Sequence[np.ndarray], device: Any = None) -> dict[str, Any]:
+        """The processor's tensors for one message's images (what ``generate`` would receive), made on ``device``
+        (the processor resizes and normalises there: the model's device, not the CPU, when given)."""
+        return dict(processor.image_processor(images=list(images), return_tensors="pt", **on_device(device)))
 
     def image_features(self, model: Any, inputs: dict[str, Any]) -> Any:
         """(tokens, hidden) features of one message's images, in order, as ``forward`` splices them."""
@@ -128,16 +129,23 @@ class Family:
         out = model.get_image_features(pixel_values=pixels, **kwargs, return_dict=True)
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in out.pooler_output], dim=0)
 
-    def video_features(self, model: Any, processor: Any, frames: np.ndarray) -> Any:
-        """(tokens, hidden) features of one video, as ``forward`` splices them."""
-        pixels = processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
+    def video_features(self, model: Any, processor: Any, videos: Sequence[np.ndarray]) -> list[Any]:
+        """(tokens, hidden) features of each of ``videos`` (all of one shape), as ``forward`` splices them: one
+        pass through the vision tower for all of them (the batch ``forward`` itself takes), the uint8 frames
+        resized and normalised by the processor on the model's device."""
+        pixels = processor.video_processor(videos=list(videos), return_tensors="pt",
+                                           **on_device(model.device))["pixel_values_videos"]
         out = model.get_video_features(pixel_values_videos=pixels.to(model.device, model.dtype), return_dict=True)
-        features = out.pooler_output
-        return features.reshape(-1, features.shape[-1])
+        return [features.reshape(-1, features.shape[-1]) for features in out.pooler_output]
 
     def describe(self) -> dict:
         return {"family": self.label, "media": sorted(self.media), "rope": "linear, sized for max_frames"
                 if self.scales_rope else "as declared (none unless forced)"}
+
+
+def on_device(device: Any) -> dict[str, str]:
+    """The processor keyword that makes it resize and normalise on ``device`` (none: where it likes, the CPU)."""
+    return {} if device is None else {"device": str(device)}
 
 
 def anyres_image_tokens(processor: Any, sizes: Sequence[tuple[int, int]], tile: tuple[int, int]) -> list[int]:

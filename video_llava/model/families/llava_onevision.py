@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from video_llava.model.families.base import IMAGE, VIDEO, Family, anyres_image_tokens, crop_size, pooled
+from video_llava.model.families.base import IMAGE, VIDEO, Family, anyres_image_tokens, crop_size, on_device, pooled
 
 
 class LlavaOnevisionFamily(Family):
@@ -30,11 +30,11 @@ class LlavaOnevisionFamily(Family):
             return [n] * len(sizes)
         return anyres_image_tokens(processor, sizes, crop_size(processor.image_processor))
 
-    def image_inputs(self, processor: Any, images: Sequence[np.ndarray]) -> dict[str, Any]:
+    def image_inputs(self, processor: Any, images: Sequence[np.ndarray], device: Any = None) -> dict[str, Any]:
         import torch
 
         # Nested as one sample's images: with several, the processor makes only the base view the model uses.
-        inputs = dict(processor.image_processor(images=[list(images)], return_tensors="pt"))
+        inputs = dict(processor.image_processor(images=[list(images)], return_tensors="pt", **on_device(device)))
         inputs["batch_num_images"] = torch.tensor([len(images)])
         return inputs
 
