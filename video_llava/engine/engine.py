@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
+from video_llava.engine.detokenize import Detokenizer
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
 from video_llava.engine.kv import BatchKV
 from video_llava.engine.logprobs import spelled, token_logprobs
@@ -83,6 +84,7 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # asked for: per token
     text: StreamedText | None = None
+    detokenizer: Detokenizer | None = None  # streamed or with stop strings: its text so far
 
 
 @dataclass
@@ -367,7 +369,9 @@ class Engine:
         p = request.params
         try:
             logits, cache, cached, vision_s = self._prefill_forward(request.prepared, plan, features)
-            forks = [_Sequence(request, i, started, cached, vision_s, text=StreamedText(p.stop))
+            wants_text = request.streamed or bool(p.stop)
+            forks = [_Sequence(request, i, started, cached, vision_s, text=StreamedText(p.stop),
+                               detokenizer=Detokenizer(self.tokenizer, self.eos) if wants_text else None)
                      for i in range(p.n)]
             for seq in forks:
                 if p.temperature > 0:
@@ -509,8 +513,8 @@ class Engine:
             seq.logprobs.append(token_logprobs(logits, token, p.top_logprobs))
         eos = token in self.eos and not p.ignore_eos
         piece, stopped = "", False
-        if request.streamed or p.stop:  # the text so far: what to stream, whether a stop string appeared
-            text = self.tokenizer.decode([t for t in seq.tokens if t not in self.eos], skip_special_tokens=True)
+        if seq.detokenizer is not None:  # the text so far: what to stream, whether a stop string appeared
+            text = seq.detokenizer.add(token)
             piece = seq.text.update(text) if request.streamed else ""
             stopped = first_stop(text, p.stop) is not None
         if not (eos or stopped or len(seq.tokens) >= p.max_new_tokens):
