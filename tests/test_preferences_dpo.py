@@ -153,3 +153,25 @@ def test_is_correct_takes_the_first_answer_the_text_names():
     assert not is_correct("blue, or maybe red", "red", "color")
     assert not is_correct("", "red", "color")
     assert is_correct("a big red ball", "red ball", "")
+
+
+def test_preferences_dpo_and_eval_run_on_a_onevision_checkpoint(data, tmp_path, embedded_cache, tiny_checkpoint):
+    """The same loop on another family (a tiny random-weight LLaVA-OneVision): the jobs take it from --model."""
+    onevision = str(tiny_checkpoint("llava_onevision"))
+    prefs = tmp_path / "prefs"
+    made = run_job("jobs.make_preferences", "--data", str(data), "--model", onevision, "--output", str(prefs),
+                   "--limit", "6", "--samples", "4", "--temperature", "2.0", "--frames", "4", "--max-new-tokens", "4",
+                   "--seed", "0", cache=embedded_cache)
+    assert made.returncode == 0, (made.stdout + made.stderr)[-3000:]
+    rows = _rows(prefs)
+    assert len(rows) == 6 and all(len(r["candidates"]) == 4 for r in rows)
+    trained = run_job("jobs.dpo", "--preferences", str(prefs), "--model", onevision, "--output", str(tmp_path),
+                      "--name", "dpo", "--batch-size", "1", "--frames", "4", "--max-steps", "1", cache=embedded_cache)
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
+    model = tmp_path / "dpo" / "model"
+    assert json.loads((model / "config.json").read_text())["model_type"] == "llava_onevision"
+    scored = run_job("jobs.eval", "--data", str(data), "--model", str(model), "--limit", "4", "--frames", "4",
+                     "--max-new-tokens", "4", cache=embedded_cache)
+    assert scored.returncode == 0, (scored.stdout + scored.stderr)[-3000:]
+    figures = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert figures["all"]["n"] == 4 and figures["all"]["errors"] == 0
