@@ -259,6 +259,38 @@ def test_the_waiting_queue_is_bounded(embedded_model, videos):
         engine.close()
 
 
+def test_the_batch_kv_appends_in_place_and_holds_what_concatenation_would():
+    """A decode step writes one position into the layer's spare room (DynamicLayer copied the whole KV each step);
+    a row joining gives new tensors, and the next step moves them into a buffer with room again."""
+    import torch
+    from transformers import DynamicCache
+
+    from video_llava.engine.reserved import RESERVE
+
+    def one_row(length, seed):
+        cache = DynamicCache()
+        g = torch.Generator().manual_seed(seed)
+        cache.update(torch.randn(1, 2, length, 4, generator=g), torch.randn(1, 2, length, 4, generator=g), 0)
+        return cache
+
+    kv, plain = BatchKV(), BatchKV()
+    kv.add(one_row(5, 0), 5)
+    plain.cache, plain.mask = one_row(5, 0), kv.mask.clone()
+    (layer,), (reference,) = kv.cache.layers, plain.cache.layers
+    assert type(layer).__name__ == "ReservedLayer"
+    pointers = set()
+    for step in range(RESERVE + 3):  # past the first buffer's room: one move, then in place again
+        new = torch.full((1, 2, 1, 4), float(step))
+        layer.update(new, new)
+        reference.update(new, new)
+        pointers.add(layer.keys.data_ptr())
+        assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
+    assert len(pointers) == 2  # the first buffer, then one with room again
+    kv.mask = torch.ones(1, layer.keys.shape[-2], dtype=torch.long)
+    kv.add(one_row(3, 1), 3)
+    assert kv.rows == 2 and torch.equal(kv.cache.layers[0].keys[1, :, -3:], one_row(3, 1).layers[0].keys[0])
+
+
 def test_kv_rows_join_left_padded_and_leave_with_unused_front_positions_dropped():
     import torch
     from transformers import DynamicCache

@@ -2,8 +2,9 @@
 
 A sequence is prefilled alone (no padding in its prefill) and its one-row cache joins the batch between decode
 steps; a finished sequence's row leaves. The mask marks each row's real positions, so one decode step over all rows
-attends exactly as each sequence alone would (as ``generate`` does with a left-padded batch). Joining copies the
-batch's KV once; a paged cache would avoid that copy and is the next step on a GPU.
+attends exactly as each sequence alone would (as ``generate`` does with a left-padded batch). The batch's layers
+append in place (``reserved.ReservedLayer``: a decode step writes one position, it does not copy the KV); a row
+joining or leaving copies the batch's KV, which a paged cache would avoid.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 def cache_layers(cache: Any) -> list[Any]:
     """The cache's per-layer key/value holders; ``TypeError`` for a cache this batch cannot splice."""
     layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+    if not layers or not all(type(layer).__name__ in ("DynamicLayer", "ReservedLayer") for layer in layers):
         kinds = sorted({type(layer).__name__ for layer in layers or []})
         raise TypeError(f"continuous batching needs a DynamicCache of full-attention layers, got {kinds or cache!r}")
     return list(layers)
@@ -50,21 +51,21 @@ class BatchKV:
         theirs = [(layer.keys, layer.values) for layer in cache_layers(cache)]
         if copies > 1:
             theirs = [(k.expand(copies, -1, -1, -1), v.expand(copies, -1, -1, -1)) for k, v in theirs]
-        self._append_rows(cache, theirs, torch.ones(copies, length, dtype=torch.long, device=theirs[0][0].device))
+        self._append_rows(theirs, torch.ones(copies, length, dtype=torch.long, device=theirs[0][0].device))
 
     def extend(self, other: "BatchKV") -> None:
         """Append ``other``'s rows after these (``other`` is used up)."""
         if other.cache is not None:
-            self._append_rows(other.cache, [(layer.keys, layer.values) for layer in cache_layers(other.cache)],
-                              other.mask)
+            self._append_rows([(layer.keys, layer.values) for layer in cache_layers(other.cache)], other.mask)
 
-    def _append_rows(self, cache: Any, theirs: list[tuple[Any, Any]], mask: Any) -> None:
+    def _append_rows(self, theirs: list[tuple[Any, Any]], mask: Any) -> None:
         import torch
 
         if self.cache is None:
-            for layer, (k, v) in zip(cache_layers(cache), theirs):
-                layer.keys, layer.values = k.contiguous(), v.contiguous()
-            self.cache, self.mask = cache, mask
+            from video_llava.engine.reserved import reserved_cache
+
+            self.cache = reserved_cache([(k.contiguous(), v.contiguous()) for k, v in theirs])
+            self.mask = mask
             return
         width = max(self.length, mask.shape[1])
         for mine, (k, v) in zip(cache_layers(self.cache), theirs):
@@ -80,6 +81,8 @@ class BatchKV:
         part = BatchKV()
         part.cache = copy.copy(self.cache)
         part.cache.layers = [copy.copy(layer) for layer in cache_layers(self.cache)]
+        for layer in part.cache.layers:
+            getattr(layer, "forget_buffers", lambda: None)()  # its rows are copied out below: no shared writes
         part.mask = self.mask
         part.keep(rows)
         return part
