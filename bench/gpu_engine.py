@@ -6,7 +6,8 @@
 For 32 and 256 new tokens (EOS ignored), ``--requests`` distinct videos arrive spread over time: videos/s, TTFT
 p50/p99 and decode tokens/s per sequence. In the same run, the ceiling: vision + prefill alone, back to back, for
 the same requests (no decoding); and a quarter of the requests answered one at a time at 256 tokens. Targets: at 32
-tokens >= 0.8 of the ceiling; at 256 tokens >= 3x one at a time.
+tokens >= 0.8 of the ceiling; at 256 tokens >= 3x one at a time. Also how far the features of video preprocessing
+on the device (the engine's path) are from the CPU's.
 """
 
 from __future__ import annotations
@@ -41,6 +42,21 @@ def ceiling_videos_per_s(model, prepared: list) -> float:
     return len(prepared) / (time.perf_counter() - start)
 
 
+def preprocessing_check(model, frames) -> dict:
+    """One video's features with the processor on the model's device (the engine's path) vs on the CPU (the
+    processor's default): on a GPU the resize kernels differ, so the features are close, not equal."""
+    import torch
+
+    with torch.inference_mode():
+        ours = model.family.video_features(model.model, model.processor, [frames])[0].float()
+        pixels = model.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
+        out = model.model.get_video_features(pixel_values_videos=pixels.to(model.model.device, model.model.dtype),
+                                             return_dict=True).pooler_output[0]
+        cpu = out.reshape(-1, out.shape[-1]).float()
+    diff = float((ours - cpu).abs().max())
+    return {"max_abs_diff": round(diff, 6), "relative_to_max": round(diff / max(float(cpu.abs().max()), 1e-12), 6)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
@@ -68,7 +84,9 @@ def main() -> None:
         videos = [rng.integers(0, 255, (args.frames, 240, 320, 3), dtype=np.uint8) for _ in range(args.requests)]
         described = model.describe()
         figures.update(device=described.get("device"), dtype=described.get("dtype"),
-                       attention=described.get("attn_implementation"))
+                       attention=described.get("attn_implementation"),
+                       device_preprocessing=preprocessing_check(model, videos[0]))
+        print(f"device vs CPU preprocessing: {figures['device_preprocessing']}", flush=True)
         for new in args.tokens:
             prepared = [model.prepare(v, "What happens in the video?", new) for v in videos]
             params = SamplingParams(new, ignore_eos=True)
