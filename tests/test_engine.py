@@ -117,9 +117,11 @@ def test_a_seeded_sampled_answer_does_not_depend_on_its_batch_mates(embedded_mod
     together = engine.generate(prepared, [seeded, *others])[0].text
     assert together == alone
     open_ended = embedded_model.prepare(videos[0], "Describe the video.", 10)
-    unseeded = {engine.generate([open_ended], SamplingParams(max_new_tokens=10, temperature=1.5))[0].text
-                for _ in range(4)}
-    assert len(unseeded) > 1  # without a seed, samples differ
+    # without a seed, samples differ (hot enough that the trained default's peaked answers cannot all agree: at 1.5
+    # four samples once gave the same sentence)
+    unseeded = {engine.generate([open_ended], SamplingParams(max_new_tokens=10, temperature=4.0))[0].text
+                for _ in range(6)}
+    assert len(unseeded) > 1
 
 
 def test_a_cancelled_request_leaves_the_batch_and_the_others_finish(embedded_model, engine, videos):
