@@ -6,8 +6,8 @@ Written by hand, over the model's own ``forward`` with a ``DynamicCache``: trans
 with their vision features spliced in (transformers#43386 and #46376 are open). No attention kernel is written here.
 
 One thread runs the loop: admit waiting requests that fit (one vision pass for all their media not cached, then
-each prefilled alone, unpadded, so its first token comes at once), then one decode step for every running sequence (the KV of rows left-padded to one length, the mask
-marking real positions, as ``generate`` with a padded batch). Greedy rows give the tokens of one-at-a-time
+each prefilled alone, unpadded, so its first token comes at once), then one decode step for every running sequence
+(the KV of rows left-padded to one length, the mask marking real positions, as ``generate`` with a padded batch). Greedy rows give the tokens of one-at-a-time
 ``generate`` (float32 on CPU: token-identical, tested). A request that fails in its prefill fails alone; one that is
 cancelled leaves the batch before the next step; a decode step that raises is run again in halves until the rows
 that fail alone are found (only those requests fail; an out-of-memory step fails nobody). A request of ``n``

@@ -52,11 +52,6 @@ def media_keys(question: Embeddable) -> tuple[str, ...]:
     return tuple(keys) if keys is not None else tuple(medium_key(m) for m in question.media)
 
 
-@dataclass(frozen=True)
-class _Media:
-    media: tuple[np.ndarray, ...]
-
-
 class MediaEmbedder:
     """Embeddings of prepared questions for one loaded model (its weights, processor and family)."""
 
@@ -66,11 +61,6 @@ class MediaEmbedder:
         self.vision_calls = 0  # media sets run through the vision tower (cache misses)
         self.tokens = {IMAGE: getattr(processor, "image_token", None), VIDEO: getattr(processor, "video_token", None)}
         self.token_ids = {IMAGE: getattr(processor, "image_token_id", None), VIDEO: getattr(processor, "video_token_id", None)}
-
-    def video_features(self, frames: np.ndarray) -> tuple[Any, bool]:
-        """Features ``(tokens, hidden)`` of one video, and whether they were cached."""
-        (features,) = self.features([_Media((frames,))])
-        return features.videos[0], features.cached
 
     def features(self, prepared: Sequence[Embeddable]) -> list[MediaFeatures]:
         """Each question's vision features. The videos not in the cache, across all the questions, go through the
