@@ -24,7 +24,7 @@ demo: install
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(PY) -m video_llava.demo --question "$(QUESTION)"
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

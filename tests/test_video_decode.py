@@ -184,8 +184,9 @@ def test_decode_over_the_time_limit_is_stopped_and_the_decoder_recovers(tmp_path
 def test_a_decoder_crash_is_a_typed_error_and_the_next_decode_works(tmp_path, video_files):
     long_video = shapes_video(tmp_path / "long.mp4", num_frames=600, width=1280, height=720)
     with IsolatedDecoder(timeout_s=60) as decoder:
+        assert decoder.decode(video_files["mp4"], DecodeOptions(num_frames=4)).num_frames == 4  # the worker is up
         (pid,) = decoder.worker_pids()
-        killer = threading.Timer(0.3, os.kill, args=(pid, signal.SIGSEGV))
+        killer = threading.Timer(0.3, os.kill, args=(pid, signal.SIGSEGV))  # mid-decode, not mid-start-up
         killer.start()
         with pytest.raises(VideoDecodeError, match="crashed"):
             decoder.decode(long_video, DecodeOptions(num_frames=56, backend="pyav"))
