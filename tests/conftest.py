@@ -65,6 +65,38 @@ def shapes_video(path: Path, num_frames: int, fps: float = FPS, width: int = WID
     return path
 
 
+def slow_to_decode_video(num_frames: int, width: int = 1280, height: int = 720, fps: int = 60) -> bytes:
+    """An h264 mp4 that costs milliseconds to write and seconds to decode: one keyframe, then one encoded
+    no-change frame muxed ``num_frames - 1`` times (about 100 bytes each), so any sampled frame is reached only by
+    decoding every frame before it."""
+    import io
+
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "tune": "zerolatency", "g": str(num_frames), "bf": "0"}
+        image = np.zeros((height, width, 3), np.uint8)
+        image[height // 4: height // 2, width // 4: width // 2] = 200
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        packets = []
+        for pts in range(2):
+            frame.pts = pts
+            packets += stream.encode(frame)
+        packets += stream.encode(None)
+        key, repeat = packets[0], packets[1]
+        container.mux(key)
+        step, data = repeat.pts - key.pts, bytes(repeat)
+        for i in range(1, num_frames):
+            packet = av.Packet(data)
+            packet.stream, packet.time_base = stream, repeat.time_base
+            packet.pts = packet.dts = key.pts + i * step
+            container.mux(packet)
+    return out.getvalue()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """``tiny_checkpoint(family)``: the directory of that family's tiny random-weight checkpoint (built once)."""

@@ -40,10 +40,10 @@ def running_service(args: dict) -> Iterator[str]:
 
 
 def qa_upload(base: str, data: bytes, question: str = "What color is the circle?", headers: dict | None = None,
-              **fields) -> httpx.Response:
+              timeout: float = 120, **fields) -> httpx.Response:
     form = {"question": question, **{k: str(v) for k, v in fields.items()}}
     return httpx.post(f"{base}/v1/video/qa", files={"video": ("clip.mp4", data, "video/mp4")}, data=form,
-                      headers=headers, timeout=120)
+                      headers=headers, timeout=timeout)
 
 
 def assert_still_answers(base: str, headers: dict | None = None) -> None:

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import shapes_video
+from tests.conftest import shapes_video, slow_to_decode_video
 from tests.live_service import SAMPLE, assert_still_answers, error_of, qa_upload, running_service
 from video_llava.data.synthetic_video import write_video
 from video_llava.video.decode import DecodeOptions, VideoDecodeError, sample_video
@@ -38,9 +38,12 @@ class _Origin(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     hits: dict[str, int] = {}
+    files: dict[str, bytes] = {}  # path -> a video a test put here
 
     def do_GET(self):
         _Origin.hits[self.path] = _Origin.hits.get(self.path, 0) + 1
+        if self.path in _Origin.files:
+            return self._send(200, _Origin.files[self.path], "video/mp4")
         if self.path.startswith("/slow"):
             time.sleep(20)
         if self.path.startswith(("/sample", "/slow")):
@@ -192,6 +195,66 @@ def test_when_one_video_of_a_message_fails_its_siblings_stop(service, origin):
                               {"type": "text", "text": "What?"}])
     assert time.monotonic() - start < 10
     assert "HTTP 404" in error_of(response, 400, "fetch_failed")["message"]
+
+
+def _decoder_pids() -> set[int]:
+    """The decode processes of the app's replicas (the children multiprocessing spawned in them)."""
+    import psutil
+
+    pids = set()
+    for process in psutil.process_iter(["cmdline"]):
+        if not any("ServeReplica:video_llava" in part for part in process.info["cmdline"] or []):
+            continue
+        try:
+            pids |= {child.pid for child in process.children() if "multiprocessing" in " ".join(child.cmdline())}
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
+def _metric_total(name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{os.environ['VIDEO_LLAVA_TEST_METRICS_PORT']}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_client_that_leaves_mid_decode_stops_its_decode(service):
+    # 20,000 frames of 720p behind one keyframe: 0.7 MB that take several seconds to decode. Before, the decode ran
+    # to its end after the client had gone; now its worker is killed (and replaced) within moments.
+    video = slow_to_decode_video(20_000)
+    before = _decoder_pids()
+    assert before, "no decode process found"
+    start = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        qa_upload(service, video, headers=AUTH, num_frames=16, timeout=1.5)
+    while not before - _decoder_pids() and time.monotonic() - start < 30:
+        time.sleep(0.2)
+    assert before - _decoder_pids(), "the decode went on after its client left (its worker was not replaced)"
+    deadline = time.monotonic() + 60
+    while _metric_total("ray_video_llava_decodes_cancelled") < 1 and time.monotonic() < deadline:
+        time.sleep(2)
+    assert _metric_total("ray_video_llava_decodes_cancelled") >= 1
+    assert_still_answers(service, AUTH)
+
+
+def test_a_message_of_slow_videos_leaves_a_decoder_free_for_a_small_request(service, origin):
+    # Three videos of seconds of decoding each in one message, and a small upload sent a second later: one message
+    # decodes on all but one of the (two) decoders, so the small request is answered while the message still
+    # decodes. Taking both, the message would keep the small one waiting behind its third video.
+    paths = [f"/slow-decode-{uuid.uuid4().hex}.mp4" for _ in range(3)]
+    for i, path in enumerate(paths):
+        _Origin.files[path] = slow_to_decode_video(12_000 + i)
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        heavy = pool.submit(chat, service, [*(video_part(origin + p) for p in paths), {"type": "text", "text": "What?"}],
+                            num_frames=4)
+        time.sleep(1)
+        small_start = time.monotonic()
+        small = qa_upload(service, SAMPLE.read_bytes(), headers=AUTH, num_frames=4)
+        small_s = time.monotonic() - small_start
+        assert small.status_code == 200, small.text
+        assert heavy.result().status_code == 200, heavy.result().text
+    heavy_s = time.monotonic() - start
+    assert small_s < heavy_s / 4, f"the small request took {small_s:.1f} s beside a message of {heavy_s:.1f} s"
 
 
 # ---- user text is text -------------------------------------------------------------------------------------

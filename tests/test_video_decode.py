@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import FPS, HEIGHT, NUM_FRAMES, WIDTH, shapes_video
+from tests.conftest import FPS, HEIGHT, NUM_FRAMES, WIDTH, shapes_video, slow_to_decode_video
 from video_llava.data.synthetic_video import render_frames, write_video
 from video_llava.video.decode import DecodeOptions, VideoDecodeError, sample_video
 from video_llava.video.isolated import IsolatedDecoder
@@ -173,7 +173,8 @@ def test_isolated_decoder_matches_in_process_decoding(video_files):
 
 
 def test_decode_over_the_time_limit_is_stopped_and_the_decoder_recovers(tmp_path, video_files):
-    long_video = shapes_video(tmp_path / "long.mp4", num_frames=600, width=1280, height=720)
+    long_video = tmp_path / "long.mp4"
+    long_video.write_bytes(slow_to_decode_video(8000))  # seconds of decoding
     with IsolatedDecoder(timeout_s=0.05) as decoder:
         with pytest.raises(VideoDecodeError, match="longer than"):
             decoder.decode(long_video, DecodeOptions(num_frames=56, backend="pyav"))
@@ -182,7 +183,8 @@ def test_decode_over_the_time_limit_is_stopped_and_the_decoder_recovers(tmp_path
 
 
 def test_a_decoder_crash_is_a_typed_error_and_the_next_decode_works(tmp_path, video_files):
-    long_video = shapes_video(tmp_path / "long.mp4", num_frames=600, width=1280, height=720)
+    long_video = tmp_path / "long.mp4"
+    long_video.write_bytes(slow_to_decode_video(8000))
     with IsolatedDecoder(timeout_s=60) as decoder:
         assert decoder.decode(video_files["mp4"], DecodeOptions(num_frames=4)).num_frames == 4  # the worker is up
         (pid,) = decoder.worker_pids()

@@ -28,6 +28,11 @@ class IngressMetrics:
         self.decode_latency = Histogram(
             "video_llava_decode_seconds", description="Time to decode and sample one video.", boundaries=LATENCY_BUCKETS_S
         )
+        self.decodes_cancelled = Counter(
+            "video_llava_decodes_cancelled",
+            description="Decodes stopped (their worker killed and replaced) because the client left or a sibling "
+            "medium of the same message failed.",
+        )
         self.rejected = Counter(
             "video_llava_rejected_requests", description="Requests answered with an error.", tag_keys=("code",)
         )

@@ -159,6 +159,7 @@ class QAService:
             result = await asyncio.to_thread(decode, data, options, cancel, self.args.deployment.decode_wait_s)
         except asyncio.CancelledError:  # the client left, or a sibling medium failed: stop the decoder too
             cancel.set()
+            self.metrics.decodes_cancelled.inc()
             raise
         except DecodersBusyError as exc:
             raise ServiceError(503, f"the service is at capacity ({exc}); retry shortly", type="overloaded",
