@@ -1,18 +1,19 @@
 """Continuous batching over a loaded ``VideoQAModel``: requests join the running decode batch between steps and
 leave when done.
 
-Written by hand, over the model's own ``forward`` with a ``DynamicCache``: transformers' continuous batching
-(``ContinuousBatchingManager``, paged attention) takes ``input_ids`` only, and our requests arrive as embeddings
-with their vision features spliced in (transformers#43386 and #46376 are open). No attention kernel is written here.
+Written by hand, over the model's own ``forward`` and transformers' cache classes (``kv.py``, ``reserved.py``;
+prompts in ``prefill.py``): transformers' continuous batching (``ContinuousBatchingManager``, paged attention)
+takes ``input_ids`` only, and our requests arrive as embeddings with their vision features spliced in
+(transformers#43386 and #46376 are open). No attention kernel is written here.
 
 One thread runs the loop: admit waiting requests that fit (one vision pass for all their media not cached, then
 each prefilled alone, unpadded, so its first token comes at once), then one decode step for every running sequence
-(the KV of rows left-padded to one length, the mask marking real positions, as ``generate`` with a padded batch). Greedy rows give the tokens of one-at-a-time
-``generate`` (float32 on CPU: token-identical, tested). A request that fails in its prefill fails alone; one that is
-cancelled leaves the batch before the next step; a decode step that raises is run again in halves until the rows
-that fail alone are found (only those requests fail; an out-of-memory step fails nobody). A request of ``n``
-answers is prefilled once and forked into ``n`` rows; a prompt whose prefix (up to its last visual token) was seen
-before prefills only the rest (``prefix.py``).
+(the KV of rows left-padded to one length, the mask marking real positions, as ``generate`` with a padded batch).
+Greedy rows give the tokens of one-at-a-time ``generate`` (float32 on CPU: token-identical, tested). A request that
+fails in its prefill fails alone; one that is cancelled leaves the batch before the next step; a decode step that
+raises is run again in halves until the rows that fail alone are found (only those requests fail; an out-of-memory
+step fails nobody). A request of ``n`` answers is prefilled once and forked into ``n`` rows; a prompt whose prefix
+(up to its last visual token) was seen before prefills only the rest (``prefix.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import inspect
 import itertools
 import logging
 import threading
@@ -33,9 +33,10 @@ from video_llava.engine.events import Event, Failed, Finished, TextPiece
 from video_llava.engine.kv import BatchKV
 from video_llava.engine.logprobs import spelled, token_logprobs
 from video_llava.engine.params import SamplingParams
-from video_llava.engine.prefix import PrefixCache, prefix_length
+from video_llava.engine.prefill import Forward, Plan, Prefiller
+from video_llava.engine.prefix import PrefixCache
 from video_llava.engine.sampler import next_tokens, row_generator
-from video_llava.model.media_embeds import MediaFeatures, media_keys
+from video_llava.model.media_embeds import MediaFeatures
 from video_llava.model.qa_model import Answer, PreparedQuestion, VideoQAModel
 from video_llava.model.stops import StreamedText, first_stop
 
@@ -88,16 +89,6 @@ class _Sequence:
 
 
 @dataclass
-class _Plan:
-    """How an admitted request is prefilled: its prompt's ids and, if its prefix was seen before, that KV."""
-
-    ids: list[int]
-    cut: int = 0  # positions of its cacheable prefix (up to its last visual token); 0: none
-    key: str | None = None  # the prefix's key in the prefix cache
-    prefix: Any = None  # a fresh one-row cache of those positions (a hit), or None
-
-
-@dataclass
 class EngineStats:
     steps: int = 0  # decode steps run
     prefills: int = 0
@@ -130,8 +121,8 @@ class Engine:
         self.eos = qa.eos_token_ids
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.stats = EngineStats()
-        # transformers renamed forward's past_key_values to cache (5.2x); the GPU image may hold either
-        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._forward = Forward(self.model)
+        self._prefiller = Prefiller(qa, self._forward, self.prefix_cache)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Sequence] = []
         self._live: dict[int, _Request] = {}  # submitted and not yet finished, failed or dropped
@@ -318,59 +309,34 @@ class Engine:
             self._running = [self._running[i] for i in keep]
             self._kv.keep(keep)
 
-    def _forward(self, embeds: Any, mask: Any, cache: Any = None, position_ids: Any = None) -> tuple[Any, Any]:
-        """Logits of the last position (rows x vocabulary, float32) and the cache."""
-        import torch
-
-        kwargs = {self._cache_arg: cache} if cache is not None else {}
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids
-        with torch.inference_mode():
-            out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        return out.logits[:, -1, :].float(), cache
-
     def _prefill_all(self, admitted: list[_Request]) -> None:
         """Prefill the admitted requests one by one, after one vision pass for all of their media not cached."""
-        plans: list[_Plan | None] = []
+        plans: list[Plan | None] = []
         for request in admitted:
             try:
-                plans.append(self._plan(request.prepared))
+                plans.append(self._prefiller.plan(request.prepared))
             except Exception as exc:  # its prompt cannot be tokenized or expanded: it fails alone
                 log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
                 self._fail(request, exc)
                 plans.append(None)
         need = [r for r, plan in zip(admitted, plans) if plan is not None and plan.prefix is None]
-        features: dict[int, MediaFeatures] = {}
-        if len(need) > 1:
-            try:
-                features = dict(zip((r.id for r in need), self.qa.embedder.features([r.prepared for r in need])))
-            except Exception as exc:  # out of memory for all of them at once, or one bad medium: each runs its own
-                log.warning("the vision pass of %d requests failed (%s: %s): each runs alone", len(need),
-                            type(exc).__name__, exc)
+        shared = self._prefiller.shared_features([r.prepared for r in need])
+        features = dict(zip((r.id for r in need), shared)) if shared is not None else {}
         for request, plan in zip(admitted, plans):
             if plan is not None:
                 self._prefill(request, plan, features.get(request.id))
 
-    def _plan(self, prepared: PreparedQuestion) -> _Plan:
-        ids = self.qa.embedder.prompt_ids(prepared)
-        plan = _Plan(ids)
-        if self.prefix_cache.enabled:
-            cut = prefix_length(ids, self.qa.embedder.visual_token_ids)
-            if 0 < cut < len(ids):
-                plan.cut, plan.key = cut, self.prefix_cache.key(ids[:cut], media_keys(prepared))
-                plan.prefix = self.prefix_cache.get(plan.key)
-        return plan
-
-    def _prefill(self, request: _Request, plan: _Plan, features: MediaFeatures | None) -> None:
+    def _prefill(self, request: _Request, plan: Plan, features: MediaFeatures | None) -> None:
         """Prefill one request alone; the first token of each of its ``n`` answers, which join the batch (one
         copy of the prefill's KV each) unless already done."""
         started = time.perf_counter()
         p = request.params
         try:
-            logits, cache, cached, vision_s = self._prefill_forward(request.prepared, plan, features)
+            done = self._prefiller.run(request.prepared, plan, features)
+            logits = done.logits
+            self.stats.prefix_hits += done.prefix_hit
             wants_text = request.streamed or bool(p.stop)
-            forks = [_Sequence(request, i, started, cached, vision_s, text=StreamedText(p.stop),
+            forks = [_Sequence(request, i, started, done.cached, done.vision_s, text=StreamedText(p.stop),
                                detokenizer=Detokenizer(self.tokenizer, self.eos) if wants_text else None)
                      for i in range(p.n)]
             for seq in forks:
@@ -389,35 +355,11 @@ class Engine:
         try:
             going = [seq for seq, token in zip(forks, chosen) if not self._append(seq, token, logits[0])]
             if going:
-                self._kv.add(cache, len(plan.ids), copies=len(going))
+                self._kv.add(done.cache, len(plan.ids), copies=len(going))
                 self._running.extend(going)
         except Exception as exc:  # its rows already in the batch leave at the next step (``failed``)
             log.exception("first token failed")
             self._fail(request, exc)
-
-    def _prefill_forward(self, prepared: PreparedQuestion, plan: _Plan, features: MediaFeatures | None
-                         ) -> tuple[Any, Any, bool, float]:
-        """(last logits, one-row cache, whether the vision tower was skipped, seconds in it) of one request's
-        prefill: after a prefix seen before, only the text past its last visual token is run."""
-        import torch
-
-        device = self.model.device
-        if plan.prefix is not None:
-            rest = torch.tensor([plan.ids[plan.cut:]], device=device)
-            with torch.inference_mode():
-                embeds = self.model.get_input_embeddings()(rest)
-            mask = torch.ones(1, len(plan.ids), dtype=torch.long, device=device)
-            positions = torch.arange(plan.cut, len(plan.ids), device=device).unsqueeze(0)
-            logits, cache = self._forward(embeds, mask, plan.prefix, positions)
-            self.stats.prefix_hits += 1
-            return logits, cache, True, 0.0
-        if features is None:
-            (features,) = self.qa.embedder.features([prepared])
-        embeds = self.qa.embedder.splice([plan.ids], [features])
-        logits, cache = self._forward(embeds, torch.ones(1, len(plan.ids), dtype=torch.long, device=device))
-        if plan.key is not None:
-            self.prefix_cache.put(plan.key, cache, plan.cut)
-        return logits, cache, features.cached, features.vision_s
 
     def _step(self) -> None:
         """One decode step: every running sequence gets its next token; finished ones leave the batch."""
@@ -452,9 +394,7 @@ class Engine:
         ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.model.device)
         mask, positions = kv.step_inputs()
         try:
-            with torch.inference_mode():
-                embeds = self.model.get_input_embeddings()(ids)
-            logits, _ = self._forward(embeds, mask, kv.cache, positions)
+            logits, _ = self._forward(self._forward.embed(ids), mask, kv.cache, positions)
         except BaseException:
             kv.crop()  # the layers the failed forward had already appended to
             raise

@@ -1,0 +1,112 @@
+"""The prefill half of the engine: prompt ids, prefix-cache lookups, one vision pass for the admitted requests, and
+each request's forward over its prompt (alone, unpadded)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from video_llava.engine.prefix import PrefixCache, prefix_length
+from video_llava.model.media_embeds import MediaFeatures, media_keys
+from video_llava.model.qa_model import PreparedQuestion, VideoQAModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """How an admitted request is prefilled: its prompt's ids and, if its prefix was seen before, that KV."""
+
+    ids: list[int]
+    cut: int = 0  # positions of its cacheable prefix (up to its last visual token); 0: none
+    key: str | None = None  # the prefix's key in the prefix cache
+    prefix: Any = None  # a fresh one-row cache of those positions (a hit), or None
+
+
+@dataclass
+class Prefilled:
+    """One request's prefill: the last position's logits (1 x vocabulary), its one-row cache, and how it went."""
+
+    logits: Any
+    cache: Any
+    cached: bool  # the vision tower was skipped (features or the whole prefix cached)
+    vision_s: float
+    prefix_hit: bool
+
+
+class Forward:
+    """The model's forward for the engine: logits of the last position (rows x vocabulary, float32) and the cache."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        # transformers renamed forward's past_key_values to cache (5.2x); the GPU image may hold either
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def __call__(self, embeds: Any, mask: Any, cache: Any = None, position_ids: Any = None) -> tuple[Any, Any]:
+        import torch
+
+        kwargs = {self._cache_arg: cache} if cache is not None else {}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        with torch.inference_mode():
+            out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[:, -1, :].float(), cache
+
+    def embed(self, ids: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return self.model.get_input_embeddings()(ids)
+
+
+class Prefiller:
+    """Plans and runs prefills for one model; ``prefix_cache`` keeps the KV of prompt prefixes (up to the last
+    visual token) so a repeat question about the same media runs only its own text."""
+
+    def __init__(self, qa: VideoQAModel, forward: Forward, prefix_cache: PrefixCache):
+        self.qa, self.forward, self.prefix_cache = qa, forward, prefix_cache
+
+    def plan(self, prepared: PreparedQuestion) -> Plan:
+        """Its prompt's ids and the cached KV of its prefix, if any (raises if the prompt cannot be expanded)."""
+        ids = self.qa.embedder.prompt_ids(prepared)
+        plan = Plan(ids)
+        if self.prefix_cache.enabled:
+            cut = prefix_length(ids, self.qa.embedder.visual_token_ids)
+            if 0 < cut < len(ids):
+                plan.cut, plan.key = cut, self.prefix_cache.key(ids[:cut], media_keys(prepared))
+                plan.prefix = self.prefix_cache.get(plan.key)
+        return plan
+
+    def shared_features(self, prepared: Sequence[PreparedQuestion]) -> list[MediaFeatures] | None:
+        """The media features of several requests from one vision pass, or None when there is nothing to share or
+        the pass failed (out of memory for all at once, one bad medium): then each request runs its own."""
+        if len(prepared) < 2:
+            return None
+        try:
+            return self.qa.embedder.features(list(prepared))
+        except Exception as exc:
+            log.warning("the vision pass of %d requests failed (%s: %s): each runs alone", len(prepared),
+                        type(exc).__name__, exc)
+            return None
+
+    def run(self, prepared: PreparedQuestion, plan: Plan, features: MediaFeatures | None) -> Prefilled:
+        """One request's prefill; after a prefix seen before, only the text past its last visual token is run."""
+        import torch
+
+        device = self.forward.model.device
+        if plan.prefix is not None:
+            embeds = self.forward.embed(torch.tensor([plan.ids[plan.cut:]], device=device))
+            mask = torch.ones(1, len(plan.ids), dtype=torch.long, device=device)
+            positions = torch.arange(plan.cut, len(plan.ids), device=device).unsqueeze(0)
+            logits, cache = self.forward(embeds, mask, plan.prefix, positions)
+            return Prefilled(logits, cache, True, 0.0, prefix_hit=True)
+        if features is None:
+            (features,) = self.qa.embedder.features([prepared])
+        embeds = self.qa.embedder.splice([plan.ids], [features])
+        logits, cache = self.forward(embeds, torch.ones(1, len(plan.ids), dtype=torch.long, device=device))
+        if plan.key is not None:
+            self.prefix_cache.put(plan.key, cache, plan.cut)
+        return Prefilled(logits, cache, features.cached, features.vision_s, prefix_hit=False)
