@@ -208,6 +208,17 @@ def test_a_three_frame_clip_asked_for_32_gives_its_three_frames(tmp_path, backen
     assert video.indices.tolist() == [0, 1, 2] == read_barcodes(video.frames)
 
 
+@pytest.mark.parametrize("name", ["mp4-h264", "mov-h264", "mp4-hevc", "mp4-av1"])
+def test_mp4_times_read_from_the_index_are_the_times_of_every_demuxed_packet(numbered_files, name):
+    from video_llava.video.probe import probe_container
+
+    indexed = probe_container(str(numbered_files[name]))
+    demuxed = probe_container(str(numbered_files[name]), use_index=False)
+    assert (indexed.times_from, demuxed.times_from) == ("index", "packets")
+    np.testing.assert_array_equal(indexed.pts, demuxed.pts)
+    assert (indexed.rotation, indexed.frame_count, indexed.notes) == (demuxed.rotation, COUNT, demuxed.notes)
+
+
 def test_constant_frame_rate_indices_are_what_they_were(numbered_files):
     # fps mode at a constant rate keeps LLaVA-NeXT's step rule: round(25 / 2) = 12, so every 12th frame
     video = sample_video(numbered_files["mp4-h264"], DecodeOptions(num_frames=32, mode="fps", sample_fps=2.0))
