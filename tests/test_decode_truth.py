@@ -200,6 +200,30 @@ def test_rotated_phone_video_frames_are_the_right_frames_turned_upright(tmp_path
     assert read_barcodes(upright) == video.indices.tolist() == [0, 6, 12, 17, 23, 29]
 
 
+@pytest.mark.parametrize("fmt", ["mp4", "mov", "mp4-hevc"])
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270])
+def test_the_rotation_read_from_an_mp4_header_is_the_one_its_decoded_frames_carry(tmp_path, fmt, rotation):
+    from video_llava.video.mp4_header import mp4_rotation
+    from video_llava.video.probe import probe_container
+
+    path = tmp_path / f"turned.{'mov' if fmt == 'mov' else 'mp4'}"
+    write_video(path, barcode_frames(4), fps=FPS, fmt=fmt, rotation=rotation)
+    assert mp4_rotation(str(path)) == mp4_rotation(path.read_bytes()) == rotation
+    assert probe_container(str(path), use_header=False).rotation == rotation  # from the first decoded frame
+
+
+def test_a_header_that_does_not_say_plainly_leaves_the_rotation_to_a_decoded_frame(tmp_path):
+    from video_llava.video.mp4_header import mp4_rotation
+
+    path = tmp_path / "flipped.mp4"
+    write_video(path, barcode_frames(4), fps=FPS, fmt="mp4", rotation=90)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd") + 4 + 40  # version 0: the matrix's first entry
+    data[at: at + 4] = (-(1 << 16)).to_bytes(4, "big", signed=True)  # a mirror image, not a rotation
+    assert mp4_rotation(bytes(data)) is None
+    assert mp4_rotation(b"not an mp4") is None and mp4_rotation(str(tmp_path / "missing.mp4")) is None
+
+
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_a_three_frame_clip_asked_for_32_gives_its_three_frames(tmp_path, backend):
     path = tmp_path / "three.mp4"
@@ -209,11 +233,11 @@ def test_a_three_frame_clip_asked_for_32_gives_its_three_frames(tmp_path, backen
 
 
 @pytest.mark.parametrize("name", ["mp4-h264", "mov-h264", "mp4-hevc", "mp4-av1"])
-def test_mp4_times_read_from_the_index_are_the_times_of_every_demuxed_packet(numbered_files, name):
+def test_mp4_times_read_from_the_header_are_the_times_of_every_demuxed_packet(numbered_files, name):
     from video_llava.video.probe import probe_container
 
     indexed = probe_container(str(numbered_files[name]))
-    demuxed = probe_container(str(numbered_files[name]), use_index=False)
+    demuxed = probe_container(str(numbered_files[name]), use_header=False)
     assert (indexed.times_from, demuxed.times_from) == ("index", "packets")
     np.testing.assert_array_equal(indexed.pts, demuxed.pts)
     assert (indexed.rotation, indexed.frame_count, indexed.notes) == (demuxed.rotation, COUNT, demuxed.notes)

@@ -2,7 +2,7 @@
 
 Demuxing reads packets without decoding them (the first frame is decoded, for its display rotation), so this is
 cheap next to decoding; MP4/MOV files need not even that, their header's sample table gives every time (see
-``_from_index``). It is the reference both decoders are held to: frame ``i`` of a video is the packet
+``_from_index``) and its track matrix the rotation (``mp4_header``). It is the reference both decoders are held to: frame ``i`` of a video is the packet
 with the ``i``-th smallest presentation time, and its timestamp is that time minus the first one (seconds from the
 first video frame, whatever the container's clock starts at).
 """
@@ -15,6 +15,8 @@ from functools import cached_property
 from typing import Callable
 
 import numpy as np
+
+from video_llava.video.mp4_header import mp4_rotation
 
 
 class VideoDecodeError(ValueError):
@@ -111,12 +113,13 @@ HeaderCheck = Callable[[tuple[int, int], float], None]  # (display size, duratio
 
 
 def probe_container(source: str | bytes, check_header: HeaderCheck | None = None,
-                    use_index: bool = True) -> ContainerProbe:
+                    use_header: bool = True) -> ContainerProbe:
     """Demux ``source``'s first video stream. Raises ``VideoDecodeError`` for anything a file can cause.
 
     ``check_header`` sees the frame size and the duration the header declares before a packet is read, so a
     video over a limit is refused without reading it (a two-hour file is not demuxed to learn it is too long).
-    ``use_index=False`` demuxes every packet even where the container's index gives the same times.
+    ``use_header=False`` demuxes every packet and decodes the first frame for the rotation even where an MP4/MOV
+    header gives the same (its sample table, its track matrix).
     """
     import av
 
@@ -137,11 +140,12 @@ def probe_container(source: str | bytes, check_header: HeaderCheck | None = None
         if ctx is None or not ctx.name:
             raise VideoDecodeError(f"the video stream's codec is unknown or not supported ({fmt})")
         codec = ctx.name
+        ctx.thread_count = 1  # at most one frame is decoded (for the rotation): a thread pool costs more than it
         if check_header is not None:
             size = (int(ctx.width or 0), int(ctx.height or 0))
             check_header(size, _declared_duration(container, stream))
-        indexed = use_index and any(name in INDEXED_CONTAINERS for name in fmt.split(","))
-        pts, rotation, notes, times_from = _demux(container, stream, indexed)
+        mp4 = use_header and any(name in INDEXED_CONTAINERS for name in fmt.split(","))
+        pts, rotation, notes, times_from = _demux(container, stream, mp4, mp4_rotation(source) if mp4 else None)
         if not len(pts):
             raise VideoDecodeError(f"the video has zero frames ({fmt}, codec {codec})")
         declared = int(stream.frames or 0)
@@ -169,16 +173,17 @@ def _declared_duration(container, stream) -> float:
     return container.duration / 1e6 if container.duration else 0.0
 
 
-def _demux(container, stream, indexed: bool) -> tuple[np.ndarray, int, list[str], str]:
-    """Sorted packet presentation times, the display rotation (from the first decodable frame), notes, and where
-    the times came from; ``indexed``: they may come from the stream's index (``_from_index``), the rest of the packets
-    then left unread."""
+def _demux(container, stream, indexed: bool, rotation: int | None) -> tuple[np.ndarray, int, list[str], str]:
+    """Sorted packet presentation times, the display rotation (``rotation`` if known, else from the first decodable
+    frame), notes, and where the times came from; ``indexed``: they may come from the stream's index
+    (``_from_index``), the rest of the packets then left unread."""
     import av
 
     stamps: list[int] = []
     notes: list[str] = []
     packets = container.demux(stream)
-    rotation = _first_rotation(stream, packets, stamps, notes)
+    if rotation is None:
+        rotation = _first_rotation(stream, packets, stamps, notes)
     if indexed and not notes:
         pts = _from_index(stream, packets, stamps, notes)
         if pts is not None:
