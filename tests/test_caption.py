@@ -145,7 +145,9 @@ def test_a_job_killed_midway_and_rerun_captions_everything_exactly_once(s3, embe
     assert sum(r["status"] == "ok" for r in rows) == GOOD
 
 
-def test_local_directory_in_and_out_with_a_yaml_config(tmp_path, embedded_cache):
+def test_local_directory_in_and_out_with_a_yaml_config_on_a_onevision_checkpoint(tmp_path, embedded_cache,
+                                                                               tiny_checkpoint):
+    """Another family (a tiny random-weight LLaVA-OneVision) named in the config: the job takes it from there."""
     source = tmp_path / "videos"
     for key, body in _clips().items():
         if key.startswith("inbox/a/") or key == "inbox/broken.mp4":
@@ -153,7 +155,8 @@ def test_local_directory_in_and_out_with_a_yaml_config(tmp_path, embedded_cache)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(body)
     config = tmp_path / "caption.yaml"
-    config.write_text(f"input: {source}\noutput: {tmp_path / 'out'}\nframes: 8\nmax_new_tokens: 4\nbatch_size: 2\n")
+    config.write_text(f"input: {source}\noutput: {tmp_path / 'out'}\nframes: 8\nmax_new_tokens: 4\nbatch_size: 2\n"
+                      f"model: {tiny_checkpoint('llava_onevision')}\n")
     result = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(config), "--num-cpus", "2"],
                             cwd=ROOT, env=_env(embedded_cache), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -162,6 +165,7 @@ def test_local_directory_in_and_out_with_a_yaml_config(tmp_path, embedded_cache)
     assert (tmp_path / "out" / "_manifest.json").exists()
     assert {r["status"] for r in rows} == {"ok", "error"}
     assert all(r["num_frames"] == 8 for r in rows if r["status"] == "ok")
+    assert {r["model"] for r in rows if r["status"] == "ok"} == {str(tiny_checkpoint("llava_onevision"))}
 
 
 def test_links_out_of_the_input_oversized_objects_and_memory_bombs_become_error_rows(tmp_path, embedded_cache):
