@@ -99,6 +99,29 @@ def test_spliced_cached_features_give_the_tokens_of_transformers_generate(qa, fr
         assert first.visual_tokens == prepared.visual_tokens
 
 
+@pytest.mark.parametrize("qa", FAMILIES, indirect=True)
+def test_image_questions_share_one_vision_pass_and_get_the_features_each_gets_alone(qa, frames, tall_image):
+    """Three questions' image sets (one image, another, and a message of both: OneVision reads that one at base
+    resolution) through the vision tower in one call, each question's features as it gets them by itself."""
+    import torch
+
+    cases = [qa.prepare(media, "Describe it.") for media in ([frames[0]], [tall_image], [frames[0], tall_image])]
+    qa.embedder.feature_cache.clear()
+    alone = [qa.embedder.features([p])[0].images for p in cases]
+    qa.embedder.feature_cache.clear()
+    passes: list[int] = []
+    hook = qa.model.model.vision_tower.register_forward_hook(lambda _, args, out: passes.append(args[0].shape[0]))
+    try:
+        together = qa.embedder.features(cases)
+    finally:
+        hook.remove()
+    assert len(passes) == 1
+    for case, mine, single in zip(cases, together, alone):
+        assert mine.images.shape == (case.visual_tokens, single.shape[-1]) == single.shape
+        assert torch.equal(mine.images, single)  # bit for bit
+        assert not mine.cached and mine.vision_s > 0
+
+
 def test_a_model_without_video_refuses_a_video_naming_what_it_takes(tiny_checkpoint, frames):
     from video_llava.model.qa_model import VideoQAModel
     from video_llava.model.settings import ModelSettings

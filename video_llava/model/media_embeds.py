@@ -29,6 +29,7 @@ class Embeddable(Protocol):
 
 
 VISION_BATCH_FRAMES = 256  # frames through the vision tower in one call at most (CLIP-L 336 px: ~1.2 GB bf16 at its MLP)
+VISION_BATCH_IMAGES = 32  # images in one call at most (AnyRes: up to 5 tiles each, so about as many tiles as frames)
 
 
 @dataclass
@@ -65,9 +66,7 @@ class MediaEmbedder:
     def features(self, prepared: Sequence[Embeddable]) -> list[MediaFeatures]:
         """Each question's vision features. The videos not in the cache, across all the questions, go through the
         vision tower together, one pass per frame shape and up to ``VISION_BATCH_FRAMES`` frames (a video seen
-        twice, once); a question's images go through together (AnyRes tiles differ per image)."""
-        import torch
-
+        twice, once); so do the questions' image sets, up to ``VISION_BATCH_IMAGES`` images a pass."""
         keys = [[k if media_kind(m) == VIDEO else None for m, k in zip(p.media, media_keys(p))] for p in prepared]
         found: dict[str, Any] = {}
         missing: dict[str, np.ndarray] = {}
@@ -80,27 +79,61 @@ class MediaEmbedder:
                     else:
                         found[key] = hit
         seconds = self._run_videos(missing, found)
+        images = self._run_images(prepared)
         out = []
-        for p, question_keys in zip(prepared, keys):
-            start = time.perf_counter()
-            images = [m for m in p.media if media_kind(m) == IMAGE]
-            image_features, images_cached = None, True
-            if images:
-                key = content_key(IMAGE, *[k for m, k in zip(p.media, media_keys(p)) if media_kind(m) == IMAGE])
-                image_features = self.feature_cache.get(key) if self.feature_cache.max_bytes else None
-                if image_features is None:
-                    images_cached = False
-                    with torch.inference_mode():
-                        inputs = self.family.image_inputs(self.processor, images, self.model.device)
-                        image_features = self.family.image_features(self.model, inputs)
-                    self.vision_calls += 1
-                    if self.feature_cache.max_bytes:
-                        self.feature_cache.put(key, image_features)
+        for question_keys, (image_features, images_cached, image_s) in zip(keys, images):
             videos = [found[k] for k in question_keys if k is not None]
             out.append(MediaFeatures(image_features, videos,
                                      images_cached and not any(k in missing for k in question_keys if k is not None),
-                                     time.perf_counter() - start + sum(seconds.get(k, 0.0) for k in set(question_keys))))
+                                     image_s + sum(seconds.get(k, 0.0) for k in set(question_keys))))
         return out
+
+    def _run_images(self, prepared: Sequence[Embeddable]) -> list[tuple[Any | None, bool, float]]:
+        """Per question: the features of its images (together, in order; None without images), whether they came
+        from the cache, its share of the seconds. A question's image set is one cache entry (OneVision reads a
+        message of several images differently from one image); the sets not cached share the vision passes."""
+        import torch
+
+        results: list[tuple[Any | None, bool, float]] = [(None, True, 0.0)] * len(prepared)
+        sets: dict[str, tuple[list[np.ndarray], int, list[int]]] = {}  # key -> (images, tokens, questions)
+        for i, p in enumerate(prepared):
+            mine = [(m, k, n) for m, k, n in zip(p.media, media_keys(p), p.media_tokens) if media_kind(m) == IMAGE]
+            if not mine:
+                continue
+            key = content_key(IMAGE, *[k for _, k, _ in mine])
+            hit = self.feature_cache.get(key) if self.feature_cache.max_bytes else None
+            if hit is not None:
+                results[i] = (hit, True, 0.0)
+            elif key in sets:
+                sets[key][2].append(i)
+            else:
+                sets[key] = ([m for m, _, _ in mine], sum(n for _, _, n in mine), [i])
+        chunks: list[list[str]] = []
+        for key, (images, _, _) in sets.items():
+            if chunks and sum(len(sets[k][0]) for k in chunks[-1]) + len(images) <= VISION_BATCH_IMAGES:
+                chunks[-1].append(key)
+            else:
+                chunks.append([key])
+        for chunk in chunks:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                inputs = self.family.image_inputs(self.processor, [sets[k][0] for k in chunk], self.model.device)
+                joined = self.family.image_features(self.model, inputs)
+            lengths = [sets[k][1] for k in chunk]
+            if joined.shape[0] != sum(lengths):
+                raise RuntimeError(f"the vision tower gave {joined.shape[0]} image features where the processor "
+                                   f"counts {sum(lengths)} image tokens")
+            elapsed = time.perf_counter() - start
+            self.vision_calls += len(chunk)
+            in_chunk = sum(len(sets[k][0]) for k in chunk)
+            for key, part in zip(chunk, torch.split(joined, lengths)):
+                images, _, questions = sets[key]
+                part = part.clone() if len(chunk) > 1 else part  # a view would keep the whole chunk cached
+                if self.feature_cache.max_bytes:
+                    self.feature_cache.put(key, part)
+                for i in questions:
+                    results[i] = (part, False, elapsed * len(images) / in_chunk / len(questions))
+        return results
 
     def _run_videos(self, missing: dict[str, np.ndarray], found: dict[str, Any]) -> dict[str, float]:
         """Features of the ``missing`` videos into ``found`` (and the cache); each video's share of the seconds."""

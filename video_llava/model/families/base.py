@@ -115,13 +115,16 @@ class Family:
         raise NotImplementedError
 
     # ---- features ------------------------------------------------------------------------------------------
-    def image_inputs(self, processor: Any, images: Sequence[np.ndarray], device: Any = None) -> dict[str, Any]:
-        """The processor's tensors for one message's images (what ``generate`` would receive), made on ``device``
-        (the processor resizes and normalises there: the model's device, not the CPU, when given)."""
-        return dict(processor.image_processor(images=list(images), return_tensors="pt", **on_device(device)))
+    def image_inputs(self, processor: Any, groups: Sequence[Sequence[np.ndarray]], device: Any = None
+                     ) -> dict[str, Any]:
+        """The processor's tensors for the images of several messages (``groups``: each message's, in order; what
+        ``generate`` would receive for a batch of them), made on ``device`` (the processor resizes and normalises
+        there: the model's device, not the CPU, when given)."""
+        images = [image for group in groups for image in group]
+        return dict(processor.image_processor(images=images, return_tensors="pt", **on_device(device)))
 
     def image_features(self, model: Any, inputs: dict[str, Any]) -> Any:
-        """(tokens, hidden) features of one message's images, in order, as ``forward`` splices them."""
+        """(tokens, hidden) features of all those images, message after message, as ``forward`` splices them."""
         import torch
 
         kwargs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items() if k != "pixel_values"}

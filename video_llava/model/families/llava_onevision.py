@@ -30,12 +30,14 @@ class LlavaOnevisionFamily(Family):
             return [n] * len(sizes)
         return anyres_image_tokens(processor, sizes, crop_size(processor.image_processor))
 
-    def image_inputs(self, processor: Any, images: Sequence[np.ndarray], device: Any = None) -> dict[str, Any]:
+    def image_inputs(self, processor: Any, groups: Sequence[Sequence[np.ndarray]], device: Any = None
+                     ) -> dict[str, Any]:
         import torch
 
-        # Nested as one sample's images: with several, the processor makes only the base view the model uses.
-        inputs = dict(processor.image_processor(images=[list(images)], return_tensors="pt", **on_device(device)))
-        inputs["batch_num_images"] = torch.tensor([len(images)])
+        # Nested per message: a message of several images gets only the base view of each, as the model reads it.
+        inputs = dict(processor.image_processor(images=[list(g) for g in groups], return_tensors="pt",
+                                                **on_device(device)))
+        inputs["batch_num_images"] = torch.tensor([len(g) for g in groups])
         return inputs
 
 
