@@ -1,10 +1,10 @@
 """What the container says, before any frame is sampled: the presentation time of every video packet.
 
 Demuxing reads packets without decoding them (the first frame is decoded, for its display rotation), so this is
-cheap next to decoding; MP4/MOV files need not even that, their header's sample table gives every time (see
-``_from_index``) and its track matrix the rotation (``mp4_header``). It is the reference both decoders are held to: frame ``i`` of a video is the packet
-with the ``i``-th smallest presentation time, and its timestamp is that time minus the first one (seconds from the
-first video frame, whatever the container's clock starts at).
+cheap next to decoding; MP4/MOV files need not even that: their header's sample table gives every time
+(``_from_index``) and its track matrix the rotation (``mp4_header``). It is the reference both decoders are held to:
+frame ``i`` of a video is the packet with the ``i``-th smallest presentation time, and its timestamp is that time
+minus the first one (seconds from the first video frame, whatever the container's clock starts at).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def _demux(container, stream, indexed: bool, rotation: int | None) -> tuple[np.n
     if rotation is None:
         rotation = _first_rotation(stream, packets, stamps, notes)
     if indexed and not notes:
-        pts = _from_index(stream, packets, stamps, notes)
+        pts = _from_index(stream, packets, stamps)
         if pts is not None:
             return pts, rotation, notes, "index"
     try:  # the hot loop of the check: kept to attribute reads (about 1 us a packet over libav's own cost)
@@ -198,7 +198,7 @@ def _demux(container, stream, indexed: bool, rotation: int | None) -> tuple[np.n
     return np.unique(np.asarray(stamps, dtype=np.int64)), rotation, notes, "packets"
 
 
-def _from_index(stream, packets, stamps: list[int], notes: list[str]) -> np.ndarray | None:
+def _from_index(stream, packets, stamps: list[int]) -> np.ndarray | None:
     """Every packet's presentation time from the index, or None where it might not give them exactly (then every
     packet is demuxed).
 
