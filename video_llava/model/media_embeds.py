@@ -44,7 +44,7 @@ class MediaFeatures:
 
 def medium_key(medium: np.ndarray) -> str:
     """A content key of one image or video: its kind, shape and pixels."""
-    return content_key(media_kind(medium), str(medium.shape), np.ascontiguousarray(medium).tobytes())
+    return content_key(media_kind(medium), str(medium.shape), memoryview(np.ascontiguousarray(medium)).cast("B"))
 
 
 def media_keys(question: Embeddable) -> tuple[str, ...]:
