@@ -224,6 +224,22 @@ def test_a_header_that_does_not_say_plainly_leaves_the_rotation_to_a_decoded_fra
     assert mp4_rotation(b"not an mp4") is None and mp4_rotation(str(tmp_path / "missing.mp4")) is None
 
 
+def test_a_damaged_mp4_header_gives_a_rotation_or_none_never_an_error(tmp_path):
+    from video_llava.video.mp4_header import mp4_rotation
+
+    path = tmp_path / "turned.mp4"
+    write_video(path, barcode_frames(4), fps=FPS, fmt="mp4", rotation=90)
+    data = path.read_bytes()
+    moov = data.find(b"moov") - 4
+    rng = np.random.default_rng(0)
+    for at in range(moov, len(data)):  # every byte of the movie header, one at a time, and cuts through it
+        for damaged in (data[:at] + bytes([data[at] ^ int(rng.integers(1, 256))]) + data[at + 1:], data[:at]):
+            assert mp4_rotation(damaged) in (None, 0, 90, 180, 270)
+    at = data.find(b"mvhd") - 4
+    empty = data[:at] + (8).to_bytes(4, "big") + data[at + 4:]  # a movie header box with no body
+    assert mp4_rotation(empty) is None
+
+
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_a_three_frame_clip_asked_for_32_gives_its_three_frames(tmp_path, backend):
     path = tmp_path / "three.mp4"

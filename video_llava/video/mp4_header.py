@@ -32,7 +32,7 @@ def mp4_rotation(source: str | bytes) -> int | None:
 
             f.seek(0, 2)
             return _rotation(read, f.tell())
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, IndexError, struct.error):  # a damaged header: the frame decode says
         return None
 
 
