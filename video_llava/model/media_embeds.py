@@ -67,7 +67,8 @@ class MediaEmbedder:
         """Each question's vision features. The videos not in the cache, across all the questions, go through the
         vision tower together, one pass per frame shape and up to ``VISION_BATCH_FRAMES`` frames (a video seen
         twice, once); so do the questions' image sets, up to ``VISION_BATCH_IMAGES`` images a pass."""
-        keys = [[k if media_kind(m) == VIDEO else None for m, k in zip(p.media, media_keys(p))] for p in prepared]
+        every = [media_keys(p) for p in prepared]  # hashed once: a question without cached keys hashes its pixels
+        keys = [[k if media_kind(m) == VIDEO else None for m, k in zip(p.media, ks)] for p, ks in zip(prepared, every)]
         found: dict[str, Any] = {}
         missing: dict[str, np.ndarray] = {}
         for p, question_keys in zip(prepared, keys):
@@ -79,7 +80,7 @@ class MediaEmbedder:
                     else:
                         found[key] = hit
         seconds = self._run_videos(missing, found)
-        images = self._run_images(prepared)
+        images = self._run_images(prepared, every)
         out = []
         for question_keys, (image_features, images_cached, image_s) in zip(keys, images):
             videos = [found[k] for k in question_keys if k is not None]
@@ -88,16 +89,18 @@ class MediaEmbedder:
                                      image_s + sum(seconds.get(k, 0.0) for k in set(question_keys))))
         return out
 
-    def _run_images(self, prepared: Sequence[Embeddable]) -> list[tuple[Any | None, bool, float]]:
+    def _run_images(self, prepared: Sequence[Embeddable], every: Sequence[tuple[str, ...]]
+                    ) -> list[tuple[Any | None, bool, float]]:
         """Per question: the features of its images (together, in order; None without images), whether they came
-        from the cache, its share of the seconds. A question's image set is one cache entry (OneVision reads a
-        message of several images differently from one image); the sets not cached share the vision passes."""
+        from the cache, its share of the seconds (``every``: each question's media keys). A question's image set is
+        one cache entry (OneVision reads a message of several images differently from one image); the sets not
+        cached share the vision passes."""
         import torch
 
         results: list[tuple[Any | None, bool, float]] = [(None, True, 0.0)] * len(prepared)
         sets: dict[str, tuple[list[np.ndarray], int, list[int]]] = {}  # key -> (images, tokens, questions)
-        for i, p in enumerate(prepared):
-            mine = [(m, k, n) for m, k, n in zip(p.media, media_keys(p), p.media_tokens) if media_kind(m) == IMAGE]
+        for i, (p, keys) in enumerate(zip(prepared, every)):
+            mine = [(m, k, n) for m, k, n in zip(p.media, keys, p.media_tokens) if media_kind(m) == IMAGE]
             if not mine:
                 continue
             key = content_key(IMAGE, *[k for _, k, _ in mine])
