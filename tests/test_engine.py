@@ -7,7 +7,6 @@ import queue
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from video_llava.data.synthetic_video import MovingShape, render_frames
@@ -261,56 +260,82 @@ def test_the_waiting_queue_is_bounded(embedded_model, videos):
         engine.close()
 
 
-def test_the_batch_kv_appends_in_place_and_holds_what_concatenation_would():
-    """A decode step writes one position into the layer's spare room (DynamicLayer copied the whole KV each step);
-    a row joining gives new tensors, and the next step moves them into a buffer with room again."""
+def _one_row_cache(values):
+    """A prefill's one-row cache (two layers) whose position p holds ``values[p]`` everywhere."""
     import torch
     from transformers import DynamicCache
 
-    from video_llava.engine.reserved import RESERVE
-
-    def one_row(length, seed):
-        cache = DynamicCache()
-        g = torch.Generator().manual_seed(seed)
-        cache.update(torch.randn(1, 2, length, 4, generator=g), torch.randn(1, 2, length, 4, generator=g), 0)
-        return cache
-
-    kv, plain = BatchKV(), BatchKV()
-    kv.add(one_row(5, 0), 5)
-    plain.cache, plain.mask = one_row(5, 0), kv.mask.clone()
-    (layer,), (reference,) = kv.cache.layers, plain.cache.layers
-    assert type(layer).__name__ == "ReservedLayer"
-    pointers = set()
-    for step in range(RESERVE + 3):  # past the first buffer's room: one move, then in place again
-        new = torch.full((1, 2, 1, 4), float(step))
-        layer.update(new, new)
-        reference.update(new, new)
-        pointers.add(layer.keys.data_ptr())
-        assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
-    assert len(pointers) == 2  # the first buffer, then one with room again
-    kv.mask = torch.ones(1, layer.keys.shape[-2], dtype=torch.long)
-    kv.add(one_row(3, 1), 3)
-    assert kv.rows == 2 and torch.equal(kv.cache.layers[0].keys[1, :, -3:], one_row(3, 1).layers[0].keys[0])
+    cache = DynamicCache()
+    for layer in range(2):
+        k = torch.tensor(values, dtype=torch.float32).reshape(1, 1, -1, 1).expand(1, 2, -1, 3) + 1000 * layer
+        cache.update(k.clone(), -k.clone(), layer)
+    return cache
 
 
-def test_kv_rows_join_left_padded_and_leave_with_unused_front_positions_dropped():
+def _what_each_row_attends(kv, step_value):
+    """One decode step writing ``step_value + row`` for every row; per row, the key values the new token attends to
+    (in order), read through the model's interface: the mask and what each layer's update returns."""
     import torch
-    from transformers import DynamicCache
 
-    def one_row(length, value):
-        cache = DynamicCache()
-        cache.update(torch.full((1, 2, length, 4), float(value)), torch.full((1, 2, length, 4), float(value)), 0)
-        return cache
+    mask, positions = kv.step_inputs(torch.float32)
+    seen = []
+    for layer in kv.cache.layers:
+        new = torch.arange(kv.rows, dtype=torch.float32).reshape(-1, 1, 1, 1).expand(-1, 2, 1, 3) + step_value
+        new = new + 1000 * layer.index
+        keys, values = layer.update(new.clone(), -new.clone())
+        assert keys.shape[0] == kv.rows and keys.shape[2] == mask.shape[-1]
+        assert torch.equal(values, -keys)
+        visible = mask[:, 0, 0, :] == 0
+        seen.append([(keys[i, 0, visible[i], 0] - 1000 * layer.index).tolist() for i in range(kv.rows)])
+    kv.advance()
+    assert seen[0] == seen[1]
+    return seen[0], positions[:, 0].tolist()
 
+
+def test_the_batch_kv_keeps_each_rows_positions_in_order_through_joins_leaves_and_regathering():
+    """Rows join (one shorter, one longer than the batch: the write index moves on), decode steps write in place,
+    rows leave (the last row takes the slot), and full buffers are regathered: through all of it each row attends to
+    exactly its own positions, in order, and its position id counts them."""
+    kv = BatchKV(reserve=4)  # little room: buffers fill, and are regathered, every few steps
+    rows = []  # the reference: each row's key values in order
+    for step in range(60):
+        if step % 7 == 0:  # a row joins: lengths 5, 2, 9, 5, 2, 9, ...
+            length = (5, 2, 9)[step // 7 % 3]
+            values = [100.0 * (step + 1) + p for p in range(length)]
+            copies = 2 if step == 14 else 1
+            kv.add(_one_row_cache(values), length, copies=copies)
+            rows += [list(values) for _ in range(copies)]
+        if step % 5 == 4 and len(rows) > 1:  # a row leaves: the first, or one in the middle
+            gone = [0] if step % 10 == 4 else [len(rows) // 2, len(rows) - 1]
+            order = kv.remove(gone)
+            rows = [rows[i] for i in order]
+        seen, positions = _what_each_row_attends(kv, 10_000.0 * (step + 1))
+        for i, row in enumerate(rows):
+            row.append(10_000.0 * (step + 1) + i)
+        assert seen == rows, step
+        assert positions == [len(r) - 1 for r in rows]
+    assert kv.capacity < 60 + 9 + 4 + 64  # regathering closed the gaps instead of growing without end
+
+
+def test_a_leaving_row_costs_one_row_copy_and_splitting_keeps_every_row():
+    """``remove`` moves only the last row into the slot left (the others stay where they are); ``take`` and
+    ``keep`` split a batch (a failing step is retried in halves) and ``extend`` joins them back, rows intact."""
     kv = BatchKV()
-    kv.add(one_row(3, 1), 3)
-    kv.add(one_row(5, 2), 5)
-    assert kv.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-    mask, positions = kv.step_inputs()
-    assert positions.tolist() == [[3], [5]] and mask.shape == (2, 6)
+    rows = []
+    for n, length in enumerate((3, 6, 4, 2)):
+        values = [10.0 * (n + 1) + p for p in range(length)]
+        kv.add(_one_row_cache(values), length)
+        rows.append(values)
+    before = [kv.keys[0][i].clone() for i in range(4)]
+    assert kv.remove([1]) == [0, 3, 2]
+    rows = [rows[i] for i in (0, 3, 2)]
+    assert all(kv.keys[0][i].equal(before[j]) for i, j in ((0, 0), (1, 3), (2, 2)))
+    second = kv.take([1, 2])
     kv.keep([0])
-    assert kv.mask.tolist() == [[1, 1, 1]] and kv.cache.layers[0].keys.shape == (1, 2, 3, 4)
-    assert np.all(kv.cache.layers[0].keys.numpy() == 1)
+    assert _what_each_row_attends(second, 500.0)[0] == [rows[1] + [500.0], rows[2] + [501.0]]
+    kv.extend(second)
+    seen, _ = _what_each_row_attends(kv, 600.0)
+    assert seen == [rows[0] + [600.0], rows[1] + [500.0, 601.0], rows[2] + [501.0, 602.0]]
 
 
 def test_requests_share_the_batch_only_as_far_as_the_kv_budget_allows(embedded_model, videos):

@@ -1,14 +1,15 @@
 """Continuous batching over a loaded ``VideoQAModel``: requests join the running decode batch between steps and
 leave when done.
 
-Written by hand, over the model's own ``forward`` and transformers' cache classes (``kv.py``, ``reserved.py``;
+Written by hand, over the model's own ``forward`` and transformers' cache classes (``kv.py``, ``slot_cache.py``;
 prompts in ``prefill.py``): transformers' continuous batching (``ContinuousBatchingManager``, paged attention)
 takes ``input_ids`` only, and our requests arrive as embeddings with their vision features spliced in
 (transformers#43386 and #46376 are open). No attention kernel is written here.
 
 One thread runs the loop: admit waiting requests that fit (one vision pass for all their media not cached, then
 each prefilled alone, unpadded, so its first token comes at once), then one decode step for every running sequence
-(the KV of rows left-padded to one length, the mask marking real positions, as ``generate`` with a padded batch).
+(each row's KV in a slot of one buffer per layer, written in place at one index for all rows, the mask marking real
+positions, as ``generate`` with a padded batch; a row joining or leaving copies that row only).
 Greedy rows give the tokens of one-at-a-time ``generate`` (float32 on CPU: token-identical, tested). A request that
 fails in its prefill fails alone; one that is cancelled leaves the batch before the next step; a decode step that
 raises is run again in halves until the rows that fail alone are found (only those requests fail; an out-of-memory
@@ -127,6 +128,8 @@ class Engine:
         self._running: list[_Sequence] = []
         self._live: dict[int, _Request] = {}  # submitted and not yet finished, failed or dropped
         self._kv = BatchKV()
+        # flash-attention takes a padding mask (rows x positions); sdpa and eager the 4-D mask built per step
+        self._four_d_mask = getattr(self.model.config, "_attn_implementation", "sdpa") != "flash_attention_2"
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -301,13 +304,17 @@ class Engine:
         return admitted
 
     def _drop_cancelled(self) -> None:
-        keep = [i for i, s in enumerate(self._running) if not s.request.cancelled]
-        if len(keep) < len(self._running):
-            for seq in self._running:
-                if seq.request.cancelled and self._live.pop(seq.request.id, None) is not None:
+        gone = [i for i, s in enumerate(self._running) if s.request.cancelled]
+        if gone:
+            for i in gone:
+                if self._live.pop(self._running[i].request.id, None) is not None:
                     self.stats.cancelled += 1
-            self._running = [self._running[i] for i in keep]
-            self._kv.keep(keep)
+            self._leave(gone)
+
+    def _leave(self, rows: list[int]) -> None:
+        """Rows ``rows`` leave the batch (the KV moves the last rows into their slots; the sequences follow)."""
+        order = self._kv.remove(rows)
+        self._running = [self._running[i] for i in order]
 
     def _prefill_all(self, admitted: list[_Request]) -> None:
         """Prefill the admitted requests one by one, after one vision pass for all of their media not cached."""
@@ -381,25 +388,24 @@ class Engine:
             return
         logits = parts[0][2] if len(parts) == 1 else torch.cat([p[2] for p in parts])
         chosen = self._choose(logits, rows)
-        keep = [i for i, (seq, token) in enumerate(zip(rows, chosen))
-                if token is not None and not self._appended_alone(seq, token, logits[i])]
-        if len(keep) < len(rows):
-            self._running = [rows[i] for i in keep]
-            self._kv.keep(keep)
+        done = [i for i, (seq, token) in enumerate(zip(rows, chosen))
+                if token is None or self._appended_alone(seq, token, logits[i])]
+        if done:
+            self._leave(done)
 
     def _decode(self, kv: BatchKV, rows: list[_Sequence]) -> Any:
         """Logits of one decode step over ``rows`` (their KV ``kv``, advanced; as it was if the step raises)."""
         import torch
 
         ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.model.device)
-        mask, positions = kv.step_inputs()
+        mask, positions = kv.step_inputs(self.model.dtype, self._four_d_mask)
         try:
             logits, _ = self._forward(self._forward.embed(ids), mask, kv.cache, positions)
         except BaseException:
-            kv.crop()  # the layers the failed forward had already appended to
+            kv.crop()  # what the failed step wrote is not real (and is overwritten by the next)
             raise
         kv.advance()
-        return logits
+        return logits[:len(rows)]
 
     def _isolated_decode(self, kv: BatchKV, rows: list[_Sequence]) -> list[tuple[BatchKV, list[_Sequence], Any]]:
         """``_decode``, and if it fails, the same step in halves until the rows that fail alone are found: those

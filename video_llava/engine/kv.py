@@ -1,123 +1,269 @@
-"""The running batch's KV cache: one transformers ``DynamicCache`` whose rows are left-padded to one length.
+"""The running batch's KV cache: per model layer one buffer of row slots x positions, written in place.
 
-A sequence is prefilled alone (no padding in its prefill) and its one-row cache joins the batch between decode
-steps; a finished sequence's row leaves. The mask marks each row's real positions, so one decode step over all rows
-attends exactly as each sequence alone would (as ``generate`` does with a left-padded batch). The batch's layers
-append in place (``reserved.ReservedLayer``: a decode step writes one position, it does not copy the KV); a row
-joining or leaving copies the batch's KV, which a paged cache would avoid.
+A sequence is prefilled alone (no padding in its prefill); its one-row cache is copied into a free row slot between
+decode steps, its positions ending where the batch writes next. Every decode step writes one position of every row
+at the same index (``write``), and a mask marks each row's real positions, so attention sees exactly what each
+sequence alone would (as ``generate`` does with a left-padded batch). A row leaving moves the last row into its slot:
+joining and leaving copy one row, never the batch. Only when the buffer runs out of positions are the rows gathered
+into a larger one (right-aligned, gaps closed), once per ``RESERVE`` steps or so.
+
+A row longer than the batch's write index moves the index forward (the other rows get a masked gap, closed at the
+next regathering). The attention reads only the positions from the first real one of any row to the one being
+written (``view``); a compiled decode step (``static=True``) reads whole buffers instead, so that its shapes never
+change between steps (CUDA graphs).
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+RESERVE = 256  # positions of room a buffer is given past what its rows hold
+
 
 def cache_layers(cache: Any) -> list[Any]:
-    """The cache's per-layer key/value holders; ``TypeError`` for a cache this batch cannot splice."""
+    """A prefill cache's per-layer key/value holders; ``TypeError`` for a cache this batch cannot splice."""
     layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer).__name__ in ("DynamicLayer", "ReservedLayer") for layer in layers):
+    if not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
         kinds = sorted({type(layer).__name__ for layer in layers or []})
         raise TypeError(f"continuous batching needs a DynamicCache of full-attention layers, got {kinds or cache!r}")
     return list(layers)
 
 
-def _left_pad(tensor: Any, length: int) -> Any:
-    import torch.nn.functional as F
-
-    missing = length - tensor.shape[-2]
-    return tensor if missing == 0 else F.pad(tensor, (0, 0, missing, 0))
+def _round_up(n: int, to: int = 64) -> int:
+    return -(-n // to) * to
 
 
 class BatchKV:
-    """KV of the running rows (``cache``) and which of its positions are real (``mask``, rows x length)."""
+    """KV of the running rows: slot ``i`` holds row ``i`` (``rows`` of them, in the engine's order)."""
 
-    def __init__(self):
-        self.cache: Any = None
-        self.mask: Any = None
+    def __init__(self, reserve: int = RESERVE):
+        self.reserve = reserve
+        self.keys: list[Any] = []  # per layer: (row slots, heads, positions, head size)
+        self.values: list[Any] = []
+        self.real: Any = None  # (row slots, positions) bool: a row's real positions
+        self.lengths: Any = None  # (row slots,) long: real positions per row
+        self.first: list[int] = []  # per row: its first real position
+        self.rows = 0
+        self.end = 0  # the position the next decode step writes, the same for every row
+        self.write: Any = None  # ``end`` as a one-element tensor on the device (read by the layers' index_copy_)
+        self.view: tuple[int, int, int] = (0, 0, 0)  # rows, first and last + 1 position the attention reads
+        self.static = False  # compiled steps: the view is every slot of a bucket and every position
+        self.cache: Any = None  # what the model is given: a DynamicCache of ``SlotLayer``s over these buffers
 
     @property
-    def rows(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[0]
+    def slots(self) -> int:
+        return self.real.shape[0] if self.real is not None else 0
 
     @property
-    def length(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
+    def capacity(self) -> int:
+        return self.real.shape[1] if self.real is not None else 0
 
+    # ---- rows joining ------------------------------------------------------------------------------------------
     def add(self, cache: Any, length: int, copies: int = 1) -> None:
         """Append a prefilled sequence's one-row cache of ``length`` positions as the last ``copies`` rows (the
         answers of one prefill)."""
         import torch
 
-        theirs = [(layer.keys, layer.values) for layer in cache_layers(cache)]
-        if copies > 1:
-            theirs = [(k.expand(copies, -1, -1, -1), v.expand(copies, -1, -1, -1)) for k, v in theirs]
-        self._append_rows(theirs, torch.ones(copies, length, dtype=torch.long, device=theirs[0][0].device))
+        layers = [(layer.keys, layer.values) for layer in cache_layers(cache)]
+        real = torch.ones(1, length, dtype=torch.bool, device=layers[0][0].device)
+        self._place(layers, real, [0] * copies)
 
     def extend(self, other: "BatchKV") -> None:
         """Append ``other``'s rows after these (``other`` is used up)."""
-        if other.cache is not None:
-            self._append_rows([(layer.keys, layer.values) for layer in cache_layers(other.cache)], other.mask)
+        if other.rows:
+            span = slice(0, other.end)
+            layers = [(k[:other.rows, :, span], v[:other.rows, :, span]) for k, v in zip(other.keys, other.values)]
+            self._place(layers, other.real[:other.rows, span], list(range(other.rows)))
 
-    def _append_rows(self, theirs: list[tuple[Any, Any]], mask: Any) -> None:
+    def _place(self, layers: list[tuple[Any, Any]], real: Any, sources: list[int]) -> None:
+        """Copy rows ``sources`` of (keys, values per layer; ``real``: which positions are real) into the slots after
+        the last row, their positions ending at the write index (moved forward if they are longer)."""
         import torch
 
-        if self.cache is None:
-            from video_llava.engine.reserved import reserved_cache
+        span = real.shape[1]
+        if self.real is None:
+            self._allocate(layers, len(sources), span + self.reserve)
+        if span > self.end:
+            if span >= self.capacity:  # no room: regather every row to end where these do
+                self._regather(span, span + self.reserve, self.rows + len(sources))
+            self._move_write(span)
+        if self.rows + len(sources) > self.slots:
+            self._regather(self.end, self.capacity, self.rows + len(sources))
+        at, start = self.rows, self.end - span
+        index = torch.tensor(sources, device=real.device)
+        for mine_k, mine_v, (k, v) in zip(self.keys, self.values, layers):
+            mine_k[at:at + len(sources), :, start:self.end] = k.index_select(0, index)
+            mine_v[at:at + len(sources), :, start:self.end] = v.index_select(0, index)
+        rows = slice(at, at + len(sources))
+        self.real[rows] = False
+        self.real[rows, start:self.end] = real.index_select(0, index)
+        counts = real.sum(1)
+        self.lengths[rows] = counts.index_select(0, index)
+        firsts = [start + int(real[s].nonzero()[0]) if int(counts[s]) else self.end for s in sources]
+        self.first += firsts
+        self.rows += len(sources)
+        self._set_view()
 
-            self.cache = reserved_cache([(k.contiguous(), v.contiguous()) for k, v in theirs])
-            self.mask = mask
-            return
-        width = max(self.length, mask.shape[1])
-        for mine, (k, v) in zip(cache_layers(self.cache), theirs):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(k, width)])
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(v, width)])
-        pad = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
-        self.mask = torch.cat([pad(self.mask), pad(mask)])
+    def _allocate(self, layers: list[tuple[Any, Any]], rows: int, capacity: int) -> None:
+        import torch
 
-    def take(self, rows: Sequence[int]) -> "BatchKV":
-        """A new batch of (copies of) ``rows``; this one is unchanged."""
-        import copy
+        k, v = layers[0]
+        device = k.device
+        self.keys = [torch.zeros(rows, k.shape[1], capacity, k.shape[-1], dtype=k.dtype, device=device)
+                     for k, _ in layers]
+        self.values = [torch.zeros(rows, v.shape[1], capacity, v.shape[-1], dtype=v.dtype, device=device)
+                       for _, v in layers]
+        self.real = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.write = torch.zeros(1, dtype=torch.long, device=device)
+        from video_llava.engine.slot_cache import slot_cache
 
-        part = BatchKV()
-        part.cache = copy.copy(self.cache)
-        part.cache.layers = [copy.copy(layer) for layer in cache_layers(self.cache)]
-        for layer in part.cache.layers:
-            getattr(layer, "forget_buffers", lambda: None)()  # its rows are copied out below: no shared writes
-        part.mask = self.mask
-        part.keep(rows)
-        return part
+        self.cache = slot_cache(self, len(layers))
 
-    def crop(self) -> None:
-        """Drop the positions a failed step appended to some layers before it raised (the mask was not advanced)."""
-        for layer in cache_layers(self.cache):
-            if layer.keys.shape[-2] > self.length:
-                layer.keys, layer.values = layer.keys[..., :self.length, :], layer.values[..., :self.length, :]
+    def _move_write(self, end: int) -> None:
+        self.end = end
+        self.write.fill_(end)
+
+    def _regather(self, end: int, capacity: int, slots: int) -> None:
+        """New buffers of ``slots`` rows and ``capacity`` positions, each row's real positions gathered to end at
+        ``end`` (gaps closed; ``end`` >= every row's length)."""
+        import torch
+
+        slots = max(slots, self.slots if slots <= self.slots else 2 * self.slots, 1)
+        capacity = _round_up(max(capacity, end + 1))
+        n, device = self.rows, self.real.device
+        lengths = self.lengths[:n]
+        # per row and new position: the old position it holds (real ones in order, right-aligned at ``end``)
+        order = torch.sort((~self.real[:n, :self.end]).to(torch.int8), dim=1, stable=True).indices  # real first
+        new = torch.arange(end, device=device).unsqueeze(0)
+        offset = new - (end - lengths).unsqueeze(1)  # the row's k-th real position lands at end - length + k
+        holds = offset >= 0
+        source = torch.where(holds, order.gather(1, offset.clamp(0, max(self.end - 1, 0))), 0) if self.end else None
+        real = torch.zeros(slots, capacity, dtype=torch.bool, device=device)
+        real[:n, :end] = holds
+        for group in (self.keys, self.values):
+            for i, old in enumerate(group):
+                fresh = torch.zeros(slots, old.shape[1], capacity, old.shape[-1], dtype=old.dtype, device=device)
+                if n and source is not None:
+                    index = source[:, None, :, None].expand(n, old.shape[1], end, old.shape[-1])
+                    fresh[:n, :, :end] = old[:n, :, :self.end].gather(2, index) * holds[:, None, :, None]
+                group[i] = fresh
+        kept = torch.zeros(slots, dtype=torch.long, device=device)
+        kept[:n] = lengths
+        self.real, self.lengths = real, kept
+        self.first = [end - int(length) for length in lengths.tolist()]
+        self._move_write(end)
+        self._set_view()
+
+    # ---- rows leaving ------------------------------------------------------------------------------------------
+    def remove(self, rows: Sequence[int]) -> list[int]:
+        """Drop ``rows``; each slot left empty takes the last row. Returns, per slot now, the old row it holds (the
+        engine reorders its sequences the same way)."""
+        order = list(range(self.rows))
+        for row in sorted(set(rows), reverse=True):  # the last row is never one still to drop
+            last = len(order) - 1
+            if row != last:
+                self._copy_row(last, row)
+                order[row] = order[last]
+            order.pop()
+            self.first.pop()
+        self.rows = len(order)
+        if not self.rows:
+            self._move_write(0)
+        self._set_view()
+        return order
+
+    def _copy_row(self, source: int, target: int) -> None:
+        for group in (self.keys, self.values):
+            for buffer in group:
+                buffer[target, :, :self.end] = buffer[source, :, :self.end]
+        self.real[target] = self.real[source]
+        self.lengths[target] = self.lengths[source]
+        self.first[target] = self.first[source]
 
     def keep(self, rows: Sequence[int]) -> None:
-        """Keep only ``rows`` (in this order); positions no kept row uses are dropped from the front."""
+        """Keep only ``rows`` (ascending), in their order."""
+        rows = list(rows)
+        if any(b <= a for a, b in zip(rows, rows[1:])):
+            raise ValueError(f"keep takes ascending rows, got {rows}")
+        for slot, row in enumerate(rows):
+            if row != slot:
+                for group in (self.keys, self.values):
+                    for buffer in group:
+                        buffer[slot, :, :self.end] = buffer[row, :, :self.end]
+                self.real[slot] = self.real[row]
+                self.lengths[slot] = self.lengths[row]
+        self.first = [self.first[r] for r in rows]
+        self.rows = len(rows)
+        if not self.rows:
+            self._move_write(0)
+        self._set_view()
+
+    def take(self, rows: Sequence[int]) -> "BatchKV":
+        """A new batch of copies of ``rows``; this one is unchanged."""
         import torch
 
-        if not rows:
-            self.cache = self.mask = None
-            return
-        index = torch.tensor(list(rows), device=self.mask.device)
-        self.mask = self.mask.index_select(0, index)
-        used = self.mask.any(0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        self.mask = self.mask[:, start:]
-        for layer in cache_layers(self.cache):
-            layer.keys = layer.keys.index_select(0, index)[..., start:, :]
-            layer.values = layer.values.index_select(0, index)[..., start:, :]
+        part = BatchKV(self.reserve)
 
-    def step_inputs(self) -> tuple[Any, Any]:
-        """(attention mask, position ids) of one decode step that appends a token to every row."""
+        index = torch.tensor(list(rows), device=self.real.device)
+        for k, v in zip(self.keys, self.values):
+            part.keys.append(k.index_select(0, index).clone())
+            part.values.append(v.index_select(0, index).clone())
+        part.real = self.real.index_select(0, index).clone()
+        part.lengths = self.lengths.index_select(0, index).clone()
+        part.first = [self.first[r] for r in rows]
+        part.rows, part.static = len(rows), self.static
+        part.write = self.write.clone()
+        part._move_write(self.end)
+        from video_llava.engine.slot_cache import slot_cache
+
+        part.cache = slot_cache(part, len(part.keys))
+        part._set_view()
+        return part
+
+    # ---- decode steps ------------------------------------------------------------------------------------------
+    def step_rows(self) -> int:
+        """Rows a step computes: the running ones, or (``static``) the bucket of slots they fall in."""
+        if not self.static:
+            return self.rows
+        bucket = 1
+        while bucket < self.rows:
+            bucket *= 2
+        return min(bucket, self.slots)
+
+    def _set_view(self) -> None:
+        if self.static:
+            self.view = (self.step_rows(), 0, self.capacity)
+        else:
+            start = min(self.first) if self.first else self.end
+            self.view = (self.rows, min(start, self.end), self.end + 1)
+
+    def step_inputs(self, dtype: Any, four_d: bool = True) -> tuple[Any, Any]:
+        """(attention mask, position ids) of one decode step that writes a token for every row at ``end``; the
+        buffers get room first if they are full. The mask is 4-D and additive (``dtype``), or with ``four_d=False``
+        the rows x positions padding mask flash-attention takes."""
         import torch
 
-        ones = torch.ones(self.rows, 1, dtype=self.mask.dtype, device=self.mask.device)
-        return torch.cat([self.mask, ones], dim=1), self.mask.sum(dim=1, keepdim=True)
+        if self.end >= self.capacity:
+            lengths = self.lengths[:self.rows]
+            longest = int(lengths.max()) if self.rows else 0
+            self._regather(longest, longest + self.reserve, self.slots)
+        rows, start, stop = self.view
+        self.real[:rows, self.end] = True  # each new token sees itself (an empty bucket slot: only itself)
+        visible = self.real[:rows, start:stop]
+        if not four_d:
+            return visible.long(), self.lengths[:rows, None].clone()
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        mask.masked_fill_(~visible, torch.finfo(dtype).min)
+        return mask[:, None, None, :], self.lengths[:rows, None].clone()
+
+    def crop(self) -> None:
+        """Undo a step that raised: its position is not real (what it wrote there is overwritten next time)."""
+        self.real[:, self.end] = False
 
     def advance(self) -> None:
         """Every row gained one real position (the decode step ran)."""
-        import torch
-
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.real[self.rows:, self.end] = False  # bucket slots past the rows hold nothing
+        self.lengths[:self.rows] += 1
+        self._move_write(self.end + 1)
+        self._set_view()
