@@ -15,31 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
-from bench.engine import run_engine
+from bench.engine import ceiling_videos_per_s, run_engine
 from bench.gpu_service import write_checkpoint
 from bench.machine import describe_machine
 from bench.shapes import SHAPES
-
-
-def ceiling_videos_per_s(model, prepared: list) -> float:
-    """Requests per second of vision + prefill alone (what no schedule can beat), after one warm-up."""
-    import torch
-
-    def prefill(p):
-        embeds, mask, _, _ = model.embedder([p])
-        with torch.inference_mode():
-            model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    prefill(prepared[0])
-    start = time.perf_counter()
-    for p in prepared:
-        prefill(p)
-    return len(prepared) / (time.perf_counter() - start)
 
 
 def preprocessing_check(model, frames) -> dict:

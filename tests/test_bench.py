@@ -39,6 +39,8 @@ def test_the_engine_bench_quick_run_ends_with_its_figures_as_json():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["runs"]["engine_burst"]["most_running"] > 1 and figures["runs"]["one_at_a_time"]["most_running"] == 1
     assert figures["engine_speedup"] > 0 and figures["ttft_p99_spread_s"] >= figures["ttft_p50_spread_s"] > 0
+    assert figures["runs"]["engine_burst_preprocess_ahead"]["most_running"] > 1
+    assert figures["engine_speedup_ceiling"] > 0 and figures["vision_prefill_only_s"] > 0
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ def videos():
 
 @pytest.fixture(scope="module")
 def engine(embedded_model):
-    engine = Engine(embedded_model, max_running=4)
+    engine = Engine(embedded_model, max_running=4, preprocess_ahead=2)  # as the service runs it
     yield engine
     engine.close()
 
@@ -41,6 +41,8 @@ def test_staggered_arrivals_give_the_tokens_of_one_at_a_time_generate(embedded_m
     """Mixed questions, frame counts and answer lengths; each request joins the running batch as it arrives."""
     cases = [(videos[i % 4], QUESTIONS[(i * 3) % 4], (6, 12, 3, 9)[i % 4]) for i in range(8)]
     expected = [_alone(embedded_model, v, q, n) for v, q, n in cases]
+    embedded_model.embedder.feature_cache.clear()  # the engine runs the vision tower itself
+    ahead = embedded_model.embedder.videos_processed_ahead
     results: dict[int, object] = {}
     done = threading.Event()
 
@@ -67,6 +69,7 @@ def test_staggered_arrivals_give_the_tokens_of_one_at_a_time_generate(embedded_m
     assert [r.answer.finish_reason for r in got] == [a.finish_reason for a in expected]
     assert [r.answer.prompt_tokens for r in got] == [a.prompt_tokens for a in expected]
     assert max(engine.recent_running()) > 2  # rows of different lengths really shared decode steps
+    assert embedded_model.embedder.videos_processed_ahead > ahead  # pixels made beside the loop, same tokens
 
 
 def test_a_request_arriving_mid_generation_finishes_before_the_long_one(embedded_model, engine, videos):

@@ -67,6 +67,11 @@ class LRUCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is held (counts neither a hit nor a miss, nor makes it recent)."""
+        with self._lock:
+            return key in self._items
+
     @property
     def nbytes(self) -> int:
         return self._bytes

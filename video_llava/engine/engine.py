@@ -65,6 +65,8 @@ class _Request:
     cancelled: bool = False
     unfinished: int = 0  # answers still being generated, once prefilled
     failed: bool = False
+    pixels: dict[str, Any] | None = None  # its videos' processor pixels, made ahead of its prefill (then dropped)
+    preparing: bool = False  # the pixels are being made
 
     @property
     def reserved(self) -> int:
@@ -109,16 +111,19 @@ class Engine:
     ``max_running``: sequences decoded together; ``max_tokens``: KV positions they may hold together (each counts
     prompt + visual + ``max_new_tokens``; one request larger than that still runs, alone); ``max_waiting``: requests
     queued behind them before ``submit`` raises ``QueueFullError``; ``prefix_cache_mb``: KV of prompt prefixes kept
-    for repeat questions (``prefix.PrefixCache``; 0: none).
+    for repeat questions (``prefix.PrefixCache``; 0: none); ``preprocess_ahead``: waiting requests whose videos the
+    processor resizes and normalises ahead, in a thread of its own, while the loop computes (0: in the loop, at
+    admission). The pixels made ahead are the ones the loop would make (the same features, tested).
     """
 
     def __init__(self, qa: VideoQAModel, max_running: int = 8, max_tokens: int = 1 << 20, max_waiting: int = 256,
-                 prefix_cache_mb: int = 0):
+                 prefix_cache_mb: int = 0, preprocess_ahead: int = 0):
         if min(max_running, max_tokens, max_waiting) < 1:
             raise ValueError(f"max_running, max_tokens and max_waiting must be >= 1 (got {max_running}, {max_tokens}, "
                              f"{max_waiting})")
         self.qa, self.model, self.tokenizer = qa, qa.model, qa.tokenizer
         self.max_running, self.max_tokens, self.max_waiting = max_running, max_tokens, max_waiting
+        self.preprocess_ahead = max(0, preprocess_ahead)
         self.eos = qa.eos_token_ids
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.stats = EngineStats()
@@ -134,6 +139,7 @@ class Engine:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._preprocessor: threading.Thread | None = None
 
     # ---- submitting --------------------------------------------------------------------------------------------
     def submit(self, prepared: PreparedQuestion, params: SamplingParams, emit: Callable[[Event], None],
@@ -151,7 +157,11 @@ class Engine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if self._preprocessor is None and self.preprocess_ahead:
+                self._preprocessor = threading.Thread(target=self._preprocess_loop, name="engine-preprocess",
+                                                      daemon=True)
+                self._preprocessor.start()
+            self._cond.notify_all()
         return request.id
 
     def cancel(self, request_id: int) -> None:
@@ -160,7 +170,7 @@ class Engine:
             request = self._live.get(request_id)
             if request is not None:
                 request.cancelled = True
-            self._cond.notify()
+            self._cond.notify_all()
 
     async def events(self, prepared: PreparedQuestion, params: SamplingParams, stream: bool = True
                      ) -> AsyncIterator[Event]:
@@ -238,9 +248,10 @@ class Engine:
         """Stop the loop; requests not finished get ``Failed(EngineClosedError)``."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._cond.notify_all()
+        for thread in (self._thread, self._preprocessor):
+            if thread is not None:
+                thread.join(timeout=60)
 
     @property
     def running(self) -> int:
@@ -264,7 +275,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._waiting and not self._running:
+                while not self._closed and not self._running and not (self._waiting and self._ready(self._waiting[0])):
                     self._cond.wait()
                 if self._closed:
                     break
@@ -283,6 +294,42 @@ class Engine:
         for request in list(self._waiting) + [seq.request for seq in self._running]:
             self._fail(request, error)
 
+    def _preprocess_loop(self) -> None:
+        """Make the processor's pixels of the first waiting requests (at most ``preprocess_ahead`` held), in order,
+        while the loop runs the model: a request is admitted once its pixels are made, so on a CPU this work runs
+        beside the model's instead of in its thread."""
+        while True:
+            with self._cond:
+                request = None
+                while not self._closed and (request := self._next_to_preprocess()) is None:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                request.preparing = True
+            try:
+                _ = request.prepared.media_keys  # its pixels hashed here too, not in the loop
+                pixels = self.qa.embedder.video_pixels(request.prepared)
+            except Exception as exc:  # the loop processes it itself, and fails it alone if that fails again
+                log.warning("preprocessing request %d ahead failed: %s: %s", request.id, type(exc).__name__, exc)
+                pixels = {}
+            with self._cond:
+                request.pixels, request.preparing = pixels, False
+                self._cond.notify_all()
+
+    def _ready(self, request: _Request) -> bool:
+        """Whether a waiting request may be admitted: its pixels are made (when they are made ahead)."""
+        return not self.preprocess_ahead or request.pixels is not None or request.cancelled
+
+    def _next_to_preprocess(self) -> _Request | None:
+        """The first waiting request not preprocessed yet, if fewer than ``preprocess_ahead`` hold pixels."""
+        held = 0
+        for request in self._waiting:
+            if request.pixels is not None or request.preparing:
+                held += 1
+            elif not request.cancelled:
+                return request if held < self.preprocess_ahead else None
+        return None
+
     def _admissible(self) -> list[_Request]:
         """Waiting requests (in arrival order) that fit beside the running ones; called holding the lock."""
         admitted: list[_Request] = []
@@ -295,12 +342,16 @@ class Engine:
                 self._live.pop(request.id, None)
                 self.stats.cancelled += 1
                 continue
+            if not self._ready(request):
+                break  # its pixels are being made: it joins at a later step (the batch decodes meanwhile)
             busy = rows > 0
             if busy and (rows + request.params.n > self.max_running or reserved + request.reserved > self.max_tokens):
                 break  # first come, first served: it waits for room rather than being overtaken
             admitted.append(self._waiting.popleft())
             reserved += request.reserved
             rows += request.params.n
+        if admitted and self.preprocess_ahead:
+            self._cond.notify_all()  # room ahead: the preprocessing thread may go on
         return admitted
 
     def _drop_cancelled(self) -> None:
@@ -327,11 +378,12 @@ class Engine:
                 self._fail(request, exc)
                 plans.append(None)
         need = [r for r, plan in zip(admitted, plans) if plan is not None and plan.prefix is None]
-        shared = self._prefiller.shared_features([r.prepared for r in need])
+        shared = self._prefiller.shared_features([r.prepared for r in need], [r.pixels for r in need])
         features = dict(zip((r.id for r in need), shared)) if shared is not None else {}
         for request, plan in zip(admitted, plans):
             if plan is not None:
                 self._prefill(request, plan, features.get(request.id))
+            request.pixels = None  # used: its memory goes
 
     def _prefill(self, request: _Request, plan: Plan, features: MediaFeatures | None) -> None:
         """Prefill one request alone; the first token of each of its ``n`` answers, which join the batch (one
@@ -339,7 +391,7 @@ class Engine:
         started = time.perf_counter()
         p = request.params
         try:
-            done = self._prefiller.run(request.prepared, plan, features)
+            done = self._prefiller.run(request.prepared, plan, features, request.pixels)
             logits = done.logits
             self.stats.prefix_hits += done.prefix_hit
             wants_text = request.streamed or bool(p.stop)

@@ -80,19 +80,22 @@ class Prefiller:
                 plan.prefix = self.prefix_cache.get(plan.key)
         return plan
 
-    def shared_features(self, prepared: Sequence[PreparedQuestion]) -> list[MediaFeatures] | None:
+    def shared_features(self, prepared: Sequence[PreparedQuestion], pixels: Sequence[dict[str, Any] | None] = ()
+                        ) -> list[MediaFeatures] | None:
         """The media features of several requests from one vision pass, or None when there is nothing to share or
-        the pass failed (out of memory for all at once, one bad medium): then each request runs its own."""
+        the pass failed (out of memory for all at once, one bad medium): then each request runs its own.
+        ``pixels``: per request, its videos' processor pixels made ahead, if any."""
         if len(prepared) < 2:
             return None
         try:
-            return self.qa.embedder.features(list(prepared))
+            return self.qa.embedder.features(list(prepared), pixels)
         except Exception as exc:
             log.warning("the vision pass of %d requests failed (%s: %s): each runs alone", len(prepared),
                         type(exc).__name__, exc)
             return None
 
-    def run(self, prepared: PreparedQuestion, plan: Plan, features: MediaFeatures | None) -> Prefilled:
+    def run(self, prepared: PreparedQuestion, plan: Plan, features: MediaFeatures | None,
+            pixels: dict[str, Any] | None = None) -> Prefilled:
         """One request's prefill; after a prefix seen before, only the text past its last visual token is run."""
         import torch
 
@@ -104,7 +107,7 @@ class Prefiller:
             logits, cache = self.forward(embeds, mask, plan.prefix, positions)
             return Prefilled(logits, cache, True, 0.0, prefix_hit=True)
         if features is None:
-            (features,) = self.qa.embedder.features([prepared])
+            (features,) = self.qa.embedder.features([prepared], [pixels])
         embeds = self.qa.embedder.splice([plan.ids], [features])
         logits, cache = self.forward(embeds, torch.ones(1, len(plan.ids), dtype=torch.long, device=device))
         if plan.key is not None:

@@ -51,7 +51,8 @@ class ModelServer:
         self.args = args
         self.model = VideoQAModel(args.model)
         b = args.batching
-        self.engine = Engine(self.model, b.max_batch_size, b.max_batch_tokens, b.max_waiting, b.prefix_cache_mb)
+        self.engine = Engine(self.model, b.max_batch_size, b.max_batch_tokens, b.max_waiting, b.prefix_cache_mb,
+                             b.preprocess_ahead)
         self.metrics = ModelMetrics()
         log.info("model ready: %s", self.model.describe())
 
