@@ -42,7 +42,7 @@ def test_staggered_arrivals_give_the_tokens_of_one_at_a_time_generate(embedded_m
     cases = [(videos[i % 4], QUESTIONS[(i * 3) % 4], (6, 12, 3, 9)[i % 4]) for i in range(8)]
     expected = [_alone(embedded_model, v, q, n) for v, q, n in cases]
     embedded_model.embedder.feature_cache.clear()  # the engine runs the vision tower itself
-    ahead = embedded_model.embedder.videos_processed_ahead
+    ahead = engine.stats.vision_ahead
     results: dict[int, object] = {}
     done = threading.Event()
 
@@ -69,7 +69,7 @@ def test_staggered_arrivals_give_the_tokens_of_one_at_a_time_generate(embedded_m
     assert [r.answer.finish_reason for r in got] == [a.finish_reason for a in expected]
     assert [r.answer.prompt_tokens for r in got] == [a.prompt_tokens for a in expected]
     assert max(engine.recent_running()) > 2  # rows of different lengths really shared decode steps
-    assert embedded_model.embedder.videos_processed_ahead > ahead  # pixels made beside the loop, same tokens
+    assert engine.stats.vision_ahead > ahead  # vision features made beside the loop, same tokens
 
 
 def test_a_request_arriving_mid_generation_finishes_before_the_long_one(embedded_model, engine, videos):
@@ -399,15 +399,19 @@ def test_logprobs_are_the_models_own_and_the_tokens_spell_the_answer(embedded_mo
         assert entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]
 
 
-def test_a_repeat_question_reuses_the_prefix_kv_and_gives_the_tokens_of_a_full_prefill(embedded_model, videos):
-    engine = Engine(embedded_model, max_running=4, prefix_cache_mb=64)
+@pytest.mark.parametrize("ahead", [0, 2], ids=["media_at_admission", "media_made_ahead"])
+def test_a_repeat_question_reuses_the_prefix_kv_and_gives_the_tokens_of_a_full_prefill(embedded_model, videos, ahead):
+    engine = Engine(embedded_model, max_running=4, prefix_cache_mb=64, preprocess_ahead=ahead)
     try:
         params = SamplingParams(max_new_tokens=12)
         questions = ["Describe the video.", "What color is the circle?", "Which way does it move?"]
         first = engine.generate([embedded_model.prepare(videos[0], questions[0], 12)], params)[0]
         assert engine.stats.prefix_hits == 0 and first.text
+        embedded_model.embedder.feature_cache.clear()
+        vision_calls = embedded_model.embedder.vision_calls
         repeats = [engine.generate([embedded_model.prepare(videos[0], q, 12)], params)[0] for q in questions]
         assert engine.stats.prefix_hits == 3 and all(a.vision_cached and a.vision_s == 0 for a in repeats)
+        assert embedded_model.embedder.vision_calls == vision_calls  # the video's KV is cached: no vision pass
         assert [a.text for a in repeats] == [_alone(embedded_model, videos[0], q, 12).text for q in questions]
         assert [a.prompt_tokens for a in repeats] == [_alone(embedded_model, videos[0], q, 12).prompt_tokens
                                                       for q in questions]

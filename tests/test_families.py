@@ -123,23 +123,25 @@ def test_image_questions_share_one_vision_pass_and_get_the_features_each_gets_al
 
 
 @pytest.mark.parametrize("qa", sorted(TAKES_VIDEO), indirect=True)
-def test_videos_processed_ahead_one_by_one_give_the_features_of_one_vision_pass(qa, frames):
-    """The engine makes each waiting request's video pixels ahead, alone (``video_pixels``); the vision pass then
-    concatenates them: bit for bit the features of the processor run on all of them together."""
+def test_video_questions_share_one_vision_pass_and_get_the_features_each_gets_alone(qa, frames):
+    """The engine runs the vision tower once for the videos of several waiting requests (ahead of their prefill):
+    bit for bit the features each request gets by itself, and a video asked about twice goes through once."""
     import torch
 
-    cases = [qa.prepare(video, "Describe it.") for video in (frames[:4], frames[2:6], frames[1:5])]
+    cases = [qa.prepare(video, "Describe it.") for video in (frames[:4], frames[2:6], frames[1:5], frames[:4])]
     qa.embedder.feature_cache.clear()
-    together = qa.embedder.features(cases)
+    alone = [qa.embedder.features([p])[0].videos[0] for p in cases]
     qa.embedder.feature_cache.clear()
-    ahead = [qa.embedder.video_pixels(p) for p in cases]
-    assert all(len(made) == 1 for made in ahead)
-    used = qa.embedder.videos_processed_ahead
-    made_ahead = qa.embedder.features(cases, ahead)
-    assert qa.embedder.videos_processed_ahead == used + 3
-    for mine, reference in zip(made_ahead, together):
-        assert torch.equal(mine.videos[0], reference.videos[0])
-    assert qa.embedder.video_pixels(cases[0]) == {}  # cached features need no pixels
+    passes: list[int] = []
+    hook = qa.model.model.vision_tower.register_forward_hook(lambda _, args, out: passes.append(args[0].shape[0]))
+    try:
+        together = qa.embedder.features(cases)
+    finally:
+        hook.remove()
+    assert passes == [3 * 4]  # one pass, three distinct videos of four frames
+    for mine, single in zip(together, alone):
+        assert torch.equal(mine.videos[0], single)
+        assert not mine.cached and mine.vision_s > 0
 
 
 def test_a_model_without_video_refuses_a_video_naming_what_it_takes(tiny_checkpoint, frames):

@@ -14,7 +14,9 @@ Greedy rows give the tokens of one-at-a-time ``generate`` (float32 on CPU: token
 fails in its prefill fails alone; one that is cancelled leaves the batch before the next step; a decode step that
 raises is run again in halves until the rows that fail alone are found (only those requests fail; an out-of-memory
 step fails nobody). A request of ``n`` answers is prefilled once and forked into ``n`` rows; a prompt whose prefix
-(up to its last visual token) was seen before prefills only the rest (``prefix.py``).
+(up to its last visual token) was seen before prefills only the rest (``prefix.py``). With ``preprocess_ahead``
+a second thread makes the waiting requests' media ready (processor and vision tower, one pass for those it takes
+together) while the loop decodes: the loop's own work per request is then its prefill and its share of the steps.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ class _Request:
     cancelled: bool = False
     unfinished: int = 0  # answers still being generated, once prefilled
     failed: bool = False
-    pixels: dict[str, Any] | None = None  # its videos' processor pixels, made ahead of its prefill (then dropped)
-    preparing: bool = False  # the pixels are being made
+    plan: Plan | None = None  # made ahead: its prompt's ids and prefix key (the prefix KV is fetched at admission)
+    features: MediaFeatures | None = None  # made ahead: its media's vision features (then dropped)
+    preparing: bool = False  # they are being made
+    prepared_ahead: bool = False  # they were made (or that failed: then its prefill makes them)
 
     @property
     def reserved(self) -> int:
@@ -100,6 +104,7 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     prefix_hits: int = 0  # prefills that reused a cached prefix
+    vision_ahead: int = 0  # requests whose vision features were made ahead, beside the decode steps
     split_steps: int = 0  # decode steps that raised and were run again in halves
     running_per_step: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
 
@@ -111,9 +116,10 @@ class Engine:
     ``max_running``: sequences decoded together; ``max_tokens``: KV positions they may hold together (each counts
     prompt + visual + ``max_new_tokens``; one request larger than that still runs, alone); ``max_waiting``: requests
     queued behind them before ``submit`` raises ``QueueFullError``; ``prefix_cache_mb``: KV of prompt prefixes kept
-    for repeat questions (``prefix.PrefixCache``; 0: none); ``preprocess_ahead``: waiting requests whose videos the
-    processor resizes and normalises ahead, in a thread of its own, while the loop computes (0: in the loop, at
-    admission). The pixels made ahead are the ones the loop would make (the same features, tested).
+    for repeat questions (``prefix.PrefixCache``; 0: none); ``preprocess_ahead``: waiting requests whose media are
+    made ready ahead, in a thread of its own, while the loop computes (0: in the loop, at admission): the processor
+    resizes and normalises them and the vision tower runs once for all of them taken together (the features each
+    gets alone, tested). On a CPU that work runs beside the decode steps instead of between them.
     """
 
     def __init__(self, qa: VideoQAModel, max_running: int = 8, max_tokens: int = 1 << 20, max_waiting: int = 256,
@@ -263,7 +269,7 @@ class Engine:
         return {"max_running": self.max_running, "max_tokens": self.max_tokens, "max_waiting": self.max_waiting,
                 "running": len(self._running), "waiting": len(self._waiting), "steps": s.steps,
                 "prefills": s.prefills, "most_running_in_a_step": s.max_running, "finished": s.finished,
-                "cancelled": s.cancelled, "failed": s.failed, "prefix_hits": s.prefix_hits,
+                "cancelled": s.cancelled, "failed": s.failed, "prefix_hits": s.prefix_hits, "vision_ahead": s.vision_ahead,
                 "split_steps": s.split_steps, "prefix_cache": self.prefix_cache.stats()}
 
     def recent_running(self) -> list[int]:
@@ -295,40 +301,59 @@ class Engine:
             self._fail(request, error)
 
     def _preprocess_loop(self) -> None:
-        """Make the processor's pixels of the first waiting requests (at most ``preprocess_ahead`` held), in order,
-        while the loop runs the model: a request is admitted once its pixels are made, so on a CPU this work runs
-        beside the model's instead of in its thread."""
+        """Make the media of the first waiting requests ready (at most ``preprocess_ahead`` held), in order, while
+        the loop runs the model: the requests not yet prepared are taken together (one vision pass); a request is
+        admitted once its features are made."""
         while True:
             with self._cond:
-                request = None
-                while not self._closed and (request := self._next_to_preprocess()) is None:
+                group: list[_Request] = []
+                while not self._closed and not (group := self._next_to_prepare()):
                     self._cond.wait()
                 if self._closed:
                     return
-                request.preparing = True
+                for request in group:
+                    request.preparing = True
             try:
-                _ = request.prepared.media_keys  # its pixels hashed here too, not in the loop
-                pixels = self.qa.embedder.video_pixels(request.prepared)
-            except Exception as exc:  # the loop processes it itself, and fails it alone if that fails again
-                log.warning("preprocessing request %d ahead failed: %s: %s", request.id, type(exc).__name__, exc)
-                pixels = {}
+                self._prepare_ahead(group)
+            except Exception:  # the loop prepares them itself, and fails one alone if that fails again
+                log.exception("preparing %d requests ahead failed", len(group))
             with self._cond:
-                request.pixels, request.preparing = pixels, False
+                for request in group:
+                    request.preparing, request.prepared_ahead = False, True
                 self._cond.notify_all()
 
-    def _ready(self, request: _Request) -> bool:
-        """Whether a waiting request may be admitted: its pixels are made (when they are made ahead)."""
-        return not self.preprocess_ahead or request.pixels is not None or request.cancelled
+    def _prepare_ahead(self, group: list[_Request]) -> None:
+        """Plans and vision features of ``group``, but for a request whose prefix KV is cached (it needs none)."""
+        need = []
+        for request in group:
+            try:
+                request.plan = self._prefiller.plan(request.prepared, fetch=False)
+            except Exception:  # its prompt cannot be expanded: its prefill says so, and it fails alone
+                continue
+            if self._prefiller.needs_vision(request.plan):
+                need.append(request)
+        for request, features in zip(need, self._prefiller.features_each([r.prepared for r in need])):
+            request.features = features
+            self.stats.vision_ahead += features is not None
 
-    def _next_to_preprocess(self) -> _Request | None:
-        """The first waiting request not preprocessed yet, if fewer than ``preprocess_ahead`` hold pixels."""
-        held = 0
+    def _ready(self, request: _Request) -> bool:
+        """Whether a waiting request may be admitted: its media are ready (when they are made ahead)."""
+        return not self.preprocess_ahead or request.prepared_ahead or request.cancelled
+
+    def _next_to_prepare(self) -> list[_Request]:
+        """The first waiting requests not prepared yet, as many as fit beside those that hold what was made ahead
+        (``preprocess_ahead`` in all)."""
+        held, group = 0, []
         for request in self._waiting:
-            if request.pixels is not None or request.preparing:
+            if request.cancelled:
+                continue
+            if request.prepared_ahead or request.preparing:
                 held += 1
-            elif not request.cancelled:
-                return request if held < self.preprocess_ahead else None
-        return None
+            elif held + len(group) < self.preprocess_ahead:
+                group.append(request)
+            else:
+                break
+        return group
 
     def _admissible(self) -> list[_Request]:
         """Waiting requests (in arrival order) that fit beside the running ones; called holding the lock."""
@@ -343,7 +368,7 @@ class Engine:
                 self.stats.cancelled += 1
                 continue
             if not self._ready(request):
-                break  # its pixels are being made: it joins at a later step (the batch decodes meanwhile)
+                break  # its media are being made ready: it joins at a later step (the batch decodes meanwhile)
             busy = rows > 0
             if busy and (rows + request.params.n > self.max_running or reserved + request.reserved > self.max_tokens):
                 break  # first come, first served: it waits for room rather than being overtaken
@@ -368,22 +393,25 @@ class Engine:
         self._running = [self._running[i] for i in order]
 
     def _prefill_all(self, admitted: list[_Request]) -> None:
-        """Prefill the admitted requests one by one, after one vision pass for all of their media not cached."""
+        """Prefill the admitted requests one by one, after one vision pass for all of their media not cached (nor
+        made ahead)."""
         plans: list[Plan | None] = []
         for request in admitted:
             try:
-                plans.append(self._prefiller.plan(request.prepared))
+                plans.append(self._prefiller.fetch(request.plan) if request.plan is not None
+                             else self._prefiller.plan(request.prepared))
             except Exception as exc:  # its prompt cannot be tokenized or expanded: it fails alone
                 log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
                 self._fail(request, exc)
                 plans.append(None)
-        need = [r for r, plan in zip(admitted, plans) if plan is not None and plan.prefix is None]
-        shared = self._prefiller.shared_features([r.prepared for r in need], [r.pixels for r in need])
+        need = [r for r, plan in zip(admitted, plans) if plan is not None and plan.prefix is None and r.features is None]
+        shared = self._prefiller.shared_features([r.prepared for r in need])
         features = dict(zip((r.id for r in need), shared)) if shared is not None else {}
         for request, plan in zip(admitted, plans):
             if plan is not None:
-                self._prefill(request, plan, features.get(request.id))
-            request.pixels = None  # used: its memory goes
+                self._prefill(request, plan, request.features if request.features is not None
+                              else features.get(request.id))
+            request.plan = request.features = None  # used: their memory goes
 
     def _prefill(self, request: _Request, plan: Plan, features: MediaFeatures | None) -> None:
         """Prefill one request alone; the first token of each of its ``n`` answers, which join the batch (one
@@ -391,7 +419,7 @@ class Engine:
         started = time.perf_counter()
         p = request.params
         try:
-            done = self._prefiller.run(request.prepared, plan, features, request.pixels)
+            done = self._prefiller.run(request.prepared, plan, features)
             logits = done.logits
             self.stats.prefix_hits += done.prefix_hit
             wants_text = request.streamed or bool(p.stop)

@@ -69,33 +69,57 @@ class Prefiller:
     def __init__(self, qa: VideoQAModel, forward: Forward, prefix_cache: PrefixCache):
         self.qa, self.forward, self.prefix_cache = qa, forward, prefix_cache
 
-    def plan(self, prepared: PreparedQuestion) -> Plan:
-        """Its prompt's ids and the cached KV of its prefix, if any (raises if the prompt cannot be expanded)."""
+    def plan(self, prepared: PreparedQuestion, fetch: bool = True) -> Plan:
+        """Its prompt's ids and (``fetch``) the cached KV of its prefix, if any (raises if the prompt cannot be
+        expanded)."""
         ids = self.qa.embedder.prompt_ids(prepared)
         plan = Plan(ids)
         if self.prefix_cache.enabled:
             cut = prefix_length(ids, self.qa.embedder.visual_token_ids)
             if 0 < cut < len(ids):
                 plan.cut, plan.key = cut, self.prefix_cache.key(ids[:cut], media_keys(prepared))
-                plan.prefix = self.prefix_cache.get(plan.key)
+                if fetch:
+                    self.fetch(plan)
         return plan
 
-    def shared_features(self, prepared: Sequence[PreparedQuestion], pixels: Sequence[dict[str, Any] | None] = ()
-                        ) -> list[MediaFeatures] | None:
+    def fetch(self, plan: Plan) -> Plan:
+        """``plan`` with the cached KV of its prefix, if it is cached now."""
+        if plan.key is not None and plan.prefix is None:
+            plan.prefix = self.prefix_cache.get(plan.key)
+        return plan
+
+    def needs_vision(self, plan: Plan) -> bool:
+        """Whether the request's prefill runs its media through the vision tower: its prefix is not cached now."""
+        return plan.key is None or not self.prefix_cache.holds(plan.key)
+
+    def shared_features(self, prepared: Sequence[PreparedQuestion]) -> list[MediaFeatures] | None:
         """The media features of several requests from one vision pass, or None when there is nothing to share or
-        the pass failed (out of memory for all at once, one bad medium): then each request runs its own.
-        ``pixels``: per request, its videos' processor pixels made ahead, if any."""
+        the pass failed (out of memory for all at once, one bad medium): then each request runs its own."""
         if len(prepared) < 2:
             return None
         try:
-            return self.qa.embedder.features(list(prepared), pixels)
+            return self.qa.embedder.features(list(prepared))
         except Exception as exc:
             log.warning("the vision pass of %d requests failed (%s: %s): each runs alone", len(prepared),
                         type(exc).__name__, exc)
             return None
 
-    def run(self, prepared: PreparedQuestion, plan: Plan, features: MediaFeatures | None,
-            pixels: dict[str, Any] | None = None) -> Prefilled:
+    def features_each(self, prepared: Sequence[PreparedQuestion]) -> list[MediaFeatures | None]:
+        """Each request's media features, from one vision pass for all when it succeeds, else each alone (None for
+        one whose own pass fails: its prefill runs it again and fails alone)."""
+        shared = self.shared_features(prepared)
+        if shared is not None:
+            return list(shared)
+        out: list[MediaFeatures | None] = []
+        for p in prepared:
+            try:
+                out.append(self.qa.embedder.features([p])[0])
+            except Exception as exc:
+                log.warning("the vision pass of a request failed (%s: %s)", type(exc).__name__, exc)
+                out.append(None)
+        return out
+
+    def run(self, prepared: PreparedQuestion, plan: Plan, features: MediaFeatures | None) -> Prefilled:
         """One request's prefill; after a prefix seen before, only the text past its last visual token is run."""
         import torch
 
@@ -107,7 +131,7 @@ class Prefiller:
             logits, cache = self.forward(embeds, mask, plan.prefix, positions)
             return Prefilled(logits, cache, True, 0.0, prefix_hit=True)
         if features is None:
-            (features,) = self.qa.embedder.features([prepared], [pixels])
+            (features,) = self.qa.embedder.features([prepared])
         embeds = self.qa.embedder.splice([plan.ids], [features])
         logits, cache = self.forward(embeds, torch.ones(1, len(plan.ids), dtype=torch.long, device=device))
         if plan.key is not None:

@@ -37,6 +37,10 @@ class PrefixCache:
         """The key of a prefix: its token ids and its media's content keys (``media_embeds.media_keys``)."""
         return content_key(np.asarray(prefix_ids, np.int64).tobytes(), *media_keys)
 
+    def holds(self, key: str) -> bool:
+        """Whether ``key`` is cached now (no copy made, not counted as a use)."""
+        return self.enabled and key in self.store
+
     def get(self, key: str) -> Any | None:
         """A fresh one-row ``DynamicCache`` holding the prefix, or None."""
         layers = self.store.get(key)

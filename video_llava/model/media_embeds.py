@@ -60,26 +60,13 @@ class MediaEmbedder:
         self.model, self.processor, self.tokenizer, self.family = model, processor, processor.tokenizer, family
         self.feature_cache = LRUCache(feature_cache_mb * 2**20, lambda t: t.numel() * t.element_size())
         self.vision_calls = 0  # media sets run through the vision tower (cache misses)
-        self.videos_processed_ahead = 0  # of those, videos whose pixels were made ahead (``video_pixels``)
         self.tokens = {IMAGE: getattr(processor, "image_token", None), VIDEO: getattr(processor, "video_token", None)}
         self.token_ids = {IMAGE: getattr(processor, "image_token_id", None), VIDEO: getattr(processor, "video_token_id", None)}
 
-    def video_pixels(self, question: Embeddable) -> dict[str, Any]:
-        """The processor's pixels of the question's videos not in the feature cache, by key (made ahead of the
-        vision pass, which then runs the tower alone: ``features(..., pixels=)``)."""
-        out: dict[str, Any] = {}
-        for medium, key in zip(question.media, media_keys(question)):
-            if media_kind(medium) == VIDEO and key not in out and not (
-                    self.feature_cache.max_bytes and key in self.feature_cache):
-                out[key] = self.family.video_pixels(self.processor, [medium], self.model.device)
-        return out
-
-    def features(self, prepared: Sequence[Embeddable], pixels: Sequence[dict[str, Any] | None] = ()
-                 ) -> list[MediaFeatures]:
+    def features(self, prepared: Sequence[Embeddable]) -> list[MediaFeatures]:
         """Each question's vision features. The videos not in the cache, across all the questions, go through the
         vision tower together, one pass per frame shape and up to ``VISION_BATCH_FRAMES`` frames (a video seen
-        twice, once); so do the questions' image sets, up to ``VISION_BATCH_IMAGES`` images a pass. ``pixels``:
-        per question, its videos' processor pixels made ahead (``video_pixels``), if any."""
+        twice, once); so do the questions' image sets, up to ``VISION_BATCH_IMAGES`` images a pass."""
         every = [media_keys(p) for p in prepared]  # hashed once: a question without cached keys hashes its pixels
         keys = [[k if media_kind(m) == VIDEO else None for m, k in zip(p.media, ks)] for p, ks in zip(prepared, every)]
         found: dict[str, Any] = {}
@@ -92,8 +79,7 @@ class MediaEmbedder:
                         missing[key] = m
                     else:
                         found[key] = hit
-        ready = {key: value for made in pixels if made for key, value in made.items() if key in missing}
-        seconds = self._run_videos(missing, found, ready)
+        seconds = self._run_videos(missing, found)
         images = self._run_images(prepared, every)
         out = []
         for question_keys, (image_features, images_cached, image_s) in zip(keys, images):
@@ -152,10 +138,8 @@ class MediaEmbedder:
                     results[i] = (part, False, elapsed * len(images) / in_chunk / len(questions))
         return results
 
-    def _run_videos(self, missing: dict[str, np.ndarray], found: dict[str, Any], ready: dict[str, Any]
-                    ) -> dict[str, float]:
-        """Features of the ``missing`` videos into ``found`` (and the cache); each video's share of the seconds.
-        ``ready``: processor pixels made ahead, by key (the others are processed here)."""
+    def _run_videos(self, missing: dict[str, np.ndarray], found: dict[str, Any]) -> dict[str, float]:
+        """Features of the ``missing`` videos into ``found`` (and the cache); each video's share of the seconds."""
         import torch
 
         by_shape: dict[tuple, list[str]] = {}
@@ -168,12 +152,7 @@ class MediaEmbedder:
                 chunk = shaped[i:i + per_call]
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    if all(k in ready for k in chunk):
-                        features = self.family.video_features_from_pixels(self.model,
-                                                                          torch.cat([ready[k] for k in chunk]))
-                        self.videos_processed_ahead += len(chunk)
-                    else:
-                        features = self.family.video_features(self.model, self.processor, [missing[k] for k in chunk])
+                    features = self.family.video_features(self.model, self.processor, [missing[k] for k in chunk])
                 elapsed = time.perf_counter() - start
                 self.vision_calls += len(chunk)
                 for key, f in zip(chunk, features):

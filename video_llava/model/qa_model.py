@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from video_llava.model.accounting import MediaArg, as_media_list, conversation_cost
+from video_llava.model.allocator import retain_freed_memory
 from video_llava.model.budget import TokenBudget
 from video_llava.model.loading import load_model
 from video_llava.model.media_embeds import MediaEmbedder, medium_key
@@ -83,6 +84,8 @@ class VideoQAModel:
 
     def __init__(self, settings: ModelSettings | None = None):
         self.settings = settings or ModelSettings()
+        if self.settings.retain_freed_memory:  # this process hosts the model: its buffers are reused per request
+            retain_freed_memory()
         loaded = load_model(self.settings)
         self.model, self.processor, self.source = loaded.model, loaded.processor, loaded.source
         self.device, self.dtype = loaded.runtime.device, loaded.runtime.dtype

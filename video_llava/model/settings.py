@@ -47,6 +47,9 @@ class ModelSettings(BaseModel):
         256, ge=0, description="vision features kept for repeat questions about the same frames (0 disables)"
     )
     local_files_only: bool = Field(False, description="never contact the hub (also implied by HF_HUB_OFFLINE=1)")
+    retain_freed_memory: bool = Field(
+        True, description="keep large freed CPU buffers in the process for the next request instead of unmapping them "
+        "(glibc; no page faults on each video's pixels; the process keeps its peak memory): model/allocator.py")
 
     @field_validator("spatial_pool_stride")
     @classmethod

@@ -71,8 +71,9 @@ class BatchSettings(BaseModel):
         1024, ge=0, description="KV of prompt prefixes (up to the last visual token) kept for repeat questions about the "
         "same media; 0: none. A 32-frame 7B prefix is about 2.4 GB in bf16 (LLaVA-NeXT-Video), 0.4 GB (OneVision)")
     preprocess_ahead: int = Field(
-        8, ge=0, le=256, description="waiting requests whose videos are resized and normalised ahead, in a thread "
-        "beside the model's; a request joins the batch once they are (0: at admission, in the model's thread)")
+        8, ge=0, le=256, description="waiting requests whose media are made ready ahead (processor and one vision "
+        "pass for those taken together), in a thread beside the decode steps; a request joins the batch once they "
+        "are (0: at admission, in the model's thread)")
     ignore_eos: bool = Field(False, description="benchmarks only: every answer runs to its max tokens (bench/serve.py)")
 
 

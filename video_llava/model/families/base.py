@@ -136,16 +136,8 @@ class Family:
         """(tokens, hidden) features of each of ``videos`` (all of one shape), as ``forward`` splices them: one
         pass through the vision tower for all of them (the batch ``forward`` itself takes), the uint8 frames
         resized and normalised by the processor on the model's device."""
-        return self.video_features_from_pixels(model, self.video_pixels(processor, videos, model.device))
-
-    def video_pixels(self, processor: Any, videos: Sequence[np.ndarray], device: Any = None) -> Any:
-        """The processor's ``pixel_values_videos`` of ``videos`` (all of one shape), made on ``device``; videos
-        processed apart and concatenated are what the processor makes of them together (tested)."""
-        return processor.video_processor(videos=list(videos), return_tensors="pt",
-                                         **on_device(device))["pixel_values_videos"]
-
-    def video_features_from_pixels(self, model: Any, pixels: Any) -> list[Any]:
-        """``video_features`` of the processor's pixels (``video_pixels``), one video per row."""
+        pixels = processor.video_processor(videos=list(videos), return_tensors="pt",
+                                           **on_device(model.device))["pixel_values_videos"]
         out = model.get_video_features(pixel_values_videos=pixels.to(model.device, model.dtype), return_dict=True)
         return [features.reshape(-1, features.shape[-1]) for features in out.pooler_output]
 
