@@ -99,6 +99,16 @@ def test_spliced_cached_features_give_the_tokens_of_transformers_generate(qa, fr
         assert first.visual_tokens == prepared.visual_tokens
 
 
+def features_and_vision_passes(qa, cases) -> tuple[list, list[int]]:
+    """The features of ``cases`` taken together, and the batch size of each call of the vision tower."""
+    passes: list[int] = []
+    hook = qa.model.model.vision_tower.register_forward_hook(lambda _, args, out: passes.append(args[0].shape[0]))
+    try:
+        return qa.embedder.features(cases), passes
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("qa", FAMILIES, indirect=True)
 def test_image_questions_share_one_vision_pass_and_get_the_features_each_gets_alone(qa, frames, tall_image):
     """Three questions' image sets (one image, another, and a message of both: OneVision reads that one at base
@@ -109,12 +119,7 @@ def test_image_questions_share_one_vision_pass_and_get_the_features_each_gets_al
     qa.embedder.feature_cache.clear()
     alone = [qa.embedder.features([p])[0].images for p in cases]
     qa.embedder.feature_cache.clear()
-    passes: list[int] = []
-    hook = qa.model.model.vision_tower.register_forward_hook(lambda _, args, out: passes.append(args[0].shape[0]))
-    try:
-        together = qa.embedder.features(cases)
-    finally:
-        hook.remove()
+    together, passes = features_and_vision_passes(qa, cases)
     assert len(passes) == 1
     for case, mine, single in zip(cases, together, alone):
         assert mine.images.shape == (case.visual_tokens, single.shape[-1]) == single.shape
@@ -132,12 +137,7 @@ def test_video_questions_share_one_vision_pass_and_get_the_features_each_gets_al
     qa.embedder.feature_cache.clear()
     alone = [qa.embedder.features([p])[0].videos[0] for p in cases]
     qa.embedder.feature_cache.clear()
-    passes: list[int] = []
-    hook = qa.model.model.vision_tower.register_forward_hook(lambda _, args, out: passes.append(args[0].shape[0]))
-    try:
-        together = qa.embedder.features(cases)
-    finally:
-        hook.remove()
+    together, passes = features_and_vision_passes(qa, cases)
     assert passes == [3 * 4]  # one pass, three distinct videos of four frames
     for mine, single in zip(together, alone):
         assert torch.equal(mine.videos[0], single)
