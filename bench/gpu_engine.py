@@ -1,13 +1,16 @@
 """The continuous-batching engine on a GPU: a 7B-shaped LLaVA-NeXT-Video checkpoint (random weights) through
 ``VideoQAModel`` and ``Engine``, against its own ceiling and against one request at a time (issue 20's GPU bench).
 
-    python -m bench.gpu_engine [--shape 7b|tiny] [--frames 32] [--requests 32] [--json]
+    python -m bench.gpu_engine [--shape 7b|tiny] [--frames 32] [--requests 32] [--decode-modes dynamic compiled]
+                               [--json]
 
 For 32 and 256 new tokens (EOS ignored), ``--requests`` distinct videos arrive spread over time: videos/s, TTFT
 p50/p99 and decode tokens/s per sequence. In the same run, the ceiling: vision + prefill alone, back to back, for
 the same requests (no decoding); and a quarter of the requests answered one at a time at 256 tokens. Targets: at 32
 tokens >= 0.8 of the ceiling; at 256 tokens >= 3x one at a time. Also how far the features of video preprocessing
-on the device (the engine's path) are from the CPU's.
+on the device (the engine's path) are from the CPU's. The engine runs as the service does (media made ready ahead);
+each of ``--decode-modes`` after the first adds, at the largest token count, a burst in that mode after a warm-up
+burst (``compiled``: its shapes compile there), with the share of answers token-identical to the first mode's.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 from bench.engine import ceiling_videos_per_s, run_engine
@@ -38,12 +42,31 @@ def preprocessing_check(model, frames) -> dict:
     return {"max_abs_diff": round(diff, 6), "relative_to_max": round(diff / max(float(cpu.abs().max()), 1e-12), 6)}
 
 
+def other_mode(model, mode: str, prepared: list, params, requests: int, reference: list) -> dict:
+    """A burst with ``mode`` decode steps, after a warm-up burst (compiling its shapes); the share of the first 8
+    answers token-identical to ``reference`` (the first mode's: bf16 kernels may differ in the last bits)."""
+    from video_llava.engine import Engine
+
+    engine = Engine(model, max_running=requests, preprocess_ahead=8, decode_mode=mode)
+    try:
+        start = time.perf_counter()
+        run_engine(engine, prepared, params, 0.0)
+        warm_up_s = time.perf_counter() - start
+        burst = run_engine(engine, prepared, params, 0.0)
+        answers = engine.generate(prepared[:8], params)
+    finally:
+        engine.close()
+    same = sum(a.text == b.text for a, b in zip(answers, reference))
+    return {"burst": burst, "warm_up_s": round(warm_up_s, 1), "same_tokens": f"{same}/{len(reference)}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static", "compiled"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import numpy as np
@@ -72,11 +95,13 @@ def main() -> None:
             prepared = [model.prepare(v, "What happens in the video?", new) for v in videos]
             params = SamplingParams(new, ignore_eos=True)
             ceiling = ceiling_videos_per_s(model, prepared)
-            engine = Engine(model, max_running=args.requests)
+            engine = Engine(model, max_running=args.requests, preprocess_ahead=8, decode_mode=args.decode_modes[0])
             try:
                 run_engine(engine, prepared[:2], params, 0.0)  # warm-up
                 burst = run_engine(engine, prepared, params, 0.0)
                 spread = run_engine(engine, prepared, params, burst["wall_s"] / 2)
+                more = len(args.decode_modes) > 1 and new == max(args.tokens)
+                reference = engine.generate(prepared[:8], params) if more else []
             finally:
                 engine.close()
             row = {"ceiling_videos_per_s": round(ceiling, 3), "burst": burst, "spread": spread,
@@ -91,6 +116,8 @@ def main() -> None:
                     alone.close()
                 row["one_at_a_time_videos_per_s"] = one["requests_per_s"]
                 row["vs_one_at_a_time"] = round(burst["requests_per_s"] / one["requests_per_s"], 2)
+                for mode in args.decode_modes[1:]:
+                    row[f"decode_{mode}"] = other_mode(model, mode, prepared, params, args.requests, reference)
             figures[f"new_tokens_{new}"] = row
             print(f"{new} new tokens: {row}", flush=True)
     if args.json:

@@ -24,10 +24,12 @@ def test_the_onevision_gpu_bench_runs_on_a_cpu_with_the_tiny_shape():
 
 def test_the_gpu_engine_bench_runs_on_a_cpu_with_the_tiny_shape():
     result = subprocess.run([sys.executable, "-m", "bench.gpu_engine", "--shape", "tiny", "--frames", "2", "--requests",
-                             "4", "--tokens", "2", "4", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             "4", "--tokens", "2", "4", "--decode-modes", "dynamic", "static", "--json"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["new_tokens_2"]["ceiling_videos_per_s"] > 0 and figures["new_tokens_4"]["vs_one_at_a_time"] > 0
+    assert figures["new_tokens_4"]["decode_static"]["same_tokens"] == "4/4"  # float32 on a CPU: identical
     assert figures["new_tokens_4"]["burst"]["most_running"] == 4
     assert figures["device_preprocessing"]["max_abs_diff"] == 0.0  # on a CPU the two paths are one
 

@@ -39,10 +39,44 @@ def _alone(model, video, question, tokens):
 
 def test_staggered_arrivals_give_the_tokens_of_one_at_a_time_generate(embedded_model, engine, videos):
     """Mixed questions, frame counts and answer lengths; each request joins the running batch as it arrives."""
+    ahead = engine.stats.vision_ahead
+    staggered_arrivals_match_one_at_a_time(embedded_model, engine, videos)
+    assert engine.stats.vision_ahead > ahead  # vision features made beside the loop, same tokens
+
+
+def test_static_decode_steps_over_whole_buffers_give_the_same_tokens(embedded_model, videos):
+    """``decode_mode="static"`` (the shapes CUDA graphs need): each step computes the running rows' bucket of slots
+    over every position of the buffers; the empty slots and positions change no row's tokens."""
+    engine = Engine(embedded_model, max_running=4, preprocess_ahead=2, decode_mode="static")
+    try:
+        staggered_arrivals_match_one_at_a_time(embedded_model, engine, videos)
+        assert engine._kv.static and engine._kv.capacity % 1024 == 0
+    finally:
+        engine.close()
+
+
+def test_compiled_decode_steps_give_the_tokens_of_dynamic_ones(embedded_model, engine, videos):
+    """``decode_mode="compiled"``: static steps through ``torch.compile`` (inductor's kernels on a CPU; CUDA graphs
+    on a GPU). Answers of different lengths: the bucket of slots changes shape as rows leave."""
+    prepared = [embedded_model.prepare(v, QUESTIONS[3], 12) for v in videos[:3]]
+    params = SamplingParams(max_new_tokens=12)
+    expected = engine.generate(prepared, params)  # dynamic steps: token-identical to one-at-a-time generate
+    assert len({a.completion_tokens for a in expected}) == 3
+    compiled = Engine(embedded_model, max_running=4, decode_mode="compiled")
+    try:
+        got = compiled.generate(prepared, params)
+        assert [(a.text, a.completion_tokens) for a in got] == [(a.text, a.completion_tokens) for a in expected]
+        assert {3, 2, 1} <= set(compiled.recent_running())
+    finally:
+        compiled.close()
+
+
+def staggered_arrivals_match_one_at_a_time(embedded_model, engine, videos):
+    """A long answer the others join while it is generated; eight requests arriving over time, some together:
+    each answer is the one ``generate`` gives it alone."""
     cases = [(videos[i % 4], QUESTIONS[(i * 3) % 4], (6, 12, 3, 9)[i % 4]) for i in range(8)]
     expected = [_alone(embedded_model, v, q, n) for v, q, n in cases]
     embedded_model.embedder.feature_cache.clear()  # the engine runs the vision tower itself
-    ahead = engine.stats.vision_ahead
     results: dict[int, object] = {}
     done = threading.Event()
 
@@ -69,7 +103,6 @@ def test_staggered_arrivals_give_the_tokens_of_one_at_a_time_generate(embedded_m
     assert [r.answer.finish_reason for r in got] == [a.finish_reason for a in expected]
     assert [r.answer.prompt_tokens for r in got] == [a.prompt_tokens for a in expected]
     assert max(engine.recent_running()) > 2  # rows of different lengths really shared decode steps
-    assert engine.stats.vision_ahead > ahead  # vision features made beside the loop, same tokens
 
 
 def test_a_request_arriving_mid_generation_finishes_before_the_long_one(embedded_model, engine, videos):

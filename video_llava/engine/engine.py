@@ -33,6 +33,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from video_llava.engine.detokenize import Detokenizer
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
+from video_llava.engine.compiled import DECODE_MODES, DecodeMode, compiled_steps
 from video_llava.engine.kv import BatchKV
 from video_llava.engine.logprobs import spelled, token_logprobs
 from video_llava.engine.params import SamplingParams
@@ -119,17 +120,21 @@ class Engine:
     for repeat questions (``prefix.PrefixCache``; 0: none); ``preprocess_ahead``: waiting requests whose media are
     made ready ahead, in a thread of its own, while the loop computes (0: in the loop, at admission): the processor
     resizes and normalises them and the vision tower runs once for all of them taken together (the features each
-    gets alone, tested). On a CPU that work runs beside the decode steps instead of between them.
+    gets alone, tested). On a CPU that work runs beside the decode steps instead of between them. ``decode_mode``:
+    ``dynamic``, ``static`` or ``compiled`` decode steps (``compiled.py``; the same tokens).
     """
 
     def __init__(self, qa: VideoQAModel, max_running: int = 8, max_tokens: int = 1 << 20, max_waiting: int = 256,
-                 prefix_cache_mb: int = 0, preprocess_ahead: int = 0):
+                 prefix_cache_mb: int = 0, preprocess_ahead: int = 0, decode_mode: DecodeMode = "dynamic"):
         if min(max_running, max_tokens, max_waiting) < 1:
             raise ValueError(f"max_running, max_tokens and max_waiting must be >= 1 (got {max_running}, {max_tokens}, "
                              f"{max_waiting})")
         self.qa, self.model, self.tokenizer = qa, qa.model, qa.tokenizer
         self.max_running, self.max_tokens, self.max_waiting = max_running, max_tokens, max_waiting
         self.preprocess_ahead = max(0, preprocess_ahead)
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {decode_mode!r}")
+        self.decode_mode = decode_mode
         self.eos = qa.eos_token_ids
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.stats = EngineStats()
@@ -138,7 +143,8 @@ class Engine:
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Sequence] = []
         self._live: dict[int, _Request] = {}  # submitted and not yet finished, failed or dropped
-        self._kv = BatchKV()
+        self._kv = self._new_kv()
+        self._step_logits = self._forward.step_logits if decode_mode != "compiled" else compiled_steps(self._forward)
         # flash-attention takes a padding mask (rows x positions); sdpa and eager the 4-D mask built per step
         self._four_d_mask = getattr(self.model.config, "_attn_implementation", "sdpa") != "flash_attention_2"
         self._ids = itertools.count()
@@ -295,7 +301,7 @@ class Engine:
                 log.exception("the engine loop failed with %d sequences running", len(self._running))
                 for seq in self._running:
                     self._fail(seq.request, exc)
-                self._running, self._kv = [], BatchKV()
+                self._running, self._kv = [], self._new_kv()
         error = EngineClosedError("the engine was closed")
         for request in list(self._waiting) + [seq.request for seq in self._running]:
             self._fail(request, error)
@@ -459,7 +465,7 @@ class Engine:
             self.stats.running_per_step.append(len(rows))
         parts = self._isolated_decode(self._kv, rows)
         if len(parts) != 1 or parts[0][1] is not rows:  # the step was split: the rows that survived, rejoined
-            self._kv, rows = BatchKV(), []
+            self._kv, rows = self._new_kv(), []
             for kv, part, _ in parts:
                 self._kv.extend(kv)
                 rows += part
@@ -473,14 +479,20 @@ class Engine:
         if done:
             self._leave(done)
 
+    def _new_kv(self) -> BatchKV:
+        return BatchKV(static=self.decode_mode != "dynamic")
+
     def _decode(self, kv: BatchKV, rows: list[_Sequence]) -> Any:
         """Logits of one decode step over ``rows`` (their KV ``kv``, advanced; as it was if the step raises)."""
         import torch
 
-        ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.model.device)
         mask, positions = kv.step_inputs(self.model.dtype, self._four_d_mask)
+        tokens = [s.tokens[-1] for s in rows]
+        tokens += tokens[-1:] * (mask.shape[0] - len(tokens))  # static: the bucket's empty slots compute a copy
+        ids = torch.tensor(tokens, device=self.model.device).unsqueeze(1)
         try:
-            logits, _ = self._forward(self._forward.embed(ids), mask, kv.cache, positions)
+            with torch.inference_mode():
+                logits = self._step_logits(ids, mask, kv.cache, positions)
         except BaseException:
             kv.crop()  # what the failed step wrote is not real (and is overwritten by the next)
             raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 RESERVE = 256  # positions of room a buffer is given past what its rows hold
+STATIC_POSITIONS = 1024  # static buffers' positions are a multiple of this: few shapes, few compiled graphs
 
 
 def cache_layers(cache: Any) -> list[Any]:
@@ -36,7 +37,7 @@ def _round_up(n: int, to: int = 64) -> int:
 class BatchKV:
     """KV of the running rows: slot ``i`` holds row ``i`` (``rows`` of them, in the engine's order)."""
 
-    def __init__(self, reserve: int = RESERVE):
+    def __init__(self, reserve: int = RESERVE, static: bool = False):
         self.reserve = reserve
         self.keys: list[Any] = []  # per layer: (row slots, heads, positions, head size)
         self.values: list[Any] = []
@@ -47,7 +48,7 @@ class BatchKV:
         self.end = 0  # the position the next decode step writes, the same for every row
         self.write: Any = None  # ``end`` as a one-element tensor on the device (read by the layers' index_copy_)
         self.view: tuple[int, int, int] = (0, 0, 0)  # rows, first and last + 1 position the attention reads
-        self.static = False  # compiled steps: the view is every slot of a bucket and every position
+        self.static = static  # compiled steps: the view is every slot of a bucket and every position
         self.cache: Any = None  # what the model is given: a DynamicCache of ``SlotLayer``s over these buffers
 
     @property
@@ -57,6 +58,20 @@ class BatchKV:
     @property
     def capacity(self) -> int:
         return self.real.shape[1] if self.real is not None else 0
+
+    def _positions(self, n: int) -> int:
+        """Positions of a new buffer that must hold ``n``: a multiple of 64, or (``static``) of
+        ``STATIC_POSITIONS``, so that compiled steps see few shapes."""
+        return _round_up(n, STATIC_POSITIONS if self.static else 64)
+
+    def _new_buffer(self, *shape: int, dtype: Any, device: Any) -> Any:
+        """A zeroed buffer; one a compiled step writes in place keeps its address for CUDA graphs."""
+        import torch
+
+        buffer = torch.zeros(*shape, dtype=dtype, device=device)
+        if self.static and buffer.is_cuda:
+            torch._dynamo.mark_static_address(buffer)
+        return buffer
 
     # ---- rows joining ------------------------------------------------------------------------------------------
     def add(self, cache: Any, length: int, copies: int = 1) -> None:
@@ -82,7 +97,7 @@ class BatchKV:
 
         span = real.shape[1]
         if self.real is None:
-            self._allocate(layers, len(sources), span + self.reserve)
+            self._allocate(layers, len(sources), self._positions(span + self.reserve))
         if span > self.end:
             if span >= self.capacity:  # no room: regather every row to end where these do
                 self._regather(span, span + self.reserve, self.rows + len(sources))
@@ -109,9 +124,9 @@ class BatchKV:
 
         k, v = layers[0]
         device = k.device
-        self.keys = [torch.zeros(rows, k.shape[1], capacity, k.shape[-1], dtype=k.dtype, device=device)
+        self.keys = [self._new_buffer(rows, k.shape[1], capacity, k.shape[-1], dtype=k.dtype, device=device)
                      for k, _ in layers]
-        self.values = [torch.zeros(rows, v.shape[1], capacity, v.shape[-1], dtype=v.dtype, device=device)
+        self.values = [self._new_buffer(rows, v.shape[1], capacity, v.shape[-1], dtype=v.dtype, device=device)
                        for _, v in layers]
         self.real = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
@@ -130,7 +145,7 @@ class BatchKV:
         import torch
 
         slots = max(slots, self.slots if slots <= self.slots else 2 * self.slots, 1)
-        capacity = _round_up(max(capacity, end + 1))
+        capacity = self._positions(max(capacity, end + 1))
         n, device = self.rows, self.real.device
         lengths = self.lengths[:n]
         # per row and new position: the old position it holds (real ones in order, right-aligned at ``end``)
@@ -143,7 +158,7 @@ class BatchKV:
         real[:n, :end] = holds
         for group in (self.keys, self.values):
             for i, old in enumerate(group):
-                fresh = torch.zeros(slots, old.shape[1], capacity, old.shape[-1], dtype=old.dtype, device=device)
+                fresh = self._new_buffer(slots, old.shape[1], capacity, old.shape[-1], dtype=old.dtype, device=device)
                 if n and source is not None:
                     index = source[:, None, :, None].expand(n, old.shape[1], end, old.shape[-1])
                     fresh[:n, :, :end] = old[:n, :, :self.end].gather(2, index) * holds[:, None, :, None]
@@ -203,16 +218,17 @@ class BatchKV:
         """A new batch of copies of ``rows``; this one is unchanged."""
         import torch
 
-        part = BatchKV(self.reserve)
+        part = BatchKV(self.reserve, self.static)
 
         index = torch.tensor(list(rows), device=self.real.device)
         for k, v in zip(self.keys, self.values):
-            part.keys.append(k.index_select(0, index).clone())
-            part.values.append(v.index_select(0, index).clone())
+            for mine, theirs in ((k, part.keys), (v, part.values)):
+                copy = part._new_buffer(len(rows), *mine.shape[1:], dtype=mine.dtype, device=mine.device)
+                theirs.append(copy.copy_(mine.index_select(0, index)))
         part.real = self.real.index_select(0, index).clone()
         part.lengths = self.lengths.index_select(0, index).clone()
         part.first = [self.first[r] for r in rows]
-        part.rows, part.static = len(rows), self.static
+        part.rows = len(rows)
         part.write = self.write.clone()
         part._move_write(self.end)
         from video_llava.engine.slot_cache import slot_cache

@@ -55,6 +55,14 @@ class Forward:
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return out.logits[:, -1, :].float(), cache
 
+    def step_logits(self, ids: Any, mask: Any, cache: Any, position_ids: Any) -> Any:
+        """Logits (rows x vocabulary, float32) of one decode step: ``ids`` one token per row of the batch's
+        ``cache``. No context manager or Python-side state inside: this is what ``torch.compile`` takes."""
+        embeds = self.model.get_input_embeddings()(ids)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                         position_ids=position_ids, **{self._cache_arg: cache})
+        return out.logits[:, -1, :].float()
+
     def embed(self, ids: Any) -> Any:
         import torch
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -74,6 +75,10 @@ class BatchSettings(BaseModel):
         8, ge=0, le=256, description="waiting requests whose media are made ready ahead (processor and one vision "
         "pass for those taken together), in a thread beside the decode steps; a request joins the batch once they "
         "are (0: at admission, in the model's thread)")
+    decode_mode: Literal["dynamic", "static", "compiled"] = Field(
+        "dynamic", description="decode steps over the rows and positions in use (dynamic), over whole buffers "
+        "(static: few shapes), or static and compiled with torch.compile (CUDA graphs on a GPU; the first steps of "
+        "each shape compile). The same tokens in every mode")
     ignore_eos: bool = Field(False, description="benchmarks only: every answer runs to its max tokens (bench/serve.py)")
 
 

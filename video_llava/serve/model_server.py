@@ -52,7 +52,7 @@ class ModelServer:
         self.model = VideoQAModel(args.model)
         b = args.batching
         self.engine = Engine(self.model, b.max_batch_size, b.max_batch_tokens, b.max_waiting, b.prefix_cache_mb,
-                             b.preprocess_ahead)
+                             b.preprocess_ahead, b.decode_mode)
         self.metrics = ModelMetrics()
         log.info("model ready: %s", self.model.describe())
 
