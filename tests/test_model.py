@@ -251,8 +251,8 @@ def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(16 * 2**20).fill_(1.0)  # 64 MB, as a 48-frame video's float pixels; freed at once
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults(), faults()
-print(faults())
+[faults() for _ in range(4)]  # warm-up: the first buffers also meet torch's and the heap's own first allocations
+print(sum(faults() for _ in range(5)))
 """
 
 
@@ -266,5 +266,5 @@ def test_a_model_process_reuses_large_freed_buffers_instead_of_faulting_them_in_
         assert run.returncode == 0, run.stderr
         return int(run.stdout.split()[-1])
 
-    assert faults("default") >= 16_000
-    assert faults("retain") < 100
+    assert faults("default") >= 5 * 16_000
+    assert faults("retain") < 500

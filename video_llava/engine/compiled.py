@@ -6,7 +6,7 @@ regathered or the bucket grows) and ``compiled`` (static steps through ``torch.c
 
 The static shapes are what CUDA graphs need; the KV buffers a graph writes in place keep their addresses
 (``torch._dynamo.mark_static_address``, as transformers' ``StaticCache`` does). Static and compiled steps give the
-tokens of dynamic ones (rows never see each other's positions; tested on CPU for ``static``).
+tokens of dynamic ones (rows never see each other's positions; tested on CPU).
 """
 
 from __future__ import annotations
