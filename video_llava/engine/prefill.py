@@ -1,5 +1,6 @@
-"""The prefill half of the engine: prompt ids, prefix-cache lookups, one vision pass for the admitted requests, and
-each request's forward over its prompt (alone, unpadded)."""
+"""The prefill half of the engine: prompt ids, prefix-cache lookups, one vision pass for the requests taken together
+(waiting, or admitted), and each request's forward over its prompt (alone, unpadded); ``Forward.step_logits`` is a
+decode step."""
 
 from __future__ import annotations
 
