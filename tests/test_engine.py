@@ -39,9 +39,9 @@ def _alone(model, video, question, tokens):
 
 def test_staggered_arrivals_give_the_tokens_of_one_at_a_time_generate(embedded_model, engine, videos):
     """Mixed questions, frame counts and answer lengths; each request joins the running batch as it arrives."""
-    ahead = engine.stats.vision_ahead
+    ahead = engine.describe()["vision_ahead"]
     staggered_arrivals_match_one_at_a_time(embedded_model, engine, videos)
-    assert engine.stats.vision_ahead > ahead  # vision features made beside the loop, same tokens
+    assert engine.describe()["vision_ahead"] > ahead  # vision features made beside the loop, same tokens
 
 
 def test_static_decode_steps_over_whole_buffers_give_the_same_tokens(embedded_model, videos):

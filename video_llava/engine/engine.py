@@ -15,8 +15,9 @@ fails in its prefill fails alone; one that is cancelled leaves the batch before 
 raises is run again in halves until the rows that fail alone are found (only those requests fail; an out-of-memory
 step fails nobody). A request of ``n`` answers is prefilled once and forked into ``n`` rows; a prompt whose prefix
 (up to its last visual token) was seen before prefills only the rest (``prefix.py``). With ``preprocess_ahead``
-a second thread makes the waiting requests' media ready (processor and vision tower, one pass for those it takes
-together) while the loop decodes: the loop's own work per request is then its prefill and its share of the steps.
+a second thread makes the waiting requests' media ready (``ahead.py``: processor and vision tower, one pass for
+those it takes together) while the loop decodes: the loop's own work per request is its prefill and its share of
+the steps.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
+from video_llava.engine.ahead import Ahead, MediaAhead
+from video_llava.engine.compiled import DECODE_MODES, DecodeMode, compiled_steps
 from video_llava.engine.detokenize import Detokenizer
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
-from video_llava.engine.compiled import DECODE_MODES, DecodeMode, compiled_steps
 from video_llava.engine.kv import BatchKV
 from video_llava.engine.logprobs import spelled, token_logprobs
 from video_llava.engine.params import SamplingParams
@@ -68,10 +70,7 @@ class _Request:
     cancelled: bool = False
     unfinished: int = 0  # answers still being generated, once prefilled
     failed: bool = False
-    plan: Plan | None = None  # made ahead: its prompt's ids and prefix key (the prefix KV is fetched at admission)
-    features: MediaFeatures | None = None  # made ahead: its media's vision features (then dropped)
-    preparing: bool = False  # they are being made
-    prepared_ahead: bool = False  # they were made (or that failed: then its prefill makes them)
+    ahead: Ahead = field(default_factory=Ahead)  # its plan and media features, made while it waits
 
     @property
     def reserved(self) -> int:
@@ -105,7 +104,6 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     prefix_hits: int = 0  # prefills that reused a cached prefix
-    vision_ahead: int = 0  # requests whose vision features were made ahead, beside the decode steps
     split_steps: int = 0  # decode steps that raised and were run again in halves
     running_per_step: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
 
@@ -131,7 +129,6 @@ class Engine:
                              f"{max_waiting})")
         self.qa, self.model, self.tokenizer = qa, qa.model, qa.tokenizer
         self.max_running, self.max_tokens, self.max_waiting = max_running, max_tokens, max_waiting
-        self.preprocess_ahead = max(0, preprocess_ahead)
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {decode_mode!r}")
         self.decode_mode = decode_mode
@@ -151,7 +148,7 @@ class Engine:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._preprocessor: threading.Thread | None = None
+        self._ahead = MediaAhead(self._prefiller, preprocess_ahead, self._cond, self._waiting, lambda: self._closed)
 
     # ---- submitting --------------------------------------------------------------------------------------------
     def submit(self, prepared: PreparedQuestion, params: SamplingParams, emit: Callable[[Event], None],
@@ -169,10 +166,7 @@ class Engine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
                 self._thread.start()
-            if self._preprocessor is None and self.preprocess_ahead:
-                self._preprocessor = threading.Thread(target=self._preprocess_loop, name="engine-preprocess",
-                                                      daemon=True)
-                self._preprocessor.start()
+            self._ahead.start()
             self._cond.notify_all()
         return request.id
 
@@ -261,9 +255,9 @@ class Engine:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        for thread in (self._thread, self._preprocessor):
-            if thread is not None:
-                thread.join(timeout=60)
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        self._ahead.join(timeout=60)
 
     @property
     def running(self) -> int:
@@ -275,8 +269,9 @@ class Engine:
         return {"max_running": self.max_running, "max_tokens": self.max_tokens, "max_waiting": self.max_waiting,
                 "running": len(self._running), "waiting": len(self._waiting), "steps": s.steps,
                 "prefills": s.prefills, "most_running_in_a_step": s.max_running, "finished": s.finished,
-                "cancelled": s.cancelled, "failed": s.failed, "prefix_hits": s.prefix_hits, "vision_ahead": s.vision_ahead,
-                "split_steps": s.split_steps, "prefix_cache": self.prefix_cache.stats()}
+                "cancelled": s.cancelled, "failed": s.failed, "prefix_hits": s.prefix_hits,
+                "vision_ahead": self._ahead.made, "split_steps": s.split_steps,
+                "prefix_cache": self.prefix_cache.stats()}
 
     def recent_running(self) -> list[int]:
         """Sequences in each of the last (up to 1000) decode steps."""
@@ -287,7 +282,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._running and not (self._waiting and self._ready(self._waiting[0])):
+                while not (self._closed or self._running or (self._waiting and self._ahead.ready(self._waiting[0]))):
                     self._cond.wait()
                 if self._closed:
                     break
@@ -306,61 +301,6 @@ class Engine:
         for request in list(self._waiting) + [seq.request for seq in self._running]:
             self._fail(request, error)
 
-    def _preprocess_loop(self) -> None:
-        """Make the media of the first waiting requests ready (at most ``preprocess_ahead`` held), in order, while
-        the loop runs the model: the requests not yet prepared are taken together (one vision pass); a request is
-        admitted once its features are made."""
-        while True:
-            with self._cond:
-                group: list[_Request] = []
-                while not self._closed and not (group := self._next_to_prepare()):
-                    self._cond.wait()
-                if self._closed:
-                    return
-                for request in group:
-                    request.preparing = True
-            try:
-                self._prepare_ahead(group)
-            except Exception:  # the loop prepares them itself, and fails one alone if that fails again
-                log.exception("preparing %d requests ahead failed", len(group))
-            with self._cond:
-                for request in group:
-                    request.preparing, request.prepared_ahead = False, True
-                self._cond.notify_all()
-
-    def _prepare_ahead(self, group: list[_Request]) -> None:
-        """Plans and vision features of ``group``, but for a request whose prefix KV is cached (it needs none)."""
-        need = []
-        for request in group:
-            try:
-                request.plan = self._prefiller.plan(request.prepared, fetch=False)
-            except Exception:  # its prompt cannot be expanded: its prefill says so, and it fails alone
-                continue
-            if self._prefiller.needs_vision(request.plan):
-                need.append(request)
-        for request, features in zip(need, self._prefiller.features_each([r.prepared for r in need])):
-            request.features = features
-            self.stats.vision_ahead += features is not None
-
-    def _ready(self, request: _Request) -> bool:
-        """Whether a waiting request may be admitted: its media are ready (when they are made ahead)."""
-        return not self.preprocess_ahead or request.prepared_ahead or request.cancelled
-
-    def _next_to_prepare(self) -> list[_Request]:
-        """The first waiting requests not prepared yet, as many as fit beside those that hold what was made ahead
-        (``preprocess_ahead`` in all)."""
-        held, group = 0, []
-        for request in self._waiting:
-            if request.cancelled:
-                continue
-            if request.prepared_ahead or request.preparing:
-                held += 1
-            elif held + len(group) < self.preprocess_ahead:
-                group.append(request)
-            else:
-                break
-        return group
-
     def _admissible(self) -> list[_Request]:
         """Waiting requests (in arrival order) that fit beside the running ones; called holding the lock."""
         admitted: list[_Request] = []
@@ -373,7 +313,7 @@ class Engine:
                 self._live.pop(request.id, None)
                 self.stats.cancelled += 1
                 continue
-            if not self._ready(request):
+            if not self._ahead.ready(request):
                 break  # its media are being made ready: it joins at a later step (the batch decodes meanwhile)
             busy = rows > 0
             if busy and (rows + request.params.n > self.max_running or reserved + request.reserved > self.max_tokens):
@@ -381,7 +321,7 @@ class Engine:
             admitted.append(self._waiting.popleft())
             reserved += request.reserved
             rows += request.params.n
-        if admitted and self.preprocess_ahead:
+        if admitted and self._ahead.limit:
             self._cond.notify_all()  # room ahead: the preprocessing thread may go on
         return admitted
 
@@ -404,20 +344,22 @@ class Engine:
         plans: list[Plan | None] = []
         for request in admitted:
             try:
-                plans.append(self._prefiller.fetch(request.plan) if request.plan is not None
+                made = request.ahead.plan
+                plans.append(self._prefiller.fetch(made) if made is not None
                              else self._prefiller.plan(request.prepared))
             except Exception as exc:  # its prompt cannot be tokenized or expanded: it fails alone
                 log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
                 self._fail(request, exc)
                 plans.append(None)
-        need = [r for r, plan in zip(admitted, plans) if plan is not None and plan.prefix is None and r.features is None]
+        need = [r for r, plan in zip(admitted, plans)
+                if plan is not None and plan.prefix is None and r.ahead.features is None]
         shared = self._prefiller.shared_features([r.prepared for r in need])
         features = dict(zip((r.id for r in need), shared)) if shared is not None else {}
         for request, plan in zip(admitted, plans):
             if plan is not None:
-                self._prefill(request, plan, request.features if request.features is not None
-                              else features.get(request.id))
-            request.plan = request.features = None  # used: their memory goes
+                made = request.ahead.features
+                self._prefill(request, plan, made if made is not None else features.get(request.id))
+            request.ahead.plan = request.ahead.features = None  # used: their memory goes
 
     def _prefill(self, request: _Request, plan: Plan, features: MediaFeatures | None) -> None:
         """Prefill one request alone; the first token of each of its ``n`` answers, which join the batch (one
