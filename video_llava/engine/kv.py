@@ -65,10 +65,15 @@ class BatchKV:
         return _round_up(n, STATIC_POSITIONS if self.static else 64)
 
     def _new_buffer(self, *shape: int, dtype: Any, device: Any) -> Any:
-        """A zeroed buffer; one a compiled step writes in place keeps its address for CUDA graphs."""
+        """A zeroed KV buffer (``_fixed``)."""
         import torch
 
-        buffer = torch.zeros(*shape, dtype=dtype, device=device)
+        return self._fixed(torch.zeros(*shape, dtype=dtype, device=device))
+
+    def _fixed(self, buffer: Any) -> Any:
+        """``buffer``, which a compiled step writes in place: on a GPU it keeps its address for CUDA graphs."""
+        import torch
+
         if self.static and buffer.is_cuda:
             torch._dynamo.mark_static_address(buffer)
         return buffer
@@ -221,10 +226,9 @@ class BatchKV:
         part = BatchKV(self.reserve, self.static)
 
         index = torch.tensor(list(rows), device=self.real.device)
-        for k, v in zip(self.keys, self.values):
-            for mine, theirs in ((k, part.keys), (v, part.values)):
-                copy = part._new_buffer(len(rows), *mine.shape[1:], dtype=mine.dtype, device=mine.device)
-                theirs.append(copy.copy_(mine.index_select(0, index)))
+        for k, v in zip(self.keys, self.values):  # index_select copies
+            part.keys.append(part._fixed(k.index_select(0, index)))
+            part.values.append(part._fixed(v.index_select(0, index)))
         part.real = self.real.index_select(0, index).clone()
         part.lengths = self.lengths.index_select(0, index).clone()
         part.first = [self.first[r] for r in rows]

@@ -48,21 +48,22 @@ class Forward:
     def __call__(self, embeds: Any, mask: Any, cache: Any = None, position_ids: Any = None) -> tuple[Any, Any]:
         import torch
 
-        kwargs = {self._cache_arg: cache} if cache is not None else {}
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids
         with torch.inference_mode():
-            out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
+            out = self._out(embeds, mask, cache, position_ids)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return out.logits[:, -1, :].float(), cache
 
     def step_logits(self, ids: Any, mask: Any, cache: Any, position_ids: Any) -> Any:
         """Logits (rows x vocabulary, float32) of one decode step: ``ids`` one token per row of the batch's
         ``cache``. No context manager or Python-side state inside: this is what ``torch.compile`` takes."""
-        embeds = self.model.get_input_embeddings()(ids)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                         position_ids=position_ids, **{self._cache_arg: cache})
-        return out.logits[:, -1, :].float()
+        return self._out(self.model.get_input_embeddings()(ids), mask, cache, position_ids).logits[:, -1, :].float()
+
+    def _out(self, embeds: Any, mask: Any, cache: Any, position_ids: Any) -> Any:
+        """The model's output for the last position of ``embeds`` (``cache`` and ``position_ids`` where given)."""
+        kwargs = {self._cache_arg: cache} if cache is not None else {}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        return self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
 
     def embed(self, ids: Any) -> Any:
         import torch
