@@ -3,9 +3,9 @@
 glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it when
 freed, so each video's float pixels (a 32-frame clip at 336 px is 43 MB), every intermediate of the processor and
 the vision tower's activations page-fault anew on every request: on a 2-core VM that was a third of the vision
-path's time (80 -> 53 ms per video for the embedded default, timed by hand; bench/RESULTS.md, sixth run). With mmap off and
-trimming raised, freed memory stays in the heap and the next request reuses it; the process keeps its peak size,
-as a GPU caching allocator does. Settings are per process and take effect for allocations made afterwards.
+path's time (80 -> 53 ms per video for the embedded default, timed by hand; bench/RESULTS.md, sixth run). With
+mmap off and trimming raised, freed memory stays in the heap and the next request reuses it; the process keeps its
+peak size, as a GPU caching allocator does. Settings are per process and take effect for allocations made afterwards.
 """
 
 from __future__ import annotations
