@@ -11,6 +11,8 @@ tokens >= 0.8 of the ceiling; at 256 tokens >= 3x one at a time. Also how far th
 on the device (the engine's path) are from the CPU's. The engine runs as the service does (media made ready ahead);
 each of ``--decode-modes`` after the first adds, at the largest token count, a burst in that mode after a warm-up
 burst (``compiled``: its shapes compile there), with the share of answers token-identical to the first mode's.
+The engine's KV budget is what fits in 70% of the GPU memory free after loading (``kv_budget``), as a service would
+set ``max_batch_tokens``.
 """
 
 from __future__ import annotations
@@ -42,12 +44,27 @@ def preprocessing_check(model, frames) -> dict:
     return {"max_abs_diff": round(diff, 6), "relative_to_max": round(diff / max(float(cpu.abs().max()), 1e-12), 6)}
 
 
-def other_mode(model, mode: str, prepared: list, params, requests: int, reference: list) -> dict:
+def kv_budget(model, share: float = 0.7) -> int:
+    """KV positions that fit in ``share`` of the GPU memory free after loading (the engine's ``max_tokens``): 32
+    rows of 32-frame 7B prompts would need about 87 GB, more than an H100 has. 1 << 20 off a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 1 << 20
+    text = model.model.config.get_text_config()
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    per_position = 2 * text.num_hidden_layers * kv_heads * head * model.model.dtype.itemsize
+    free, _ = torch.cuda.mem_get_info()
+    return int(share * free / per_position)
+
+
+def other_mode(model, mode: str, prepared: list, params, requests: int, reference: list, budget: int) -> dict:
     """A burst with ``mode`` decode steps, after a warm-up burst (compiling its shapes); the share of the first 8
     answers token-identical to ``reference`` (the first mode's: bf16 kernels may differ in the last bits)."""
     from video_llava.engine import Engine
 
-    engine = Engine(model, max_running=requests, preprocess_ahead=8, decode_mode=mode)
+    engine = Engine(model, max_running=requests, max_tokens=budget, preprocess_ahead=8, decode_mode=mode)
     try:
         start = time.perf_counter()
         run_engine(engine, prepared, params, 0.0)
@@ -87,7 +104,8 @@ def main() -> None:
         rng = np.random.default_rng(0)
         videos = [rng.integers(0, 255, (args.frames, 240, 320, 3), dtype=np.uint8) for _ in range(args.requests)]
         described = model.describe()
-        figures.update(device=described.get("device"), dtype=described.get("dtype"),
+        budget = kv_budget(model)
+        figures.update(device=described.get("device"), dtype=described.get("dtype"), kv_budget_positions=budget,
                        attention=described.get("attn_implementation"),
                        device_preprocessing=preprocessing_check(model, videos[0]))
         print(f"device vs CPU preprocessing: {figures['device_preprocessing']}", flush=True)
@@ -95,7 +113,8 @@ def main() -> None:
             prepared = [model.prepare(v, "What happens in the video?", new) for v in videos]
             params = SamplingParams(new, ignore_eos=True)
             ceiling = ceiling_videos_per_s(model, prepared)
-            engine = Engine(model, max_running=args.requests, preprocess_ahead=8, decode_mode=args.decode_modes[0])
+            engine = Engine(model, max_running=args.requests, max_tokens=budget, preprocess_ahead=8,
+                            decode_mode=args.decode_modes[0])
             try:
                 run_engine(engine, prepared[:2], params, 0.0)  # warm-up
                 burst = run_engine(engine, prepared, params, 0.0)
@@ -117,7 +136,7 @@ def main() -> None:
                 row["one_at_a_time_videos_per_s"] = one["requests_per_s"]
                 row["vs_one_at_a_time"] = round(burst["requests_per_s"] / one["requests_per_s"], 2)
                 for mode in args.decode_modes[1:]:
-                    row[f"decode_{mode}"] = other_mode(model, mode, prepared, params, args.requests, reference)
+                    row[f"decode_{mode}"] = other_mode(model, mode, prepared, params, args.requests, reference, budget)
             figures[f"new_tokens_{new}"] = row
             print(f"{new} new tokens: {row}", flush=True)
     if args.json:

@@ -374,16 +374,24 @@ def test_a_leaving_row_costs_one_row_copy_and_splitting_keeps_every_row():
     assert seen == [rows[0] + [600.0], rows[1] + [500.0, 601.0], rows[2] + [501.0, 602.0]]
 
 
-def test_requests_share_the_batch_only_as_far_as_the_kv_budget_allows(embedded_model, videos):
-    prepared = embedded_model.prepare(videos[0], QUESTIONS[0], 20)
-    one = prepared.prompt_tokens + prepared.visual_tokens + 20
+def test_the_kv_buffers_never_hold_more_positions_than_the_budget_whatever_the_mix_of_lengths(embedded_model, videos):
+    # the buffers give every row the longest row's positions: a long row and three short ones hold 4 long rows' worth
+    long = embedded_model.prepare(videos[0], QUESTIONS[3], 20)
+    short = embedded_model.prepare(videos[3], QUESTIONS[2], 20)
+    row = long.prompt_tokens + long.visual_tokens + 20
+    assert 3 * (short.prompt_tokens + short.visual_tokens + 20) < row  # their tokens alone would fit beside it
+    per_row = BatchKV().positions_after(1, row)
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
-    for budget, most in ((one, 1), (2 * one, 2), (one // 2, 1)):  # the last: larger than the budget, it runs alone
+    # half a long row: each runs alone (the long one larger than the budget); one long row: the short ones two at a
+    # time (three take four slots); four long rows: all together
+    assert 2 * BatchKV().positions_after(1, short.prompt_tokens + short.visual_tokens + 20) > per_row // 2
+    for budget, most in ((per_row // 2, 1), (per_row, 2), (4 * per_row, 4)):
         engine = Engine(embedded_model, max_running=4, max_tokens=budget)
         try:
-            answers = engine.generate([prepared] * 3, params)
-            assert [a.completion_tokens for a in answers] == [20] * 3
+            answers = engine.generate([long, short, short, short], params)
+            assert [a.completion_tokens for a in answers] == [20] * 4
             assert max(engine.recent_running()) == most, budget
+            assert engine.describe()["kv_positions"] <= max(budget, per_row), budget
         finally:
             engine.close()
 

@@ -73,10 +73,10 @@ class _Request:
     ahead: Ahead = field(default_factory=Ahead)  # its plan and media features, made while it waits
 
     @property
-    def reserved(self) -> int:
-        """KV positions its sequences may come to hold."""
+    def longest(self) -> int:
+        """KV positions each of its sequences may come to hold: prompt, media and every new token."""
         p = self.prepared
-        return (p.prompt_tokens + p.visual_tokens + p.max_new_tokens) * self.params.n
+        return p.prompt_tokens + p.visual_tokens + p.max_new_tokens
 
 
 @dataclass(eq=False)
@@ -105,6 +105,7 @@ class EngineStats:
     failed: int = 0
     prefix_hits: int = 0  # prefills that reused a cached prefix
     split_steps: int = 0  # decode steps that raised and were run again in halves
+    kv_positions: int = 0  # most KV positions (row slots x positions) the running batch's buffers held
     running_per_step: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
 
 
@@ -112,8 +113,9 @@ class Engine:
     """Continuous batching for one model. Thread-safe; ``events``/``answer`` for asyncio callers, ``generate`` and
     ``stream`` for plain ones.
 
-    ``max_running``: sequences decoded together; ``max_tokens``: KV positions they may hold together (each counts
-    prompt + visual + ``max_new_tokens``; one request larger than that still runs, alone); ``max_waiting``: requests
+    ``max_running``: sequences decoded together; ``max_tokens``: KV positions their buffers may hold (row slots x
+    positions, each row given room for the longest row's prompt + visual + ``max_new_tokens`` and ``kv.RESERVE``;
+    ``BatchKV.positions_after``; one request larger than that still runs, alone); ``max_waiting``: requests
     queued behind them before ``submit`` raises ``QueueFullError``; ``prefix_cache_mb``: KV of prompt prefixes kept
     for repeat questions (``prefix.PrefixCache``; 0: none); ``preprocess_ahead``: waiting requests whose media are
     made ready ahead, in a thread of its own, while the loop computes (0: in the loop, at admission): the processor
@@ -270,7 +272,7 @@ class Engine:
                 "running": len(self._running), "waiting": len(self._waiting), "steps": s.steps,
                 "prefills": s.prefills, "most_running_in_a_step": s.max_running, "finished": s.finished,
                 "cancelled": s.cancelled, "failed": s.failed, "prefix_hits": s.prefix_hits,
-                "vision_ahead": self._ahead.made, "split_steps": s.split_steps,
+                "vision_ahead": self._ahead.made, "split_steps": s.split_steps, "kv_positions": s.kv_positions,
                 "prefix_cache": self.prefix_cache.stats()}
 
     def recent_running(self) -> list[int]:
@@ -304,7 +306,7 @@ class Engine:
     def _admissible(self) -> list[_Request]:
         """Waiting requests (in arrival order) that fit beside the running ones; called holding the lock."""
         admitted: list[_Request] = []
-        reserved = sum(s.request.reserved // s.request.params.n for s in self._running)
+        longest = max((s.request.longest for s in self._running), default=0)
         rows = len(self._running)
         while self._waiting:
             request = self._waiting[0]
@@ -315,12 +317,11 @@ class Engine:
                 continue
             if not self._ahead.ready(request):
                 break  # its media are being made ready: it joins at a later step (the batch decodes meanwhile)
-            busy = rows > 0
-            if busy and (rows + request.params.n > self.max_running or reserved + request.reserved > self.max_tokens):
+            n, longer = request.params.n, max(longest, request.longest)
+            if rows and (rows + n > self.max_running or self._kv.positions_after(rows + n, longer) > self.max_tokens):
                 break  # first come, first served: it waits for room rather than being overtaken
             admitted.append(self._waiting.popleft())
-            reserved += request.reserved
-            rows += request.params.n
+            longest, rows = longer, rows + n
         if admitted and self._ahead.limit:
             self._cond.notify_all()  # room ahead: the preprocessing thread may go on
         return admitted
@@ -414,6 +415,7 @@ class Engine:
             self._running = rows
         if not rows:
             return
+        self.stats.kv_positions = max(self.stats.kv_positions, self._kv.slots * self._kv.capacity)
         logits = parts[0][2] if len(parts) == 1 else torch.cat([p[2] for p in parts])
         chosen = self._choose(logits, rows)
         done = [i for i, (seq, token) in enumerate(zip(rows, chosen))
@@ -422,7 +424,7 @@ class Engine:
             self._leave(done)
 
     def _new_kv(self) -> BatchKV:
-        return BatchKV(static=self.decode_mode != "dynamic")
+        return BatchKV(static=self.decode_mode != "dynamic", max_slots=self.max_running)
 
     def _decode(self, kv: BatchKV, rows: list[_Sequence]) -> Any:
         """Logits of one decode step over ``rows`` (their KV ``kv``, advanced; as it was if the step raises)."""

@@ -7,6 +7,10 @@ sequence alone would (as ``generate`` does with a left-padded batch). A row leav
 joining and leaving copy one row, never the batch. Only when the buffer runs out of positions are the rows gathered
 into a larger one (right-aligned, gaps closed), once per ``RESERVE`` steps or so.
 
+What the buffers hold is row slots x positions, whatever each row's own length: every row is given the positions of
+the longest (``positions_after``, what the engine's KV budget bounds). Slots come in powers of two (up to
+``max_slots``), so that a row joining rarely moves the others; when the last row leaves, the buffers go.
+
 A row longer than the batch's write index moves the index forward (the other rows get a masked gap, closed at the
 next regathering). The attention reads only the positions from the first real one of any row to the one being
 written (``view``); a compiled decode step (``static=True``) reads whole buffers instead, so that its shapes never
@@ -37,8 +41,9 @@ def _round_up(n: int, to: int = 64) -> int:
 class BatchKV:
     """KV of the running rows: slot ``i`` holds row ``i`` (``rows`` of them, in the engine's order)."""
 
-    def __init__(self, reserve: int = RESERVE, static: bool = False):
+    def __init__(self, reserve: int = RESERVE, static: bool = False, max_slots: int = 0):
         self.reserve = reserve
+        self.max_slots = max_slots  # slots grow in powers of two up to this many (0: no cap), never fewer than rows
         self.keys: list[Any] = []  # per layer: (row slots, heads, positions, head size)
         self.values: list[Any] = []
         self.real: Any = None  # (row slots, positions) bool: a row's real positions
@@ -58,6 +63,21 @@ class BatchKV:
     @property
     def capacity(self) -> int:
         return self.real.shape[1] if self.real is not None else 0
+
+    def slots_for(self, rows: int) -> int:
+        """Row slots the buffers have once they hold ``rows`` rows: never fewer than now (the buffers do not shrink
+        while rows run)."""
+        if rows <= self.slots:
+            return self.slots
+        grown = 1 << (rows - 1).bit_length()
+        return max(rows, min(grown, self.max_slots)) if self.max_slots else grown
+
+    def positions_after(self, rows: int, longest: int) -> int:
+        """KV positions (row slots x positions, per layer) the buffers may come to hold with ``rows`` rows none of
+        which grows past ``longest`` positions: each regathering makes room for the longest row and ``reserve``
+        more. An upper bound: what the engine's KV budget is checked against before a request joins."""
+        capacity = self._positions(longest + self.reserve)
+        return self.slots_for(rows) * max(capacity, self.capacity if self.rows else 0)
 
     def _positions(self, n: int) -> int:
         """Positions of a new buffer that must hold ``n``: a multiple of 64, or (``static``) of
@@ -102,7 +122,7 @@ class BatchKV:
 
         span = real.shape[1]
         if self.real is None:
-            self._allocate(layers, len(sources), self._positions(span + self.reserve))
+            self._allocate(layers, self.slots_for(len(sources)), self._positions(span + self.reserve))
         if span > self.end:
             if span >= self.capacity:  # no room: regather every row to end where these do
                 self._regather(span, span + self.reserve, self.rows + len(sources))
@@ -149,7 +169,7 @@ class BatchKV:
         ``end`` (gaps closed; ``end`` >= every row's length)."""
         import torch
 
-        slots = max(slots, self.slots if slots <= self.slots else 2 * self.slots, 1)
+        slots = max(self.slots_for(slots), 1)
         capacity = self._positions(max(capacity, end + 1))
         n, device = self.rows, self.real.device
         lengths = self.lengths[:n]
@@ -189,7 +209,7 @@ class BatchKV:
             self.first.pop()
         self.rows = len(order)
         if not self.rows:
-            self._move_write(0)
+            self._release()
         self._set_view()
         return order
 
@@ -200,6 +220,12 @@ class BatchKV:
         self.real[target] = self.real[source]
         self.lengths[target] = self.lengths[source]
         self.first[target] = self.first[source]
+
+    def _release(self) -> None:
+        """No rows left: the buffers go (the next row allocates buffers of its own size)."""
+        self.keys, self.values, self.first = [], [], []
+        self.real = self.lengths = self.write = self.cache = None
+        self.end = 0
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (ascending), in their order."""
@@ -216,14 +242,14 @@ class BatchKV:
         self.first = [self.first[r] for r in rows]
         self.rows = len(rows)
         if not self.rows:
-            self._move_write(0)
+            self._release()
         self._set_view()
 
     def take(self, rows: Sequence[int]) -> "BatchKV":
         """A new batch of copies of ``rows``; this one is unchanged."""
         import torch
 
-        part = BatchKV(self.reserve, self.static)
+        part = BatchKV(self.reserve, self.static, self.max_slots)
 
         index = torch.tensor(list(rows), device=self.real.device)
         for k, v in zip(self.keys, self.values):  # index_select copies

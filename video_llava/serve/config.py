@@ -65,8 +65,9 @@ class BatchSettings(BaseModel):
 
     max_batch_size: int = Field(8, ge=1, le=256, description="sequences decoded together")
     max_batch_tokens: int = Field(
-        8 * 12288, ge=1, description="KV positions the running sequences may hold together (each counts its prompt, "
-        "visual tokens and max_new_tokens); a request larger than this runs alone")
+        8 * (12288 + 256), ge=1, description="KV positions the running batch's buffers may hold: row slots x "
+        "positions, every row given the longest row's prompt, visual tokens and max_new_tokens plus 256 of room; a "
+        "request larger than this runs alone")
     max_waiting: int = Field(256, ge=1, description="requests waiting for room in the batch; beyond, 503 queue_full")
     prefix_cache_mb: int = Field(
         1024, ge=0, description="KV of prompt prefixes (up to the last visual token) kept for repeat questions about the "
