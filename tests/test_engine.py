@@ -396,6 +396,24 @@ def test_the_kv_buffers_never_hold_more_positions_than_the_budget_whatever_the_m
             engine.close()
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_after_a_request_larger_than_the_budget_the_batch_is_shared_again(embedded_model, videos, mode):
+    long = embedded_model.prepare(videos[0], QUESTIONS[3], 8)
+    short = embedded_model.prepare(videos[3], QUESTIONS[2], 8)
+    kv = BatchKV(static=mode == "static")
+    budget = 2 * kv.positions_after(1, short.prompt_tokens + short.visual_tokens + 8)
+    assert kv.positions_after(1, long.prompt_tokens + long.visual_tokens + 8) > budget
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    engine = Engine(embedded_model, max_running=4, max_tokens=budget, decode_mode=mode)
+    try:
+        assert engine.generate([long], params)[0].completion_tokens == 8  # alone: its buffers exceed the budget
+        before = len(engine.recent_running())
+        engine.generate([short, short], params)
+        assert engine.recent_running()[before:] == [2] * 7  # the long one's buffers went: two short ones fit
+    finally:
+        engine.close()
+
+
 def _events(engine, prepared, params) -> list:
     got: "queue.SimpleQueue[object]" = queue.SimpleQueue()
     engine.submit(prepared, params, got.put, stream=False)

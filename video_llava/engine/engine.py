@@ -338,6 +338,11 @@ class Engine:
         """Rows ``rows`` leave the batch (the KV moves the last rows into their slots; the sequences follow)."""
         order = self._kv.remove(rows)
         self._running = [self._running[i] for i in order]
+        kv = self._kv
+        if not kv.rows and (self.decode_mode == "dynamic" or kv.slots * kv.capacity > self.max_tokens):
+            # the buffers go, to be sized for the next rows; static steps keep theirs (CUDA graphs keep reading the
+            # same addresses) unless a request larger than the budget made them
+            self._kv = self._new_kv()
 
     def _prefill_all(self, admitted: list[_Request]) -> None:
         """Prefill the admitted requests one by one, after one vision pass for all of their media not cached (nor

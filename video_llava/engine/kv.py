@@ -9,7 +9,7 @@ into a larger one (right-aligned, gaps closed), once per ``RESERVE`` steps or so
 
 What the buffers hold is row slots x positions, whatever each row's own length: every row is given the positions of
 the longest (``positions_after``, what the engine's KV budget bounds). Slots come in powers of two (up to
-``max_slots``), so that a row joining rarely moves the others; when the last row leaves, the buffers go.
+``max_slots``), so that a row joining rarely moves the others.
 
 A row longer than the batch's write index moves the index forward (the other rows get a masked gap, closed at the
 next regathering). The attention reads only the positions from the first real one of any row to the one being
@@ -76,8 +76,7 @@ class BatchKV:
         """KV positions (row slots x positions, per layer) the buffers may come to hold with ``rows`` rows none of
         which grows past ``longest`` positions: each regathering makes room for the longest row and ``reserve``
         more. An upper bound: what the engine's KV budget is checked against before a request joins."""
-        capacity = self._positions(longest + self.reserve)
-        return self.slots_for(rows) * max(capacity, self.capacity if self.rows else 0)
+        return self.slots_for(rows) * max(self._positions(longest + self.reserve), self.capacity)
 
     def _positions(self, n: int) -> int:
         """Positions of a new buffer that must hold ``n``: a multiple of 64, or (``static``) of
@@ -209,7 +208,7 @@ class BatchKV:
             self.first.pop()
         self.rows = len(order)
         if not self.rows:
-            self._release()
+            self._move_write(0)
         self._set_view()
         return order
 
@@ -220,12 +219,6 @@ class BatchKV:
         self.real[target] = self.real[source]
         self.lengths[target] = self.lengths[source]
         self.first[target] = self.first[source]
-
-    def _release(self) -> None:
-        """No rows left: the buffers go (the next row allocates buffers of its own size)."""
-        self.keys, self.values, self.first = [], [], []
-        self.real = self.lengths = self.write = self.cache = None
-        self.end = 0
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (ascending), in their order."""
@@ -242,7 +235,7 @@ class BatchKV:
         self.first = [self.first[r] for r in rows]
         self.rows = len(rows)
         if not self.rows:
-            self._release()
+            self._move_write(0)
         self._set_view()
 
     def take(self, rows: Sequence[int]) -> "BatchKV":
