@@ -45,18 +45,14 @@ def preprocessing_check(model, frames) -> dict:
 
 
 def kv_budget(model, share: float = 0.7) -> int:
-    """KV positions that fit in ``share`` of the GPU memory free after loading (the engine's ``max_tokens``): 32
-    rows of 32-frame 7B prompts would need about 87 GB, more than an H100 has. 1 << 20 off a GPU."""
+    """KV positions that fit in ``share`` of the GPU memory free after loading (the engine's ``max_tokens``, as
+    ``batching.max_batch_tokens: auto`` sizes it): 32 rows of 32-frame 7B prompts would need about 87 GB, more than an
+    H100 has. 1 << 20 off a GPU."""
     import torch
 
-    if not torch.cuda.is_available():
-        return 1 << 20
-    text = model.model.config.get_text_config()
-    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    per_position = 2 * text.num_hidden_layers * kv_heads * head * model.model.dtype.itemsize
-    free, _ = torch.cuda.mem_get_info()
-    return int(share * free / per_position)
+    from video_llava.engine.budget import auto_max_tokens
+
+    return auto_max_tokens(model.model, share) if torch.cuda.is_available() else 1 << 20
 
 
 def other_mode(model, mode: str, prepared: list, params, requests: int, reference: list, budget: int) -> dict:

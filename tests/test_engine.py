@@ -414,6 +414,23 @@ def test_after_a_request_larger_than_the_budget_the_batch_is_shared_again(embedd
         engine.close()
 
 
+def test_an_auto_budget_counts_the_bytes_the_kv_buffers_really_take(embedded_model):
+    import torch
+
+    from video_llava.engine.budget import auto_max_tokens, position_bytes
+
+    with torch.inference_mode():
+        out = embedded_model.model(input_ids=torch.ones(1, 40, dtype=torch.long), use_cache=True)
+    kv = BatchKV()
+    kv.add(out.past_key_values, 40)
+    held = sum(t.numel() * t.element_size() for t in kv.keys + kv.values)
+    per_position = position_bytes(embedded_model.model)
+    assert held == kv.slots * kv.capacity * per_position
+    assert auto_max_tokens(embedded_model.model, 0.5, 1000 * per_position, free=4000 * per_position) == 1000
+    with pytest.raises(ValueError, match="prefix_cache_mb"):
+        auto_max_tokens(embedded_model.model, 0.5, 2000 * per_position, free=4000 * per_position)
+
+
 def _events(engine, prepared, params) -> list:
     got: "queue.SimpleQueue[object]" = queue.SimpleQueue()
     engine.submit(prepared, params, got.put, stream=False)

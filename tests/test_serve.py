@@ -87,7 +87,7 @@ def service(embedded_cache, http_files, s3):
             "s3_buckets": ["videos"],
             "enable_docs": True,
         },
-        "batching": {"max_batch_size": 8},
+        "batching": {"max_batch_size": 8, "max_batch_tokens": "auto", "kv_memory_share": 0.5},
         "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "max_ongoing_requests": 64, "max_queued_requests": 256},
     }
     with running_service(args) as base:
@@ -451,6 +451,8 @@ def test_streamed_and_whole_answers_share_decode_steps_and_give_the_same_text(se
     assert streamed == whole
     engine = handle.describe.remote().result()["engine"]
     assert engine["steps"] > steps_before and engine["most_running_in_a_step"] > 1
+    assert isinstance(engine["max_tokens"], int)  # batching.max_batch_tokens: auto, sized from memory at startup
+    assert engine["kv_positions"] <= engine["max_tokens"]
 
 
 def test_a_killed_model_replica_is_replaced_and_the_service_keeps_answering(service):

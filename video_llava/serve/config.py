@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -64,10 +64,14 @@ class BatchSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_batch_size: int = Field(8, ge=1, le=256, description="sequences decoded together")
-    max_batch_tokens: int = Field(
-        8 * (12288 + 256), ge=1, description="KV positions the running batch's buffers may hold: row slots x "
-        "positions, every row given the longest row's prompt, visual tokens and max_new_tokens plus 256 of room; a "
-        "request larger than this runs alone")
+    max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        8 * (12288 + 256), description="KV positions the running batch's buffers may hold: row slots x positions, "
+        "every row given the longest row's prompt, visual tokens and max_new_tokens plus 256 of room; a request "
+        "larger than this runs alone. auto: what fits in kv_memory_share of the memory free once the model has "
+        "loaded, less prefix_cache_mb")
+    kv_memory_share: float = Field(
+        0.8, gt=0, le=1, description="with max_batch_tokens: auto, the share of the memory free after loading (the "
+        "GPU's, or the host's on a CPU) given to the prefix cache and the batch's KV; the rest is for activations")
     max_waiting: int = Field(256, ge=1, description="requests waiting for room in the batch; beyond, 503 queue_full")
     prefix_cache_mb: int = Field(
         1024, ge=0, description="KV of prompt prefixes (up to the last visual token) kept for repeat questions about the "

@@ -51,7 +51,13 @@ class ModelServer:
         self.args = args
         self.model = VideoQAModel(args.model)
         b = args.batching
-        self.engine = Engine(self.model, b.max_batch_size, b.max_batch_tokens, b.max_waiting, b.prefix_cache_mb,
+        tokens = b.max_batch_tokens
+        if tokens == "auto":
+            from video_llava.engine.budget import auto_max_tokens
+
+            tokens = auto_max_tokens(self.model.model, b.kv_memory_share, b.prefix_cache_mb * 2**20)
+            log.info("batching.max_batch_tokens: auto gives %d KV positions", tokens)
+        self.engine = Engine(self.model, b.max_batch_size, tokens, b.max_waiting, b.prefix_cache_mb,
                              b.preprocess_ahead, b.decode_mode)
         self.metrics = ModelMetrics()
         log.info("model ready: %s", self.model.describe())
