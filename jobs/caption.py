@@ -2,7 +2,7 @@
 
     python -m jobs.caption --input s3://bucket/videos/ --output s3://bucket/captions/ [--config caption.yaml] [--frames 32]
         [--prompt "Describe the video in detail."] [--model embedded] [--endpoint-url http://127.0.0.1:9000]
-        [--batch-size 4] [--concurrency 1] [--decode-workers 1] [--num-gpus 0]
+        [--batch-size 4] [--batches-in-flight 2] [--concurrency 1] [--decode-workers 1] [--num-gpus 0]
     ray job submit --working-dir . -- python -m jobs.caption --input s3://... --output s3://...
 
 Pipeline (Ray Data streaming executor): list objects (boto3, recursive, video extensions) -> skip those whose

@@ -214,3 +214,46 @@ def test_a_wrong_bucket_or_empty_prefix_fails_fast_with_a_clear_message(s3, embe
     result = run_job(input_uri, "s3://media/captions/never/", endpoint, embedded_cache)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert time.time() - start < 60
+
+
+def _decoded(videos: list, keys: list[str]) -> dict:
+    """A batch as the decode step hands it to the model actors."""
+    n = len(keys)
+    return {"key": keys, "size": [1] * n, "etag": ["e"] * n, "status": ["decoded"] * n, "error": [""] * n,
+            "frames": [v.tobytes() for v in videos], "frame_shape": [list(v.shape) for v in videos],
+            "sampled_indices": [list(range(len(v))) for v in videos], "timestamps": [[0.0] * len(v) for v in videos],
+            "duration": [1.0] * n, "decode_s": [0.0] * n, "decode_node": ["n"] * n}
+
+
+def test_batches_in_flight_share_one_running_batch_and_caption_as_one_at_a_time(embedded_cache, monkeypatch):
+    # the model actor as the pipeline runs it by default: batches_in_flight calls at once, in threads of one actor
+    import ray
+
+    from video_llava.batch.pipeline import CaptionConfig
+    from video_llava.batch.steps import CaptionPredictor
+    from video_llava.ray_runtime import start_local_ray
+
+    cfg = CaptionConfig(input="s3://media/inbox/", output="s3://media/out/", batch_size=2)
+
+    monkeypatch.setenv("VIDEO_LLAVA_CACHE", str(embedded_cache))
+    colors, directions = list(COLORS), list(DIRECTIONS)
+    videos = [render_frames([MovingShape(SHAPES[i % 3], colors[i], directions[i])], num_frames=8, fps=12, width=96,
+                            height=64) for i in range(4)]
+    keys = [f"clip{i}" for i in range(4)]
+    settings = {"model": "embedded", "num_frames": 8, "max_frames": 8, "max_new_tokens": 48}
+    start_local_ray(num_cpus=2, runtime_env={"env_vars": {"VIDEO_LLAVA_CACHE": str(embedded_cache)}})
+    try:
+        actor = ray.remote(num_cpus=0)(CaptionPredictor)
+        alone = actor.remote(settings, "Describe the video in detail.", batch_size=1)
+        expected = [ray.get(alone.__call__.remote(_decoded([v], [k])))["caption"][0] for v, k in zip(videos, keys)]
+        shared = actor.options(max_concurrency=cfg.batches_in_flight).remote(
+            settings, "Describe the video in detail.", batch_size=cfg.batch_size * cfg.batches_in_flight)
+        ray.get(shared.__ray_ready__.remote())
+        both = ray.get([shared.__call__.remote(_decoded(videos[:2], keys[:2])),
+                        shared.__call__.remote(_decoded(videos[2:], keys[2:]))])
+        assert both[0]["caption"] + both[1]["caption"] == expected
+        assert all(len(c.split()) > 5 for c in expected)  # captions long enough for the calls to overlap
+        engine = ray.get(shared.__ray_call__.remote(lambda self: self.engine.describe()))
+        assert engine["most_running_in_a_step"] > 2  # the second call's rows joined the first's
+    finally:
+        ray.shutdown()

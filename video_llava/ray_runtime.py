@@ -1,5 +1,6 @@
 """Starting Ray the ways this project does: a job joins the cluster it was submitted to or starts a local Ray;
-the demo, benchmarks and tests start a private local one. Plus a free local port for their servers."""
+the demo, benchmarks and tests start a private local one. Plus a free local port for their servers, and the pool
+of model actors of the batch jobs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import sys
 import tempfile
 import time
+from typing import Any
 
 RESOURCE_WAIT_ENV = "VIDEO_LLAVA_RESOURCE_WAIT_S"
 DEFAULT_RESOURCE_WAIT_S = 120.0  # on a cluster: time for an autoscaler to add the nodes a job asks for
@@ -86,6 +88,16 @@ def start_local_ray(num_cpus: int = 2, log_to_driver: bool = False, **options) -
     # a short path: Ray's socket paths have a length limit
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
              _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"), **options)
+
+
+def model_actor_pool(size: int, batches_in_flight: int) -> Any:
+    """Ray Data's pool of ``size`` model actors, each running ``batches_in_flight`` calls at once in threads of its
+    own: their rows share the actor's one engine (thread-safe), so one batch's longest answer does not hold up the
+    next batch. Ray Data runs one call at a time per actor unless told otherwise."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=batches_in_flight,
+                                      enable_true_multi_threading=batches_in_flight > 1)
 
 
 def _missing(needed: dict[str, float]) -> dict[str, float]:

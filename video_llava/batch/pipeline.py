@@ -43,6 +43,10 @@ class CaptionConfig(BaseModel):
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = Field(64, ge=1, le=1024)
     batch_size: int = Field(4, ge=1, description="videos per Ray Data batch, captioned together (continuous batching)")
+    batches_in_flight: int = Field(
+        2, ge=1, le=16, description="Ray Data batches each model actor captions at once, in threads of its own: their "
+        "videos share the actor's running decode batch (batch_size x this many sequences), so one batch's longest "
+        "caption no longer holds up the next batch's prefill")
     concurrency: int = Field(1, ge=1, description="model replicas (actors)")
     num_gpus: float = Field(0, ge=0, description="GPUs per model replica")
     decode_workers: int = Field(1, ge=1, description="decoder actors (1 CPU each)")
@@ -128,6 +132,7 @@ def build_pipeline(cfg: CaptionConfig, todo: list[dict]):
     import ray
 
     from video_llava.batch.steps import CaptionPredictor, DecodeStep
+    from video_llava.ray_runtime import model_actor_pool
 
     settings = {"model": cfg.model, "num_frames": cfg.frames, "max_frames": MAX_FRAMES, "max_new_tokens": cfg.max_new_tokens}
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * cfg.decode_workers * cfg.batch_size)))
@@ -141,11 +146,12 @@ def build_pipeline(cfg: CaptionConfig, todo: list[dict]):
         num_cpus=1,
         resources={cfg.decode_resource: 1} if cfg.decode_resource else None,
     )
+    flight = cfg.batches_in_flight
     return ds.map_batches(
         CaptionPredictor,
-        fn_constructor_kwargs={"settings": settings, "prompt": cfg.prompt, "batch_size": cfg.batch_size},
+        fn_constructor_kwargs={"settings": settings, "prompt": cfg.prompt, "batch_size": cfg.batch_size * flight},
         batch_size=cfg.batch_size,
-        concurrency=cfg.concurrency,
+        compute=model_actor_pool(cfg.concurrency, flight),
         num_gpus=cfg.num_gpus,
         num_cpus=0 if cfg.num_gpus else 1,
         resources={cfg.model_resource: 1} if cfg.model_resource else None,

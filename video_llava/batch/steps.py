@@ -83,7 +83,8 @@ class DecodeStep:
 
 class CaptionPredictor:
     """One model replica in Ray Data's actor pool; captions the decoded rows of a batch with continuous batching
-    (a short caption leaves the batch as soon as it ends, instead of waiting for the longest)."""
+    (a short caption leaves the batch as soon as it ends, instead of waiting for the longest). Calls may come from
+    several threads at once (``batches_in_flight``): their rows share one engine, ``batch_size`` sequences in all."""
 
     def __init__(self, settings: dict[str, Any], prompt: str, batch_size: int = 8):
         from video_llava.engine import Engine

@@ -24,6 +24,9 @@ class GenerationConfig(JudgeConfig):
     limit: int | None = Field(None, ge=1, description="use only the first N records")
     batch_size: int = Field(4, ge=1)
     concurrency: int = Field(1, ge=1, description="model replicas (actors)")
+    batches_in_flight: int = Field(
+        2, ge=1, le=16, description="Ray Data batches each model actor answers at once, in threads of its own: their "
+        "rows share the actor's running decode batch, so one batch's longest answer does not hold up the next")
     num_gpus: float = Field(0, ge=0, description="GPUs per model replica")
     judge_concurrency: int = Field(1, ge=1, description="judge actors (raise for a remote endpoint)")
     seed: int = 0
@@ -60,7 +63,7 @@ def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temp
     import ray
 
     from video_llava.feedback.steps import AnswerSampler, JudgeStep
-    from video_llava.ray_runtime import require_resources
+    from video_llava.ray_runtime import model_actor_pool, require_resources
 
     require_resources({"CPU": 0 if cfg.num_gpus else 1, "GPU": cfg.num_gpus}, f"--num-gpus {cfg.num_gpus:g}")
 
@@ -76,9 +79,9 @@ def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temp
         AnswerSampler,
         fn_constructor_kwargs=dict(settings=settings, samples=samples,
                                    temperature=temperature, top_p=top_p, max_new_tokens=cfg.max_new_tokens,
-                                   frames=cfg.frames, seed=cfg.seed),
+                                   frames=cfg.frames, seed=cfg.seed, batches_in_flight=cfg.batches_in_flight),
         batch_size=cfg.batch_size,
-        concurrency=cfg.concurrency,
+        compute=model_actor_pool(cfg.concurrency, cfg.batches_in_flight),
         num_gpus=cfg.num_gpus,
         num_cpus=0 if cfg.num_gpus else 1,
     )

@@ -18,16 +18,17 @@ from video_llava.data.records import load_media
 
 class AnswerSampler:
     """A model replica: ``samples`` answers per row, sampled from one prefill (seeded by the row id: answer k draws
-    with seed + k), the rows of a batch generated together by the continuous-batching engine."""
+    with seed + k), the rows of a batch generated together by the continuous-batching engine, with those of the
+    other ``batches_in_flight`` calls running at once in threads of the actor."""
 
     def __init__(self, settings: dict[str, Any], samples: int, temperature: float, top_p: float,
-                 max_new_tokens: int, frames: int, seed: int = 0):
+                 max_new_tokens: int, frames: int, seed: int = 0, batches_in_flight: int = 1):
         from video_llava.engine import Engine
         from video_llava.model.qa_model import VideoQAModel
         from video_llava.model.settings import ModelSettings
 
         self.model = VideoQAModel(ModelSettings.model_validate(settings))
-        self.engine = Engine(self.model, max_running=max(8, samples))
+        self.engine = Engine(self.model, max_running=max(8, samples) * batches_in_flight)
         self.samples, self.temperature, self.top_p = samples, temperature, top_p
         self.max_new_tokens, self.frames, self.seed = max_new_tokens, frames, seed
 
