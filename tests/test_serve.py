@@ -159,7 +159,7 @@ def test_our_metrics_are_exported_next_to_ray_serves_under_the_names_the_docs_gi
     error_of(qa_upload(service, b""), 422, "invalid_video")  # one rejection to count
     url = f"http://127.0.0.1:{os.environ['VIDEO_LLAVA_TEST_METRICS_PORT']}/metrics"
     documented = re.findall(r"`(ray_video_llava_\w+)`", (ROOT / "docs" / "settings.md").read_text())
-    assert len(documented) == 7
+    assert len(documented) == 9
     # a counter is exported from its first event: decodes_cancelled is read after one in test_hostile
     wanted = [*(name for name in documented if "decodes_cancelled" not in name), "ray_serve_"]
     deadline, text = time.time() + 60, ""
@@ -172,6 +172,11 @@ def test_our_metrics_are_exported_next_to_ray_serves_under_the_names_the_docs_gi
             break
         time.sleep(2)
     assert [name for name in wanted if name not in text] == []
+    from ray import serve
+
+    budget = serve.get_deployment_handle("ModelServer", app_name="video_llava").describe.remote().result()
+    exported = re.findall(r"^ray_video_llava_kv_budget_positions\{[^}]*\} (\S+)$", text, re.M)
+    assert exported and float(exported[0]) == budget["engine"]["max_tokens"]  # auto, as the replica resolved it
 
 
 def test_url_fetch_over_the_size_limit_is_413(service, http_files):

@@ -266,6 +266,12 @@ class Engine:
         """Sequences in the running batch now."""
         return len(self._running)
 
+    @property
+    def kv_positions(self) -> int:
+        """KV positions (row slots x positions) the running batch's buffers hold now."""
+        kv = self._kv
+        return kv.slots * kv.capacity
+
     def describe(self) -> dict:
         s = self.stats
         return {"max_running": self.max_running, "max_tokens": self.max_tokens, "max_waiting": self.max_waiting,

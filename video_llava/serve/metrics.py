@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60]
 
@@ -17,6 +17,14 @@ class ModelMetrics:
         self.visual_tokens = Counter("video_llava_visual_tokens", description="Visual tokens fed to the LLM.")
         self.generate_latency = Histogram(
             "video_llava_generate_seconds", description="Time from a request's prefill to its last token.", boundaries=LATENCY_BUCKETS_S
+        )
+        self.kv_positions = Gauge(
+            "video_llava_kv_positions", description="KV positions the running batch's buffers hold (row slots x "
+            "positions), read when a request finishes."
+        )
+        self.kv_budget = Gauge(
+            "video_llava_kv_budget_positions", description="KV positions the running batch's buffers may hold "
+            "(batching.max_batch_tokens, as resolved at startup)."
         )
 
 

@@ -60,6 +60,7 @@ class ModelServer:
         self.engine = Engine(self.model, b.max_batch_size, tokens, b.max_waiting, b.prefix_cache_mb,
                              b.preprocess_ahead, b.decode_mode)
         self.metrics = ModelMetrics()
+        self.metrics.kv_budget.set(tokens)
         log.info("model ready: %s", self.model.describe())
 
     def describe(self) -> dict:
@@ -104,6 +105,7 @@ class ModelServer:
                     yield ModelPiece(event.text, event.index)
                 elif isinstance(event, Finished):
                     self.metrics.batch_size.observe(self.engine.running)
+                    self.metrics.kv_positions.set(self.engine.kv_positions)
                     self.metrics.generate_latency.observe(event.answer.generate_s)
                     answers[event.index] = event
                     if stream:
