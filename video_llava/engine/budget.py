@@ -17,11 +17,13 @@ def position_bytes(model: Any) -> int:
 
 
 def free_bytes(device: Any) -> int:
-    """Memory free now for ``device``: the GPU's (``torch.cuda.mem_get_info``), or the host's available memory."""
+    """Memory free now for ``device``: the GPU's (``torch.cuda.mem_get_info``, plus what torch's caching allocator
+    holds unused, e.g. loading's temporary buffers), or the host's available memory."""
     import torch
 
     if getattr(device, "type", str(device)) == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + cached
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
