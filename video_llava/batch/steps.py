@@ -84,7 +84,8 @@ class DecodeStep:
 class CaptionPredictor:
     """One model replica in Ray Data's actor pool; captions the decoded rows of a batch with continuous batching
     (a short caption leaves the batch as soon as it ends, instead of waiting for the longest). Calls may come from
-    several threads at once (``batches_in_flight``): their rows share one engine, ``batch_size`` sequences in all."""
+    several threads at once (``batches_in_flight``): their rows share one engine, ``batch_size`` sequences in all,
+    whose second thread makes the waiting rows' media ready (processor and vision) while the others decode."""
 
     def __init__(self, settings: dict[str, Any], prompt: str, batch_size: int = 8):
         from video_llava.engine import Engine
@@ -92,7 +93,7 @@ class CaptionPredictor:
         from video_llava.model.settings import ModelSettings
 
         self.model = VideoQAModel(ModelSettings.model_validate(settings))
-        self.engine = Engine(self.model, max_running=batch_size)
+        self.engine = Engine(self.model, max_running=batch_size, preprocess_ahead=batch_size)
         self.prompt = prompt
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
