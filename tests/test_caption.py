@@ -234,7 +234,6 @@ def test_batches_in_flight_share_one_running_batch_and_caption_as_one_at_a_time(
     from video_llava.ray_runtime import start_local_ray
 
     cfg = CaptionConfig(input="s3://media/inbox/", output="s3://media/out/", batch_size=2)
-
     monkeypatch.setenv("VIDEO_LLAVA_CACHE", str(embedded_cache))
     colors, directions = list(COLORS), list(DIRECTIONS)
     videos = [render_frames([MovingShape(SHAPES[i % 3], colors[i], directions[i])], num_frames=8, fps=12, width=96,

@@ -269,8 +269,7 @@ class Engine:
     @property
     def kv_positions(self) -> int:
         """KV positions (row slots x positions) the running batch's buffers hold now."""
-        kv = self._kv
-        return kv.slots * kv.capacity
+        return self._kv.positions
 
     def describe(self) -> dict:
         s = self.stats
@@ -344,8 +343,7 @@ class Engine:
         """Rows ``rows`` leave the batch (the KV moves the last rows into their slots; the sequences follow)."""
         order = self._kv.remove(rows)
         self._running = [self._running[i] for i in order]
-        kv = self._kv
-        if not kv.rows and (self.decode_mode == "dynamic" or kv.slots * kv.capacity > self.max_tokens):
+        if not self._kv.rows and (self.decode_mode == "dynamic" or self._kv.positions > self.max_tokens):
             # the buffers go, to be sized for the next rows; static steps keep theirs (CUDA graphs keep reading the
             # same addresses) unless a request larger than the budget made them
             self._kv = self._new_kv()
@@ -426,7 +424,7 @@ class Engine:
             self._running = rows
         if not rows:
             return
-        self.stats.kv_positions = max(self.stats.kv_positions, self._kv.slots * self._kv.capacity)
+        self.stats.kv_positions = max(self.stats.kv_positions, self._kv.positions)
         logits = parts[0][2] if len(parts) == 1 else torch.cat([p[2] for p in parts])
         chosen = self._choose(logits, rows)
         done = [i for i, (seq, token) in enumerate(zip(rows, chosen))

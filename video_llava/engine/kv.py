@@ -64,6 +64,11 @@ class BatchKV:
     def capacity(self) -> int:
         return self.real.shape[1] if self.real is not None else 0
 
+    @property
+    def positions(self) -> int:
+        """KV positions (row slots x positions, per layer) the buffers hold now."""
+        return self.slots * self.capacity
+
     def slots_for(self, rows: int) -> int:
         """Row slots the buffers have once they hold ``rows`` rows: never fewer than now (the buffers do not shrink
         while rows run)."""

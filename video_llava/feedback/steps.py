@@ -28,8 +28,8 @@ class AnswerSampler:
         from video_llava.model.settings import ModelSettings
 
         self.model = VideoQAModel(ModelSettings.model_validate(settings))
-        running = max(8, samples) * batches_in_flight
-        self.engine = Engine(self.model, max_running=running, preprocess_ahead=running)  # media ready while others decode
+        running = max(8, samples) * batches_in_flight  # media made ready ahead while the other rows decode
+        self.engine = Engine(self.model, max_running=running, preprocess_ahead=running)
         self.samples, self.temperature, self.top_p = samples, temperature, top_p
         self.max_new_tokens, self.frames, self.seed = max_new_tokens, frames, seed
 
