@@ -45,7 +45,7 @@ def sequential(client, endpoint: str) -> float:
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="bench", Prefix="videos/")["Contents"]]
     for key in keys:
         data = client.get_object(Bucket="bench", Key=key)["Body"].read()
-        video = sample_video(data, DecodeOptions(num_frames=FRAMES, short_side=336))
+        video = sample_video(data, DecodeOptions(num_frames=FRAMES, short_side=model.frame_short_side))
         model.answer([video], [PROMPT])
     return len(keys) / (time.perf_counter() - start)
 

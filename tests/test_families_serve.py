@@ -1,5 +1,6 @@
 """Other families through the REST API with the ``openai`` client: a tiny LLaVA-OneVision (videos, images, both in
-one message) and a tiny LLaVA-1.5 (images only) served from their checkpoint directories, over real HTTP."""
+one message) and a tiny Yi-VL (images only, its weights named as transformers' ``save_pretrained`` writes them)
+served from their checkpoint directories, over real HTTP."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def text(value: str) -> dict:
     return {"type": "text", "text": value}
 
 
-@pytest.fixture(scope="module", params=["llava_onevision", "llava"])
+@pytest.fixture(scope="module", params=["llava_onevision", "yi_vl"])
 def served(request, tiny_checkpoint):
     """(base URL, family, the same checkpoint loaded here to count what the service should count)."""
     from video_llava.model.qa_model import VideoQAModel
@@ -97,6 +98,17 @@ def test_an_image_question_is_answered_and_counted_as_the_processor_expands_it(s
         {"width": 240, "height": 400, "format": "PNG", "frames_in_file": 1}]
 
 
+def test_the_service_answers_as_the_library_does_from_the_same_checkpoint(served):
+    """Greedy, the same tokens as the library (itself token-identical to transformers' class: test_checkpoint_loading):
+    a replica that initialised any weight at random would answer otherwise."""
+    base, _, local = served
+    completion = client_of(base).chat.completions.create(
+        model="m", max_tokens=6, temperature=0,
+        messages=[{"role": "user", "content": [image_part(IMAGE), text("What is in the image?")]}])
+    (answer,) = local.answer([decoded(IMAGE)], ["What is in the image?"], max_new_tokens=6)
+    assert completion.choices[0].message.content == answer.text
+
+
 def test_several_images_in_one_message(served):
     base, _, local = served
     completion = client_of(base).chat.completions.create(
@@ -123,7 +135,7 @@ def test_a_conversations_system_message_and_earlier_turns_reach_the_prompt(serve
 def test_videos_and_images_where_the_family_takes_them_else_unsupported_media(served):
     base, family, local = served
     messages = [{"role": "user", "content": [image_part(IMAGE), video_part(VIDEO), text("What happens?")]}]
-    if family == "llava":
+    if family == "yi_vl":
         response = httpx.post(f"{base}/v1/chat/completions", json={"messages": messages}, timeout=60)
         body = error_of(response, 400, "unsupported_media")
         assert "takes images, not videos" in body["message"]
@@ -190,3 +202,37 @@ def test_malformed_conversations_are_400_naming_the_message(served):
     detail = [{"type": "image_url", "image_url": {"url": data_url(IMAGE, "image/png"), "detail": "high"}}, text("Hi")]
     body = error_of(post([{"role": "user", "content": detail}]), 400)
     assert "detail" in body["param"]
+
+
+def test_a_replica_whose_checkpoint_lacks_a_weight_does_not_start_and_says_which(served, tmp_path):
+    """Deployed beside the running application: its model deployment fails to start, naming the weight, and the
+    running application keeps answering."""
+    import shutil
+
+    from ray import serve
+    from safetensors.torch import load_file, save_file
+
+    from video_llava.serve.app import build_app
+    from video_llava.serve.config import ServeArgs
+
+    base, family, local = served
+    if family != "yi_vl":
+        pytest.skip("one broken deployment is enough")
+    broken = tmp_path / "broken"
+    shutil.copytree(local.source, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    del weights["multi_modal_projector.linear_2.weight"]
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    args = {"model": {"model": str(broken), "device": "cpu"}, "deployment": {"num_cpus": 0, "ingress_num_cpus": 0}}
+    try:
+        with pytest.raises(RuntimeError, match="Deploying application broken failed"):
+            serve.run(build_app(ServeArgs.model_validate(args)), name="broken", route_prefix="/broken")
+        model = serve.status().applications["broken"].deployments["ModelServer"]
+        assert model.status == "DEPLOY_FAILED"
+        assert "IncompleteCheckpointError" in model.message
+        assert "model.multi_modal_projector.linear_2.weight" in model.message
+    finally:
+        serve.delete("broken")
+    ok = httpx.post(f"{base}/v1/video/qa", files={"image": ("a.png", IMAGE, "image/png")},
+                    data={"question": "What is it?"}, timeout=120)
+    assert ok.status_code == 200, ok.text

@@ -108,6 +108,15 @@ def test_upload_qa_answers_with_counts_and_timings(service):
     assert body["video"]["frame_count"] == 48
 
 
+def test_an_hd_video_reaches_the_model_at_twice_its_towers_side_not_below(service, tmp_path):
+    """The embedded default's processor reads 336-pixel frames: decoded at a 672 short side, its own resize does the
+    last step (tests/test_frame_size.py compares the pixel values)."""
+    clip = shapes_video(tmp_path / "hd.mp4", num_frames=6, width=1280, height=720)
+    response = qa_upload(service, clip.read_bytes(), num_frames=2)
+    assert response.status_code == 200, response.text
+    assert response.json()["video"]["frame_shape"] == [672, 1194, 3]
+
+
 def test_fps_sampling_per_request(service):
     response = qa_upload(service, SAMPLE.read_bytes(), sampling="fps", sample_fps=2)
     assert response.status_code == 200, response.text

@@ -16,10 +16,13 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from video_llava.model.settings import DECODE_SHORT_SIDE, DEFAULT_FRAMES, MAX_FRAMES
+from video_llava.model.settings import DEFAULT_FRAMES, MAX_FRAMES
 from video_llava.video.sampling import SamplingMode
+
+if TYPE_CHECKING:
+    from video_llava.model.settings import ModelSettings
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -88,8 +91,9 @@ def _settings(args: argparse.Namespace, **extra):
     ), frames
 
 
-def _decode(args: argparse.Namespace, frames: int):
-    """The video's sampled frames (or the image: ``DecodedImage``) and the seconds it took."""
+def _decode(args: argparse.Namespace, settings: ModelSettings, frames: int):
+    """The video's sampled frames (or the image: ``DecodedImage``) and the seconds it took; a video is decoded at
+    the size the checkpoint's processor takes (read from its config and processor, no weights)."""
     from video_llava.video.decode import DecodeOptions
     from video_llava.video.image import is_image_path
     from video_llava.video.isolated import decode_image_file, decode_video
@@ -97,7 +101,11 @@ def _decode(args: argparse.Namespace, frames: int):
     if is_image_path(args.video):
         start = time.perf_counter()
         return decode_image_file(args.video, timeout_s=args.timeout), time.perf_counter() - start
-    options = DecodeOptions(num_frames=frames, mode=args.sampling, sample_fps=args.fps, short_side=DECODE_SHORT_SIDE)
+    _quiet_libraries()
+    from video_llava.model.loading import checkpoint_inputs
+
+    short_side = checkpoint_inputs(settings).frame_short_side
+    options = DecodeOptions(num_frames=frames, mode=args.sampling, sample_fps=args.fps, short_side=short_side)
     start = time.perf_counter()
     video = decode_video(args.video, options, timeout_s=args.timeout)
     return video, time.perf_counter() - start
@@ -105,7 +113,7 @@ def _decode(args: argparse.Namespace, frames: int):
 
 def _ask(args: argparse.Namespace) -> dict:
     settings, frames = _settings(args, device=args.device)
-    media, decode_s = _decode(args, frames)  # a bad file fails here, before torch is imported
+    media, decode_s = _decode(args, settings, frames)  # a bad file fails here, before the weights are read
     _quiet_libraries()
     from video_llava.model.qa_model import VideoQAModel
     from video_llava.video.image import DecodedImage
@@ -140,7 +148,7 @@ def _info(args: argparse.Namespace) -> dict:
     from video_llava.video.image import DecodedImage
 
     settings, frames = _settings(args)
-    media, decode_s = _decode(args, frames)  # a bad file fails here, before any model file is read
+    media, decode_s = _decode(args, settings, frames)  # a bad file fails here, before the weights are read
     _quiet_libraries()
     source = resolve_source(settings)
     resolved = resolve_config(settings, source)

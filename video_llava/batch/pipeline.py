@@ -132,13 +132,17 @@ def build_pipeline(cfg: CaptionConfig, todo: list[dict]):
     import ray
 
     from video_llava.batch.steps import CaptionPredictor, DecodeStep
+    from video_llava.model.loading import checkpoint_inputs
+    from video_llava.model.settings import ModelSettings
     from video_llava.ray_runtime import model_actor_pool
 
     settings = {"model": cfg.model, "num_frames": cfg.frames, "max_frames": MAX_FRAMES, "max_new_tokens": cfg.max_new_tokens}
+    short_side = checkpoint_inputs(ModelSettings(**settings)).frame_short_side  # config and processor, no weights
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * cfg.decode_workers * cfg.batch_size)))
     ds = ds.map_batches(
         DecodeStep,
-        fn_constructor_kwargs={"input_uri": cfg.input, "num_frames": cfg.frames, "endpoint_url": cfg.endpoint_url,
+        fn_constructor_kwargs={"input_uri": cfg.input, "num_frames": cfg.frames, "short_side": short_side,
+                               "endpoint_url": cfg.endpoint_url,
                                "timeout_s": cfg.decode_timeout_s, "max_object_bytes": int(cfg.max_object_mb * 2**20),
                                "memory_mb": cfg.decode_memory_mb},
         batch_size=cfg.batch_size,

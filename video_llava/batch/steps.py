@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from video_llava.data.storage import Location, read_object, s3_client
-from video_llava.model.settings import DECODE_SHORT_SIDE
 
 
 def _node_id() -> str:
@@ -26,12 +25,13 @@ def _node_id() -> str:
 class DecodeStep:
     """Read each object and sample frames in isolated, time-limited decoder processes (CPU)."""
 
-    def __init__(self, input_uri: str, num_frames: int, endpoint_url: str | None, timeout_s: float = 120.0,
-                 max_object_bytes: int | None = None, memory_mb: int | None = None):
+    def __init__(self, input_uri: str, num_frames: int, short_side: int, endpoint_url: str | None,
+                 timeout_s: float = 120.0, max_object_bytes: int | None = None, memory_mb: int | None = None):
         from video_llava.video.isolated import IsolatedDecoder
 
         self.location = Location.parse(input_uri)
         self.num_frames = num_frames
+        self.short_side = short_side  # the checkpoint's (``CheckpointInputs.frame_short_side``)
         self.max_object_bytes = max_object_bytes
         self.client = s3_client(endpoint_url) if self.location.scheme == "s3" else None
         self.decoder = IsolatedDecoder(workers=1, timeout_s=timeout_s, memory_mb=memory_mb)
@@ -42,7 +42,7 @@ class DecodeStep:
         from video_llava.video.image import ImageOptions
 
         # the service's frame-size bounds: a 12 KB memory bomb (16x8192 frames) is an error row, not a dead actor
-        options = DecodeOptions(num_frames=self.num_frames, short_side=DECODE_SHORT_SIDE, **SERVICE_LIMITS)
+        options = DecodeOptions(num_frames=self.num_frames, short_side=self.short_side, **SERVICE_LIMITS)
         image_options = ImageOptions(SERVICE_LIMITS["max_pixels"], SERVICE_LIMITS["max_aspect_ratio"])
 
         out: dict[str, list] = {k: [] for k in ("key", "size", "etag", "status", "error", "frames", "frame_shape",

@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from video_llava.model.budget import (
     TokenBudget,
@@ -23,6 +23,19 @@ log = logging.getLogger(__name__)
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what to change."""
+
+
+class IncompleteCheckpointError(ModelLoadError):
+    """Loading would have initialised weights at random (missing from the checkpoint, or under names this model's
+    class does not read): a different model on every load, answering fluently. ``missing`` names them."""
+
+    def __init__(self, source: str, missing: list[str]):
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        super().__init__(
+            f"{source}: {len(missing)} weight(s) would be initialised at random, not read from the checkpoint: "
+            f"{shown} (a damaged checkpoint, or one in a layout this family's class does not read)"
+        )
+        self.missing = missing
 
 
 def declared_rope_factor(text_config: Any) -> float | None:
@@ -165,9 +178,20 @@ def resolve_config(settings: ModelSettings, source: str | None = None) -> Resolv
     return ResolvedConfig(config, family, per_frame, base_context, factor, declared)
 
 
-def checkpoint_media(settings: ModelSettings) -> frozenset[str]:
-    """The media (``image``, ``video``) the checkpoint's family takes, from its config alone (no weights loaded)."""
-    return resolve_config(settings).family.media
+@dataclass(frozen=True)
+class CheckpointInputs:
+    """What the components that prepare a checkpoint's inputs need of it, read without its weights."""
+
+    media: frozenset[str]  # what its family takes: ``image``, ``video``
+    frame_short_side: int  # pixels: videos are decoded with their shorter side at this size, or as they are if smaller
+
+
+def checkpoint_inputs(settings: ModelSettings) -> CheckpointInputs:
+    """The checkpoint's ``CheckpointInputs``, from its config and processor (no weights loaded)."""
+    source = resolve_source(settings)
+    resolved = resolve_config(settings, source)
+    processor = load_processor(source, resolved.config, settings)
+    return CheckpointInputs(resolved.family.media, resolved.family.frame_short_side(processor))
 
 
 def load_processor(source: str, config: Any, settings: ModelSettings | None = None):
@@ -180,12 +204,35 @@ def load_processor(source: str, config: Any, settings: ModelSettings | None = No
     return processor
 
 
-def load_checkpoint(path: str | Path):
-    """(model, processor) of a checkpoint directory as saved, on the CPU in float32: what training starts from."""
+def load_weights(model_class: type, source: str, new_weights: Sequence[str] = (), **kwargs: Any):
+    """``model_class.from_pretrained(source, **kwargs)``, refused (``IncompleteCheckpointError``) when any weight
+    would be initialised anew rather than read, except those under the prefixes ``new_weights`` names (an option
+    that asks for new weights, such as a fresh projector). Weights the checkpoint holds that the class does not
+    use are logged, not refused: they change nothing the model computes."""
+    model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    missing = sorted(name for name in set(info.get("missing_keys") or ()) | mismatched_names(info)
+                     if not name.startswith(tuple(new_weights)))
+    if missing:
+        raise IncompleteCheckpointError(str(source), missing)
+    unused = sorted(info.get("unexpected_keys") or ())
+    if unused:
+        log.warning("%s: %d weight(s) in the checkpoint are not used by %s: %s", source, len(unused),
+                    model_class.__name__, ", ".join(unused[:6]))
+    return model
+
+
+def mismatched_names(info: dict) -> set[str]:
+    """Names of weights whose saved shape differs from the model's (transformers lists (name, saved, wanted))."""
+    return {entry[0] if isinstance(entry, (tuple, list)) else entry for entry in info.get("mismatched_keys") or ()}
+
+
+def load_checkpoint(path: str | Path, new_weights: Sequence[str] = ()):
+    """(model, processor) of a checkpoint directory as saved, on the CPU in float32: what training starts from.
+    Every weight is read from the checkpoint, except those under the prefixes ``new_weights`` names."""
     from transformers import AutoConfig
 
     family = family_of(AutoConfig.from_pretrained(path), str(path))
-    model = family.model_class().from_pretrained(path)
+    model = load_weights(family.model_class(), str(path), new_weights)
     return model, load_processor(str(path), model.config)
 
 
@@ -207,9 +254,10 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     resolved = resolve_config(settings, source)
     try:
         processor = load_processor(source, resolved.config, settings)
-        model = resolved.family.model_class().from_pretrained(
-            source, config=resolved.config, dtype=runtime.dtype, attn_implementation=runtime.attn_implementation,
-            revision=settings.revision, local_files_only=is_offline(settings),
+        model = load_weights(
+            resolved.family.model_class(), source, config=resolved.config, dtype=runtime.dtype,
+            attn_implementation=runtime.attn_implementation, revision=settings.revision,
+            local_files_only=is_offline(settings),
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot load weights of {settings.model!r}: {str(exc).splitlines()[0]}") from exc

@@ -93,6 +93,7 @@ class VideoQAModel:
         resolved = loaded.resolved
         self.config, self.family, self.rope_factor = self.model.config, resolved.family, resolved.rope_factor
         self.per_frame = self.family.tokens_per_frame(self.processor)  # the processor's count, not the config's
+        self.frame_short_side = self.family.frame_short_side(self.processor)  # decode videos at this, for this model
         self.declared_factor = resolved.declared_factor
         self.budget = TokenBudget(resolved.budget_context, self.per_frame, self.settings.max_frames)
         self.tokenizer = self.processor.tokenizer

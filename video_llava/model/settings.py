@@ -13,9 +13,6 @@ EMBEDDED = "embedded"
 EMBEDDED_INIT = "embedded-init"  # the untrained tiny model the embedded default was trained from
 DEFAULT_FRAMES = 32  # frames sampled per video unless a request says otherwise
 MAX_FRAMES = 56  # LLaVA-NeXT-Video's largest recipe (RoPE x3 on a 4096-position LLM)
-# Frames are resized while decoding so the shorter side is this many pixels, CLIP-L/336's input: the processor
-# would resize them anyway, and it keeps 4K input from costing gigabytes per request.
-DECODE_SHORT_SIDE = 336
 
 
 class ModelSettings(BaseModel):

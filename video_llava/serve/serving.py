@@ -8,11 +8,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from video_llava.cache import LRUCache, content_key
 from video_llava.model.prompts import Turn
-from video_llava.model.settings import DECODE_SHORT_SIDE
 from video_llava.serve.config import ServeArgs
 from video_llava.serve.fetch import ByteBudget, fetch_media
 from video_llava.serve.metrics import IngressMetrics
@@ -39,7 +38,13 @@ from video_llava.video.decode import DecodeOptions, SampledVideo, VideoDecodeErr
 from video_llava.video.image import DecodedImage, ImageOptions
 from video_llava.video.isolated import DecodersBusyError, IsolatedDecoder
 
+if TYPE_CHECKING:
+    from video_llava.model.loading import CheckpointInputs
+
 MAX_MEDIA_PER_REQUEST = 8  # images and videos of one conversation together
+# Where the ingress cannot read the checkpoint, videos are decoded for the largest tower of the registered families
+# (OneVision's SigLIP at 384 px, times the decode margin), so no family gets frames smaller than its own.
+UNKNOWN_FRAME_SHORT_SIDE = 768
 
 
 @dataclass
@@ -86,7 +91,8 @@ class QAService:
         # Same bytes + same sampling = same frames: a repeat question skips decoding entirely.
         self.frames_cache = LRUCache(args.deployment.decode_cache_mb * 2**20, lambda v: pixels(v).nbytes)
         self.model_name = args.model.model
-        self._media = _model_media(args)
+        self._inputs = _model_inputs(args)
+        self.frame_short_side = self._inputs.frame_short_side if self._inputs else UNKNOWN_FRAME_SHORT_SIDE
 
     def close(self) -> None:
         self.decoder.close()
@@ -130,7 +136,7 @@ class QAService:
             num_frames=self._frames_wanted(opts, num_videos),
             mode=opts.sampling or settings.sampling,
             sample_fps=opts.sample_fps or settings.sample_fps,
-            short_side=DECODE_SHORT_SIDE,
+            short_side=self.frame_short_side,
             # checked from the container's header in the decoder, before a frame is decoded
             max_pixels=self.limits.max_video_pixels,
             max_aspect_ratio=self.limits.max_aspect_ratio,
@@ -176,11 +182,11 @@ class QAService:
 
     def check_media(self, kinds: list[str]) -> None:
         """Refuse media the model does not take before fetching them (the model deployment refuses them too)."""
-        if self._media is None:  # the config could not be read here: the model deployment refuses them
+        if self._inputs is None:  # the config could not be read here: the model deployment refuses them
             return
-        missing = sorted(set(kinds) - self._media)
+        missing = sorted(set(kinds) - self._inputs.media)
         if missing:
-            takes = " and ".join(f"{m}s" for m in sorted(self._media))
+            takes = " and ".join(f"{m}s" for m in sorted(self._inputs.media))
             raise ServiceError(400, f"the loaded model ({self.model_name}) takes {takes}, not {missing[0]}s",
                                code="unsupported_media", param="messages")
 
@@ -353,15 +359,17 @@ class QAService:
         yield "data: [DONE]\n\n"
 
 
-def _model_media(args: ServeArgs) -> set[str] | None:
-    """The media the served checkpoint's family takes, read from its config once at start (not asked of the model
-    deployment per request: its queue may be full); None when the config cannot be read here."""
-    from video_llava.model.loading import ModelLoadError, checkpoint_media
+def _model_inputs(args: ServeArgs) -> CheckpointInputs | None:
+    """The media the served checkpoint's family takes and the size its videos are decoded at, read from its config
+    and processor once at start (not asked of the model deployment per request: its queue may be full); None when
+    they cannot be read here."""
+    from video_llava.model.loading import ModelLoadError, checkpoint_inputs
 
     try:
-        return set(checkpoint_media(args.model))
-    except ModelLoadError as exc:
-        logging.getLogger("ray.serve").warning("media of %s unknown to the ingress: %s", args.model.model, exc)
+        return checkpoint_inputs(args.model)
+    except (ModelLoadError, OSError, ValueError) as exc:
+        logging.getLogger("ray.serve").warning("inputs of %s unknown to the ingress (videos decoded at a %d-pixel "
+                                               "short side): %s", args.model.model, UNKNOWN_FRAME_SHORT_SIDE, exc)
         return None
 
 

@@ -38,11 +38,12 @@ class DecodeOptions:
     """What to sample and how.
 
     ``num_frames``: frames wanted (fewer come back when the video is shorter: see ``uniform_indices``).
-    ``short_side``: when set, frames are resized so their shorter side has this many pixels (aspect kept);
-    the model's processor resizes to 336 anyway, so doing it while decoding bounds memory for 4K input.
+    ``short_side``: when set, frames are resized so their shorter side has this many pixels (aspect kept), or
+    kept as they are when smaller: the checkpoint's ``CheckpointInputs.frame_short_side``, above the size its
+    processor resizes to, so that resizing while decoding bounds memory for 4K input without blurring frames.
     ``max_pixels``, ``max_aspect_ratio``, ``max_duration_s``: refuse a video over these (``VideoDecodeError`` with
     code ``invalid_video_dimensions`` / ``video_too_long``) from its container header, before decoding a frame.
-    The processor scales the short side up to 336, so a 16x8192 clip (12 KB) became 336x172,000 frames there:
+    The processor scales the short side up to its size (336), so a 16x8192 clip (12 KB) became 336x172,000 frames:
     an aspect-ratio bound is a memory bound. ``SERVICE_LIMITS`` are the values the service and caption job use.
     """
 

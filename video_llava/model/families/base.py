@@ -15,6 +15,13 @@ from typing import Any, Sequence
 import numpy as np
 
 IMAGE, VIDEO = "image", "video"
+# Videos are decoded with their shorter side at this many times the side the vision tower takes (or as they are when
+# smaller), so that the processor's own antialiased resize does the last step. Decoding at the tower's side itself
+# left the decoders' scalers (swscale, decord) as the last filter, and the even-rounded size they give shifted the
+# processor's centre crop by a pixel: on a 1280x720 clip, LLaVA-NeXT-Video's pixel values then differed from the
+# processor's own on the full frames by 3.4x what swapping its bicubic filter for bilinear does; at 1.5x the side
+# they equalled it, at 2x they were 0.73 of it (tests/test_frame_size.py measures it).
+DECODE_MARGIN = 2
 
 
 class UnsupportedMediaError(ValueError):
@@ -94,6 +101,16 @@ class Family:
 
     def context(self, config: Any) -> int:
         return int(config.text_config.max_position_embeddings)
+
+    def tower_side(self, processor: Any) -> int:
+        """The side in pixels of the square the vision tower sees a frame as, from the processor that prepares
+        the family's frames (its video processor where it takes videos, else its image processor)."""
+        frames = getattr(processor, "video_processor", None) if VIDEO in self.media else None
+        return max(crop_size(frames or processor.image_processor))
+
+    def frame_short_side(self, processor: Any) -> int:
+        """The shorter side videos are decoded at for this checkpoint (``DECODE_MARGIN`` times the tower's)."""
+        return DECODE_MARGIN * self.tower_side(processor)
 
     # ---- media and tokens ----------------------------------------------------------------------------------
     def check_media(self, kinds: Sequence[str]) -> None:

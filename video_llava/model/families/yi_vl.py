@@ -50,8 +50,19 @@ def build_projector(config: Any):
 
 @cache
 def yi_vl_model_class() -> type:
-    """``LlavaForConditionalGeneration`` with Yi-VL's projector (built once, on first use: imports transformers)."""
+    """``LlavaForConditionalGeneration`` with Yi-VL's projector (built once, on first use: imports transformers).
+
+    transformers gives the key renames of a layout (legacy ``language_model.lm_head`` -> ``lm_head``, ...) only to
+    its own classes: a class defined elsewhere counts as custom code and gets none, so a checkpoint saved by
+    ``LlavaForConditionalGeneration`` loaded here with a random ``lm_head``. The base class's renames are registered
+    for this class by name, as transformers' ``register_checkpoint_conversion_mapping`` is meant for; saving then
+    writes the layout the base class writes.
+    """
     from transformers import LlavaForConditionalGeneration
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
 
     class YiVLForConditionalGeneration(LlavaForConditionalGeneration):
         def __init__(self, config):
@@ -59,6 +70,8 @@ def yi_vl_model_class() -> type:
             self.model.multi_modal_projector = build_projector(config)
             self.post_init()
 
+    register_checkpoint_conversion_mapping(YiVLForConditionalGeneration.__name__,
+                                           get_checkpoint_conversion_mapping("llava"), overwrite=True)
     return YiVLForConditionalGeneration
 
 

@@ -1,0 +1,211 @@
+"""Checkpoints load exactly or not at all: every family's tiny checkpoint, written in each weight layout transformers
+reads, loads through the library, the CLI and the training jobs' loader to the very weights transformers' own class
+holds and answers token for token as it does; a checkpoint missing a weight is refused, naming it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import HEIGHT, WIDTH
+from video_llava.data.synthetic_video import SAMPLE_SHAPES, render_frames
+
+FAMILIES = ["llava_next_video", "llava_onevision", "llava_next", "llava", "yi_vl"]
+# How the same weights are named on disk. "current": transformers 5's own module names. "legacy": what transformers
+# 4 wrote and 5's save_pretrained still writes for these classes. "hub": legacy with the vision tower under
+# vision_model, as llava-hf's released checkpoints hold it.
+LAYOUTS = ["current", "legacy", "hub"]
+CURRENT_TO_LEGACY = [("lm_head.", "language_model.lm_head."), ("model.language_model.", "language_model.model."),
+                     ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("model.image_newline", "image_newline")]
+QUESTION = "What is in the image?"
+
+
+def renamed(name: str, rules: list[tuple[str, str]]) -> str:
+    for old, new in rules:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def as_current(name: str, current: set[str]) -> str:
+    """A saved weight's name in the current layout (from the legacy or hub one)."""
+    for candidate in (name, name.replace("vision_tower.vision_model.", "vision_tower.", 1)):
+        for rules in ([], [(new, old) for old, new in CURRENT_TO_LEGACY]):
+            if renamed(candidate, rules) in current:
+                return renamed(candidate, rules)
+    raise KeyError(f"{name} has no place in the model")
+
+
+def reference_model(config):
+    """The family's transformers class built from ``config`` (Yi-VL: ``LlavaForConditionalGeneration`` with its
+    projector swapped in), random weights: the names its state dict has are the "current" layout."""
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+    )
+
+    from video_llava.model.families.yi_vl import build_projector
+
+    classes = {"llava_next_video": LlavaNextVideoForConditionalGeneration, "llava_onevision":
+               LlavaOnevisionForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    model = classes.get(config.model_type, LlavaForConditionalGeneration)(config)
+    if getattr(config, "projector_type", None) == "yi_vl":
+        model.model.multi_modal_projector = build_projector(config)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_checkpoint):
+    """``checkpoints(family, layout)``: (directory, the reference model holding the same weights) for that layout."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    root = tmp_path_factory.mktemp("layouts")
+    references: dict = {}
+    built: dict = {}
+
+    def get(family: str, layout: str):
+        source = Path(tiny_checkpoint(family))
+        if family not in references:
+            reference = reference_model(AutoConfig.from_pretrained(source))
+            current = set(reference.state_dict())
+            saved = load_file(str(source / "model.safetensors"))
+            weights = {as_current(k, current): v for k, v in saved.items()}
+            reference.load_state_dict(weights, strict=True)  # every weight, by the current names
+            references[family] = (reference, weights)
+        reference, weights = references[family]
+        if (family, layout) not in built:
+            dest = root / family / layout
+            shutil.copytree(source, dest)
+            if layout == "current":
+                names = {k: k for k in weights}
+            else:
+                names = {k: renamed(k, CURRENT_TO_LEGACY) for k in weights}
+                if layout == "hub":
+                    names = {k: v.replace("vision_tower.", "vision_tower.vision_model.", 1)
+                             if v.startswith("vision_tower.") else v for k, v in names.items()}
+            save_file({names[k]: v.contiguous() for k, v in weights.items()}, str(dest / "model.safetensors"),
+                      metadata={"format": "pt"})
+            built[(family, layout)] = dest
+        return built[(family, layout)], reference
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return render_frames(SAMPLE_SHAPES, num_frames=1, width=WIDTH, height=HEIGHT)[0]
+
+
+def reference_answer(reference, qa, image: np.ndarray, new_tokens: int = 6) -> str:
+    """transformers' own ``generate`` on the processor's inputs for the prompt our library builds."""
+    import torch
+
+    prompt = qa.prepare(image, QUESTION).prompt
+    inputs = qa.processor(text=[prompt], images=[[image]], return_tensors="pt")
+    with torch.inference_mode():
+        out = reference.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    return qa.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def assert_same_weights(model, reference) -> None:
+    import torch
+
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert set(ours) == set(theirs)
+    different = [name for name in theirs if not torch.equal(ours[name], theirs[name])]
+    assert not different, different[:5]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_library_loads_every_layout_to_transformers_weights_and_answers(checkpoints, image, family, layout):
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
+
+    path, reference = checkpoints(family, layout)
+    qa = VideoQAModel(ModelSettings(model=str(path), device="cpu", max_new_tokens=6))
+    assert qa.family.name == family
+    (answer,) = qa.answer([image], [QUESTION], max_new_tokens=6)
+    assert answer.text == reference_answer(reference, qa, image)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_training_jobs_loader_reads_every_layout_to_transformers_weights(checkpoints, family, layout):
+    from video_llava.model.loading import load_checkpoint
+
+    path, reference = checkpoints(family, layout)
+    model, _ = load_checkpoint(path)
+    assert_same_weights(model, reference)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_cli_answers_from_a_checkpoint_as_transformers_saves_it(checkpoints, image, family, tmp_path, capsys):
+    """The layout ``save_pretrained`` writes (the one Yi-VL loaded with a random ``lm_head`` from)."""
+    from PIL import Image
+
+    from video_llava.cli import main
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
+
+    path, reference = checkpoints(family, "legacy")
+    photo = tmp_path / "photo.png"
+    Image.fromarray(image).save(photo)
+    code = main(["ask", str(photo), QUESTION, "--model", str(path), "--device", "cpu", "--max-new-tokens", "6",
+                 "--json"])
+    assert code == 0, capsys.readouterr().err
+    answer = json.loads(capsys.readouterr().out)["answer"]
+    qa = VideoQAModel(ModelSettings(model=str(path), device="cpu"))
+    assert answer == reference_answer(reference, qa, image)
+
+
+@pytest.fixture(scope="module")
+def without_a_weight(checkpoints, tmp_path_factory):
+    """The Yi-VL checkpoint as saved, less one layer norm of its projector."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = checkpoints("yi_vl", "legacy")
+    dest = tmp_path_factory.mktemp("broken") / "yi_vl"
+    shutil.copytree(path, dest)
+    weights = load_file(str(dest / "model.safetensors"))
+    del weights["multi_modal_projector.linear_2.weight"]
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+MISSING = "model.multi_modal_projector.linear_2.weight"
+
+
+def test_a_missing_weight_is_refused_naming_it_by_the_library_and_the_jobs_loader(without_a_weight):
+    from video_llava.model.loading import IncompleteCheckpointError, load_checkpoint
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
+
+    with pytest.raises(IncompleteCheckpointError, match="1 weight") as refused:
+        VideoQAModel(ModelSettings(model=str(without_a_weight), device="cpu"))
+    assert refused.value.missing == [MISSING]
+    with pytest.raises(IncompleteCheckpointError, match=MISSING.replace(".", r"\.")):
+        load_checkpoint(without_a_weight)
+    model, _ = load_checkpoint(without_a_weight, new_weights=("model.multi_modal_projector.",))  # asked for
+    assert model.model.multi_modal_projector.linear_2.weight.shape == (64,)
+
+
+def test_the_cli_refuses_a_checkpoint_missing_a_weight_in_one_line_with_exit_1(without_a_weight, image, tmp_path,
+                                                                               capsys):
+    from PIL import Image
+
+    from video_llava.cli import EXIT_FAILED, main
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(image).save(photo)
+    assert main(["ask", str(photo), QUESTION, "--model", str(without_a_weight), "--device", "cpu"]) == EXIT_FAILED
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and MISSING in err
