@@ -48,3 +48,32 @@ def test_the_text_so_far_is_the_whole_decode_at_every_whole_character(make):
                 caught_up += 1
     assert caught_up > 1000  # most steps are at a whole character: the equality was really checked
     assert Detokenizer(tokenizer, eos).add(tokenizer.eos_token_id) == ""
+
+
+@pytest.mark.parametrize("make", [_embedded, _sentencepiece_like], ids=["byte_level_bpe", "sentencepiece_like"])
+def test_each_logprob_entry_has_its_tokens_own_bytes_and_the_entries_spell_the_text(make):
+    """A character given as byte pieces (€ here) has its text on the piece that completes it, and every prefix of
+    the entries' texts is the decoded prefix of their bytes."""
+    from video_llava.engine.logprobs import TokenBytes, spelled
+
+    tokenizer = make()
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    euro = tokenizer.convert_tokens_to_ids(["<0xE2>", "<0x82>", "<0xAC>"]) if make is _sentencepiece_like \
+        else encode("€")
+    before = encode("The red circle moves right. héllo ☃ 日本語")
+    ids = before + euro + encode(" then stops…") + [tokenizer.eos_token_id]
+    entries = spelled(TokenBytes(tokenizer), ids, [(-0.5, [(ids[0], -0.1)])] * len(ids))
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    assert "€" in whole
+    assert len(entries) == len(ids) and entries[-1].token == "" and entries[-1].bytes == b""  # the end of sequence
+    assert "".join(e.token for e in entries).lstrip(" ") == whole.lstrip(" ")  # SentencePiece drops the first space
+    joined = b""
+    for k, entry in enumerate(entries):
+        joined += entry.bytes
+        text = "".join(e.token for e in entries[:k + 1]).encode()
+        assert joined.startswith(text) and len(joined) - len(text) < 4  # at most an unfinished character waits
+    at = len(before) + len(euro) - 1
+    if len(euro) == 3:
+        assert [e.token for e in entries[at - 2:at + 1]] == ["", "", "€"]
+        assert [e.bytes for e in entries[at - 2:at + 1]] == [b"\xe2", b"\x82", b"\xac"]
+    assert all(e.top[0].bytes == TokenBytes(tokenizer)(ids[0]) for e in entries)

@@ -455,13 +455,15 @@ def test_n_answers_come_from_one_prefill_each_sampled_with_its_own_seed(embedded
     assert len(set(singles)) > 1
 
 
-def test_logprobs_are_the_models_own_and_the_tokens_spell_the_answer(embedded_model, engine, videos):
+def test_logprobs_are_the_models_own_one_per_generated_token_and_spell_the_answer(embedded_model, engine, videos):
     import torch
 
     prepared = embedded_model.prepare(videos[0], "Describe the video.", 8)
     (event,) = _events(engine, prepared, SamplingParams(max_new_tokens=8, logprobs=True, top_logprobs=3))
     answer = event.answer
+    assert len(answer.logprobs) == answer.completion_tokens  # the end of sequence too, when it came
     assert "".join(t.token for t in answer.logprobs).strip() == answer.text
+    assert b"".join(t.bytes for t in answer.logprobs).decode().strip() == answer.text
     embeds, mask, _, _ = embedded_model.embedder([prepared])
     with torch.inference_mode():
         out = embedded_model.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, do_sample=False,
@@ -471,8 +473,9 @@ def test_logprobs_are_the_models_own_and_the_tokens_spell_the_answer(embedded_mo
     for k, entry in enumerate(answer.logprobs):
         token = int(out.sequences[0, k])
         assert entry.logprob == pytest.approx(float(reference[k][token]), abs=1e-4)
-        assert len(entry.top) == 3 and entry.top[0][1] == pytest.approx(entry.logprob, abs=1e-6)  # greedy: the best
-        assert entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]
+        assert len(entry.top) == 3 and entry.top[0].logprob == pytest.approx(entry.logprob, abs=1e-6)  # greedy: best
+        assert entry.top[0].logprob >= entry.top[1].logprob >= entry.top[2].logprob
+        assert entry.top[0].bytes == entry.bytes
 
 
 @pytest.mark.parametrize("ahead", [0, 2], ids=["media_at_admission", "media_made_ahead"])

@@ -582,6 +582,7 @@ def test_n_answers_with_logprobs_through_the_openai_client(service):
         content = choice.logprobs.content
         assert "".join(t.token for t in content).strip() == choice.message.content
         assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+    assert sum(len(c.logprobs.content) for c in reply.choices) == reply.usage.completion_tokens  # one per token
     single = client.chat.completions.create(model="embedded", **body)
     assert reply.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt is read once for the three
     assert [c.message.content for c in ask().choices] == [c.message.content for c in reply.choices]  # seeded
@@ -593,6 +594,19 @@ def test_n_answers_with_logprobs_through_the_openai_client(service):
         assert "".join(c.delta.content or "" for c in mine) == choice.message.content
         assert mine[-1].finish_reason == choice.finish_reason
         assert [t.token for t in mine[-1].logprobs.content] == [t.token for t in choice.logprobs.content]
+
+
+def test_top_k_1_samples_the_greedy_answer_and_a_negative_top_k_is_400(service):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{service}/v1", api_key="unused")
+    body = _chat_body("Describe the video.")
+    greedy = client.chat.completions.create(model="embedded", **body)
+    for seed in (1, 2):
+        one = client.chat.completions.create(model="embedded", **body, temperature=1.5, seed=seed,
+                                             extra_body={"top_k": 1})
+        assert one.choices[0].message.content == greedy.choices[0].message.content
+    error_of(httpx.post(f"{service}/v1/chat/completions", json={**body, "top_k": -1}, timeout=60), 400)
 
 
 def test_parameters_sent_at_values_that_change_nothing_are_accepted(service):

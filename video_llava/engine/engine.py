@@ -37,11 +37,11 @@ from video_llava.engine.compiled import DECODE_MODES, DecodeMode, compiled_steps
 from video_llava.engine.detokenize import Detokenizer
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
 from video_llava.engine.kv import BatchKV
-from video_llava.engine.logprobs import spelled, token_logprobs
+from video_llava.engine.logprobs import TokenBytes, spelled
 from video_llava.engine.params import SamplingParams
 from video_llava.engine.prefill import Forward, Plan, Prefiller
 from video_llava.engine.prefix import PrefixCache
-from video_llava.engine.sampler import next_tokens, row_generator
+from video_llava.engine.sampler import Raw, RowDraw, new_stream, sample
 from video_llava.model.media_embeds import MediaFeatures
 from video_llava.model.qa_model import Answer, PreparedQuestion, VideoQAModel
 from video_llava.model.stops import StreamedText, first_stop
@@ -88,9 +88,9 @@ class _Sequence:
     started: float
     cached: bool
     vision_s: float
-    generator: Any = None
+    stream: int = 0  # its random stream (sampled rows): the request's seed + its index, else drawn at random
     tokens: list[int] = field(default_factory=list)
-    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # asked for: per token
+    logprobs: list[Raw] = field(default_factory=list)  # asked for: per token
     text: StreamedText | None = None
     detokenizer: Detokenizer | None = None  # streamed or with stop strings: its text so far
 
@@ -135,6 +135,7 @@ class Engine:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {decode_mode!r}")
         self.decode_mode = decode_mode
         self.eos = qa.eos_token_ids
+        self._token_bytes = TokenBytes(self.tokenizer)
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.stats = EngineStats()
         self._forward = Forward(self.model)
@@ -381,14 +382,12 @@ class Engine:
             logits = done.logits
             self.stats.prefix_hits += done.prefix_hit
             wants_text = request.streamed or bool(p.stop)
-            forks = [_Sequence(request, i, started, done.cached, done.vision_s, text=StreamedText(p.stop),
+            forks = [_Sequence(request, i, started, done.cached, done.vision_s,
+                               new_stream(None if p.seed is None else p.seed + i), text=StreamedText(p.stop),
                                detokenizer=Detokenizer(self.tokenizer, self.eos) if wants_text else None)
                      for i in range(p.n)]
-            for seq in forks:
-                if p.temperature > 0:
-                    seq.generator = row_generator(None if p.seed is None else p.seed + seq.index)
-            chosen = next_tokens(logits.expand(p.n, -1), [p] * p.n, [s.generator for s in forks])
-            error = next((c for c in chosen if isinstance(c, Exception)), None)
+            first = sample(logits.expand(p.n, -1), [RowDraw(p, seq.stream, 0) for seq in forks])
+            error = next((c for c in first.tokens if isinstance(c, Exception)), None)
             if error is not None:
                 raise error
         except Exception as exc:  # this request alone: out of memory for its size, a bad input that got through
@@ -398,7 +397,8 @@ class Engine:
         self.stats.prefills += 1
         request.unfinished = p.n
         try:
-            going = [seq for seq, token in zip(forks, chosen) if not self._append(seq, token, logits[0])]
+            going = [seq for seq, token, raw in zip(forks, first.tokens, first.logprobs)
+                     if not self._append(seq, token, raw)]
             if going:
                 self._kv.add(done.cache, len(plan.ids), copies=len(going))
                 self._running.extend(going)
@@ -426,9 +426,9 @@ class Engine:
             return
         self.stats.kv_positions = max(self.stats.kv_positions, self._kv.positions)
         logits = parts[0][2] if len(parts) == 1 else torch.cat([p[2] for p in parts])
-        chosen = self._choose(logits, rows)
-        done = [i for i, (seq, token) in enumerate(zip(rows, chosen))
-                if token is None or self._appended_alone(seq, token, logits[i])]
+        step = sample(logits, [RowDraw(s.request.params, s.stream, len(s.tokens)) for s in rows])
+        done = [i for i, (seq, token, raw) in enumerate(zip(rows, step.tokens, step.logprobs))
+                if self._failed_alone(seq, token) or self._appended_alone(seq, token, raw)]
         if done:
             self._leave(done)
 
@@ -471,37 +471,34 @@ class Engine:
         kv.keep(range(half))
         return self._isolated_decode(kv, rows[:half]) + self._isolated_decode(second, rows[half:])
 
-    def _choose(self, logits: Any, rows: list[_Sequence]) -> list[int | None]:
-        """Each row's next token; a row whose sampling failed (non-finite probabilities) fails its request alone."""
-        chosen: list[int | None] = []
-        for seq, token in zip(rows, next_tokens(logits, [s.request.params for s in rows], [s.generator for s in rows])):
-            if isinstance(token, Exception):
-                log.warning("sampling failed for request %d: %s", seq.request.id, token)
-                self._fail(seq.request, token)
-                token = None
-            chosen.append(token)
-        return chosen
+    def _failed_alone(self, seq: _Sequence, token: int | Exception) -> bool:
+        """Whether the row's sampling failed (non-finite probabilities): its request fails alone."""
+        if isinstance(token, Exception):
+            log.warning("sampling failed for request %d: %s", seq.request.id, token)
+            self._fail(seq.request, token)
+            return True
+        return False
 
-    def _appended_alone(self, seq: _Sequence, token: int, logits: Any) -> bool:
+    def _appended_alone(self, seq: _Sequence, token: int, raw: Raw | None) -> bool:
         """``_append``; an error there (a stop string, a tokenizer, an owner's callback) fails that request alone."""
         try:
-            return self._append(seq, token, logits)
+            return self._append(seq, token, raw)
         except Exception as exc:
             log.exception("finishing a token failed for request %d", seq.request.id)
             self._fail(seq.request, exc)
             return True
 
-    def _append(self, seq: _Sequence, token: int, logits: Any) -> bool:
-        """Add a generated token (``logits``: its position's), stream the new text, finish the sequence if it
-        ended; whether it ended."""
+    def _append(self, seq: _Sequence, token: int, raw: Raw | None) -> bool:
+        """Add a generated token (``raw``: its logprobs, when asked for), stream the new text, finish the sequence
+        if it ended; whether it ended."""
         request, p = seq.request, seq.request.params
         seq.tokens.append(token)
         if request.cancelled or request.failed:  # cancelled during this step: it leaves now
             if request.cancelled and self._live.pop(request.id, None) is not None:
                 self.stats.cancelled += 1
             return True
-        if p.logprobs:
-            seq.logprobs.append(token_logprobs(logits, token, p.top_logprobs))
+        if p.logprobs and raw is not None:
+            seq.logprobs.append(raw)
         eos = token in self.eos and not p.ignore_eos
         piece, stopped = "", False
         if seq.detokenizer is not None:  # the text so far: what to stream, whether a stop string appeared
@@ -517,8 +514,7 @@ class Engine:
         if p.ignore_eos:
             answer = dataclasses.replace(answer, completion_tokens=len(seq.tokens))
         if p.logprobs:
-            answer = dataclasses.replace(answer, logprobs=spelled(self.tokenizer, self.eos, seq.tokens, seq.logprobs,
-                                                                          answer.text))
+            answer = dataclasses.replace(answer, logprobs=spelled(self._token_bytes, seq.tokens, seq.logprobs))
         piece += seq.text.finish(answer.text) if request.streamed else ""
         if piece:
             request.emit(TextPiece(piece, seq.index))

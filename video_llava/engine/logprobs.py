@@ -1,35 +1,77 @@
-"""Log-probabilities of generated tokens: taken from each step's logits, spelled out as text once the answer ends."""
+"""Log-probabilities of generated tokens, spelled out once an answer ends: one entry per generated token (its end
+of sequence too), each with its own bytes and the text it adds, in one pass over the answer.
+
+A token's bytes come from the tokenizer's vocabulary (byte-level BPE's byte alphabet; SentencePiece's ``▁`` and
+``<0xNN>`` byte pieces), not from decoding prefixes of the answer again for every token (quadratic). The text of an
+entry is what an incremental UTF-8 decoder gives when the token's bytes arrive: a character split over byte pieces
+belongs to the token that completes it, so the entries' texts join to the answer as generated and their bytes to
+its UTF-8. Alternatives are spelled as they would continue the answer at that position.
+"""
 
 from __future__ import annotations
 
+import codecs
 from typing import Any, Sequence
 
+from video_llava.engine.sampler import Raw
 from video_llava.model.qa_model import TokenLogprob
 
-Raw = tuple[float, list[tuple[int, float]]]  # the chosen token's log-probability, the top (id, log-probability)
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-character table, reversed: the character byte-level BPE writes for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
 
 
-def token_logprobs(logits: Any, token: int, top: int) -> Raw:
-    """The chosen token's log-probability under the model's distribution at its position (before temperature and
-    top-p), and the ``top`` most likely tokens with theirs."""
-    logprobs = logits.float().log_softmax(-1)
-    best = logprobs.topk(top) if top else None
-    alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-    return float(logprobs[token]), alternatives
+class TokenBytes:
+    """Each token id's own bytes for one tokenizer (special tokens, which answers skip: none)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        decoder = str(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", ""))
+        self.byte_level = "ByteLevel" in decoder
+        self.alphabet = _byte_level_alphabet() if self.byte_level else {}
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token: int) -> bytes:
+        found = self._cache.get(token)
+        if found is None:
+            found = self._cache[token] = self._bytes(token)
+        return found
+
+    def _bytes(self, token: int) -> bytes:
+        if token in self.special:
+            return b""
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if piece is None:
+            return b""
+        if self.byte_level and all(c in self.alphabet for c in piece):
+            return bytes(self.alphabet[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece's byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
 
 
-def spelled(tokenizer: Any, eos: set[int], tokens: Sequence[int], raw: Sequence[Raw], text: str
-            ) -> tuple[TokenLogprob, ...]:
-    """The answer's tokens up to its end (EOS, and what a stop string cut from ``text``, left out), each as the text
-    it adds after the tokens before it (leading space included), with the alternatives spelled the same way."""
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+def spelled(token_bytes: TokenBytes, tokens: Sequence[int], raw: Sequence[Raw]) -> tuple[TokenLogprob, ...]:
+    """One ``TokenLogprob`` per generated token, from the raw figures the sampler gave at each step."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out: list[TokenLogprob] = []
-    shown = ""
-    for k, (token, (logprob, top)) in enumerate(zip(tokens, raw)):
-        if token in eos or len(shown.strip()) >= len(text):
-            break
-        before = decode(list(tokens[:k]))
-        piece = lambda t: decode(list(tokens[:k]) + [t])[len(before):]  # noqa: E731
-        out.append(TokenLogprob(piece(token), logprob, tuple((piece(t), lp) for t, lp in top)))
-        shown += out[-1].token
+    for token, (logprob, top) in zip(tokens, raw):
+        state = decoder.getstate()
+        alternatives = []
+        for alternative, alternative_logprob in top:
+            decoder.setstate(state)
+            own = token_bytes(alternative)
+            alternatives.append(TokenLogprob(decoder.decode(own), alternative_logprob, own))
+        decoder.setstate(state)
+        own = token_bytes(token)
+        out.append(TokenLogprob(decoder.decode(own), logprob, own, tuple(alternatives)))
     return tuple(out)

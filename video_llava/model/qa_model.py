@@ -30,11 +30,13 @@ VideoArg = MediaArg  # one medium or several, for one question
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One answer token as text, its log-probability under the model, and the most likely alternatives."""
+    """One generated token: the text it adds to the answer, its log-probability under the model, its own bytes, and
+    the most likely alternatives at its position (spelled the same way)."""
 
     token: str
     logprob: float
-    top: tuple[tuple[str, float], ...] = ()
+    bytes: bytes = b""
+    top: tuple["TokenLogprob", ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Answer:
     vision_cached: bool = False  # the vision tower was skipped: features came from the cache
     vision_s: float = 0.0  # time in the vision tower + projector for this question's media
     num_images: int = 0
-    logprobs: tuple[TokenLogprob, ...] | None = None  # asked for: one per answer token
+    logprobs: tuple[TokenLogprob, ...] | None = None  # asked for: one per generated token (its end of sequence too)
 
 
 @dataclass(frozen=True)

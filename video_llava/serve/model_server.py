@@ -97,6 +97,7 @@ class ModelServer:
             return
         params = SamplingParams(prepared.max_new_tokens, request.temperature, request.top_p, request.seed, request.stop,
                                 n=request.n, logprobs=request.logprobs, top_logprobs=request.top_logprobs,
+                                top_k=request.top_k,
                                 ignore_eos=self.args.batching.ignore_eos)
         answers: dict[int, Finished] = {}
         try:

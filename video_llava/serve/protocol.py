@@ -54,6 +54,7 @@ class ModelRequest:
     n: int = 1  # answers sampled from one prefill
     logprobs: bool = False
     top_logprobs: int = 0
+    top_k: int = 0  # 0: no bound
 
     @property
     def media(self) -> list[np.ndarray]:
@@ -121,6 +122,7 @@ class GenerationOptions(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens only (0: no bound); as vLLM's")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="with temperature > 0: the same request samples "
                              "the same answer, whatever else is being answered")
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first one")
@@ -302,9 +304,8 @@ class ChoiceLogprobs(BaseModel):
     def of(cls, answer: Answer) -> "ChoiceLogprobs | None":
         if answer.logprobs is None:
             return None
-        entry = lambda token, logprob: dict(token=token, logprob=logprob, bytes=list(token.encode()))  # noqa: E731
-        return cls(content=[TokenLogprobOut(**entry(t.token, t.logprob),
-                                            top_logprobs=[TopLogprob(**entry(tok, lp)) for tok, lp in t.top])
+        entry = lambda t: dict(token=t.token, logprob=t.logprob, bytes=list(t.bytes))  # noqa: E731
+        return cls(content=[TokenLogprobOut(**entry(t), top_logprobs=[TopLogprob(**entry(alt)) for alt in t.top])
                             for t in answer.logprobs])
 
 

@@ -185,7 +185,7 @@ class QAIngress:
         """Answer a question about a video or an image.
 
         multipart/form-data: file field `video` (or `image`), text field `question`, optional `num_frames`,
-        `sampling`, `sample_fps`, `max_new_tokens`, `temperature`, `top_p`, `seed`, `stop`. Or JSON: `{"video_url": ..., "question":
+        `sampling`, `sample_fps`, `max_new_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`. Or JSON: `{"video_url": ..., "question":
         ...}` (or `image_url` in place of `video_url`).
         """
         content_type = request.headers.get("content-type", "")
@@ -259,7 +259,7 @@ class QAIngress:
         if unsupported:
             raise ServiceError(400, f"{', '.join(repr(n) for n in unsupported)} {'is' if len(unsupported) == 1 else 'are'}"
                                " not supported by this service; leave it out (supported: seed, stop, temperature, "
-                               "top_p, max_tokens, max_completion_tokens, n, logprobs, top_logprobs, stream)",
+                               "top_p, top_k, max_tokens, max_completion_tokens, n, logprobs, top_logprobs, stream)",
                                code="unsupported_parameter", param=unsupported[0])
         if body.stream:
             return StreamingResponse(await self.service.open_stream(body), media_type="text/event-stream")
