@@ -141,6 +141,64 @@ def sampler_figures(rows: int = 32, vocab: int = 152_064, steps: int = 5) -> dic
             "sampler_speedup_b32_v152k": round(old / new, 1)}
 
 
+def clip(i: int, frames: int = 32):
+    shape = MovingShape(SHAPES[i % 3], list(COLORS)[i % len(COLORS)], list(DIRECTIONS)[i % 4], start=(0.1 + 0.01 * i, 0.5))
+    return render_frames([shape], num_frames=frames, fps=12, width=160, height=120)
+
+
+def stall_figures(model, ahead: int, burst: int = 8) -> dict:
+    """``itl_stall_ratio``: the longest gap between two tokens of a running stream (two of its decode steps) while
+    ``burst`` new 32-frame requests arrive at once, until each has its first token, over the time one such request
+    takes alone from submit to its first token (same engine, same run); features are never cached."""
+    from video_llava.engine import Engine, Finished, SamplingParams, TextPiece
+
+    engine = Engine(model, max_running=burst + 1, preprocess_ahead=ahead)
+    try:
+        def first_token(prepared) -> float:
+            got = threading.Event()
+            start = time.perf_counter()
+            engine.submit(prepared, SamplingParams(1), lambda e: got.set() if isinstance(e, Finished) else None)
+            got.wait(600)
+            return time.perf_counter() - start
+
+        first_token(model.prepare(clip(100), QUESTIONS[0], 1))  # warm-up
+        alone = first_token(model.prepare(clip(101), QUESTIONS[0], 1))
+        streaming = threading.Event()
+        engine.submit(model.prepare(clip(102, 16), QUESTIONS[2], 4000), SamplingParams(4000, ignore_eos=True),
+                      lambda e: streaming.set() if isinstance(e, TextPiece) else None)
+        streaming.wait(600)
+        time.sleep(0.2)
+        start = time.perf_counter()
+        results = engine.run([model.prepare(clip(200 + i), QUESTIONS[0], 1) for i in range(burst)], SamplingParams(1))
+        end = time.perf_counter()
+        assert all(isinstance(r, tuple) for r in results), results
+        steps = [w.started for w in engine.recent_steps() if w.rows]  # the stream decodes in each of these
+        window = [t for t in steps if start <= t <= end]
+        times = [t for t in steps if t < start][-1:] + window + [next((t for t in steps if t > end), end)]
+        stall = max(b - a for a, b in zip(times, times[1:]))
+        return {"alone_ttft_s": round(alone, 4), "longest_gap_s": round(stall, 4),
+                "burst_all_first_s": round(end - start, 4), "itl_stall_ratio": round(stall / alone, 3)}
+    finally:
+        engine.close()
+
+
+def kv_mixed_figures(model) -> dict:
+    """``kv_bytes_ratio_mixed``: the KV the running batch's buffers hold while one 32-frame video and 15 4-frame
+    questions decode together (64 tokens each), over what their own tokens need."""
+    from video_llava.engine import Engine, SamplingParams
+
+    prepared = [model.prepare(clip(300), QUESTIONS[0], 64)] + \
+        [model.prepare(clip(301 + i, 4), QUESTIONS[0], 64) for i in range(15)]
+    engine = Engine(model, max_running=16)
+    try:
+        engine.run(prepared, SamplingParams(64, ignore_eos=True))
+        held = engine.stats.kv_positions
+    finally:
+        engine.close()
+    own = sum(p.prompt_tokens + p.visual_tokens + 64 for p in prepared)
+    return {"kv_positions_held": held, "kv_positions_own": own, "kv_bytes_ratio_mixed": round(held / own, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded")
@@ -176,13 +234,22 @@ def main() -> None:
     figures: dict = {"bench": "engine", "machine": machine, "model": args.model, "requests": c,
                      "new_tokens": new_tokens, "frames": [16, 32]}
     figures.update(sampler_figures())
+    for ahead in (0, 8):
+        figures[f"stall_preprocess_ahead_{ahead}"] = stall_figures(model, ahead)
+    figures["itl_stall_ratio"] = figures["stall_preprocess_ahead_0"]["itl_stall_ratio"]
+    figures.update(kv_mixed_figures(model))
+    print(f"stall: {figures['stall_preprocess_ahead_0']} (media in the loop), {figures['stall_preprocess_ahead_8']} "
+          f"(made ahead); KV held {figures['kv_bytes_ratio_mixed']}x what the rows need", flush=True)
     print(f"sampler: {figures['sampler_batched_step_s']} s a step for 32 rows over 152k tokens, "
           f"{figures['sampler_speedup_b32_v152k']}x the host path ({figures['sampler_host_step_s']} s)", flush=True)
     ceiling = ceiling_videos_per_s(model, prepared)
     runs = {}
-    for name, running, spread, ahead in (("engine_burst", c, 0.0, 0), ("engine_burst_preprocess_ahead", c, 0.0, 8),
-                                         ("engine_spread", c, None, 0), ("one_at_a_time", 1, 0.0, 0)):
-        engine = Engine(model, max_running=running, preprocess_ahead=ahead)
+    large = {"max_num_batched_tokens": 4096, "max_num_vision_frames": 32}  # fewer, larger steps: more throughput,
+    for name, running, spread, ahead, budgets in (  # longer stalls (itl_stall_ratio 0.76-1.2 at 2048/32 on 2 cores)
+            ("engine_burst", c, 0.0, 0, {}), ("engine_burst_preprocess_ahead", c, 0.0, 8, {}),
+            ("engine_burst_large_budgets", c, 0.0, 0, large), ("engine_spread", c, None, 0, {}),
+            ("one_at_a_time", 1, 0.0, 0, {})):
+        engine = Engine(model, max_running=running, preprocess_ahead=ahead, **budgets)
         try:
             if spread is None:  # arrivals over about half the burst's wall time
                 spread = runs["engine_burst"]["wall_s"] / 2
@@ -194,6 +261,8 @@ def main() -> None:
     figures["runs"] = runs
     figures["engine_speedup"] = round(runs["one_at_a_time"]["wall_s"] / runs["engine_burst"]["wall_s"], 2)
     figures["engine_tokens_per_s"] = round(tokens / runs["engine_burst"]["wall_s"], 1)
+    figures["engine_speedup_large_budgets"] = round(
+        runs["one_at_a_time"]["wall_s"] / runs["engine_burst_large_budgets"]["wall_s"], 2)
     figures["engine_speedup_preprocess_ahead"] = round(
         runs["one_at_a_time"]["wall_s"] / runs["engine_burst_preprocess_ahead"]["wall_s"], 2)
     # the most any schedule of the decode steps can give: every request's vision pass and prefill still run

@@ -62,7 +62,8 @@ def test_compiled_decode_steps_give_the_tokens_of_dynamic_ones(embedded_model, e
     params = SamplingParams(max_new_tokens=12)
     expected = engine.generate(prepared, params)  # dynamic steps: token-identical to one-at-a-time generate
     assert len({a.completion_tokens for a in expected}) == 3
-    compiled = Engine(embedded_model, max_running=4, decode_mode="compiled")
+    compiled = Engine(embedded_model, max_running=4, decode_mode="compiled", max_num_batched_tokens=16384,
+                      max_num_vision_frames=64)  # the three prefilled in one step: they start decoding together
     try:
         got = compiled.generate(prepared, params)
         assert [(a.text, a.completion_tokens) for a in got] == [(a.text, a.completion_tokens) for a in expected]
@@ -271,13 +272,13 @@ def test_requests_admitted_together_share_one_vision_pass_and_give_the_tokens_of
     expected = [_alone(qa, clip, QUESTIONS[0], 6).text for clip in clips]
     passes: list[int] = []
     handle = qa.model.model.vision_tower.register_forward_hook(lambda _, args, out: passes.append(args[0].shape[0]))
-    engine = Engine(qa, max_running=4)
+    engine = Engine(qa, max_running=4, max_num_vision_frames=24)
     try:
         results = engine.run(cases, SamplingParams(max_new_tokens=6))
     finally:
         handle.remove()
         engine.close()
-    assert passes == [24]  # the three videos' 8 frames each, in one pass
+    assert passes == [24]  # the three videos' 8 frames each, in one pass (the step's frame budget holds them)
     assert [r[0].text for r in results] == expected
     assert all(not r[0].vision_cached and r[0].vision_s > 0 for r in results)
 
@@ -404,7 +405,7 @@ def test_after_a_request_larger_than_the_budget_the_batch_is_shared_again(embedd
     budget = 2 * kv.positions_after(1, short.prompt_tokens + short.visual_tokens + 8)
     assert kv.positions_after(1, long.prompt_tokens + long.visual_tokens + 8) > budget
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    engine = Engine(embedded_model, max_running=4, max_tokens=budget, decode_mode=mode)
+    engine = Engine(embedded_model, max_running=4, max_tokens=budget, decode_mode=mode, max_num_batched_tokens=8192)
     try:
         assert engine.generate([long], params)[0].completion_tokens == 8  # alone: its buffers exceed the budget
         before = len(engine.recent_running())

@@ -164,8 +164,16 @@ def test_preferences_dpo_and_eval_run_on_a_onevision_checkpoint(data, tmp_path, 
                    "--seed", "0", cache=embedded_cache)
     assert made.returncode == 0, (made.stdout + made.stderr)[-3000:]
     rows = _rows(prefs)
-    assert len(rows) == 6 and all(len(r["candidates"]) == 4 for r in rows)
-    trained = run_job("jobs.dpo", "--preferences", str(prefs), "--model", onevision, "--output", str(tmp_path),
+    assert len(rows) == 6 and all(len(r["candidates"]) == 4 and len(r["scores"]) == 4 for r in rows)
+    # A random-weight model's answers name nothing, so the word-matching judge ties them all: the pairs DPO takes
+    # are made here from its candidates (the job's own pairs are tested on the embedded default above).
+    pairs = tmp_path / "pairs"
+    (pairs / "shards").mkdir(parents=True)
+    with open(pairs / "shards" / "pairs.json", "w") as f:
+        for r in rows:
+            f.write(json.dumps({**r, "status": "pair", "chosen": r["candidates"][0], "rejected": r["candidates"][1]})
+                    + "\n")
+    trained = run_job("jobs.dpo", "--preferences", str(pairs), "--model", onevision, "--output", str(tmp_path),
                       "--name", "dpo", "--batch-size", "1", "--frames", "4", "--max-steps", "1", cache=embedded_cache)
     assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
     model = tmp_path / "dpo" / "model"

@@ -1,50 +1,52 @@
 """Continuous batching over a loaded ``VideoQAModel``: requests join the running decode batch between steps and
 leave when done.
 
-Written by hand, over the model's own ``forward`` and transformers' cache classes (``kv.py``, ``slot_cache.py``;
-prompts in ``prefill.py``): transformers' continuous batching (``ContinuousBatchingManager``, paged attention)
-takes ``input_ids`` only, and our requests arrive as embeddings with their vision features spliced in
+Written by hand, over the model's own ``forward`` and transformers' cache classes: vLLM's engine can neither run nor
+be tested on these machines, and transformers' continuous batching (``ContinuousBatchingManager``, paged attention)
+takes ``input_ids`` only, where our requests arrive as embeddings with their vision features spliced in
 (transformers#43386 and #46376 are open). No attention kernel is written here.
 
-One thread runs the loop: admit waiting requests that fit (one vision pass for all their media not cached, then
-each prefilled alone, unpadded, so its first token comes at once), then one decode step for every running sequence
-(each row's KV in a slot of one buffer per layer, written in place at one index for all rows, the mask marking real
-positions, as ``generate`` with a padded batch; a row joining or leaving copies that row only).
-Greedy rows give the tokens of one-at-a-time ``generate`` (float32 on CPU: token-identical, tested). A request that
-fails in its prefill fails alone; one that is cancelled leaves the batch before the next step; a decode step that
-raises is run again in halves until the rows that fail alone are found (only those requests fail; an out-of-memory
-step fails nobody). A request of ``n`` answers is prefilled once and forked into ``n`` rows; a prompt whose prefix
-(up to its last visual token) was seen before prefills only the rest (``prefix.py``). With ``preprocess_ahead``
-a second thread makes the waiting requests' media ready (``ahead.py``: processor and vision tower, one pass for
-those it takes together) while the loop decodes: the loop's own work per request is its prefill and its share of
-the steps.
+Split by role as vLLM v1's engine is: ``scheduler.py`` decides what each step runs (admission by priority with a
+bounded bypass, a token budget shared by the decode rows and the prefill chunks, a frame budget for the vision
+pass); ``kv.py`` owns the running batch's KV; this module runs a step (one decode forward for every running row,
+then up to the frame budget of vision, ``vision.py``, then prompt chunks up to what the token budget leaves,
+``prefill.py``); ``sampler.py`` draws every row's token in one set of tensor operations; ``output.py`` turns tokens
+into text, stops, logprobs and events.
+
+One thread runs the loop. A prompt is prefilled alone, unpadded, a chunk at a time into its own one-row cache, so a
+running stream never waits longer than one step's budget; once done, its ``n`` answers join the batch (each row's
+KV in a slot of one buffer per layer, written in place, the mask marking real positions, as ``generate`` with a
+padded batch). Greedy rows give the tokens of one-at-a-time ``generate`` (float32 on CPU: token-identical, tested,
+whatever the chunk size). A request that fails in its vision pass or prefill fails alone; one that is cancelled
+leaves before the next step; a decode step that raises is run again in halves until the rows that fail alone are
+found (an out-of-memory step fails nobody); an error of the loop itself fails every admitted request, which is told.
+A prompt whose prefix (up to its last visual token) was seen before prefills only the rest (``prefix.py``). With
+``preprocess_ahead`` a second thread makes the waiting requests' media ready (``ahead.py``) while the loop decodes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from video_llava.engine.ahead import Ahead, MediaAhead
 from video_llava.engine.compiled import DECODE_MODES, DecodeMode, compiled_steps
-from video_llava.engine.detokenize import Detokenizer
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
 from video_llava.engine.kv import BatchKV
-from video_llava.engine.logprobs import TokenBytes, spelled
+from video_llava.engine.output import EngineStats, Outputs, Request, Row, StepWork
 from video_llava.engine.params import SamplingParams
-from video_llava.engine.prefill import Forward, Plan, Prefiller
+from video_llava.engine.prefill import Forward, Plan, PrefillTask, Prefiller
 from video_llava.engine.prefix import PrefixCache
-from video_llava.engine.sampler import Raw, RowDraw, new_stream, sample
-from video_llava.model.media_embeds import MediaFeatures
+from video_llava.engine.sampler import RowDraw, new_stream, sample
+from video_llava.engine.scheduler import Budgets, Scheduler
+from video_llava.engine.vision import VisionWork, run_vision
 from video_llava.model.qa_model import Answer, PreparedQuestion, VideoQAModel
-from video_llava.model.stops import StreamedText, first_stop
 
 log = logging.getLogger(__name__)
 
@@ -57,56 +59,25 @@ class EngineClosedError(RuntimeError):
     """The engine was closed before the request finished."""
 
 
-@dataclass(eq=False)
-class _Request:
-    """A submitted request: its ``n`` answers are generated as sequences of one prefill."""
+# Errors after which the device cannot be trusted again in this process (a CUDA context is lost for good after an
+# illegal memory access or a device-side assert): the replica must be replaced, not retried.
+DEVICE_FAULTS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error",
+                 "NCCL error", "unspecified launch failure")
 
-    id: int
-    prepared: PreparedQuestion
-    params: SamplingParams
-    emit: Callable[[Event], None]
-    submitted: float
-    streamed: bool  # its owner wants TextPiece events
-    cancelled: bool = False
-    unfinished: int = 0  # answers still being generated, once prefilled
-    failed: bool = False
-    ahead: Ahead = field(default_factory=Ahead)  # its plan and media features, made while it waits
 
-    @property
-    def longest(self) -> int:
-        """KV positions each of its sequences may come to hold: prompt, media and every new token."""
-        p = self.prepared
-        return p.prompt_tokens + p.visual_tokens + p.max_new_tokens
+def device_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device itself failed (not one request's input, not memory that may free up)."""
+    return type(exc).__name__ == "AcceleratorError" or any(sign in str(exc) for sign in DEVICE_FAULTS)
 
 
 @dataclass(eq=False)
-class _Sequence:
-    """One answer being generated: a row of the running batch."""
+class Prefilling:
+    """An admitted request on its way into the batch: its plan, then its vision pass, then its prompt in chunks."""
 
-    request: _Request
-    index: int
-    started: float
-    cached: bool
-    vision_s: float
-    stream: int = 0  # its random stream (sampled rows): the request's seed + its index, else drawn at random
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[Raw] = field(default_factory=list)  # asked for: per token
-    text: StreamedText | None = None
-    detokenizer: Detokenizer | None = None  # streamed or with stop strings: its text so far
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0  # decode steps run
-    prefills: int = 0
-    max_running: int = 0  # most sequences decoded in one step
-    finished: int = 0
-    cancelled: int = 0
-    failed: int = 0
-    prefix_hits: int = 0  # prefills that reused a cached prefix
-    split_steps: int = 0  # decode steps that raised and were run again in halves
-    kv_positions: int = 0  # most KV positions (row slots x positions) the running batch's buffers held
-    running_per_step: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
+    plan: Plan
+    started: float  # when its prefill began (what its answers' generate_s count from)
+    vision: VisionWork | None = None  # its media features still being made
+    task: PrefillTask | None = None  # its prompt, once its features are all made
 
 
 class Engine:
@@ -116,16 +87,18 @@ class Engine:
     ``max_running``: sequences decoded together; ``max_tokens``: KV positions their buffers may hold (row slots x
     positions, each row given room for the longest row's prompt + visual + ``max_new_tokens`` and ``kv.RESERVE``;
     ``BatchKV.positions_after``; one request larger than that still runs, alone); ``max_waiting``: requests
-    queued behind them before ``submit`` raises ``QueueFullError``; ``prefix_cache_mb``: KV of prompt prefixes kept
-    for repeat questions (``prefix.PrefixCache``; 0: none); ``preprocess_ahead``: waiting requests whose media are
-    made ready ahead, in a thread of its own, while the loop computes (0: in the loop, at admission): the processor
-    resizes and normalises them and the vision tower runs once for all of them taken together (the features each
-    gets alone, tested). On a CPU that work runs beside the decode steps instead of between them. ``decode_mode``:
+    queued behind them before ``submit`` raises ``QueueFullError``; ``max_num_batched_tokens``: tokens a step
+    computes, every running row's decode token first and prompt chunks with the rest; ``max_num_vision_frames``:
+    frames through the vision tower in a step; ``max_bypass``: times a waiting request that does not fit may be
+    passed by later ones; ``prefix_cache_mb``: KV of prompt prefixes kept for repeat questions
+    (``prefix.PrefixCache``; 0: none); ``preprocess_ahead``: waiting requests whose media are made ready ahead, in
+    a thread of its own, while the loop computes (0: in the loop, under the frame budget); ``decode_mode``:
     ``dynamic``, ``static`` or ``compiled`` decode steps (``compiled.py``; the same tokens).
     """
 
     def __init__(self, qa: VideoQAModel, max_running: int = 8, max_tokens: int = 1 << 20, max_waiting: int = 256,
-                 prefix_cache_mb: int = 0, preprocess_ahead: int = 0, decode_mode: DecodeMode = "dynamic"):
+                 prefix_cache_mb: int = 0, preprocess_ahead: int = 0, decode_mode: DecodeMode = "dynamic",
+                 max_num_batched_tokens: int = 1024, max_num_vision_frames: int = 8, max_bypass: int = 8):
         if min(max_running, max_tokens, max_waiting) < 1:
             raise ValueError(f"max_running, max_tokens and max_waiting must be >= 1 (got {max_running}, {max_tokens}, "
                              f"{max_waiting})")
@@ -134,15 +107,18 @@ class Engine:
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {decode_mode!r}")
         self.decode_mode = decode_mode
-        self.eos = qa.eos_token_ids
-        self._token_bytes = TokenBytes(self.tokenizer)
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
-        self.stats = EngineStats()
+        self.stats = EngineStats(running_per_step=collections.deque(maxlen=1000),
+                                 work_per_step=collections.deque(maxlen=1000))
         self._forward = Forward(self.model)
         self._prefiller = Prefiller(qa, self._forward, self.prefix_cache)
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._running: list[_Sequence] = []
-        self._live: dict[int, _Request] = {}  # submitted and not yet finished, failed or dropped
+        self._scheduler = Scheduler(Budgets(max_running, max_tokens, max_num_batched_tokens, max_num_vision_frames,
+                                            max_bypass), lambda rows, longest: self._kv.positions_after(rows, longest))
+        self._waiting = self._scheduler.waiting  # in the order they are taken; read by the preprocessing thread
+        self._prefilling: list[Request] = []  # admitted, their vision pass or prompt still running
+        self._running: list[Row] = []
+        self._live: dict[int, Request] = {}  # submitted and not yet finished, failed or dropped
+        self._outputs = Outputs(qa, self.stats, self._live)
         self._kv = self._new_kv()
         self._step_logits = self._forward.step_logits if decode_mode != "compiled" else compiled_steps(self._forward)
         # flash-attention takes a padding mask (rows x positions); sdpa and eager the 4-D mask built per step
@@ -151,20 +127,22 @@ class Engine:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self.fault: BaseException | None = None  # a device fault the loop met: nothing it runs can be trusted
         self._ahead = MediaAhead(self._prefiller, preprocess_ahead, self._cond, self._waiting, lambda: self._closed)
 
     # ---- submitting --------------------------------------------------------------------------------------------
     def submit(self, prepared: PreparedQuestion, params: SamplingParams, emit: Callable[[Event], None],
-               stream: bool = True) -> int:
+               stream: bool = True, priority: int = 0) -> int:
         """Queue a request; ``emit`` receives its events on the engine's thread (it must not block); with
-        ``stream=False`` only ``Finished`` or ``Failed``. Returns the request's id."""
-        request = _Request(next(self._ids), prepared, params, emit, time.perf_counter(), stream)
+        ``stream=False`` only ``Finished`` or ``Failed``; ``priority``: lower is admitted first. Returns its id."""
+        request = Request(next(self._ids), prepared, params, emit, time.perf_counter(), stream, priority,
+                          ahead=Ahead())
         with self._cond:
-            if self._closed:
-                raise EngineClosedError("the engine is closed")
+            if self._closed or self.fault is not None:
+                raise EngineClosedError("the engine is closed" if self._closed else f"the device failed: {self.fault}")
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting for the model")
-            self._waiting.append(request)
+            self._scheduler.add(request)
             self._live[request.id] = request
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -181,13 +159,13 @@ class Engine:
                 request.cancelled = True
             self._cond.notify_all()
 
-    async def events(self, prepared: PreparedQuestion, params: SamplingParams, stream: bool = True
-                     ) -> AsyncIterator[Event]:
+    async def events(self, prepared: PreparedQuestion, params: SamplingParams, stream: bool = True,
+                     priority: int = 0) -> AsyncIterator[Event]:
         """The request's events as an async iterator; leaving the iteration early (or being cancelled) cancels it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         request_id = self.submit(prepared, params, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
-                                 stream)
+                                 stream, priority)
         done, left = False, params.n
         try:
             while not done:
@@ -262,6 +240,13 @@ class Engine:
             self._thread.join(timeout=60)
         self._ahead.join(timeout=60)
 
+    def check_health(self) -> None:
+        """Raise if this engine cannot serve again: its loop met a device fault, or its thread died."""
+        if self.fault is not None:
+            raise RuntimeError(f"the device failed and cannot be trusted: {type(self.fault).__name__}: {self.fault}")
+        if self._thread is not None and not self._thread.is_alive() and not self._closed:
+            raise RuntimeError("the engine's loop is not running")
+
     @property
     def running(self) -> int:
         """Sequences in the running batch now."""
@@ -274,12 +259,19 @@ class Engine:
 
     def describe(self) -> dict:
         s = self.stats
+        b = self._scheduler.budgets
         return {"max_running": self.max_running, "max_tokens": self.max_tokens, "max_waiting": self.max_waiting,
-                "running": len(self._running), "waiting": len(self._waiting), "steps": s.steps,
-                "prefills": s.prefills, "most_running_in_a_step": s.max_running, "finished": s.finished,
+                "max_num_batched_tokens": b.max_num_batched_tokens, "max_num_vision_frames": b.max_num_vision_frames,
+                "running": len(self._running), "waiting": len(self._waiting), "prefilling": len(self._prefilling),
+                "steps": s.steps, "prefills": s.prefills, "prefill_chunks": s.prefill_chunks, "most_running_in_a_step": s.max_running, "finished": s.finished,
                 "cancelled": s.cancelled, "failed": s.failed, "prefix_hits": s.prefix_hits,
                 "vision_ahead": self._ahead.made, "split_steps": s.split_steps, "kv_positions": s.kv_positions,
                 "prefix_cache": self.prefix_cache.stats()}
+
+    def recent_steps(self) -> list[StepWork]:
+        """What each of the last (up to 1000) steps computed, and when it began."""
+        with self._cond:
+            return list(self.stats.work_per_step)
 
     def recent_running(self) -> list[int]:
         """Sequences in each of the last (up to 1000) decode steps."""
@@ -290,55 +282,61 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._closed or self._running or (self._waiting and self._ahead.ready(self._waiting[0]))):
+                while not (self._closed or self._running or self._prefilling
+                           or (self._waiting and self._ahead.ready(self._waiting[0]))):
                     self._cond.wait()
                 if self._closed:
                     break
-                admitted = self._admissible()
+                self._prefilling += self._admit()
             try:
+                started = time.perf_counter()
                 self._drop_cancelled()
-                self._prefill_all(admitted)
-                if self._running:
+                rows = len(self._running)
+                if rows:
                     self._step()
-            except Exception as exc:  # not one request's fault (those fail alone): the running ones fail, it goes on
-                log.exception("the engine loop failed with %d sequences running", len(self._running))
-                for seq in self._running:
-                    self._fail(seq.request, exc)
-                self._running, self._kv = [], self._new_kv()
+                tokens, frames = self._advance_prefills(rows)
+                with self._cond:
+                    self.stats.work_per_step.append(StepWork(rows, tokens, frames, started))
+                if self.fault is not None:  # met by one request: the others' work is not to be trusted either
+                    raise self.fault
+            except Exception as exc:  # not one request's fault (those fail alone): every admitted one fails, is told
+                log.exception("the engine loop failed with %d sequences running and %d prefilling", len(self._running),
+                              len(self._prefilling))
+                for request in [row.request for row in self._running] + self._prefilling:
+                    self._failed(request, exc)
+                self._running, self._prefilling, self._kv = [], [], self._new_kv()
         error = EngineClosedError("the engine was closed")
-        for request in list(self._waiting) + [seq.request for seq in self._running]:
-            self._fail(request, error)
+        for request in list(self._waiting) + self._prefilling + [row.request for row in self._running]:
+            self._failed(request, error)
 
-    def _admissible(self) -> list[_Request]:
-        """Waiting requests (in arrival order) that fit beside the running ones; called holding the lock."""
-        admitted: list[_Request] = []
-        longest = max((s.request.longest for s in self._running), default=0)
-        rows = len(self._running)
-        while self._waiting:
-            request = self._waiting[0]
-            if request.cancelled:
-                self._waiting.popleft()
-                self._live.pop(request.id, None)
-                self.stats.cancelled += 1
-                continue
-            if not self._ahead.ready(request):
-                break  # its media are being made ready: it joins at a later step (the batch decodes meanwhile)
-            n, longer = request.params.n, max(longest, request.longest)
-            if rows and (rows + n > self.max_running or self._kv.positions_after(rows + n, longer) > self.max_tokens):
-                break  # first come, first served: it waits for room rather than being overtaken
-            admitted.append(self._waiting.popleft())
-            longest, rows = longer, rows + n
+    def _failed(self, request: Request, exc: BaseException) -> None:
+        """A request fails; a device fault also marks the engine as faulted (``check_health``)."""
+        if device_fault(exc) and self.fault is None:
+            log.error("device fault: %s: %s; this replica cannot be trusted again", type(exc).__name__, exc)
+            self.fault = exc
+        self._outputs.fail(request, exc)
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests the scheduler admits beside the running and prefilling ones; called holding the lock."""
+        rows = len(self._running) + sum(r.rows for r in self._prefilling)
+        longest = max([row.request.longest for row in self._running] + [r.longest for r in self._prefilling],
+                      default=0)
+        admitted, cancelled = self._scheduler.admit(rows, longest, self._ahead.ready)
+        for request in cancelled:
+            self._outputs.cancelled(request)
         if admitted and self._ahead.limit:
             self._cond.notify_all()  # room ahead: the preprocessing thread may go on
         return admitted
 
     def _drop_cancelled(self) -> None:
-        gone = [i for i, s in enumerate(self._running) if s.request.cancelled]
+        gone = [i for i, row in enumerate(self._running) if row.request.cancelled]
         if gone:
             for i in gone:
-                if self._live.pop(self._running[i].request.id, None) is not None:
-                    self.stats.cancelled += 1
+                self._outputs.cancelled(self._running[i].request)
             self._leave(gone)
+        for request in [r for r in self._prefilling if r.cancelled]:
+            self._prefilling.remove(request)
+            self._outputs.cancelled(request)
 
     def _leave(self, rows: list[int]) -> None:
         """Rows ``rows`` leave the batch (the KV moves the last rows into their slots; the sequences follow)."""
@@ -349,63 +347,126 @@ class Engine:
             # same addresses) unless a request larger than the budget made them
             self._kv = self._new_kv()
 
-    def _prefill_all(self, admitted: list[_Request]) -> None:
-        """Prefill the admitted requests one by one, after one vision pass for all of their media not cached (nor
-        made ahead)."""
-        plans: list[Plan | None] = []
-        for request in admitted:
+    # ---- prefills ----------------------------------------------------------------------------------------------
+    def _plan(self) -> None:
+        """Admitted requests start their prefill, in order, as many as keep this step's budgets busy: their plan
+        (prompt ids, a cached prefix), then their vision pass (none when the prefix is cached, or the media were made
+        ahead or are in the feature cache). Planning all of a burst in one step would tokenize every long prompt
+        between two decode steps."""
+        b = self._scheduler.budgets
+        works = [r.work for r in self._prefilling if r.work is not None]
+        frames = sum(w.vision.pending_frames for w in works if w.vision is not None)
+        tokens = sum(w.task.remaining for w in works if w.task is not None)
+        for request in [r for r in self._prefilling if r.work is None]:
+            if frames >= b.max_num_vision_frames or tokens >= b.max_num_batched_tokens:
+                break
             try:
                 made = request.ahead.plan
-                plans.append(self._prefiller.fetch(made) if made is not None
-                             else self._prefiller.plan(request.prepared))
+                plan = self._prefiller.fetch(made) if made is not None else self._prefiller.plan(request.prepared)
+                work = Prefilling(plan, time.perf_counter())
+                if plan.prefix is not None:
+                    work.task = self._prefiller.start(plan, None)
+                elif request.ahead.features is not None:
+                    work.task = self._prefiller.start(plan, request.ahead.features)
+                else:
+                    work.vision = VisionWork(self.qa.embedder, request.prepared)
             except Exception as exc:  # its prompt cannot be tokenized or expanded: it fails alone
                 log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
-                self._fail(request, exc)
-                plans.append(None)
-        need = [r for r, plan in zip(admitted, plans)
-                if plan is not None and plan.prefix is None and r.ahead.features is None]
-        shared = self._prefiller.shared_features([r.prepared for r in need])
-        features = dict(zip((r.id for r in need), shared)) if shared is not None else {}
-        for request, plan in zip(admitted, plans):
-            if plan is not None:
-                made = request.ahead.features
-                self._prefill(request, plan, made if made is not None else features.get(request.id))
-            request.ahead.plan = request.ahead.features = None  # used: their memory goes
+                self._prefilling.remove(request)
+                self._failed(request, exc)
+                continue
+            finally:
+                request.ahead.plan = request.ahead.features = None  # used: their memory goes
+            request.work = work
+            frames += work.vision.pending_frames if work.vision is not None else 0
+            tokens += work.task.remaining if work.task is not None else 0
 
-    def _prefill(self, request: _Request, plan: Plan, features: MediaFeatures | None) -> None:
-        """Prefill one request alone; the first token of each of its ``n`` answers, which join the batch (one
-        copy of the prefill's KV each) unless already done."""
-        started = time.perf_counter()
-        p = request.params
+    def _advance_prefills(self, decoded: int) -> tuple[int, int]:
+        """The step's vision pass (up to the frame budget) and prompt chunks (up to what the token budget leaves
+        beside the ``decoded`` rows of its decode step); a prompt done joins the batch. The prompt tokens and frames
+        computed."""
+        self._plan()
+        frames = self._vision()
+        chunks = self._scheduler.chunks([r for r in self._prefilling if r.work is not None and r.work.task is not None],
+                                        lambda r: r.work.task.remaining, decoded)
+        for request, tokens in chunks:
+            task = request.work.task
+            try:
+                logits = self._prefiller.chunk(task, tokens)
+                self.stats.prefill_chunks += 1
+            except Exception as exc:  # this request alone: out of memory for its size, a bad input that got through
+                log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
+                self._prefilling.remove(request)
+                self._failed(request, exc)
+                continue
+            if logits is not None:
+                self._prefilling.remove(request)
+                self._join(request, task, logits)
+        return sum(tokens for _, tokens in chunks), frames
+
+    def _vision(self) -> int:
+        """Up to the frame budget of the prefilling requests' vision passes, in one pass per frame shape; if that
+        pass fails, each request's runs alone, so that only a request whose own media fail fails."""
+        pending = [r for r in self._prefilling if r.work is not None and r.work.vision is not None]
+        if not pending:
+            return 0
+        budget = self._scheduler.budgets.max_num_vision_frames
         try:
-            done = self._prefiller.run(request.prepared, plan, features)
-            logits = done.logits
-            self.stats.prefix_hits += done.prefix_hit
-            wants_text = request.streamed or bool(p.stop)
-            forks = [_Sequence(request, i, started, done.cached, done.vision_s,
-                               new_stream(None if p.seed is None else p.seed + i), text=StreamedText(p.stop),
-                               detokenizer=Detokenizer(self.tokenizer, self.eos) if wants_text else None)
-                     for i in range(p.n)]
-            first = sample(logits.expand(p.n, -1), [RowDraw(p, seq.stream, 0) for seq in forks])
-            error = next((c for c in first.tokens if isinstance(c, Exception)), None)
+            used = run_vision(self.qa.embedder, [r.work.vision for r in pending], budget)
+        except Exception as exc:
+            log.warning("the vision pass of %d requests failed (%s: %s): each runs alone", len(pending),
+                        type(exc).__name__, exc)
+            used = 0
+            for request in pending:
+                if used >= budget:
+                    break
+                try:
+                    used += run_vision(self.qa.embedder, [request.work.vision], budget - used)
+                except Exception as alone:
+                    self._prefilling.remove(request)
+                    self._failed(request, alone)
+        for request in pending:
+            work = request.work
+            if request in self._prefilling and work.vision.done:
+                try:
+                    work.task = self._prefiller.start(work.plan, work.vision.features())
+                except Exception as exc:
+                    self._prefilling.remove(request)
+                    self._failed(request, exc)
+                work.vision = None
+        return used
+
+    def _join(self, request: Request, task: PrefillTask, logits: Any) -> None:
+        """A prompt done: the first token of each of its ``n`` answers, which join the batch (one copy of the
+        prefill's KV each) unless already done."""
+        p = request.params
+        started = request.work.started
+        request.work = None
+        try:
+            rows = [self._outputs.sequence(request, i, started, task.cached, task.vision_s,
+                                           new_stream(None if p.seed is None else p.seed + i)) for i in range(p.n)]
+            first = sample(logits.expand(p.n, -1), [RowDraw(p, row.stream, 0) for row in rows])
+            error = next((t for t in first.tokens if isinstance(t, Exception)), None)
             if error is not None:
                 raise error
-        except Exception as exc:  # this request alone: out of memory for its size, a bad input that got through
+        except Exception as exc:
             log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
-            self._fail(request, exc)
+            self._failed(request, exc)
             return
         self.stats.prefills += 1
+        self.stats.prefix_hits += task.prefix_hit
         request.unfinished = p.n
         try:
-            going = [seq for seq, token, raw in zip(forks, first.tokens, first.logprobs)
-                     if not self._append(seq, token, raw)]
+            going = [row for row, token, raw in zip(rows, first.tokens, first.logprobs)
+                     if not self._outputs.append(row, token, raw)]
             if going:
-                self._kv.add(done.cache, len(plan.ids), copies=len(going))
+                self._kv.add(task.cache, len(task.ids), copies=len(going))
                 self._running.extend(going)
         except Exception as exc:  # its rows already in the batch leave at the next step (``failed``)
             log.exception("first token failed")
-            self._fail(request, exc)
+            self._failed(request, exc)
 
+    # ---- decode steps ------------------------------------------------------------------------------------------
     def _step(self) -> None:
         """One decode step: every running sequence gets its next token; finished ones leave the batch."""
         import torch
@@ -426,16 +487,16 @@ class Engine:
             return
         self.stats.kv_positions = max(self.stats.kv_positions, self._kv.positions)
         logits = parts[0][2] if len(parts) == 1 else torch.cat([p[2] for p in parts])
-        step = sample(logits, [RowDraw(s.request.params, s.stream, len(s.tokens)) for s in rows])
-        done = [i for i, (seq, token, raw) in enumerate(zip(rows, step.tokens, step.logprobs))
-                if self._failed_alone(seq, token) or self._appended_alone(seq, token, raw)]
+        step = sample(logits, [RowDraw(row.request.params, row.stream, len(row.tokens)) for row in rows])
+        done = [i for i, (row, token, raw) in enumerate(zip(rows, step.tokens, step.logprobs))
+                if self._outputs.sampled(row, token, raw)]
         if done:
             self._leave(done)
 
     def _new_kv(self) -> BatchKV:
         return BatchKV(static=self.decode_mode != "dynamic", max_slots=self.max_running)
 
-    def _decode(self, kv: BatchKV, rows: list[_Sequence]) -> Any:
+    def _decode(self, kv: BatchKV, rows: list[Row]) -> Any:
         """Logits of one decode step over ``rows`` (their KV ``kv``, advanced; as it was if the step raises)."""
         import torch
 
@@ -452,16 +513,19 @@ class Engine:
         kv.advance()
         return logits[:len(rows)]
 
-    def _isolated_decode(self, kv: BatchKV, rows: list[_Sequence]) -> list[tuple[BatchKV, list[_Sequence], Any]]:
+    def _isolated_decode(self, kv: BatchKV, rows: list[Row]) -> list[tuple[BatchKV, list[Row], Any]]:
         """``_decode``, and if it fails, the same step in halves until the rows that fail alone are found: those
         requests fail, the others go on (an out-of-memory step succeeds in smaller parts: nobody fails). The parts
         that ran: (KV, rows, logits)."""
         try:
             return [(kv, rows, self._decode(kv, rows))]
         except Exception as exc:
+            if device_fault(exc):  # no half of the step can be trusted: every request in flight fails
+                self.fault = self.fault or exc
+                raise
             if len(rows) == 1:
                 log.warning("decode step failed for request %d: %s: %s", rows[0].request.id, type(exc).__name__, exc)
-                self._fail(rows[0].request, exc)
+                self._failed(rows[0].request, exc)
                 return []
             log.warning("decode step of %d sequences failed (%s: %s): retrying in halves", len(rows),
                         type(exc).__name__, exc)
@@ -470,71 +534,6 @@ class Engine:
         second = kv.take(range(half, len(rows)))
         kv.keep(range(half))
         return self._isolated_decode(kv, rows[:half]) + self._isolated_decode(second, rows[half:])
-
-    def _failed_alone(self, seq: _Sequence, token: int | Exception) -> bool:
-        """Whether the row's sampling failed (non-finite probabilities): its request fails alone."""
-        if isinstance(token, Exception):
-            log.warning("sampling failed for request %d: %s", seq.request.id, token)
-            self._fail(seq.request, token)
-            return True
-        return False
-
-    def _appended_alone(self, seq: _Sequence, token: int, raw: Raw | None) -> bool:
-        """``_append``; an error there (a stop string, a tokenizer, an owner's callback) fails that request alone."""
-        try:
-            return self._append(seq, token, raw)
-        except Exception as exc:
-            log.exception("finishing a token failed for request %d", seq.request.id)
-            self._fail(seq.request, exc)
-            return True
-
-    def _append(self, seq: _Sequence, token: int, raw: Raw | None) -> bool:
-        """Add a generated token (``raw``: its logprobs, when asked for), stream the new text, finish the sequence
-        if it ended; whether it ended."""
-        request, p = seq.request, seq.request.params
-        seq.tokens.append(token)
-        if request.cancelled or request.failed:  # cancelled during this step: it leaves now
-            if request.cancelled and self._live.pop(request.id, None) is not None:
-                self.stats.cancelled += 1
-            return True
-        if p.logprobs and raw is not None:
-            seq.logprobs.append(raw)
-        eos = token in self.eos and not p.ignore_eos
-        piece, stopped = "", False
-        if seq.detokenizer is not None:  # the text so far: what to stream, whether a stop string appeared
-            text = seq.detokenizer.add(token)
-            piece = seq.text.update(text) if request.streamed else ""
-            stopped = first_stop(text, p.stop) is not None
-        if not (eos or stopped or len(seq.tokens) >= p.max_new_tokens):
-            if piece:
-                request.emit(TextPiece(piece, seq.index))
-            return False
-        answer = self.qa.answer_from_tokens(request.prepared, seq.tokens, time.perf_counter() - seq.started,
-                                            seq.cached, seq.vision_s, p.stop)
-        if p.ignore_eos:
-            answer = dataclasses.replace(answer, completion_tokens=len(seq.tokens))
-        if p.logprobs:
-            answer = dataclasses.replace(answer, logprobs=spelled(self._token_bytes, seq.tokens, seq.logprobs))
-        piece += seq.text.finish(answer.text) if request.streamed else ""
-        if piece:
-            request.emit(TextPiece(piece, seq.index))
-        self.stats.finished += 1
-        request.unfinished -= 1
-        if request.unfinished == 0:
-            self._live.pop(request.id, None)
-        request.emit(Finished(answer, seq.started - request.submitted, seq.index))
-        return True
-
-    def _fail(self, request: _Request, exc: BaseException) -> None:
-        if request.failed:
-            return
-        request.failed = True
-        self.stats.failed += 1
-        self._live.pop(request.id, None)
-        try:
-            request.emit(Failed(exc))
-        except Exception:  # its owner is gone (its event loop closed): nothing is left to tell
-            log.warning("request %d failed and its owner could not be told", request.id)
 
 
 def _one_answer(params: SamplingParams) -> None:

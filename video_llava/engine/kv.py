@@ -185,15 +185,17 @@ class BatchKV:
         source = torch.where(holds, order.gather(1, offset.clamp(0, max(self.end - 1, 0))), 0) if self.end else None
         real = torch.zeros(slots, capacity, dtype=torch.bool, device=device)
         real[:n, :end] = holds
-        for group in (self.keys, self.values):
-            for i, old in enumerate(group):
+        built: list[list[Any]] = [[], []]  # every new buffer made before any is used: a failure (out of memory at
+        for group, fresh_group in zip((self.keys, self.values), built):  # layer k) leaves the batch as it was
+            for old in group:
                 fresh = self._new_buffer(slots, old.shape[1], capacity, old.shape[-1], dtype=old.dtype, device=device)
                 if n and source is not None:
                     index = source[:, None, :, None].expand(n, old.shape[1], end, old.shape[-1])
                     fresh[:n, :, :end] = old[:n, :, :self.end].gather(2, index) * holds[:, None, :, None]
-                group[i] = fresh
+                fresh_group.append(fresh)
         kept = torch.zeros(slots, dtype=torch.long, device=device)
         kept[:n] = lengths
+        self.keys[:], self.values[:] = built  # in place: the cache's layers read these lists
         self.real, self.lengths = real, kept
         self.first = [end - int(length) for length in lengths.tolist()]
         self._move_write(end)

@@ -1,6 +1,6 @@
-"""The prefill half of the engine: prompt ids, prefix-cache lookups, one vision pass for the requests taken together
-(waiting, or admitted), and each request's forward over its prompt (alone, unpadded); ``Forward.step_logits`` is a
-decode step."""
+"""The prefill half of the engine: prompt ids, prefix-cache lookups, one vision pass for waiting requests taken
+together (made ahead), and each request's prompt through the model alone, unpadded, a chunk at a time
+(``PrefillTask``); ``Forward.step_logits`` is a decode step."""
 
 from __future__ import annotations
 
@@ -27,14 +27,24 @@ class Plan:
 
 
 @dataclass
-class Prefilled:
-    """One request's prefill: the last position's logits (1 x vocabulary), its one-row cache, and how it went."""
+class PrefillTask:
+    """One request's prefill, run a chunk at a time: its prompt's embeddings (media features spliced in, or past a
+    cached prefix only its own text), and its one-row cache, which each chunk extends."""
 
-    logits: Any
-    cache: Any
-    cached: bool  # the vision tower was skipped (features or the whole prefix cached)
-    vision_s: float
-    prefix_hit: bool
+    ids: list[int]
+    embeds: Any  # (1, positions still to compute, hidden)
+    start: int  # the position ``embeds`` starts at (a cached prefix's length, else 0)
+    cache: Any = None
+    done: int = 0  # positions computed (a cached prefix counts)
+    cached: bool = False  # the vision tower was skipped
+    vision_s: float = 0.0
+    prefix_hit: bool = False
+    key: str | None = None  # its prefix's key, to keep the prefix KV once computed
+    cut: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.ids) - self.done
 
 
 class Forward:
@@ -129,21 +139,33 @@ class Prefiller:
                 out.append(None)
         return out
 
-    def run(self, prepared: PreparedQuestion, plan: Plan, features: MediaFeatures | None) -> Prefilled:
-        """One request's prefill; after a prefix seen before, only the text past its last visual token is run."""
+    def start(self, plan: Plan, features: MediaFeatures | None) -> PrefillTask:
+        """A request's prefill, ready to run in chunks: past a cached prefix its own text only, else its whole prompt
+        with ``features`` (its media's, all made) spliced in."""
+        import torch
+
+        if plan.prefix is not None:
+            embeds = self.forward.embed(torch.tensor([plan.ids[plan.cut:]], device=self.forward.model.device))
+            return PrefillTask(plan.ids, embeds, plan.cut, plan.prefix, plan.cut, cached=True, prefix_hit=True)
+        embeds = self.qa.embedder.splice([plan.ids], [features])
+        return PrefillTask(plan.ids, embeds, 0, cached=features.cached, vision_s=features.vision_s, key=plan.key,
+                           cut=plan.cut)
+
+    def chunk(self, task: PrefillTask, tokens: int) -> Any | None:
+        """The next ``tokens`` positions of ``task`` through the model; the last position's logits once the prompt
+        is done (then its prefix is kept in the prefix cache), else None."""
         import torch
 
         device = self.forward.model.device
-        if plan.prefix is not None:
-            embeds = self.forward.embed(torch.tensor([plan.ids[plan.cut:]], device=device))
-            mask = torch.ones(1, len(plan.ids), dtype=torch.long, device=device)
-            positions = torch.arange(plan.cut, len(plan.ids), device=device).unsqueeze(0)
-            logits, cache = self.forward(embeds, mask, plan.prefix, positions)
-            return Prefilled(logits, cache, True, 0.0, prefix_hit=True)
-        if features is None:
-            (features,) = self.qa.embedder.features([prepared])
-        embeds = self.qa.embedder.splice([plan.ids], [features])
-        logits, cache = self.forward(embeds, torch.ones(1, len(plan.ids), dtype=torch.long, device=device))
-        if plan.key is not None:
-            self.prefix_cache.put(plan.key, cache, plan.cut)
-        return Prefilled(logits, cache, features.cached, features.vision_s, prefix_hit=False)
+        stop = min(task.done + tokens, len(task.ids))
+        embeds = task.embeds[:, task.done - task.start:stop - task.start]
+        mask = torch.ones(1, stop, dtype=torch.long, device=device)
+        positions = torch.arange(task.done, stop, device=device).unsqueeze(0)
+        logits, task.cache = self.forward(embeds, mask, task.cache, positions)
+        task.done = stop
+        if task.remaining:
+            return None
+        task.embeds = None  # its memory goes
+        if task.key is not None and not task.prefix_hit:
+            self.prefix_cache.put(task.key, task.cache, task.cut)
+        return logits

@@ -84,8 +84,10 @@ class Runtime:
 
 
 def resolve_runtime(device: str = "auto", dtype: str = "auto", attention: str = "auto") -> Runtime:
-    """Settings' ``auto`` values made concrete: CUDA when visible; bf16 there (fp16 where bf16 is unsupported),
-    float32 on a CPU; flash-attention 2 on a GPU when the ``gpu`` extra is installed, else sdpa."""
+    """Settings' ``auto`` values made concrete: CUDA when visible; bf16 there where the GPU has it natively (fp16 on
+    pre-Ampere GPUs, which only emulate bf16), float32 on a CPU; sdpa attention. flash-attention 2 only when asked
+    for: the engine's decode steps give it a padding mask with holes between rows, which transformers unpads with
+    host syncs in every layer at every step."""
     import torch
 
     if device == "auto":
@@ -94,15 +96,25 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto", attention: str = 
         raise ModelLoadError(f"device={device!r} but no CUDA GPU is visible; use device='cpu' or 'auto'")
     on_gpu = device.startswith("cuda")
     if dtype == "auto":
-        resolved_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_gpu else torch.float32
+        resolved_dtype = (torch.bfloat16 if native_bf16() else torch.float16) if on_gpu else torch.float32
     else:
         resolved_dtype = getattr(torch, dtype)
     flash = importlib.util.find_spec("flash_attn") is not None
     if attention == "auto":
-        attention = "flash_attention_2" if on_gpu and flash else "sdpa"
+        attention = "sdpa"
     elif attention == "flash_attention_2" and not flash:
         raise ModelLoadError("attn_implementation='flash_attention_2' needs the gpu extra: pip install '.[gpu]'")
     return Runtime(device, resolved_dtype, attention)
+
+
+def native_bf16() -> bool:
+    """Whether the GPU computes bf16 itself: ``is_bf16_supported()`` also says yes where it is emulated (slowly)."""
+    import torch
+
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older torch without the argument
+        return torch.cuda.is_bf16_supported()
 
 
 def resolve_source(settings: ModelSettings) -> str:

@@ -89,6 +89,45 @@ class MediaEmbedder:
                                      image_s + sum(seconds.get(k, 0.0) for k in set(question_keys))))
         return out
 
+    # ---- pieces of videos, for a caller that spreads a vision pass over several steps ---------------------------
+    @property
+    def video_closing_tokens(self) -> int:
+        """Tokens a video's features end with whatever its length (OneVision's newline; none for the others)."""
+        return self.family.video_tokens(self.processor, 0)
+
+    def cached_video(self, key: str) -> Any | None:
+        return self.feature_cache.get(key) if self.feature_cache.max_bytes else None
+
+    def finished_video(self, key: str, features: Any) -> None:
+        """A video whose features were made piece by piece: counted as run through the tower, and cached."""
+        self.vision_calls += 1
+        if self.feature_cache.max_bytes:
+            self.feature_cache.put(key, features)
+
+    def video_pieces(self, pieces: Sequence[np.ndarray]) -> tuple[list[Any], float]:
+        """The features of runs of consecutive frames (each a piece of a video), as ``video_features`` gives a whole
+        video's (closing tokens included), and the seconds the pass took: one pass through the vision tower for
+        the pieces of one shape. A video's features are its pieces' without their closing tokens, then those once
+        (the vision tower and pooling read each frame alone: tested equal, bit for bit)."""
+        import torch
+
+        out: list[Any] = [None] * len(pieces)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, piece in enumerate(pieces):
+            by_shape.setdefault(piece.shape, []).append(i)
+        start = time.perf_counter()
+        for shaped in by_shape.values():
+            with torch.inference_mode():
+                features = self.family.video_features(self.model, self.processor, [pieces[i] for i in shaped])
+            for i, f in zip(shaped, features):
+                out[i] = f
+        return out, time.perf_counter() - start
+
+    def image_set(self, prepared: Embeddable) -> tuple[Any | None, bool, float]:
+        """The features of one question's images (together; None without images), whether they came from the cache,
+        and the seconds the pass took."""
+        return self._run_images([prepared], [media_keys(prepared)])[0]
+
     def _run_images(self, prepared: Sequence[Embeddable], every: Sequence[tuple[str, ...]]
                     ) -> list[tuple[Any | None, bool, float]]:
         """Per question: the features of its images (together, in order; None without images), whether they came

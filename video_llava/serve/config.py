@@ -84,7 +84,22 @@ class BatchSettings(BaseModel):
         "dynamic", description="decode steps over the rows and positions in use (dynamic), over whole buffers "
         "(static: few shapes), or static and compiled with torch.compile (CUDA graphs on a GPU; the first steps of "
         "each shape compile). The same tokens in every mode")
+    max_num_batched_tokens: int = Field(
+        1024, ge=2, description="tokens a step computes: every running sequence's next token, then prompts in chunks "
+        "with the rest (chunked prefill: a running stream waits at most one step's budget while new prompts arrive); "
+        "must be more than max_batch_size")
+    max_num_vision_frames: int = Field(
+        8, ge=1, description="frames through the vision tower in a step, for the requests admitted (their media "
+        "not made ahead): a burst of long videos is run a few frames a step, beside the decode steps")
     ignore_eos: bool = Field(False, description="benchmarks only: every answer runs to its max tokens (bench/serve.py)")
+
+    @model_validator(mode="after")
+    def _budget_leaves_room_for_prompts(self) -> "BatchSettings":
+        if self.max_num_batched_tokens <= self.max_batch_size:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be more than max_batch_size "
+                             f"({self.max_batch_size}): each step decodes every running sequence and prefills with "
+                             "what is left")
+        return self
 
 
 class DeploymentSettings(BaseModel):

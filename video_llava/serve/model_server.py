@@ -58,10 +58,15 @@ class ModelServer:
             tokens = auto_max_tokens(self.model.model, b.kv_memory_share, b.prefix_cache_mb * 2**20)
             log.info("batching.max_batch_tokens: auto gives %d KV positions", tokens)
         self.engine = Engine(self.model, b.max_batch_size, tokens, b.max_waiting, b.prefix_cache_mb,
-                             b.preprocess_ahead, b.decode_mode)
+                             b.preprocess_ahead, b.decode_mode, max_num_batched_tokens=b.max_num_batched_tokens,
+                             max_num_vision_frames=b.max_num_vision_frames)
         self.metrics = ModelMetrics()
         self.metrics.kv_budget.set(tokens)
         log.info("model ready: %s", self.model.describe())
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose device failed (a CUDA fault poisons the process) is replaced."""
+        self.engine.check_health()
 
     def describe(self) -> dict:
         return {
@@ -101,7 +106,7 @@ class ModelServer:
                                 ignore_eos=self.args.batching.ignore_eos)
         answers: dict[int, Finished] = {}
         try:
-            async for event in self.engine.events(prepared, params, stream):
+            async for event in self.engine.events(prepared, params, stream, request.priority):
                 if isinstance(event, TextPiece):
                     yield ModelPiece(event.text, event.index)
                 elif isinstance(event, Finished):

@@ -55,6 +55,7 @@ class ModelRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     top_k: int = 0  # 0: no bound
+    priority: int = 0  # lower is admitted first (clients do not set it: the service's own classes of traffic)
 
     @property
     def media(self) -> list[np.ndarray]:

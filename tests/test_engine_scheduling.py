@@ -1,0 +1,319 @@
+"""The engine's step under its budgets: prompts prefilled in chunks and media through the vision tower in runs of
+frames, beside the running rows' decode steps; token-identical to one-at-a-time ``generate`` for every family,
+whatever the chunk size; admission by priority with a bounded bypass; a loop error tells every admitted request."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from tests.conftest import HEIGHT, WIDTH
+from video_llava.data.synthetic_video import SAMPLE_SHAPES, MovingShape, render_frames
+from video_llava.engine import Engine, Failed, Finished, SamplingParams, TextPiece
+from video_llava.engine.scheduler import Budgets, Scheduler
+
+FAMILIES = ["llava_next_video", "llava_onevision", "llava_next", "llava", "yi_vl"]
+TAKES_VIDEO = {"llava_next_video", "llava_onevision"}
+
+
+# ---- the scheduler alone ---------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Waiting:
+    id: int
+    longest: int
+    priority: int = 0
+    rows: int = 1
+    cancelled: bool = False
+    bypassed: int = 0
+
+
+def scheduler(max_running: int = 4, max_tokens: int = 1000, max_bypass: int = 2) -> Scheduler:
+    return Scheduler(Budgets(max_running, max_tokens, 64, 8, max_bypass), lambda rows, longest: rows * longest)
+
+
+def test_waiting_requests_are_taken_by_priority_then_arrival():
+    s = scheduler()
+    for request in [Waiting(0, 10, priority=1), Waiting(1, 10), Waiting(2, 10, priority=1), Waiting(3, 10)]:
+        s.add(request)
+    admitted, _ = s.admit(0, 0, lambda r: True)
+    assert [r.id for r in admitted] == [1, 3, 0, 2]
+
+
+def test_a_request_that_does_not_fit_is_passed_at_most_max_bypass_times_then_holds_the_head():
+    s = scheduler(max_tokens=1000, max_bypass=2)
+    big = Waiting(0, 600)  # beside a running row: 2 rows x 600 positions > 1000, it waits
+    s.add(big)
+    for i in range(1, 6):
+        s.add(Waiting(i, 100))
+    first, _ = s.admit(1, 100, lambda r: True)  # small ones pass it while it does not fit
+    assert [r.id for r in first] == [1, 2] and big.bypassed == 2
+    second, _ = s.admit(3, 100, lambda r: True)  # passed twice: nothing behind it is admitted until it fits
+    assert second == [] and s.waiting[0] is big
+    third, _ = s.admit(0, 0, lambda r: True)  # the batch emptied: it goes first
+    assert third[0] is big
+
+
+def test_chunks_share_what_the_token_budget_leaves_beside_the_decode_rows_in_order():
+    s = scheduler()  # 64 tokens a step
+    a, b, c = Waiting(0, 0), Waiting(1, 0), Waiting(2, 0)
+    remaining = {a: 50, b: 30, c: 0}
+    plan = s.chunks([a, b, c], remaining.get, rows=4)
+    assert plan == [(a, 50), (b, 10)]  # 60 tokens beside 4 decode rows; c's vision pass is still running
+
+
+def test_a_budget_that_leaves_no_room_beside_the_rows_is_refused():
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Budgets(8, 1000, 8, 4)
+
+
+# ---- the engine, every family --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    return render_frames(SAMPLE_SHAPES, num_frames=6, width=WIDTH, height=HEIGHT)
+
+
+_models: dict = {}
+
+
+def family_model(tiny_checkpoint, family: str):
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
+
+    if family not in _models:
+        _models[family] = VideoQAModel(ModelSettings(model=str(tiny_checkpoint(family)), device="cpu", num_frames=4,
+                                                     max_frames=16, max_new_tokens=6, feature_cache_mb=0))
+    return _models[family]
+
+
+def collect(engine, prepared, params, **kw):
+    """Submit; returns (a list that fills with each request's events, an event set when all have ended)."""
+    events: list[list] = [[] for _ in prepared]
+    ended = threading.Event()
+    left = [p.n for p in params]
+
+    def emit(i):
+        def on(event):
+            events[i].append(event)
+            if not isinstance(event, TextPiece):
+                left[i] = 0 if isinstance(event, Failed) else left[i] - 1
+                if not any(left):
+                    ended.set()
+        return on
+
+    for i, (p, sp) in enumerate(zip(prepared, params)):
+        engine.submit(p, sp, emit(i), **kw)
+    return events, ended
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunks_smaller_than_a_frame_and_vision_in_runs_give_the_tokens_of_one_at_a_time_generate(
+        tiny_checkpoint, frames, family):
+    """Prompts in chunks of 37 tokens (a frame is 144 or 196), three frames of vision a step, a long answer running
+    throughout, n=2 greedy answers, and a repeat question that reuses its prefix's KV."""
+    qa = family_model(tiny_checkpoint, family)
+    cases = [([frames[0]], "What color is the circle?"), ([frames[1], frames[2]], "Compare them."),
+             ([frames[0]], "Describe it.")]
+    if family in TAKES_VIDEO:
+        cases += [([frames[:5]], "What happens?"), ([frames[1:5]], "Which way does it move?")]
+    prepared = [qa.prepare(media, question, 6) for media, question in cases]
+    expected = [qa.generate([p])[0].text for p in prepared]
+    engine = Engine(qa, max_running=6, max_num_batched_tokens=37, max_num_vision_frames=3, prefix_cache_mb=64)
+    try:
+        long = qa.prepare(cases[0][0], "Tell me everything.", 40)
+        events, ended = collect(engine, [long] + prepared,
+                                [SamplingParams(40, ignore_eos=True)] + [SamplingParams(6, n=2)] * len(prepared))
+        assert ended.wait(300)
+        answers = [[e.answer.text for e in mine if isinstance(e, Finished)] for mine in events[1:]]
+        assert answers == [[text, text] for text in expected]
+        repeat = engine.generate([qa.prepare(cases[0][0], "What color is the square?", 6)], SamplingParams(6))
+        assert repeat[0].text == qa.generate([qa.prepare(cases[0][0], "What color is the square?", 6)])[0].text
+        described = engine.describe()
+        assert described["prefix_hits"] >= 1 and described["prefill_chunks"] > len(prepared) + 1
+        assert all(w.prompt_tokens <= 37 - w.rows and w.frames <= 3 for w in engine.recent_steps())
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("family", sorted(TAKES_VIDEO))
+def test_a_videos_features_made_in_runs_of_frames_equal_its_features_made_whole(tiny_checkpoint, frames, family):
+    import torch
+
+    from video_llava.engine.vision import VisionWork, run_vision
+
+    qa = family_model(tiny_checkpoint, family)
+    prepared = qa.prepare(frames[:5], "What happens?")
+    (whole,) = qa.embedder.features([prepared])
+    work = VisionWork(qa.embedder, prepared)
+    steps = 0
+    while not work.done:
+        assert run_vision(qa.embedder, [work], 2) <= 2
+        steps += 1
+    assert steps == 3  # 2 + 2 + 1 frames
+    assert torch.equal(work.features().videos[0], whole.videos[0])  # bit for bit, closing newline once
+
+
+def test_a_running_stream_decodes_in_every_step_while_a_burst_of_long_videos_is_prefilled(embedded_model):
+    """Four 32-frame questions arrive at once beside a streaming answer: no step computes more prompt tokens or
+    frames than its budgets, and every step that does prefill work also decodes the stream (no whole prefill, no
+    whole vision pass, between two of its tokens)."""
+    clips = [render_frames([MovingShape("circle", c, "right")], num_frames=32, fps=12, width=160, height=120)
+             for c in ("red", "green", "blue", "yellow", "purple")]
+    embedded_model.embedder.feature_cache.clear()  # every frame goes through the tower
+    engine = Engine(embedded_model, max_running=8, max_num_batched_tokens=512, max_num_vision_frames=8)
+    try:
+        streaming, ended = threading.Event(), threading.Event()
+        engine.submit(embedded_model.prepare(clips[4], "Tell me everything.", 400),
+                      SamplingParams(400, ignore_eos=True),
+                      lambda event: (streaming if isinstance(event, TextPiece) else ended).set())
+        assert streaming.wait(60)
+        while not any(w.rows for w in engine.recent_steps()):  # its own prefill's step recorded
+            time.sleep(0.005)
+        since = engine.recent_steps()[-1].started
+        results = engine.run([embedded_model.prepare(c, "What color is the circle?", 4) for c in clips[:4]],
+                             SamplingParams(4))
+        assert all(isinstance(r, tuple) for r in results) and not ended.is_set()  # the stream outlived the burst
+        work = [w for w in engine.recent_steps() if w.started > since and (w.prompt_tokens or w.frames)]
+        assert sum(w.prompt_tokens for w in work) >= 4 * 32 * 144  # the burst's prompts, in chunks
+        assert sum(w.frames for w in work) == 4 * 32
+        assert all(w.prompt_tokens <= 512 - w.rows and w.frames <= 8 for w in work)
+        assert all(w.rows >= 1 for w in work), work  # the stream decoded in each of those steps
+    finally:
+        engine.close()
+
+
+def test_an_error_of_the_loop_itself_fails_every_admitted_request_and_the_engine_goes_on(embedded_model):
+    clip = render_frames([MovingShape("square", "red", "up")], num_frames=8, fps=12, width=160, height=120)
+    engine = Engine(embedded_model, max_running=4)
+    original = engine._scheduler.chunks
+    calls = {"n": 0}
+
+    def broken_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("the scheduler broke")
+        return original(*args, **kwargs)
+
+    engine._scheduler.chunks = broken_once
+    try:
+        prepared = [embedded_model.prepare(clip, q, 20) for q in ("What color?", "Which way?")]
+        results = engine.run(prepared, SamplingParams(20, ignore_eos=True))
+        assert any(isinstance(r, RuntimeError) and "scheduler broke" in str(r) for r in results)
+        assert all(isinstance(r, (RuntimeError, tuple)) for r in results)  # every request ended: none waits
+        (again,) = engine.generate([prepared[0]], SamplingParams(4))
+        assert again.completion_tokens >= 1
+    finally:
+        engine.close()
+
+
+def _long_and_short(model):
+    short = render_frames([MovingShape("circle", "red", "right")], num_frames=4, fps=12, width=160, height=120)
+    long = render_frames([MovingShape("square", "blue", "up")], num_frames=24, fps=12, width=160, height=120)
+    return model.prepare(short, "Describe it.", 30), model.prepare(long, "What color is the square?", 6)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 3])
+def test_an_allocation_that_fails_at_layer_k_while_a_row_joins_leaves_the_other_rows_exactly_as_they_were(
+        embedded_model, layer):
+    """A long prompt joining a short running row needs larger buffers (every row regathered): the allocation fails
+    at its k-th buffer. The joining request fails alone with the error; the running row's tokens are a clean
+    run's; the next request is answered."""
+    import torch
+
+    from video_llava.engine.kv import BatchKV
+
+    short, long = _long_and_short(embedded_model)
+    params = SamplingParams(30, ignore_eos=True)
+    engine = Engine(embedded_model, max_running=4)
+    try:
+        expected = engine.generate([short], params)[0].text
+        made = {"n": 0, "armed": False}
+        original = BatchKV._new_buffer
+
+        def failing(self, *shape, **kwargs):
+            if made["armed"] and self.rows:  # a regathering of running rows, not the first rows' buffers
+                made["n"] += 1
+                if made["n"] == layer + 1:
+                    raise torch.OutOfMemoryError(f"no room for buffer {layer}")
+            return original(self, *shape, **kwargs)
+
+        BatchKV._new_buffer = failing
+        try:
+            started = threading.Event()
+            events, ended = collect(engine, [short], [params])
+            engine.submit(embedded_model.prepare(short.media[0], "Hi", 1), SamplingParams(1),
+                          lambda e: started.set() if isinstance(e, Finished) else None)
+            assert started.wait(60)
+            made["armed"] = True
+            joined = engine.run([long], SamplingParams(6))
+            made["armed"] = False
+            assert ended.wait(120)
+        finally:
+            BatchKV._new_buffer = original
+        assert made["n"] == layer + 1, "the join did not regather: the test tested nothing"
+        assert isinstance(joined[0], torch.OutOfMemoryError)
+        (finished,) = [e for e in events[0] if isinstance(e, Finished)]
+        assert finished.answer.text == expected
+        assert engine.generate([long], SamplingParams(6))[0].completion_tokens >= 1
+    finally:
+        engine.close()
+
+
+def test_a_chunk_that_fails_in_the_middle_of_a_prompt_fails_its_request_alone(embedded_model):
+    import torch
+
+    short, long = _long_and_short(embedded_model)
+    engine = Engine(embedded_model, max_running=4, max_num_batched_tokens=512)
+    layer = embedded_model.model.model.language_model.layers[1]
+    raised = []
+
+    def hook(_, args, kwargs):
+        positions = kwargs.get("position_ids")
+        if positions is not None and positions.shape[1] > 1 and int(positions[0, 0]) >= 1024:
+            raised.append(int(positions[0, 0]))  # a chunk of the long prompt past its first 1024 positions
+            raise torch.OutOfMemoryError("the chunk does not fit")
+
+    params = SamplingParams(30, ignore_eos=True)
+    expected = engine.generate([short], params)[0].text
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        results = engine.run([short, long], [params, SamplingParams(6)])
+    finally:
+        handle.remove()
+    try:
+        assert raised and results[0][0].text == expected
+        assert isinstance(results[1], torch.OutOfMemoryError)
+        assert engine.generate([long], SamplingParams(6))[0].completion_tokens >= 1
+    finally:
+        engine.close()
+
+
+def test_a_device_fault_fails_every_request_in_flight_and_the_health_check_then_fails(embedded_model):
+    """A CUDA error (here raised in a decode step on the CPU) poisons the process: every request in flight is told,
+    new ones are refused, and the replica's health check fails so that Serve replaces it."""
+    from video_llava.engine import EngineClosedError
+
+    short, long = _long_and_short(embedded_model)
+    engine = Engine(embedded_model, max_running=4)
+    layer = embedded_model.model.model.language_model.layers[0]
+
+    def hook(_, args, kwargs):
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        if hidden.shape[1] == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        engine.check_health()
+        results = engine.run([short, long], SamplingParams(8))
+        assert all(isinstance(r, RuntimeError) and "illegal memory access" in str(r) for r in results)
+        with pytest.raises(RuntimeError, match="the device failed"):
+            engine.check_health()
+        with pytest.raises(EngineClosedError, match="device failed"):
+            engine.generate([short], SamplingParams(2))
+    finally:
+        handle.remove()
+        engine.close()
