@@ -112,7 +112,7 @@ def reference_answer(reference, qa, image: np.ndarray, new_tokens: int = 6) -> s
     inputs = qa.processor(text=[prompt], images=[[image]], return_tensors="pt")
     with torch.inference_mode():
         out = reference.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
-    return qa.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return qa.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).lstrip()
 
 
 def assert_same_weights(model, reference) -> None:

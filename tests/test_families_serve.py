@@ -61,6 +61,7 @@ def served(request, tiny_checkpoint):
     settings = {"model": path, "max_new_tokens": 6, "num_frames": 4, "max_frames": 16, "device": "cpu"}
     args = {
         "model": settings,
+        "served_model_names": ["m"],  # what the clients below name it (its path otherwise)
         "limits": {"max_question_chars": 4000},
         "batching": {"max_batch_size": 4},
         "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "decode_worker_memory_mb": DECODE_MEMORY_MB},

@@ -160,7 +160,7 @@ def test_openai_client_chat_completion_and_stream(service):
     chunks = list(client.chat.completions.create(model="embedded", messages=messages, max_tokens=6, stream=True))
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert streamed.rstrip() == completion.choices[0].message.content  # greedy: same text either way, no leading space
+    assert streamed == completion.choices[0].message.content  # greedy: same text either way, no leading space
 
 
 def test_our_metrics_are_exported_next_to_ray_serves_under_the_names_the_docs_give(service):
@@ -315,12 +315,52 @@ def test_redirect_to_a_link_local_address_is_refused(service, http_files):
     assert "169.254.169.254" in body["message"]
 
 
-def test_chat_without_a_video_or_with_a_bad_one_is_400(service):
-    post = lambda body: httpx.post(f"{service}/v1/chat/completions", json=body, timeout=60)
-    error_of(post({"messages": [{"role": "user", "content": "hello"}]}), 400)
+def test_a_text_only_conversation_is_answered_and_an_empty_or_bad_one_is_400(service):
+    """Every LLaVA checkpoint is also a chat LLM: a request without media, or with text-only turns after a video."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{service}/v1", api_key="unused")
+    text_only = client.chat.completions.create(model="embedded", messages=[{"role": "user", "content": "hello"}],
+                                               max_tokens=6)
+    assert text_only.choices[0].message.content and text_only.model_extra["video_llava"]["num_frames"] == 0
+    later = client.chat.completions.create(model="embedded", max_tokens=6, messages=[
+        *_chat_body()["messages"], {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Why?"}])
+    assert later.usage.prompt_tokens > text_only.usage.prompt_tokens + 8 * 144  # the earlier video counted
+    post = lambda body: httpx.post(f"{service}/v1/chat/completions", json=body, timeout=60)  # noqa: E731
     error_of(post({"messages": []}), 400)
     bad = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "http://10.0.0.1/x.mp4"}}, {"type": "text", "text": "Hi"}]}], "stream": True}
     error_of(post(bad), 400, "url_not_allowed")
+    assert_still_answers(service)
+
+
+def test_the_openai_contract_cases_a_peer_suite_finds(service):
+    """include_usage streams a last chunk of usage; a message's name is accepted; a non-JSON content type is 415; a
+    model this service does not serve is 404 model_not_found and /v1/models lists what it serves."""
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=f"{service}/v1", api_key="unused")
+    body = _chat_body()
+    whole = client.chat.completions.create(model="embedded", **body)
+    chunks = list(client.chat.completions.create(model="embedded", **body, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(client.chat.completions.create(model="embedded", **body, stream=True,
+                                                stream_options={"include_usage": False}))
+    assert all(c.choices for c in plain) and "".join(c.choices[0].delta.content or "" for c in plain) == \
+        whole.choices[0].message.content
+    error_of(httpx.post(f"{service}/v1/chat/completions", timeout=60,
+                        json={**body, "stream_options": {"include_usage": True}}), 400)  # not streamed: refused
+    named = [{**body["messages"][0], "name": "alice"}]
+    assert client.chat.completions.create(model="embedded", messages=named).choices[0].message.content
+    form = httpx.post(f"{service}/v1/chat/completions", content=json.dumps(body), timeout=60,
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    error_of(form, 415, "unsupported_media_type")
+    with pytest.raises(NotFoundError) as missing:
+        client.chat.completions.create(model="some-other-model", **body)
+    assert missing.value.body["code"] == "model_not_found"
+    assert [m.id for m in client.models.list().data] == ["embedded"]
 
 
 @contextlib.contextmanager
@@ -539,10 +579,70 @@ def test_stop_strings_end_the_answer_before_them_streamed_or_not(service):
     assert len(words) >= 3, full
     stop = words[2]
     cut = client.chat.completions.create(model="embedded", **body, stop=[stop]).choices[0]
-    assert cut.message.content == full[: full.index(stop)].strip() and cut.finish_reason == "stop"
+    assert cut.message.content == full[: full.index(stop)] and cut.finish_reason == "stop"  # its trailing space too
     chunks = list(client.chat.completions.create(model="embedded", **body, stop=stop, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks).rstrip() == cut.message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == cut.message.content
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_stop_string_is_matched_on_the_same_text_streamed_or_not(service):
+    """A space: the answer generated as " a b ..." (its leading space dropped) ends before its first inner space,
+    streamed or not; a stop string that never appears leaves the whole answer."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{service}/v1", api_key="unused")
+    body = _chat_body()
+    first = client.chat.completions.create(model="embedded", **body).choices[0]
+    full = first.message.content
+    assert " " in full and not full.startswith(" "), full
+    whole = client.chat.completions.create(model="embedded", **body, stop=[" "]).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="embedded", **body, stop=[" "], stream=True))
+    assert whole == streamed == full.split(" ")[0]
+    never = client.chat.completions.create(model="embedded", **body, stop=["\u2603"]).choices[0]
+    assert never.message.content == full and never.finish_reason == first.finish_reason
+
+
+def test_structured_output_parses_into_the_clients_model_greedy_or_sampled_streamed_or_not(service):
+    """``chat.completions.parse(response_format=PydanticModel)``: the service constrains the answer to the model's
+    JSON schema (grammar-constrained decoding), so the reply validates; so do the streamed text and json_object."""
+    from typing import Literal
+
+    from openai import OpenAI
+    from pydantic import BaseModel
+
+    class Circle(BaseModel):
+        color: Literal["red", "green", "blue", "yellow", "purple", "orange"]
+        moving: bool
+
+    client = OpenAI(base_url=f"{service}/v1", api_key="unused")
+    body = _chat_body("What color is the circle, and does it move?", max_tokens=40)
+    for sampling in ({}, {"temperature": 1.0, "seed": 4}):
+        parsed = client.chat.completions.parse(model="embedded", response_format=Circle, **body, **sampling)
+        choice = parsed.choices[0]
+        assert isinstance(choice.message.parsed, Circle) and choice.finish_reason == "stop", choice.message.content
+        with client.chat.completions.stream(model="embedded", response_format=Circle, **body, **sampling) as stream:
+            final = stream.get_final_completion()
+        assert final.choices[0].message.parsed == choice.message.parsed  # the same answer streamed
+    anything = client.chat.completions.create(model="embedded", response_format={"type": "json_object"},
+                                              **{**body, "max_tokens": 60}, temperature=0)
+    assert anything.choices[0].message.content.startswith("{")
+
+
+def test_a_response_format_that_cannot_be_compiled_is_400_naming_it_and_the_qa_route_takes_a_schema(service):
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+                                                                        "properties": {"a": {"type": "strin"}}}}}
+    body = error_of(httpx.post(f"{service}/v1/chat/completions", json=_chat_body(response_format=bad), timeout=60),
+                    400, "invalid_response_format")
+    assert "strin" in body["message"] and body["param"] == "response_format"
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
+              "additionalProperties": False}
+    upload = qa_upload(service, SAMPLE.read_bytes(), json_schema=json.dumps(schema), num_frames=8,
+                       max_new_tokens=30)
+    assert upload.status_code == 200, upload.text
+    assert json.loads(upload.json()["answer"])["color"] in ("red", "green", "blue")
+    error_of(qa_upload(service, SAMPLE.read_bytes(), json_schema="{not json", num_frames=8), 400)
+    assert_still_answers(service)
 
 
 def test_a_seeded_sampled_answer_is_the_same_whatever_it_is_batched_with(service):
@@ -559,7 +659,7 @@ def test_a_seeded_sampled_answer_is_the_same_whatever_it_is_batched_with(service
 
 
 @pytest.mark.parametrize("extra,param", [({"best_of": 2}, "best_of"),
-                                         ({"response_format": {"type": "json_object"}}, "response_format"),
+                                         ({"tool_choice": "auto"}, "tool_choice"),
                                          ({"frequency_penalty": 0.5}, "frequency_penalty"),
                                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                                          ({"logit_bias": {"5": 10}}, "logit_bias")])
@@ -580,7 +680,7 @@ def test_n_answers_with_logprobs_through_the_openai_client(service):
     assert [c.index for c in reply.choices] == [0, 1, 2]
     for choice in reply.choices:
         content = choice.logprobs.content
-        assert "".join(t.token for t in content).strip() == choice.message.content
+        assert "".join(t.token for t in content).lstrip() == choice.message.content
         assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
     assert sum(len(c.logprobs.content) for c in reply.choices) == reply.usage.completion_tokens  # one per token
     single = client.chat.completions.create(model="embedded", **body)

@@ -2,6 +2,8 @@
 
 from video_llava.engine.engine import Engine, EngineClosedError, QueueFullError
 from video_llava.engine.events import Failed, Finished, TextPiece
+from video_llava.engine.grammar import GrammarError, OutputFormat
 from video_llava.engine.params import SamplingParams
 
-__all__ = ["Engine", "EngineClosedError", "Failed", "Finished", "QueueFullError", "SamplingParams", "TextPiece"]
+__all__ = ["Engine", "EngineClosedError", "Failed", "Finished", "GrammarError", "OutputFormat", "QueueFullError",
+           "SamplingParams", "TextPiece"]

@@ -38,6 +38,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 from video_llava.engine.ahead import Ahead, MediaAhead
 from video_llava.engine.compiled import DECODE_MODES, DecodeMode, compiled_steps
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
+from video_llava.engine.grammar import Grammars
 from video_llava.engine.kv import BatchKV
 from video_llava.engine.output import EngineStats, Outputs, Request, Row, StepWork
 from video_llava.engine.params import SamplingParams
@@ -118,7 +119,9 @@ class Engine:
         self._prefilling: list[Request] = []  # admitted, their vision pass or prompt still running
         self._running: list[Row] = []
         self._live: dict[int, Request] = {}  # submitted and not yet finished, failed or dropped
-        self._outputs = Outputs(qa, self.stats, self._live)
+        self._grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().out_features,
+                                  qa.eos_token_ids)
+        self._outputs = Outputs(qa, self.stats, self._live, self._grammars)
         self._kv = self._new_kv()
         self._step_logits = self._forward.step_logits if decode_mode != "compiled" else compiled_steps(self._forward)
         # flash-attention takes a padding mask (rows x positions); sdpa and eager the 4-D mask built per step
@@ -137,6 +140,9 @@ class Engine:
         ``stream=False`` only ``Finished`` or ``Failed``; ``priority``: lower is admitted first. Returns its id."""
         request = Request(next(self._ids), prepared, params, emit, time.perf_counter(), stream, priority,
                           ahead=Ahead())
+        if params.response_format is not None:  # compiled once, here: a format that cannot be is refused now
+            request.grammar = params.response_format.grammar()
+            self._grammars.matcher(request.grammar)
         with self._cond:
             if self._closed or self.fault is not None:
                 raise EngineClosedError("the engine is closed" if self._closed else f"the device failed: {self.fault}")
@@ -445,7 +451,8 @@ class Engine:
         try:
             rows = [self._outputs.sequence(request, i, started, task.cached, task.vision_s,
                                            new_stream(None if p.seed is None else p.seed + i)) for i in range(p.n)]
-            first = sample(logits.expand(p.n, -1), [RowDraw(p, row.stream, 0) for row in rows])
+            first = sample(logits.expand(p.n, -1), [RowDraw(p, row.stream, 0) for row in rows],
+                           self._grammars.allowed([row.matcher for row in rows], logits.device))
             error = next((t for t in first.tokens if isinstance(t, Exception)), None)
             if error is not None:
                 raise error
@@ -487,7 +494,8 @@ class Engine:
             return
         self.stats.kv_positions = max(self.stats.kv_positions, self._kv.positions)
         logits = parts[0][2] if len(parts) == 1 else torch.cat([p[2] for p in parts])
-        step = sample(logits, [RowDraw(row.request.params, row.stream, len(row.tokens)) for row in rows])
+        step = sample(logits, [RowDraw(row.request.params, row.stream, len(row.tokens)) for row in rows],
+                      self._grammars.allowed([row.matcher for row in rows], logits.device))
         done = [i for i, (row, token, raw) in enumerate(zip(rows, step.tokens, step.logprobs))
                 if self._outputs.sampled(row, token, raw)]
         if done:

@@ -12,11 +12,12 @@ from typing import Any, Callable, NamedTuple
 
 from video_llava.engine.detokenize import Detokenizer
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
+from video_llava.engine.grammar import Grammars
 from video_llava.engine.logprobs import TokenBytes, spelled
 from video_llava.engine.params import SamplingParams
 from video_llava.engine.sampler import Raw
 from video_llava.model.qa_model import PreparedQuestion, VideoQAModel
-from video_llava.model.stops import StreamedText, first_stop
+from video_llava.model.stops import StreamedText, stopped_at
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Request:
     bypassed: int = 0  # times a later request was admitted past it
     ahead: Any = None  # what was made ahead for it while it waited (``ahead.Ahead``)
     work: Any = None  # its prefill once admitted: ``Prefilling``
+    grammar: str | None = None  # its response format compiled (structured output)
 
     @property
     def rows(self) -> int:
@@ -64,6 +66,7 @@ class Row:
     logprobs: list[Raw] = field(default_factory=list)  # asked for: per token
     text: StreamedText | None = None
     detokenizer: Detokenizer | None = None  # streamed or with stop strings: its text so far
+    matcher: Any = None  # structured output: its grammar's state, which every token it samples advances
 
 
 class StepWork(NamedTuple):
@@ -94,17 +97,19 @@ class EngineStats:
 class Outputs:
     """Tokens to events for one engine: ``live`` holds the requests not yet finished, failed or dropped."""
 
-    def __init__(self, qa: VideoQAModel, stats: EngineStats, live: dict[int, Request]):
-        self.qa, self.tokenizer, self.stats, self.live = qa, qa.tokenizer, stats, live
+    def __init__(self, qa: VideoQAModel, stats: EngineStats, live: dict[int, Request], grammars: Grammars):
+        self.qa, self.tokenizer, self.stats, self.live, self.grammars = qa, qa.tokenizer, stats, live, grammars
         self.eos = qa.eos_token_ids
         self.token_bytes = TokenBytes(self.tokenizer)
 
     def sequence(self, request: Request, index: int, started: float, cached: bool, vision_s: float,
                  stream: int) -> Row:
+        """A new row of ``request`` (its answer ``index``), with its own grammar state under structured output."""
         p = request.params
         wants_text = request.streamed or bool(p.stop)
         return Row(request, index, started, cached, vision_s, stream, text=StreamedText(p.stop),
-                        detokenizer=Detokenizer(self.tokenizer, self.eos) if wants_text else None)
+                   detokenizer=Detokenizer(self.tokenizer, self.eos) if wants_text else None,
+                   matcher=self.grammars.matcher(request.grammar) if request.grammar else None)
 
     def sampled(self, seq: Row, token: int | Exception, raw: Raw | None) -> bool:
         """A row's sampled token (or its sampling's error: its request fails alone): whether the row leaves."""
@@ -130,18 +135,26 @@ class Outputs:
             return True
         if p.logprobs and raw is not None:
             seq.logprobs.append(raw)
+        complete = False
+        if seq.matcher is not None:  # the token was allowed: the grammar takes it (else the mask was wrong)
+            if not seq.matcher.consume_token(token):
+                raise RuntimeError(f"the response format's grammar refused token {token}: "
+                                   f"{seq.matcher.get_error()}")
+            complete = seq.matcher.is_stopped()  # nothing may follow: the answer is done
         eos = token in self.eos and not p.ignore_eos
         piece, stopped = "", False
         if seq.detokenizer is not None:  # the text so far: what to stream, whether a stop string appeared
             text = seq.detokenizer.add(token)
             piece = seq.text.update(text) if request.streamed else ""
-            stopped = first_stop(text, p.stop) is not None
-        if not (eos or stopped or len(seq.tokens) >= p.max_new_tokens):
+            stopped = stopped_at(text, p.stop) is not None
+        if not (eos or stopped or complete or len(seq.tokens) >= p.max_new_tokens):
             if piece:
                 request.emit(TextPiece(piece, seq.index))
             return False
         answer = self.qa.answer_from_tokens(request.prepared, seq.tokens, time.perf_counter() - seq.started,
                                             seq.cached, seq.vision_s, p.stop)
+        if complete:
+            answer = dataclasses.replace(answer, finish_reason="stop")
         if p.ignore_eos:
             answer = dataclasses.replace(answer, completion_tokens=len(seq.tokens))
         if p.logprobs:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from video_llava.engine.grammar import OutputFormat
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -17,6 +19,7 @@ class SamplingParams:
     logprobs: bool = False  # each answer token's log-probability under the model (before temperature/top-p)
     top_logprobs: int = 0  # and this many most likely tokens at each position
     top_k: int = 0  # 0: no bound; else only the k most likely tokens (ties with the k-th included)
+    response_format: OutputFormat | None = None  # structured output: the answer is JSON of this format
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

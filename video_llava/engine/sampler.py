@@ -80,8 +80,9 @@ def uniforms(streams: Any, drawn: Any, round_: int) -> Any:
     return (first * 2**21 + (second >> 11)).double() * 2.0**-53
 
 
-def sample(logits: Any, rows: Sequence[RowDraw]) -> StepSample:
-    """Each row's next token from ``logits`` (rows x vocabulary, float32) and its ``RowDraw``."""
+def sample(logits: Any, rows: Sequence[RowDraw], allowed: Any = None) -> StepSample:
+    """Each row's next token from ``logits`` (rows x vocabulary, float32) and its ``RowDraw``; ``allowed`` (rows x
+    vocabulary, bool): the only tokens a row may take (structured output), its logprobs still the model's own."""
     import torch
 
     n = logits.shape[0]
@@ -89,6 +90,9 @@ def sample(logits: Any, rows: Sequence[RowDraw]) -> StepSample:
     params = [r.params for r in rows]
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     finite = torch.isfinite(logits.amax(-1))
+    raw = logits
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     tokens = logits.argmax(-1) if len(sampled) < n else None
     accepted = torch.ones(n, dtype=torch.bool, device=device)
     draws = None
@@ -109,7 +113,7 @@ def sample(logits: Any, rows: Sequence[RowDraw]) -> StepSample:
     if wanting:  # log Z, the chosen token's logprob, then the top ids and their logprobs
         everyone = len(wanting) == n
         index = None if everyone else torch.tensor(wanting, device=device)
-        mine = logits if everyone else logits.index_select(0, index)
+        mine = raw if everyone else raw.index_select(0, index)
         logprobs = mine.log_softmax(-1)
         picked = (tokens if everyone else tokens.index_select(0, index)).unsqueeze(1)
         chosen = logprobs.gather(1, picked)
@@ -128,7 +132,7 @@ def sample(logits: Any, rows: Sequence[RowDraw]) -> StepSample:
             i = sampled[k]
             out_tokens[i] = token
             if params[i].logprobs:  # the chosen token changed, and its logprob with it
-                table[i][4] = float(logits[i, token]) - table[i][3]
+                table[i][4] = float(raw[i, token]) - table[i][3]
     out_logprobs: list[Raw | None] = [None] * n
     for i, row in enumerate(table):
         if not row[2]:

@@ -79,6 +79,7 @@ class Turn:
     role: Literal["system", "user", "assistant"]
     text: str
     media: tuple = ()
+    name: str | None = None  # a participant's name: the checkpoint's chat template renders it where it has a place
 
 
 def media_kinds(media: Sequence) -> list[str]:
@@ -119,7 +120,8 @@ def build_conversation(processor, turns: Sequence[Turn], template: ChatTemplateN
     if template == "auto":
         if getattr(processor, "chat_template", None):
             conversation = [
-                {"role": t.role, "content": [{"type": k} for k in media_kinds(t.media)] + [{"type": "text", "text": t.text.strip()}]}
+                {"role": t.role, "content": [{"type": k} for k in media_kinds(t.media)] + [{"type": "text", "text": t.text.strip()}],
+                 **({"name": t.name} if t.name else {})}
                 for t in turns
             ]
             return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)

@@ -23,7 +23,7 @@ from video_llava.model.loading import load_model
 from video_llava.model.media_embeds import MediaEmbedder, medium_key
 from video_llava.model.prompts import Turn, build_prompt, count_prompt_tokens
 from video_llava.model.settings import EMBEDDED, ModelSettings
-from video_llava.model.stops import StreamedText, answer_text, first_stop
+from video_llava.model.stops import StreamedText, answer_text, stopped_at
 
 VideoArg = MediaArg  # one medium or several, for one question
 
@@ -261,7 +261,7 @@ class VideoQAModel:
             visual_tokens=prepared.visual_tokens,
             prompt_tokens=prepared.prompt_tokens,
             completion_tokens=len(kept) + (eos_at is not None),  # generated, the EOS included
-            finish_reason="stop" if eos_at is not None or first_stop(text, stop) is not None else "length",
+            finish_reason="stop" if eos_at is not None or stopped_at(text, stop) is not None else "length",
             generate_s=generate_s,
             vision_cached=cached,
             vision_s=vision_s,

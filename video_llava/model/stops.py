@@ -1,8 +1,10 @@
 """Where an answer ends on a stop string, and which part of a growing answer is safe to stream.
 
-A streamed answer's pieces must join to exactly the final ``Answer.text``: stripped, cut before the first stop
-string. So a piece never holds what could still turn out to start a stop string, trailing whitespace (the final
-text is stripped), or the replacement character of a multi-byte character whose bytes have not all arrived.
+An answer's text is the text generated with its leading whitespace dropped (the chat templates end right after
+"ASSISTANT:", so models begin with a space; LLaVA's own scripts strip it too), cut before the first stop string
+found in that text: the same text streamed or not, its trailing whitespace kept (as OpenAI and vLLM keep it).
+A streamed piece never holds what could still turn out to start a stop string, nor the replacement character of a
+multi-byte character whose bytes have not all arrived, so the pieces join to exactly the final ``Answer.text``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ def first_stop(text: str, stop: Sequence[str]) -> int | None:
     return min(found) if found else None
 
 
-def answer_text(text: str, stop: Sequence[str]) -> str:
-    """The answer a generated text gives: before the first stop string, stripped."""
+def stopped_at(generated: str, stop: Sequence[str]) -> int | None:
+    """Where the answer a ``generated`` text gives is cut by a stop string (in ``answer_text``'s terms), or None."""
+    return first_stop(generated.lstrip(), stop)
+
+
+def answer_text(generated: str, stop: Sequence[str]) -> str:
+    """The answer a generated text gives: its leading whitespace dropped, cut before the first stop string."""
+    text = generated.lstrip()
     cut = first_stop(text, stop)
-    return (text if cut is None else text[:cut]).strip()
+    return text if cut is None else text[:cut]
 
 
 class StreamedText:
@@ -31,18 +39,18 @@ class StreamedText:
         self.sent = ""
         self.stopped = False
 
-    def update(self, text: str) -> str:
-        """The new piece to send now that the whole text generated so far is ``text`` ('' if none)."""
+    def update(self, generated: str) -> str:
+        """The new piece to send now that the whole text generated so far is ``generated`` ('' if none)."""
         if self.stopped:
             return ""
-        text = text.lstrip()
+        text = generated.lstrip()
         cut = first_stop(text, self.stop)
         if cut is not None:
             self.stopped = True
             visible = text[:cut]
         else:
             visible = text[: len(text) - self.hold] if self.hold else text
-        visible = visible.rstrip().rstrip("\ufffd")
+        visible = visible.rstrip("\ufffd")
         if len(visible) <= len(self.sent) or not visible.startswith(self.sent):
             return ""  # nothing new, or the tokenizer re-spelled earlier text: wait for the final text
         piece, self.sent = visible[len(self.sent):], visible

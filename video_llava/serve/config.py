@@ -139,6 +139,10 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: ModelSettings = Field(default_factory=ModelSettings)
+    served_model_names: list[str] = Field(
+        default_factory=list, description="the names clients give as 'model' (the first is the one replies carry and "
+        "/v1/models lists first); empty: the model setting itself ('embedded', a hub id or a path). Any other name "
+        "is 404 model_not_found")
     limits: LimitSettings = Field(default_factory=LimitSettings)
     batching: BatchSettings = Field(default_factory=BatchSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
@@ -147,4 +151,11 @@ class ServeArgs(BaseModel):
     def _consistent(self) -> "ServeArgs":
         if self.deployment.min_replicas > self.deployment.max_replicas:
             raise ValueError("deployment.min_replicas must be <= deployment.max_replicas")
+        if any(not name.strip() for name in self.served_model_names):
+            raise ValueError("served_model_names may not hold an empty name")
         return self
+
+    @property
+    def model_names(self) -> list[str]:
+        """The names this service answers to, the one its replies carry first."""
+        return list(self.served_model_names) or [self.model.model]

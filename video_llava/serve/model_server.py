@@ -14,7 +14,7 @@ from typing import AsyncIterator
 
 from ray import serve
 
-from video_llava.engine import Failed, Finished, QueueFullError, SamplingParams, TextPiece
+from video_llava.engine import Failed, Finished, GrammarError, QueueFullError, SamplingParams, TextPiece
 from video_llava.model.budget import ContextBudgetError
 from video_llava.model.families import UnsupportedMediaError
 from video_llava.model.prompts import InvalidQuestionError
@@ -102,7 +102,7 @@ class ModelServer:
             return
         params = SamplingParams(prepared.max_new_tokens, request.temperature, request.top_p, request.seed, request.stop,
                                 n=request.n, logprobs=request.logprobs, top_logprobs=request.top_logprobs,
-                                top_k=request.top_k,
+                                top_k=request.top_k, response_format=request.response_format,
                                 ignore_eos=self.args.batching.ignore_eos)
         answers: dict[int, Finished] = {}
         try:
@@ -117,13 +117,16 @@ class ModelServer:
                     if stream:
                         yield ModelChoice(event.answer, event.index)
                     if len(answers) == params.n:
-                        self.metrics.visual_tokens.inc(event.answer.visual_tokens)
+                        if event.answer.visual_tokens:  # a text-only conversation has none (a counter takes > 0)
+                            self.metrics.visual_tokens.inc(event.answer.visual_tokens)
                         ordered = tuple(answers[i].answer for i in range(params.n))
                         yield ModelReply(ordered[0], queue_s=answers[0].queue_s, answers=ordered)
                 elif isinstance(event, Failed):
                     yield failure(event.error)
         except QueueFullError as exc:
             yield failure(exc)
+        except GrammarError as exc:  # compiled where the tokenizer is, once, as the request arrives
+            yield ModelError(400, str(exc), "invalid_response_format", "response_format")
 
     async def answer(self, request: ModelRequest) -> ModelReply | ModelError:
         """The request's answer, or why it was refused. Cancelled (the caller left): it leaves the batch."""

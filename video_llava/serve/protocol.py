@@ -4,6 +4,7 @@ what crosses the Serve handle between the ingress and the model deployment (``Mo
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from video_llava.engine.grammar import OutputFormat
 from video_llava.model.prompts import Turn
 from video_llava.model.qa_model import Answer
 from video_llava.video.sampling import SamplingMode
@@ -56,6 +58,7 @@ class ModelRequest:
     top_logprobs: int = 0
     top_k: int = 0  # 0: no bound
     priority: int = 0  # lower is admitted first (clients do not set it: the service's own classes of traffic)
+    response_format: OutputFormat | None = None  # structured output: the answer is JSON of this format
 
     @property
     def media(self) -> list[np.ndarray]:
@@ -127,6 +130,23 @@ class GenerationOptions(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="with temperature > 0: the same request samples "
                              "the same answer, whatever else is being answered")
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first one")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="the answer is JSON valid under this schema (structured output; on /v1/video/qa, a JSON "
+        "string in a multipart form)")
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_text(cls, value):
+        if isinstance(value, str):  # a multipart form's field
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"json_schema is not JSON: {exc}") from None
+        return value
+
+    def output_format(self) -> OutputFormat | None:
+        """The structured output asked for, if any."""
+        return OutputFormat("json_schema", json.dumps(self.json_schema)) if self.json_schema is not None else None
 
     @field_validator("stop")
     @classmethod
@@ -234,23 +254,55 @@ ContentPart = Annotated[TextPart | VideoURLPart | ImageURLPart, Field(discrimina
 
 class ChatMessage(BaseModel):
     """One message. ``developer`` is read as ``system`` (as OpenAI does for older models); ``tool`` messages and
-    tool calls are refused: this service has no tools."""
+    tool calls are refused: this service has no tools. ``name`` (a participant's name) goes to the chat template,
+    which renders it where it has a place for it."""
 
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, max_length=256)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="a last chunk, with empty choices, carries the usage")
 
 
 # OpenAI parameters this service does not implement, with the values that change nothing (sent by some clients as
 # defaults): any other value is refused with 400 naming the parameter, never silently ignored.
 NO_OP_PARAMETERS: dict[str, tuple] = {
     "frequency_penalty": (0, None), "presence_penalty": (0, None),
-    "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "tools": (None, []),
-    "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "stream_options": (None,), "service_tier": (None, "auto"),
+    "logit_bias": (None, {}), "tools": (None, []),
+    "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "service_tier": (None, "auto"),
     "store": (None, False), "metadata": (None, {}), "modalities": (None, ["text"]),
 }
 ACCEPTED_UNUSED = {"user"}  # an end-user id for the caller's own records: it cannot change an answer
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the answer always follows the schema here: constrained decoding, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or ``json_schema``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("give json_schema with type 'json_schema', and only then")
+        return self
 
 
 class ChatCompletionRequest(GenerationOptions):
@@ -262,6 +314,8 @@ class ChatCompletionRequest(GenerationOptions):
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     n: int = Field(1, ge=1, le=8, description="answers sampled from one prefill (seeded: seed, seed + 1, ...)")
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     logprobs: bool | None = Field(False, description="each answer token's log-probability under the model")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the most likely tokens at each "
                                      "position")
@@ -280,7 +334,24 @@ class ChatCompletionRequest(GenerationOptions):
     def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self.stream_options is not None and self.stream_options.include_usage and not self.stream:
+            raise ValueError("stream_options.include_usage needs stream: true (a whole answer carries its usage)")
         return self
+
+    def output_format(self) -> OutputFormat | None:
+        """The structured output asked for: ``response_format`` (``json_schema`` is the QA route's field)."""
+        if self.json_schema is not None:
+            raise ValueError("json_schema is the /v1/video/qa field; the chat API takes response_format")
+        f = self.response_format
+        if f is None or f.type == "text":
+            return None
+        if f.type == "json_object":
+            return OutputFormat("json_object")
+        return OutputFormat("json_schema", json.dumps(f.json_schema.schema_))
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 class ChatCompletionMessage(BaseModel):
@@ -322,6 +393,13 @@ class CompletionUsage(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, answers: Sequence[Answer]) -> "CompletionUsage":
+        """The prompt counted once, the completions of the ``n`` answers summed (as OpenAI does for n > 1)."""
+        prompt = answers[0].prompt_tokens + answers[0].visual_tokens
+        completion = sum(a.completion_tokens for a in answers)
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
 
 class ChatCompletionResponse(BaseModel):
     id: str
@@ -335,14 +413,11 @@ class ChatCompletionResponse(BaseModel):
     @classmethod
     def of(cls, cid: str, model: str, answers: Sequence[Answer], extra: dict) -> "ChatCompletionResponse":
         """One choice per answer; the prompt is counted once, the completions summed (as OpenAI does for n > 1)."""
-        prompt = answers[0].prompt_tokens + answers[0].visual_tokens
-        completion = sum(a.completion_tokens for a in answers)
         return cls(
             id=cid, model=model,
             choices=[ChatChoice(index=i, message=ChatCompletionMessage(content=a.text), finish_reason=a.finish_reason,
                                 logprobs=ChoiceLogprobs.of(a)) for i, a in enumerate(answers)],
-            usage=CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion),
-            video_llava=extra,
+            usage=CompletionUsage.of(answers), video_llava=extra,
         )
 
 
@@ -351,15 +426,25 @@ def completion_id() -> str:
 
 
 def chat_chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, index: int = 0,
-               logprobs: ChoiceLogprobs | None = None) -> dict:
-    """One server-sent event's payload in OpenAI's ``chat.completion.chunk`` shape."""
+               logprobs: ChoiceLogprobs | None = None, with_usage: bool = False) -> dict:
+    """One server-sent event's payload in OpenAI's ``chat.completion.chunk`` shape (``with_usage``: the stream
+    asked for usage, so every chunk has ``usage: null`` until the last one)."""
     choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
     if logprobs is not None:
         choice["logprobs"] = logprobs.model_dump()
-    return {
+    chunk = {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
         "choices": [choice],
     }
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(cid: str, model: str, answers: Sequence[Answer]) -> dict:
+    """The stream's last chunk when it asked for usage: no choices, the usage counted as a whole answer's."""
+    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": [],
+            "usage": CompletionUsage.of(answers).model_dump()}

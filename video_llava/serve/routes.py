@@ -178,7 +178,8 @@ class QAIngress:
 
     @api.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.args.model.model, "object": "model", "owned_by": "video_llava"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "video_llava"}
+                                           for name in self.args.model_names]}
 
     @api.post("/v1/video/qa", response_model=QAResponse)
     async def video_qa(self, request: Request) -> QAResponse:
@@ -204,7 +205,12 @@ class QAIngress:
                            "'video_url' or 'image_url')", code="unsupported_media_type")
 
     async def _json_body(self, request: Request) -> bytes:
-        """The JSON body, read under the limit: base64 ``data:`` URLs of the request's media at most, and time."""
+        """The JSON body, read under the limit: base64 ``data:`` URLs of the request's media at most, and time; any
+        other content type than JSON is 415 before a byte is read."""
+        if not request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+            raise ServiceError(415, f"send the body as application/json (got "
+                               f"{request.headers.get('content-type') or 'no content type'!r})",
+                               code="unsupported_media_type")
         limits = self.args.limits
         limit = limits.max_request_bytes * 4 // 3 + MULTIPART_OVERHEAD
         declared = int(request.headers.get("content-length") or 0)
@@ -255,6 +261,7 @@ class QAIngress:
             body = ChatCompletionRequest.model_validate_json(await self._json_body(request))
         except ValidationError as exc:
             raise _from_validation(exc.errors())
+        self.service.check_model(body.model)
         unsupported = body.unsupported_parameters()
         if unsupported:
             raise ServiceError(400, f"{', '.join(repr(n) for n in unsupported)} {'is' if len(unsupported) == 1 else 'are'}"

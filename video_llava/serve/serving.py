@@ -33,6 +33,7 @@ from video_llava.serve.protocol import (
     Usage,
     chat_chunk,
     completion_id,
+    usage_chunk,
 )
 from video_llava.video.decode import DecodeOptions, SampledVideo, VideoDecodeError
 from video_llava.video.image import DecodedImage, ImageOptions
@@ -54,6 +55,7 @@ class PlannedTurn:
     role: str
     text: str
     media: list[tuple[str, str]] = field(default_factory=list)
+    name: str | None = None
 
 
 @dataclass
@@ -90,7 +92,7 @@ class QAService:
         self.metrics = IngressMetrics()
         # Same bytes + same sampling = same frames: a repeat question skips decoding entirely.
         self.frames_cache = LRUCache(args.deployment.decode_cache_mb * 2**20, lambda v: pixels(v).nbytes)
-        self.model_name = args.model.model
+        self.model_name = args.model_names[0]
         self._inputs = _model_inputs(args)
         self.frame_short_side = self._inputs.frame_short_side if self._inputs else UNKNOWN_FRAME_SHORT_SIDE
 
@@ -194,9 +196,14 @@ class QAService:
     @staticmethod
     def _request(turns: list[Turn], opts: GenerationOptions, new_tokens: int | None) -> ModelRequest:
         chat = isinstance(opts, ChatCompletionRequest)  # n and logprobs are chat parameters
+        try:
+            output = opts.output_format()
+        except ValueError as exc:
+            raise ServiceError(400, str(exc), param="json_schema") from None
         return ModelRequest(tuple(turns), new_tokens or opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed,
                             opts.stop_strings(), n=opts.n if chat else 1, logprobs=bool(chat and opts.logprobs),
-                            top_logprobs=(opts.top_logprobs or 0) if chat else 0, top_k=opts.top_k)
+                            top_logprobs=(opts.top_logprobs or 0) if chat else 0, top_k=opts.top_k,
+                            response_format=output)
 
     async def _ask_model(self, request: ModelRequest) -> ModelReply:
         from ray.serve.exceptions import BackPressureError
@@ -268,7 +275,7 @@ class QAService:
             text = " ".join(t.strip() for t in texts if t.strip())
             if not text and role != "user":
                 raise ServiceError(400, f"messages[{i}] ({message.role}) has no text", param=f"messages.{i}.content")
-            turns.append(PlannedTurn(role, text, media))
+            turns.append(PlannedTurn(role, text, media, message.name))
         if turns[-1].role != "user":
             raise ServiceError(400, "the last message must be the user's question", param="messages")
         if not turns[-1].text:
@@ -278,9 +285,6 @@ class QAService:
             raise ServiceError(400, f"the conversation has {chars} characters; the limit is "
                                f"{self.limits.max_question_chars}", code="context_length_exceeded", param="messages")
         media = [m for t in turns for m in t.media]
-        if not media:
-            raise ServiceError(400, "no image or video: add a content part {'type': 'video_url', 'video_url': "
-                               "{'url': ...}} or {'type': 'image_url', 'image_url': {'url': ...}}", param="messages")
         if len(media) > MAX_MEDIA_PER_REQUEST:
             raise ServiceError(400, f"{len(media)} images and videos in one request; at most {MAX_MEDIA_PER_REQUEST}",
                                param="messages")
@@ -305,10 +309,18 @@ class QAService:
 
         decoded = await _all_or_none(decoded_one(kind, f.data) for (kind, _), f in zip(media, fetched))
         items = iter(item for item, _, _ in decoded)
-        turns = [Turn(t.role, t.text, tuple(pixels(next(items)) for _ in t.media)) for t in planned]
-        found = FetchedMedia([item for item, _, _ in decoded], max(f.seconds for f in fetched),
-                             max(seconds for _, seconds, _ in decoded), all(hit for _, _, hit in decoded))
+        turns = [Turn(t.role, t.text, tuple(pixels(next(items)) for _ in t.media), t.name) for t in planned]
+        found = FetchedMedia([item for item, _, _ in decoded], max((f.seconds for f in fetched), default=0.0),
+                             max((seconds for _, seconds, _ in decoded), default=0.0),
+                             bool(decoded) and all(hit for _, _, hit in decoded))
         return turns, found
+
+    def check_model(self, name: str | None) -> None:
+        """A request naming a model this service does not serve is refused (a ``model`` left out means this one)."""
+        if name is not None and name not in self.args.model_names:
+            raise ServiceError(404, f"the model '{name}' does not exist here; this service serves "
+                               f"{', '.join(repr(n) for n in self.args.model_names)} (GET /v1/models)",
+                               type="invalid_request_error", code="model_not_found", param="model")
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         start = time.perf_counter()
@@ -333,14 +345,17 @@ class QAService:
         first = await events.__anext__()
         if isinstance(first, ModelError):
             raise first.exception()
-        return self._sse_events(first, events, request.n)
+        return self._sse_events(first, events, request.n, request.include_usage)
 
-    async def _sse_events(self, first, events, choices: int = 1) -> AsyncIterator[str]:
+    async def _sse_events(self, first, events, choices: int = 1, usage: bool = False) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``: each choice's role, its text
-        as generated, then its finish reason (with its logprobs, when asked for, in that last chunk)."""
+        as generated, then its finish reason (with its logprobs, when asked for, in that last chunk); with
+        ``usage``, a last chunk of no choices carries the usage."""
         cid = completion_id()
+        finished: dict[int, Any] = {}
         for index in range(choices):
-            yield _sse(chat_chunk(cid, self.model_name, {"role": "assistant", "content": ""}, index=index))
+            yield _sse(chat_chunk(cid, self.model_name, {"role": "assistant", "content": ""}, index=index,
+                                  with_usage=usage))
 
         async def all_events():
             yield first
@@ -349,13 +364,18 @@ class QAService:
 
         async for event in all_events():
             if isinstance(event, ModelPiece):
-                yield _sse(chat_chunk(cid, self.model_name, {"content": event.text}, index=event.index))
+                yield _sse(chat_chunk(cid, self.model_name, {"content": event.text}, index=event.index,
+                                      with_usage=usage))
             elif isinstance(event, ModelChoice):
+                finished[event.index] = event.answer
                 yield _sse(chat_chunk(cid, self.model_name, {}, event.answer.finish_reason, event.index,
-                                      ChoiceLogprobs.of(event.answer)))
+                                      ChoiceLogprobs.of(event.answer), with_usage=usage))
             elif isinstance(event, ModelError):  # failed after its first piece: the stream ends with the error
                 yield _sse(event.exception().body())
                 break
+        else:
+            if usage and finished:
+                yield _sse(usage_chunk(cid, self.model_name, [finished[i] for i in sorted(finished)]))
         yield "data: [DONE]\n\n"
 
 
