@@ -24,8 +24,10 @@ def running_service(args: dict) -> Iterator[str]:
     from video_llava.ray_runtime import start_local_ray
     from video_llava.serve.app import build_app
     from video_llava.serve.config import ServeArgs
+    from video_llava.serve.front_door import front_door_env
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.update(front_door_env(ServeArgs.model_validate(args)))  # the proxies bound bodies as this service
     metrics_port = free_port()
     start_local_ray(num_cpus=2, log_to_driver=True, _metrics_export_port=metrics_port)
     os.environ["VIDEO_LLAVA_TEST_METRICS_PORT"] = str(metrics_port)

@@ -50,7 +50,7 @@ def test_static_decode_steps_over_whole_buffers_give_the_same_tokens(embedded_mo
     engine = Engine(embedded_model, max_running=4, preprocess_ahead=2, decode_mode="static")
     try:
         staggered_arrivals_match_one_at_a_time(embedded_model, engine, videos)
-        assert engine._kv.static and engine._kv.capacity % 1024 == 0
+        assert engine._runner.kv.static and engine._runner.kv.capacity % 1024 == 0
     finally:
         engine.close()
 
@@ -222,7 +222,7 @@ def test_a_decode_step_out_of_memory_is_run_in_halves_and_no_request_fails(embed
             results = engine.run(cases, params)
         assert raised, "no step ran with more than two rows: the test tested nothing"
         assert [r[0].text for r in results] == expected
-        assert engine.stats.failed == 0 and engine.stats.split_steps == len(raised)
+        assert engine.stats.failed == 0 and engine.describe()["split_steps"] == len(raised)
     finally:
         engine.close()
 

@@ -331,6 +331,71 @@ def test_a_chunked_upload_over_the_limit_is_refused_while_it_is_still_arriving(s
     assert_still_answers(service, AUTH)
 
 
+def _memory_of(title: str) -> tuple[int, int]:
+    """(resident, peak resident) bytes of the one process whose title holds ``title`` (Ray names its workers)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if title.encode() in f.read():
+                    with open(f"/proc/{pid}/status") as status:
+                        fields = dict(line.split(":", 1) for line in status if ":" in line)
+                    found.append((int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024))
+        except (FileNotFoundError, ProcessLookupError, KeyError):
+            continue
+    assert len(found) == 1, (title, found)
+    return found[0]
+
+
+def test_chunked_bodies_far_over_the_limit_are_cut_at_the_proxy_and_its_memory_stays_bounded(service):
+    """Four clients at once each stream a 256 MiB chunked body: Serve's proxy answers 413 at the first byte over the
+    limit and drops the connection, so each client is cut off long before its body is sent, and neither the proxy
+    nor the ingress grows by more than four limits (plus 96 MiB for what sockets and allocators keep)."""
+    from video_llava.serve.config import ServeArgs
+    from video_llava.serve.front_door import largest_body
+
+    limit = largest_body(ServeArgs.model_validate({"limits": {"max_upload_bytes": MAX_UPLOAD,
+                                                               "max_request_bytes": MAX_REQUEST}}).limits)
+    body, chunk = 256 * 2**20, b"\x00" * 2**20
+    before = {title: _memory_of(title) for title in ("ProxyActor", "QAIngress")}
+
+    def stream_one(route: str) -> tuple[int, int | None]:
+        sock = _raw(service)
+        sent = 0
+        try:
+            sock.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                         "Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n".encode())
+            sock.settimeout(10)
+            while sent < body:
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                sent += len(chunk)
+        except OSError:
+            pass  # the server closed the connection: what we wanted
+        try:
+            return sent, _status_of(sock, 10)
+        except (OSError, ValueError, IndexError):
+            return sent, None
+        finally:
+            sock.close()
+
+    routes = ["/v1/chat/completions", "/v1/video/qa"] * 2
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(stream_one, routes))
+    for sent, status in results:
+        assert sent < 64 * 2**20, f"the client sent {sent >> 20} MiB of {body >> 20} before the connection ended"
+        assert status in (413, None), status  # the 413, unless the client was cut off before it could read it
+    assert any(status == 413 for _, status in results)
+    for title, (_, peak_before) in before.items():
+        _, peak = _memory_of(title)
+        assert peak - peak_before <= 4 * limit + 96 * 2**20, (title, (peak - peak_before) >> 20)
+    sock = _raw(service)  # a declared size over the limit: refused before a byte of the body is sent
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {limit + 1}\r\n\r\n".encode())
+    assert _status_of(sock, 10) == 413
+    sock.close()
+    assert_still_answers(service, AUTH)
+
+
 def test_media_of_one_message_are_limited_together(service, origin):
     # each under the per-video limit, three together over the request's: fetched URLs and inline data alike
     urls = [f"{origin}/blob-{i}.mp4" for i in range(3)]

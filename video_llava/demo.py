@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     from video_llava.ray_runtime import free_port, port_is_free, start_local_ray
     from video_llava.serve.app import build_app
     from video_llava.serve.config import ServeArgs
+    from video_llava.serve.front_door import front_door_env
 
     app_args, http_options = _app_args(args.config)
+    os.environ.update(front_door_env(ServeArgs.model_validate(app_args)))  # Ray's proxy bounds bodies as the app
     port = args.port or int(http_options.get("port", 8000))
     if not port_is_free(port):
         port = free_port()  # a demo should not fail because something already listens on 8000

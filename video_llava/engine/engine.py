@@ -8,10 +8,10 @@ takes ``input_ids`` only, where our requests arrive as embeddings with their vis
 
 Split by role as vLLM v1's engine is: ``scheduler.py`` decides what each step runs (admission by priority with a
 bounded bypass, a token budget shared by the decode rows and the prefill chunks, a frame budget for the vision
-pass); ``kv.py`` owns the running batch's KV; this module runs a step (one decode forward for every running row,
-then up to the frame budget of vision, ``vision.py``, then prompt chunks up to what the token budget leaves,
-``prefill.py``); ``sampler.py`` draws every row's token in one set of tensor operations; ``output.py`` turns tokens
-into text, stops, logprobs and events.
+pass); ``runner.py`` runs the decode forward over the running rows, their KV in ``kv.py``'s buffers; this module
+runs a step (the decode forward, then up to the frame budget of vision, ``vision.py``, then prompt chunks up to what
+the token budget leaves, ``prefill.py``); ``sampler.py`` draws every row's token in one set of tensor operations
+(``grammar.py``: the masks of structured output); ``output.py`` turns tokens into text, stops, logprobs and events.
 
 One thread runs the loop. A prompt is prefilled alone, unpadded, a chunk at a time into its own one-row cache, so a
 running stream never waits longer than one step's budget; once done, its ``n`` answers join the batch (each row's
@@ -36,14 +36,14 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from video_llava.engine.ahead import Ahead, MediaAhead
-from video_llava.engine.compiled import DECODE_MODES, DecodeMode, compiled_steps
+from video_llava.engine.compiled import DECODE_MODES, DecodeMode
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
 from video_llava.engine.grammar import Grammars
-from video_llava.engine.kv import BatchKV
 from video_llava.engine.output import EngineStats, Outputs, Request, Row, StepWork
 from video_llava.engine.params import SamplingParams
 from video_llava.engine.prefill import Forward, Plan, PrefillTask, Prefiller
 from video_llava.engine.prefix import PrefixCache
+from video_llava.engine.runner import ModelRunner
 from video_llava.engine.sampler import RowDraw, new_stream, sample
 from video_llava.engine.scheduler import Budgets, Scheduler
 from video_llava.engine.vision import VisionWork, run_vision
@@ -114,7 +114,8 @@ class Engine:
         self._forward = Forward(self.model)
         self._prefiller = Prefiller(qa, self._forward, self.prefix_cache)
         self._scheduler = Scheduler(Budgets(max_running, max_tokens, max_num_batched_tokens, max_num_vision_frames,
-                                            max_bypass), lambda rows, longest: self._kv.positions_after(rows, longest))
+                                            max_bypass),
+                                    lambda rows, longest: self._runner.kv.positions_after(rows, longest))
         self._waiting = self._scheduler.waiting  # in the order they are taken; read by the preprocessing thread
         self._prefilling: list[Request] = []  # admitted, their vision pass or prompt still running
         self._running: list[Row] = []
@@ -122,10 +123,7 @@ class Engine:
         self._grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().out_features,
                                   qa.eos_token_ids)
         self._outputs = Outputs(qa, self.stats, self._live, self._grammars)
-        self._kv = self._new_kv()
-        self._step_logits = self._forward.step_logits if decode_mode != "compiled" else compiled_steps(self._forward)
-        # flash-attention takes a padding mask (rows x positions); sdpa and eager the 4-D mask built per step
-        self._four_d_mask = getattr(self.model.config, "_attn_implementation", "sdpa") != "flash_attention_2"
+        self._runner = ModelRunner(self._forward, decode_mode, max_running, device_fault)
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -261,7 +259,7 @@ class Engine:
     @property
     def kv_positions(self) -> int:
         """KV positions (row slots x positions) the running batch's buffers hold now."""
-        return self._kv.positions
+        return self._runner.kv.positions
 
     def describe(self) -> dict:
         s = self.stats
@@ -269,9 +267,10 @@ class Engine:
         return {"max_running": self.max_running, "max_tokens": self.max_tokens, "max_waiting": self.max_waiting,
                 "max_num_batched_tokens": b.max_num_batched_tokens, "max_num_vision_frames": b.max_num_vision_frames,
                 "running": len(self._running), "waiting": len(self._waiting), "prefilling": len(self._prefilling),
-                "steps": s.steps, "prefills": s.prefills, "prefill_chunks": s.prefill_chunks, "most_running_in_a_step": s.max_running, "finished": s.finished,
-                "cancelled": s.cancelled, "failed": s.failed, "prefix_hits": s.prefix_hits,
-                "vision_ahead": self._ahead.made, "split_steps": s.split_steps, "kv_positions": s.kv_positions,
+                "steps": s.steps, "prefills": s.prefills, "prefill_chunks": s.prefill_chunks,
+                "most_running_in_a_step": s.max_running, "finished": s.finished, "cancelled": s.cancelled,
+                "failed": s.failed, "prefix_hits": s.prefix_hits, "vision_ahead": self._ahead.made,
+                "split_steps": self._runner.split_steps, "kv_positions": s.kv_positions,
                 "prefix_cache": self.prefix_cache.stats()}
 
     def recent_steps(self) -> list[StepWork]:
@@ -310,7 +309,8 @@ class Engine:
                               len(self._prefilling))
                 for request in [row.request for row in self._running] + self._prefilling:
                     self._failed(request, exc)
-                self._running, self._prefilling, self._kv = [], [], self._new_kv()
+                self._running, self._prefilling = [], []
+                self._runner.reset()
         error = EngineClosedError("the engine was closed")
         for request in list(self._waiting) + self._prefilling + [row.request for row in self._running]:
             self._failed(request, error)
@@ -346,12 +346,8 @@ class Engine:
 
     def _leave(self, rows: list[int]) -> None:
         """Rows ``rows`` leave the batch (the KV moves the last rows into their slots; the sequences follow)."""
-        order = self._kv.remove(rows)
+        order = self._runner.leave(rows, self.max_tokens)
         self._running = [self._running[i] for i in order]
-        if not self._kv.rows and (self.decode_mode == "dynamic" or self._kv.positions > self.max_tokens):
-            # the buffers go, to be sized for the next rows; static steps keep theirs (CUDA graphs keep reading the
-            # same addresses) unless a request larger than the budget made them
-            self._kv = self._new_kv()
 
     # ---- prefills ----------------------------------------------------------------------------------------------
     def _plan(self) -> None:
@@ -467,7 +463,7 @@ class Engine:
             going = [row for row, token, raw in zip(rows, first.tokens, first.logprobs)
                      if not self._outputs.append(row, token, raw)]
             if going:
-                self._kv.add(task.cache, len(task.ids), copies=len(going))
+                self._runner.join(task.cache, len(task.ids), copies=len(going))
                 self._running.extend(going)
         except Exception as exc:  # its rows already in the batch leave at the next step (``failed``)
             log.exception("first token failed")
@@ -476,72 +472,28 @@ class Engine:
     # ---- decode steps ------------------------------------------------------------------------------------------
     def _step(self) -> None:
         """One decode step: every running sequence gets its next token; finished ones leave the batch."""
-        import torch
-
-        rows = self._running
         self.stats.steps += 1
-        self.stats.max_running = max(self.stats.max_running, len(rows))
+        self.stats.max_running = max(self.stats.max_running, len(self._running))
         with self._cond:  # read by other threads (recent_running): a deque must not change while they copy it
-            self.stats.running_per_step.append(len(rows))
-        parts = self._isolated_decode(self._kv, rows)
-        if len(parts) != 1 or parts[0][1] is not rows:  # the step was split: the rows that survived, rejoined
-            self._kv, rows = self._new_kv(), []
-            for kv, part, _ in parts:
-                self._kv.extend(kv)
-                rows += part
-            self._running = rows
+            self.stats.running_per_step.append(len(self._running))
+        try:
+            rows, logits, failed = self._runner.decode(self._running)
+        except Exception as exc:
+            if device_fault(exc):  # no half of the step can be trusted: every request in flight fails
+                self.fault = self.fault or exc
+            raise
+        for row, exc in failed:
+            self._failed(row.request, exc)
+        self._running = rows
         if not rows:
             return
-        self.stats.kv_positions = max(self.stats.kv_positions, self._kv.positions)
-        logits = parts[0][2] if len(parts) == 1 else torch.cat([p[2] for p in parts])
+        self.stats.kv_positions = max(self.stats.kv_positions, self._runner.kv.positions)
         step = sample(logits, [RowDraw(row.request.params, row.stream, len(row.tokens)) for row in rows],
                       self._grammars.allowed([row.matcher for row in rows], logits.device))
         done = [i for i, (row, token, raw) in enumerate(zip(rows, step.tokens, step.logprobs))
                 if self._outputs.sampled(row, token, raw)]
         if done:
             self._leave(done)
-
-    def _new_kv(self) -> BatchKV:
-        return BatchKV(static=self.decode_mode != "dynamic", max_slots=self.max_running)
-
-    def _decode(self, kv: BatchKV, rows: list[Row]) -> Any:
-        """Logits of one decode step over ``rows`` (their KV ``kv``, advanced; as it was if the step raises)."""
-        import torch
-
-        mask, positions = kv.step_inputs(self.model.dtype, self._four_d_mask)
-        tokens = [s.tokens[-1] for s in rows]
-        tokens += tokens[-1:] * (mask.shape[0] - len(tokens))  # static: the bucket's empty slots compute a copy
-        ids = torch.tensor(tokens, device=self.model.device).unsqueeze(1)
-        try:
-            with torch.inference_mode():
-                logits = self._step_logits(ids, mask, kv.cache, positions)
-        except BaseException:
-            kv.crop()  # what the failed step wrote is not real (and is overwritten by the next)
-            raise
-        kv.advance()
-        return logits[:len(rows)]
-
-    def _isolated_decode(self, kv: BatchKV, rows: list[Row]) -> list[tuple[BatchKV, list[Row], Any]]:
-        """``_decode``, and if it fails, the same step in halves until the rows that fail alone are found: those
-        requests fail, the others go on (an out-of-memory step succeeds in smaller parts: nobody fails). The parts
-        that ran: (KV, rows, logits)."""
-        try:
-            return [(kv, rows, self._decode(kv, rows))]
-        except Exception as exc:
-            if device_fault(exc):  # no half of the step can be trusted: every request in flight fails
-                self.fault = self.fault or exc
-                raise
-            if len(rows) == 1:
-                log.warning("decode step failed for request %d: %s: %s", rows[0].request.id, type(exc).__name__, exc)
-                self._failed(rows[0].request, exc)
-                return []
-            log.warning("decode step of %d sequences failed (%s: %s): retrying in halves", len(rows),
-                        type(exc).__name__, exc)
-            self.stats.split_steps += 1
-        half = len(rows) // 2
-        second = kv.take(range(half, len(rows)))
-        kv.keep(range(half))
-        return self._isolated_decode(kv, rows[:half]) + self._isolated_decode(second, rows[half:])
 
 
 def _one_answer(params: SamplingParams) -> None:

@@ -88,7 +88,6 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     prefix_hits: int = 0  # prefills that reused a cached prefix
-    split_steps: int = 0  # decode steps that raised and were run again in halves
     kv_positions: int = 0  # most KV positions (row slots x positions) the running batch's buffers held
     running_per_step: Any = None  # a deque of the rows in each of the last decode steps
     work_per_step: Any = None  # a deque of the ``StepWork`` of each of the last steps

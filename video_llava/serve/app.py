@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray.serve import Application
 
 from video_llava.serve.config import API_KEYS_ENV, ServeArgs
+from video_llava.serve.front_door import configured_limit, front_door_env, largest_body
 
 
 def build_app(args: ServeArgs | dict) -> Application:
@@ -26,6 +28,7 @@ def build_app(args: ServeArgs | dict) -> Application:
             f"set limits.api_keys, limits.api_keys_file or ${API_KEYS_ENV} (comma-separated) before starting"
         )
     args = args.model_copy(update={"limits": args.limits.model_copy(update={"api_keys": keys, "api_keys_file": None})})
+    _check_front_door(args)
 
     d = args.deployment
     options: dict[str, Any] = dict(
@@ -51,3 +54,17 @@ def build_app(args: ServeArgs | dict) -> Application:
         max_ongoing_requests=d.ingress_max_ongoing_requests,
         max_queued_requests=d.ingress_max_queued_requests,
     ).bind(model, args)
+
+
+def _check_front_door(args: ServeArgs) -> None:
+    """Say so when Ray's proxies do not bound bodies as this service does (serve/front_door.py)."""
+    limit, wanted = configured_limit(), largest_body(args.limits)
+    exports = " ".join(f"{k}={v}" for k, v in front_door_env(args).items())
+    if limit is None:
+        logging.getLogger("ray.serve").warning(
+            "Serve's proxies read a body over the limit to its end before the 413 (memory grows with each such "
+            "client): start Ray with %s (python -m video_llava.serve.front_door CONFIG.yaml prints it)", exports)
+    elif limit < wanted:
+        logging.getLogger("ray.serve").warning(
+            "Ray's proxies refuse bodies over %d bytes, fewer than this service accepts (%d): start Ray with %s",
+            limit, wanted, exports)
