@@ -36,7 +36,7 @@ class DPOConfig(TrainRunConfig):
     lr: float = Field(5e-7, gt=0)
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (default: all epochs)")
-    batch_size: int = Field(8, ge=1, description="pairs per step per worker")
+    batch_size: int = Field(8, ge=1, description="pairs per micro-batch per worker (a step takes --grad-accum of them)")
     train_projector: bool = Field(False, description="also train the projector (the 7B-DPO recipe froze it)")
 
 
@@ -52,6 +52,7 @@ def train_loop(config: dict) -> None:
     from video_llava.train.examples import ExampleMaker, collate
     from video_llava.train.objectives import answer_logprobs, dpo_loss
     from video_llava.train.run import start_worker
+    from video_llava.train.step import chunks
 
     cfg = DPOConfig.model_validate(config)
     run = start_worker(cfg, cfg.model, cfg.lr, freeze_projector=not cfg.train_projector)
@@ -60,34 +61,41 @@ def train_loop(config: dict) -> None:
     pairs = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))
     if not pairs:
         raise ValueError("this worker got no preference pairs")
-    per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    per_step = cfg.batch_size * cfg.grad_accum  # pairs a step takes, batch_size at a time
+    per_epoch = math.ceil(len(pairs) / per_step)
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
     ref_cache: dict[str, tuple[float, float]] = {}  # the reference is frozen: score each pair once
     make_example = ExampleMaker(run.processor, cfg.frames)
+
+    def loss_of(part: list[dict]):
+        """The DPO loss of a micro-batch of pairs (its margins and accuracies kept for the step's metrics)."""
+        rows = [make_example(p, p[k]) for p in part for k in ("chosen", "rejected")]  # c, r, c, r, ...
+        batch = {k: v.to(run.device) for k, v in collate(rows, run.processor.tokenizer.pad_token_id).items()}
+        missing = [p["id"] for p in part if p["id"] not in ref_cache]
+        if missing:
+            with torch.no_grad():
+                ref = answer_logprobs(reference, batch).view(-1, 2).tolist()
+            for p, (c, r) in zip(part, ref):
+                ref_cache[p["id"]] = (c, r)
+        ref = torch.tensor([ref_cache[p["id"]] for p in part], device=run.device)
+        policy = answer_logprobs(run.model, batch).view(-1, 2)
+        loss, margin, accuracy = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], cfg.beta)
+        seen.append((margin.detach().float(), accuracy.detach().float()))
+        return loss
 
     for step in range(run.start_step + 1, total + 1):
         epoch, position = divmod(step - 1, per_epoch)
         order = list(range(len(pairs)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)  # the same order again on resume
-        batch_pairs = [pairs[k] for k in order[position * cfg.batch_size:(position + 1) * cfg.batch_size]]
-        rows = [make_example(p, p[k]) for p in batch_pairs for k in ("chosen", "rejected")]  # c, r, c, r, ...
-        batch = {k: v.to(run.device) for k, v in collate(rows, run.processor.tokenizer.pad_token_id).items()}
-        missing = [p["id"] for p in batch_pairs if p["id"] not in ref_cache]
-        if missing:
-            with torch.no_grad():
-                ref = answer_logprobs(reference, batch).view(-1, 2).tolist()
-            for p, (c, r) in zip(batch_pairs, ref):
-                ref_cache[p["id"]] = (c, r)
-        ref = torch.tensor([ref_cache[p["id"]] for p in batch_pairs], device=run.device)
-        policy = answer_logprobs(run.model, batch).view(-1, 2)
-        loss, margin, accuracy = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], cfg.beta)
-        run.optimizer.zero_grad()
-        loss.backward()
-        run.optimizer.step()
-        metrics = {"step": step, "epoch": epoch + 1, "loss": float(loss.detach()),
+        step_pairs = [pairs[k] for k in order[position * per_step:(position + 1) * per_step]]
+        seen: list = []
+        loss = run.step([(part, len(part) / len(step_pairs)) for part in chunks(step_pairs, cfg.batch_size)],
+                        loss_of, cfg.precision)
+        margin, accuracy = (torch.cat(values) for values in zip(*seen))
+        metrics = {"step": step, "epoch": epoch + 1, "loss": loss,
                    "margin": float(margin.mean()), "reward_accuracy": float(accuracy.mean())}
         run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == total, total_steps=total,
-                     samples=len(batch_pairs))
+                     samples=len(step_pairs))
 
 
 def read_pairs(preferences: Path):

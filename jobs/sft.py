@@ -6,7 +6,9 @@
 Records are read with Ray Data and split across workers. Every gpt turn of a record's conversation is trained on
 (the first human turn carries the media; later ones are text). Loss only on answer tokens; vision tower frozen,
 projector + LLM trained (or, with ``--lora-rank N``, PEFT LoRA adapters on the LLM's attention projections
-plus the projector); DDP over ``--num-workers`` workers (1 CPU worker here, N GPUs on a cluster). Checkpoints every ``--checkpoint-every`` steps under
+plus the projector); DDP over ``--num-workers`` workers (1 CPU worker here, N GPUs on a cluster); ``--precision
+bf16``, ``--gradient-checkpointing`` and ``--grad-accum N`` (N micro-batches of ``--batch-size`` a step) for large
+models. Checkpoints every ``--checkpoint-every`` steps under
 ``<output>/<name>``; rerunning with the same ``--output``/``--name`` resumes from the latest one. The final
 model is saved with ``save_pretrained`` to ``<output>/<name>/model``; ``<output>/<name>/metrics.jsonl`` logs
 step and loss as training goes. ``--frame-counts 4,8,16,32`` varies the frames per step (at a constant
@@ -79,8 +81,9 @@ def train_loop(config: dict) -> None:
     import ray.train
 
     from video_llava.data.records import conversation_turns, flatten_record
-    from video_llava.train.examples import ExampleMaker, collate
+    from video_llava.train.examples import ExampleMaker, answer_tokens, collate
     from video_llava.train.run import start_worker
+    from video_llava.train.step import chunks
 
     cfg = SFTConfig.model_validate(config)
     run = start_worker(cfg, cfg.model, cfg.lr, lora_rank=cfg.lora_rank, freeze_vision=not cfg.train_vision_tower)
@@ -92,18 +95,21 @@ def train_loop(config: dict) -> None:
         row = flatten_record(record, cfg.data.resolve())
         return make_example(row, row["reference"], frames, follow_ups=conversation_turns(record)[1:])
 
+    def loss_of(batch: dict):
+        return run.model(**{k: v.to(run.device) for k, v in batch.items()}).loss
+
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         # Seeded by step: a resumed run draws the same batches as an uninterrupted one.
         frames, batch_size = cfg.step_shape(step)
-        drawn = random.Random(f"{cfg.seed}-{run.rank}-{step}").sample(records, min(batch_size, len(records)))
-        batch = collate([example(r, frames) for r in drawn], run.processor.tokenizer.pad_token_id)
-        loss = run.model(**{k: v.to(run.device) for k, v in batch.items()}).loss
-        run.optimizer.zero_grad()
-        loss.backward()
+        drawn = random.Random(f"{cfg.seed}-{run.rank}-{step}").sample(
+            records, min(batch_size * cfg.grad_accum, len(records)))
+        parts = [collate([example(r, frames) for r in part], run.processor.tokenizer.pad_token_id)
+                 for part in chunks(drawn, batch_size)]
+        tokens = [answer_tokens(part) for part in parts]  # each micro-batch weighs as its share of answer tokens
         for group in run.optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
-        run.optimizer.step()
-        metrics = {"step": step, "loss": float(loss.detach()), "frames": frames, "lr": cfg.lr_at(step)}
+        loss = run.step([(part, n / sum(tokens)) for part, n in zip(parts, tokens)], loss_of, cfg.precision)
+        metrics = {"step": step, "loss": loss, "frames": frames, "lr": cfg.lr_at(step)}
         run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == cfg.max_steps, total_steps=cfg.max_steps,
                      samples=len(drawn))
 

@@ -174,7 +174,8 @@ def test_preferences_dpo_and_eval_run_on_a_onevision_checkpoint(data, tmp_path, 
             f.write(json.dumps({**r, "status": "pair", "chosen": r["candidates"][0], "rejected": r["candidates"][1]})
                     + "\n")
     trained = run_job("jobs.dpo", "--preferences", str(pairs), "--model", onevision, "--output", str(tmp_path),
-                      "--name", "dpo", "--batch-size", "1", "--frames", "4", "--max-steps", "1", cache=embedded_cache)
+                      "--name", "dpo", "--batch-size", "1", "--grad-accum", "2", "--precision", "bf16", "--frames", "4",
+                      "--max-steps", "1", cache=embedded_cache)
     assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
     model = tmp_path / "dpo" / "model"
     assert json.loads((model / "config.json").read_text())["model_type"] == "llava_onevision"

@@ -112,11 +112,14 @@ def test_a_rerun_resumes_from_the_last_checkpoint_and_continues_the_step_count(d
     assert "finished at step 6" in second.stdout
 
 
-def test_sft_runs_on_a_onevision_checkpoint_with_mixed_image_and_video_records(data, tmp_path, embedded_cache,
-                                                                               tiny_checkpoint):
+def test_sft_runs_on_a_onevision_checkpoint_with_mixed_records_in_bf16_checkpointed_micro_batches(
+        data, tmp_path, embedded_cache, tiny_checkpoint):
+    """The options a 7B run takes (bf16 autocast, gradient checkpointing, two micro-batches a step) through the
+    job's entry point (their effect on the update: tests/test_training_steps.py)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    result = run_sft(data, tmp_path, embedded_cache, 2, "--model", str(tiny_checkpoint("llava_onevision")))
+    result = run_sft(data, tmp_path, embedded_cache, 2, "--model", str(tiny_checkpoint("llava_onevision")),
+                     "--precision", "bf16", "--gradient-checkpointing", "--grad-accum", "2", "--batch-size", "2")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     losses = [m["loss"] for m in _metrics(tmp_path)]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)

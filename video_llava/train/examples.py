@@ -113,3 +113,9 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
         batch["image_sizes"] = torch.stack([e["image_sizes"] for e in images])
     return batch
 
+
+
+def answer_tokens(batch: dict[str, Any]) -> int:
+    """The tokens a collated batch's loss averages over: labelled positions after the first (transformers' causal
+    loss predicts position k + 1 from k)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field
 
 from video_llava.model.settings import MAX_FRAMES
+from video_llava.train.step import Precision
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)$"
 
@@ -37,6 +38,12 @@ class TrainRunConfig(BaseModel):
     cpus_per_worker: int = Field(2, ge=1, description="CPUs reserved per worker (torch uses as many threads)")
     seed: int = 0
     log_every: int = Field(10, ge=1, description="print a progress line (step, loss, samples/s, ETA) every N steps")
+    precision: Precision = Field("fp32", description="bf16: the forward under bf16 autocast, weights, gradients and "
+                                 "optimizer state float32 (what a 7B run on GPUs wants); fp32: all float32")
+    gradient_checkpointing: bool = Field(False, description="recompute the LLM's activations in the backward pass "
+                                         "instead of keeping them: less memory, about a third more compute")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step: a step takes batch_size x "
+                            "grad_accum examples per worker, in batch_size at a time, with one large batch's update")
 
 
 def setup_worker(cfg: TrainRunConfig) -> None:
@@ -99,12 +106,16 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
     return model, processor, state, source
 
 
-def prepare_training(model, state: dict | None, lr: float):
+def prepare_training(model, state: dict | None, lr: float, gradient_checkpointing: bool = False):
     """(DDP-ready model, AdamW over its trainable parameters, first step): restores the optimizer when resuming."""
     import ray.train
     import torch
 
+    from video_llava.train.step import enable_gradient_checkpointing
+
     model.train()
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     if state is not None:
@@ -145,6 +156,12 @@ class WorkerRun:
     log_every: int = 10
     _mark: tuple[float, int, int] | None = None  # (time, step, samples since) at the last progress line
 
+    def step(self, parts: Any, loss_of: Callable[[Any], Any], precision: Precision) -> float:
+        """One optimizer step over ``parts`` ((micro-batch, its share of the step) pairs): ``step.optimizer_step``."""
+        from video_llava.train.step import optimizer_step
+
+        return optimizer_step(self.model, self.optimizer, parts, loss_of, precision, self.device)
+
     def end_step(self, metrics: dict[str, Any], save: bool, total_steps: int, samples: int) -> None:
         """Log the step's metrics, print a progress line every ``log_every`` steps (rank 0) and, at a checkpoint
         step, report the metrics with a checkpoint. ``samples``: examples this step took on this worker."""
@@ -179,7 +196,7 @@ def start_worker(cfg: TrainRunConfig, model: str, lr: float, **load: Any) -> Wor
 
     setup_worker(cfg)
     loaded, processor, state, source = load_for_training(resolve_source(ModelSettings(model=model)), **load)
-    wrapped, optimizer, start_step = prepare_training(loaded, state, lr)
+    wrapped, optimizer, start_step = prepare_training(loaded, state, lr, cfg.gradient_checkpointing)
     rank = ray.train.get_context().get_world_rank()
     log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank, start_step)
     return WorkerRun(wrapped, processor, optimizer, start_step, source, rank, ray.train.torch.get_device(), log,
