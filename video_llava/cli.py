@@ -101,6 +101,8 @@ def _decode(args: argparse.Namespace, settings: ModelSettings, frames: int):
     if is_image_path(args.video):
         start = time.perf_counter()
         return decode_image_file(args.video, timeout_s=args.timeout), time.perf_counter() - start
+    # one small frame first: an empty or broken file fails here, before any model code is imported
+    decode_video(args.video, DecodeOptions(num_frames=1, short_side=16), timeout_s=args.timeout)
     _quiet_libraries()
     from video_llava.model.loading import checkpoint_inputs
 
