@@ -11,62 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.checkpoint_layouts import FAMILIES, LAYOUTS, saved_weights, write_layout
 from tests.conftest import HEIGHT, WIDTH
 from video_llava.data.synthetic_video import SAMPLE_SHAPES, render_frames
 
-FAMILIES = ["llava_next_video", "llava_onevision", "llava_next", "llava", "yi_vl"]
-# How the same weights are named on disk. "current": transformers 5's own module names. "legacy": what transformers
-# 4 wrote and 5's save_pretrained still writes for these classes. "hub": legacy with the vision tower under
-# vision_model, as llava-hf's released checkpoints hold it.
-LAYOUTS = ["current", "legacy", "hub"]
-CURRENT_TO_LEGACY = [("lm_head.", "language_model.lm_head."), ("model.language_model.", "language_model.model."),
-                     ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
-                     ("model.image_newline", "image_newline")]
 QUESTION = "What is in the image?"
-
-
-def renamed(name: str, rules: list[tuple[str, str]]) -> str:
-    for old, new in rules:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
-
-
-def as_current(name: str, current: set[str]) -> str:
-    """A saved weight's name in the current layout (from the legacy or hub one)."""
-    for candidate in (name, name.replace("vision_tower.vision_model.", "vision_tower.", 1)):
-        for rules in ([], [(new, old) for old, new in CURRENT_TO_LEGACY]):
-            if renamed(candidate, rules) in current:
-                return renamed(candidate, rules)
-    raise KeyError(f"{name} has no place in the model")
-
-
-def reference_model(config):
-    """The family's transformers class built from ``config`` (Yi-VL: ``LlavaForConditionalGeneration`` with its
-    projector swapped in), random weights: the names its state dict has are the "current" layout."""
-    from transformers import (
-        LlavaForConditionalGeneration,
-        LlavaNextForConditionalGeneration,
-        LlavaNextVideoForConditionalGeneration,
-        LlavaOnevisionForConditionalGeneration,
-    )
-
-    from video_llava.model.families.yi_vl import build_projector
-
-    classes = {"llava_next_video": LlavaNextVideoForConditionalGeneration, "llava_onevision":
-               LlavaOnevisionForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
-    model = classes.get(config.model_type, LlavaForConditionalGeneration)(config)
-    if getattr(config, "projector_type", None) == "yi_vl":
-        model.model.multi_modal_projector = build_projector(config)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_checkpoint):
     """``checkpoints(family, layout)``: (directory, the reference model holding the same weights) for that layout."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoConfig
-
     root = tmp_path_factory.mktemp("layouts")
     references: dict = {}
     built: dict = {}
@@ -74,26 +28,10 @@ def checkpoints(tmp_path_factory, tiny_checkpoint):
     def get(family: str, layout: str):
         source = Path(tiny_checkpoint(family))
         if family not in references:
-            reference = reference_model(AutoConfig.from_pretrained(source))
-            current = set(reference.state_dict())
-            saved = load_file(str(source / "model.safetensors"))
-            weights = {as_current(k, current): v for k, v in saved.items()}
-            reference.load_state_dict(weights, strict=True)  # every weight, by the current names
-            references[family] = (reference, weights)
+            references[family] = saved_weights(source)
         reference, weights = references[family]
         if (family, layout) not in built:
-            dest = root / family / layout
-            shutil.copytree(source, dest)
-            if layout == "current":
-                names = {k: k for k in weights}
-            else:
-                names = {k: renamed(k, CURRENT_TO_LEGACY) for k in weights}
-                if layout == "hub":
-                    names = {k: v.replace("vision_tower.", "vision_tower.vision_model.", 1)
-                             if v.startswith("vision_tower.") else v for k, v in names.items()}
-            save_file({names[k]: v.contiguous() for k, v in weights.items()}, str(dest / "model.safetensors"),
-                      metadata={"format": "pt"})
-            built[(family, layout)] = dest
+            built[(family, layout)] = write_layout(source, weights, root / family / layout, layout)
         return built[(family, layout)], reference
 
     return get
@@ -147,16 +85,17 @@ def test_the_training_jobs_loader_reads_every_layout_to_transformers_weights(che
     assert_same_weights(model, reference)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_cli_answers_from_a_checkpoint_as_transformers_saves_it(checkpoints, image, family, tmp_path, capsys):
-    """The layout ``save_pretrained`` writes (the one Yi-VL loaded with a random ``lm_head`` from)."""
+def test_the_cli_answers_from_every_layout_as_transformers_does(checkpoints, image, family, layout, tmp_path, capsys):
+    """Yi-VL loaded with a random ``lm_head`` from the layout ``save_pretrained`` writes ("legacy")."""
     from PIL import Image
 
     from video_llava.cli import main
     from video_llava.model.qa_model import VideoQAModel
     from video_llava.model.settings import ModelSettings
 
-    path, reference = checkpoints(family, "legacy")
+    path, reference = checkpoints(family, layout)
     photo = tmp_path / "photo.png"
     Image.fromarray(image).save(photo)
     code = main(["ask", str(photo), QUESTION, "--model", str(path), "--device", "cpu", "--max-new-tokens", "6",

@@ -237,3 +237,39 @@ def test_a_replica_whose_checkpoint_lacks_a_weight_does_not_start_and_says_which
     ok = httpx.post(f"{base}/v1/video/qa", files={"image": ("a.png", IMAGE, "image/png")},
                     data={"question": "What is it?"}, timeout=120)
     assert ok.status_code == 200, ok.text
+
+
+def test_every_family_in_every_layout_serves_the_answers_the_library_gives(served, tmp_path):
+    """Each tiny checkpoint, its weights named as each layout transformers reads names them, deployed beside the
+    running application and asked an image question over HTTP: greedy, the tokens the library gives from the same
+    directory (itself equal to transformers' own class: test_checkpoint_loading)."""
+    from ray import serve
+
+    from tests.checkpoint_layouts import FAMILIES, LAYOUTS, saved_weights, write_layout
+    from video_llava.model.families.tiny import build_tiny
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
+    from video_llava.serve.app import build_app
+    from video_llava.serve.config import ServeArgs
+
+    base, family, _ = served
+    if family != "yi_vl":
+        pytest.skip("deployed once, beside one of the running applications")
+    question = [{"role": "user", "content": [image_part(IMAGE), text("What is in the image?")]}]
+    for name in FAMILIES:
+        source = build_tiny(name, tmp_path / name / "saved")
+        _, weights = saved_weights(source)
+        for layout in LAYOUTS:
+            path = write_layout(source, weights, tmp_path / name / layout, layout)
+            settings = {"model": str(path), "max_new_tokens": 6, "device": "cpu"}
+            args = {"model": settings, "served_model_names": ["m"],
+                    "deployment": {"num_cpus": 0, "ingress_num_cpus": 0, "decode_workers": 1}}
+            app = f"{name}-{layout}"
+            try:
+                serve.run(build_app(ServeArgs.model_validate(args)), name=app, route_prefix=f"/{app}")
+                reply = client_of(f"{base}/{app}").chat.completions.create(model="m", messages=question, max_tokens=6,
+                                                                            temperature=0)
+            finally:
+                serve.delete(app)
+            (expected,) = VideoQAModel(ModelSettings(**settings)).answer([decoded(IMAGE)], ["What is in the image?"])
+            assert reply.choices[0].message.content == expected.text, app
