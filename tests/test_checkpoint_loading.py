@@ -148,3 +148,24 @@ def test_the_cli_refuses_a_checkpoint_missing_a_weight_in_one_line_with_exit_1(w
     assert main(["ask", str(photo), QUESTION, "--model", str(without_a_weight), "--device", "cpu"]) == EXIT_FAILED
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and MISSING in err
+
+
+def test_auto_runtime_is_fp16_where_bf16_is_only_emulated_and_sdpa_even_with_flash_attention_installed(monkeypatch):
+    """What a pre-Ampere GPU with the gpu extra installed would be given (torch's answers set here: no GPU in CI).
+    flash-attention's decode path over the batch's padded rows unpads with host syncs in every layer."""
+    import importlib.util
+
+    import torch
+
+    from video_llava.model.loading import resolve_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    runtime = resolve_runtime("cuda", "auto", "auto")
+    assert (runtime.dtype, runtime.attn_implementation) == (torch.float16, "sdpa")
+    assert resolve_runtime("cuda", "auto", "flash_attention_2").attn_implementation == "flash_attention_2"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_runtime("cuda", "auto", "auto").dtype == torch.bfloat16
