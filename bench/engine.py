@@ -26,14 +26,15 @@ QUESTIONS = ["What color is the shape?", "Which way does the shape move? Answer 
              "Describe the video in detail: every shape, its color, where it starts and where it goes.", "What moves?"]
 
 
-def make_requests(model, n: int, new_tokens: int) -> list:
+def clip(i: int, frames: int = 32):
+    """The ``i``-th distinct 160x120 clip of one moving shape."""
     colors, directions = list(COLORS), list(DIRECTIONS)
-    prepared = []
-    for i in range(n):
-        shape = MovingShape(SHAPES[i % 3], colors[i % len(colors)], directions[i % 4], start=(0.1 + 0.01 * i, 0.5))
-        frames = render_frames([shape], num_frames=16 if i % 2 else 32, fps=12, width=160, height=120)
-        prepared.append(model.prepare(frames, QUESTIONS[i % len(QUESTIONS)], new_tokens))
-    return prepared
+    shape = MovingShape(SHAPES[i % 3], colors[i % len(colors)], directions[i % 4], start=(0.1 + 0.01 * i, 0.5))
+    return render_frames([shape], num_frames=frames, fps=12, width=160, height=120)
+
+
+def make_requests(model, n: int, new_tokens: int) -> list:
+    return [model.prepare(clip(i, 16 if i % 2 else 32), QUESTIONS[i % len(QUESTIONS)], new_tokens) for i in range(n)]
 
 
 def run_engine(engine, prepared: list, params, spread_s: float) -> dict:
@@ -139,11 +140,6 @@ def sampler_figures(rows: int = 32, vocab: int = 152_064, steps: int = 5) -> dic
     return {"sampler_rows": rows, "sampler_vocab": vocab, "sampler_device": device,
             "sampler_host_step_s": round(old, 4), "sampler_batched_step_s": round(new, 4),
             "sampler_speedup_b32_v152k": round(old / new, 1)}
-
-
-def clip(i: int, frames: int = 32):
-    shape = MovingShape(SHAPES[i % 3], list(COLORS)[i % len(COLORS)], list(DIRECTIONS)[i % 4], start=(0.1 + 0.01 * i, 0.5))
-    return render_frames([shape], num_frames=frames, fps=12, width=160, height=120)
 
 
 def stall_figures(model, ahead: int, burst: int = 8) -> dict:

@@ -27,7 +27,6 @@ A prompt whose prefix (up to its last visual token) was seen before prefills onl
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 import threading
@@ -109,8 +108,7 @@ class Engine:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {decode_mode!r}")
         self.decode_mode = decode_mode
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
-        self.stats = EngineStats(running_per_step=collections.deque(maxlen=1000),
-                                 work_per_step=collections.deque(maxlen=1000))
+        self.stats = EngineStats()
         self._forward = Forward(self.model)
         self._prefiller = Prefiller(qa, self._forward, self.prefix_cache)
         self._scheduler = Scheduler(Budgets(max_running, max_tokens, max_num_batched_tokens, max_num_vision_frames,
@@ -476,12 +474,7 @@ class Engine:
         self.stats.max_running = max(self.stats.max_running, len(self._running))
         with self._cond:  # read by other threads (recent_running): a deque must not change while they copy it
             self.stats.running_per_step.append(len(self._running))
-        try:
-            rows, logits, failed = self._runner.decode(self._running)
-        except Exception as exc:
-            if device_fault(exc):  # no half of the step can be trusted: every request in flight fails
-                self.fault = self.fault or exc
-            raise
+        rows, logits, failed = self._runner.decode(self._running)  # a device fault raises: the loop fails everyone
         for row, exc in failed:
             self._failed(row.request, exc)
         self._running = rows

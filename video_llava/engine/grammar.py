@@ -57,9 +57,6 @@ class Grammars:
         """A fresh matcher of ``grammar``; ``GrammarError`` if it cannot be used with this tokenizer."""
         from llguidance import LLMatcher
 
-        error = LLMatcher.validate_grammar(grammar, self.lltokenizer)
-        if error:
-            raise GrammarError(f"the response format cannot be compiled: {error}")
         matcher = LLMatcher(self.lltokenizer, grammar)
         if matcher.is_error():
             raise GrammarError(f"the response format cannot be compiled: {matcher.get_error()}")

@@ -4,6 +4,7 @@ sees: the text so far (incremental detokenization), stop strings, logprobs, and 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -89,8 +90,8 @@ class EngineStats:
     failed: int = 0
     prefix_hits: int = 0  # prefills that reused a cached prefix
     kv_positions: int = 0  # most KV positions (row slots x positions) the running batch's buffers held
-    running_per_step: Any = None  # a deque of the rows in each of the last decode steps
-    work_per_step: Any = None  # a deque of the ``StepWork`` of each of the last steps
+    running_per_step: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))  # rows
+    work_per_step: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))  # StepWork
 
 
 class Outputs:
@@ -129,8 +130,8 @@ class Outputs:
         request, p = seq.request, seq.request.params
         seq.tokens.append(token)
         if request.cancelled or request.failed:  # cancelled during this step: it leaves now
-            if request.cancelled and self.live.pop(request.id, None) is not None:
-                self.stats.cancelled += 1
+            if request.cancelled:
+                self.cancelled(request)
             return True
         if p.logprobs and raw is not None:
             seq.logprobs.append(raw)

@@ -179,8 +179,6 @@ class MediaEmbedder:
 
     def _run_videos(self, missing: dict[str, np.ndarray], found: dict[str, Any]) -> dict[str, float]:
         """Features of the ``missing`` videos into ``found`` (and the cache); each video's share of the seconds."""
-        import torch
-
         by_shape: dict[tuple, list[str]] = {}
         for key, frames in missing.items():
             by_shape.setdefault(frames.shape, []).append(key)
@@ -189,10 +187,7 @@ class MediaEmbedder:
             per_call = max(1, VISION_BATCH_FRAMES // shape[0])
             for i in range(0, len(shaped), per_call):
                 chunk = shaped[i:i + per_call]
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    features = self.family.video_features(self.model, self.processor, [missing[k] for k in chunk])
-                elapsed = time.perf_counter() - start
+                features, elapsed = self.video_pieces([missing[k] for k in chunk])
                 self.vision_calls += len(chunk)
                 for key, f in zip(chunk, features):
                     found[key] = f

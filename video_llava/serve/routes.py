@@ -16,6 +16,7 @@ from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from video_llava.serve.config import ServeArgs
+from video_llava.serve.front_door import FORM_OVERHEAD
 from video_llava.serve.protocol import (
     ChatCompletionRequest,
     GenerationOptions,
@@ -31,7 +32,7 @@ api = FastAPI(
 )
 
 UPLOAD_CHUNK = 1 << 20
-MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries next to the video
+MULTIPART_OVERHEAD = FORM_OVERHEAD  # form fields and boundaries next to the video (the proxy's limit counts them)
 DOC_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 
