@@ -11,7 +11,6 @@ import pytest
 
 from video_llava.data.synthetic_video import MovingShape, render_frames
 from video_llava.engine import Engine, Failed, Finished, QueueFullError, SamplingParams, TextPiece
-from video_llava.engine.kv import BatchKV
 
 QUESTIONS = ["What color is the circle?", "Which way does the green square move? Answer in one word.", "Hi",
              "Describe the video in detail, frame by frame, with every shape and color you see in it."]
@@ -50,7 +49,8 @@ def test_static_decode_steps_over_whole_buffers_give_the_same_tokens(embedded_mo
     engine = Engine(embedded_model, max_running=4, preprocess_ahead=2, decode_mode="static")
     try:
         staggered_arrivals_match_one_at_a_time(embedded_model, engine, videos)
-        assert engine._runner.kv.static and engine._runner.kv.capacity % 1024 == 0
+        assert engine.kv.static and engine.kv.static_shapes
+        assert all(positions % 1024 == 0 for _, positions in engine.kv.static_shapes)
     finally:
         engine.close()
 
@@ -297,136 +297,89 @@ def test_the_waiting_queue_is_bounded(embedded_model, videos):
         engine.close()
 
 
-def _one_row_cache(values):
-    """A prefill's one-row cache (two layers) whose position p holds ``values[p]`` everywhere."""
-    import torch
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for layer in range(2):
-        k = torch.tensor(values, dtype=torch.float32).reshape(1, 1, -1, 1).expand(1, 2, -1, 3) + 1000 * layer
-        cache.update(k.clone(), -k.clone(), layer)
-    return cache
-
-
-def _what_each_row_attends(kv, step_value):
-    """One decode step writing ``step_value + row`` for every row; per row, the key values the new token attends to
-    (in order), read through the model's interface: the mask and what each layer's update returns."""
-    import torch
-
-    mask, positions = kv.step_inputs(torch.float32)
-    seen = []
-    for layer in kv.cache.layers:
-        new = torch.arange(kv.rows, dtype=torch.float32).reshape(-1, 1, 1, 1).expand(-1, 2, 1, 3) + step_value
-        new = new + 1000 * layer.index
-        keys, values = layer.update(new.clone(), -new.clone())
-        assert keys.shape[0] == kv.rows and keys.shape[2] == mask.shape[-1]
-        assert torch.equal(values, -keys)
-        visible = mask[:, 0, 0, :] == 0
-        seen.append([(keys[i, 0, visible[i], 0] - 1000 * layer.index).tolist() for i in range(kv.rows)])
-    kv.advance()
-    assert seen[0] == seen[1]
-    return seen[0], positions[:, 0].tolist()
-
-
-def test_the_batch_kv_keeps_each_rows_positions_in_order_through_joins_leaves_and_regathering():
-    """Rows join (one shorter, one longer than the batch: the write index moves on), decode steps write in place,
-    rows leave (the last row takes the slot), and full buffers are regathered: through all of it each row attends to
-    exactly its own positions, in order, and its position id counts them."""
-    kv = BatchKV(reserve=4)  # little room: buffers fill, and are regathered, every few steps
-    rows = []  # the reference: each row's key values in order
-    for step in range(60):
-        if step % 7 == 0:  # a row joins: lengths 5, 2, 9, 5, 2, 9, ...
-            length = (5, 2, 9)[step // 7 % 3]
-            values = [100.0 * (step + 1) + p for p in range(length)]
-            copies = 2 if step == 14 else 1
-            kv.add(_one_row_cache(values), length, copies=copies)
-            rows += [list(values) for _ in range(copies)]
-        if step % 5 == 4 and len(rows) > 1:  # a row leaves: the first, or one in the middle
-            gone = [0] if step % 10 == 4 else [len(rows) // 2, len(rows) - 1]
-            order = kv.remove(gone)
-            rows = [rows[i] for i in order]
-        seen, positions = _what_each_row_attends(kv, 10_000.0 * (step + 1))
-        for i, row in enumerate(rows):
-            row.append(10_000.0 * (step + 1) + i)
-        assert seen == rows, step
-        assert positions == [len(r) - 1 for r in rows]
-    assert kv.capacity < 60 + 9 + 4 + 64  # regathering closed the gaps instead of growing without end
-
-
-def test_a_leaving_row_costs_one_row_copy_and_splitting_keeps_every_row():
-    """``remove`` moves only the last row into the slot left (the others stay where they are); ``take`` and
-    ``keep`` split a batch (a failing step is retried in halves) and ``extend`` joins them back, rows intact."""
-    kv = BatchKV()
-    rows = []
-    for n, length in enumerate((3, 6, 4, 2)):
-        values = [10.0 * (n + 1) + p for p in range(length)]
-        kv.add(_one_row_cache(values), length)
-        rows.append(values)
-    before = [kv.keys[0][i].clone() for i in range(4)]
-    assert kv.remove([1]) == [0, 3, 2]
-    rows = [rows[i] for i in (0, 3, 2)]
-    assert all(kv.keys[0][i].equal(before[j]) for i, j in ((0, 0), (1, 3), (2, 2)))
-    second = kv.take([1, 2])
-    kv.keep([0])
-    assert _what_each_row_attends(second, 500.0)[0] == [rows[1] + [500.0], rows[2] + [501.0]]
-    kv.extend(second)
-    seen, _ = _what_each_row_attends(kv, 600.0)
-    assert seen == [rows[0] + [600.0], rows[1] + [500.0, 601.0], rows[2] + [501.0, 602.0]]
-
-
-def test_the_kv_buffers_never_hold_more_positions_than_the_budget_whatever_the_mix_of_lengths(embedded_model, videos):
-    # the buffers give every row the longest row's positions: a long row and three short ones hold 4 long rows' worth
+def test_the_kv_held_is_what_the_rows_own_tokens_need_to_within_a_block_each(embedded_model, videos):
+    """A long video answer beside three short image-sized ones: the pool holds each row's own positions (to within a
+    block), not every row at the longest one's length; every block is back once they are done."""
     long = embedded_model.prepare(videos[0], QUESTIONS[3], 20)
     short = embedded_model.prepare(videos[3], QUESTIONS[2], 20)
-    row = long.prompt_tokens + long.visual_tokens + 20
-    assert 3 * (short.prompt_tokens + short.visual_tokens + 20) < row  # their tokens alone would fit beside it
-    per_row = BatchKV().positions_after(1, row)
-    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
-    # half a long row: each runs alone (the long one larger than the budget); one long row: the short ones two at a
-    # time (three take four slots); four long rows: all together
-    assert 2 * BatchKV().positions_after(1, short.prompt_tokens + short.visual_tokens + 20) > per_row // 2
-    for budget, most in ((per_row // 2, 1), (per_row, 2), (4 * per_row, 4)):
-        engine = Engine(embedded_model, max_running=4, max_tokens=budget)
-        try:
-            answers = engine.generate([long, short, short, short], params)
-            assert [a.completion_tokens for a in answers] == [20] * 4
-            assert max(engine.recent_running()) == most, budget
-            assert engine.describe()["kv_positions"] <= max(budget, per_row), budget
-        finally:
-            engine.close()
-
-
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_after_a_request_larger_than_the_budget_the_batch_is_shared_again(embedded_model, videos, mode):
-    long = embedded_model.prepare(videos[0], QUESTIONS[3], 8)
-    short = embedded_model.prepare(videos[3], QUESTIONS[2], 8)
-    kv = BatchKV(static=mode == "static")
-    budget = 2 * kv.positions_after(1, short.prompt_tokens + short.visual_tokens + 8)
-    assert kv.positions_after(1, long.prompt_tokens + long.visual_tokens + 8) > budget
-    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    engine = Engine(embedded_model, max_running=4, max_tokens=budget, decode_mode=mode, max_num_batched_tokens=8192)
+    engine = Engine(embedded_model, max_running=4)
     try:
-        assert engine.generate([long], params)[0].completion_tokens == 8  # alone: its buffers exceed the budget
-        before = len(engine.recent_running())
-        engine.generate([short, short], params)
-        assert engine.recent_running()[before:] == [2] * 7  # the long one's buffers went: two short ones fit
+        answers = engine.generate([long, short, short, short], SamplingParams(max_new_tokens=20, ignore_eos=True))
+        assert [a.completion_tokens for a in answers] == [20] * 4 and max(engine.recent_running()) == 4
+        own = sum(p.prompt_tokens + p.visual_tokens + 20 for p in (long, short, short, short))
+        held = engine.describe()["kv_positions"]
+        assert own <= held <= own + 4 * 2 * engine.kv.block_size, (held, own)  # a block each, and one more growing
+        assert engine.kv_positions == 0
     finally:
         engine.close()
 
 
-def test_an_auto_budget_counts_the_bytes_the_kv_buffers_really_take(embedded_model):
-    import torch
+def test_the_n_answers_of_one_prompt_share_its_blocks(embedded_model, videos):
+    prepared = embedded_model.prepare(videos[0], QUESTIONS[0], 6)
+    prompt = prepared.prompt_tokens + prepared.visual_tokens
+    engine = Engine(embedded_model, max_running=4)
+    try:
+        answers = engine.run([prepared], SamplingParams(6, n=4, temperature=1.0, seed=3, ignore_eos=True))[0]
+        assert len(answers) == 4
+        assert engine.describe()["kv_positions"] < prompt + 4 * (6 + 2 * engine.kv.block_size)  # not 4 prompts
+    finally:
+        engine.close()
 
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_pool_too_small_for_every_row_preempts_and_recomputes_and_the_answers_are_unchanged(
+        embedded_model, videos, mode):
+    """Four requests whose prompts fit the pool together but whose answers do not: rows are preempted (their blocks
+    freed) and recomputed later (their prompt and their tokens so far), and each answer, greedy or seeded, is the one
+    an ample pool gives it (which is ``generate``'s: the tests above)."""
+    prepared = [embedded_model.prepare(videos[3], q, 100) for q in QUESTIONS]
+    params = [SamplingParams(100, ignore_eos=True), SamplingParams(100, ignore_eos=True, temperature=1.0, seed=7)] * 2
+    ample = Engine(embedded_model, max_running=4)
+    try:
+        expected = [a.text for a in ample.generate(prepared, params)]
+    finally:
+        ample.close()
+    prompts = sum(p.prompt_tokens + p.visual_tokens for p in prepared)
+    budget = prompts + 150  # the four prompts fit, their 400 new positions do not
+    engine = Engine(embedded_model, max_running=4, max_tokens=budget, decode_mode=mode, max_num_batched_tokens=4096)
+    try:
+        got = engine.generate(prepared, params)
+        assert [a.text for a in got] == expected
+        described = engine.describe()
+        assert described["preempted"] > 0 and described["kv_positions"] <= budget + engine.kv.block_size
+        assert max(engine.recent_running()) == 4
+        assert engine.kv_positions == 0  # every block back
+        assert engine.generate([prepared[0]], params[0])[0].text == expected[0]
+    finally:
+        engine.close()
+
+
+def test_a_request_larger_than_the_pool_is_refused_with_the_numbers_and_the_next_one_runs(embedded_model, videos):
+    from video_llava.engine import KVBudgetError
+
+    long = embedded_model.prepare(videos[0], QUESTIONS[3], 8)
+    short = embedded_model.prepare(videos[3], QUESTIONS[2], 8)
+    budget = short.prompt_tokens + short.visual_tokens + 64
+    engine = Engine(embedded_model, max_running=4, max_tokens=budget)
+    try:
+        with pytest.raises(KVBudgetError, match=f"holds {budget}"):
+            engine.generate([long], SamplingParams(8))
+        assert engine.generate([short], SamplingParams(8, ignore_eos=True))[0].completion_tokens == 8
+    finally:
+        engine.close()
+
+
+def test_an_auto_budget_counts_the_bytes_the_kv_pool_really_takes(embedded_model):
     from video_llava.engine.budget import auto_max_tokens, position_bytes
 
-    with torch.inference_mode():
-        out = embedded_model.model(input_ids=torch.ones(1, 40, dtype=torch.long), use_cache=True)
-    kv = BatchKV()
-    kv.add(out.past_key_values, 40)
-    held = sum(t.numel() * t.element_size() for t in kv.keys + kv.values)
-    per_position = position_bytes(embedded_model.model)
-    assert held == kv.slots * kv.capacity * per_position
+    engine = Engine(embedded_model, max_tokens=4096)
+    try:
+        kv = engine.kv
+        per_position = position_bytes(embedded_model.model)
+        assert kv.shape.position_bytes == per_position
+        assert kv.pool_bytes == kv.manager.num_blocks * kv.block_size * per_position  # the null block included
+    finally:
+        engine.close()
     assert auto_max_tokens(embedded_model.model, 0.5, 1000 * per_position, free=4000 * per_position) == 1000
     with pytest.raises(ValueError, match="prefix_cache_mb"):
         auto_max_tokens(embedded_model.model, 0.5, 2000 * per_position, free=4000 * per_position)

@@ -24,37 +24,48 @@ TAKES_VIDEO = {"llava_next_video", "llava_onevision"}
 @dataclass(eq=False)
 class Waiting:
     id: int
-    longest: int
+    prompt_positions: int
     priority: int = 0
     rows: int = 1
     cancelled: bool = False
     bypassed: int = 0
 
 
-def scheduler(max_running: int = 4, max_tokens: int = 1000, max_bypass: int = 2) -> Scheduler:
-    return Scheduler(Budgets(max_running, max_tokens, 64, 8, max_bypass), lambda rows, longest: rows * longest)
+def scheduler(max_running: int = 4, max_tokens: int = 1000, max_bypass: int = 2, room: list | None = None) -> Scheduler:
+    room = room if room is not None else [max_tokens]  # KV positions free in the pool: what the test says
+    return Scheduler(Budgets(max_running, max_tokens, 64, 8, max_bypass), lambda: room[0])
 
 
 def test_waiting_requests_are_taken_by_priority_then_arrival():
     s = scheduler()
     for request in [Waiting(0, 10, priority=1), Waiting(1, 10), Waiting(2, 10, priority=1), Waiting(3, 10)]:
         s.add(request)
-    admitted, _ = s.admit(0, 0, lambda r: True)
+    admitted, _ = s.admit(0, lambda r: True)
     assert [r.id for r in admitted] == [1, 3, 0, 2]
 
 
 def test_a_request_that_does_not_fit_is_passed_at_most_max_bypass_times_then_holds_the_head():
-    s = scheduler(max_tokens=1000, max_bypass=2)
-    big = Waiting(0, 600)  # beside a running row: 2 rows x 600 positions > 1000, it waits
+    room = [500]
+    s = scheduler(max_tokens=1000, max_bypass=2, room=room)
+    big = Waiting(0, 600)  # its prompt needs 600 positions, 500 are free beside the running row: it waits
     s.add(big)
     for i in range(1, 6):
         s.add(Waiting(i, 100))
-    first, _ = s.admit(1, 100, lambda r: True)  # small ones pass it while it does not fit
+    first, _ = s.admit(1, lambda r: True)  # small ones pass it while it does not fit
     assert [r.id for r in first] == [1, 2] and big.bypassed == 2
-    second, _ = s.admit(3, 100, lambda r: True)  # passed twice: nothing behind it is admitted until it fits
+    room[0] = 300
+    second, _ = s.admit(3, lambda r: True)  # passed twice: nothing behind it is admitted until it fits
     assert second == [] and s.waiting[0] is big
-    third, _ = s.admit(0, 0, lambda r: True)  # the batch emptied: it goes first
+    third, _ = s.admit(0, lambda r: True)  # the batch emptied: it goes first
     assert third[0] is big
+
+
+def test_admission_counts_the_prompts_of_the_requests_admitted_with_it():
+    s = scheduler(max_running=8, room=[250])
+    for i in range(4):
+        s.add(Waiting(i, 100))
+    admitted, _ = s.admit(1, lambda r: True)  # 100 + 100 fit in 250, a third does not
+    assert [r.id for r in admitted] == [0, 1]
 
 
 def test_chunks_share_what_the_token_budget_leaves_beside_the_decode_rows_in_order():
@@ -211,50 +222,49 @@ def test_an_error_of_the_loop_itself_fails_every_admitted_request_and_the_engine
 
 def _long_and_short(model):
     short = render_frames([MovingShape("circle", "red", "right")], num_frames=4, fps=12, width=160, height=120)
-    long = render_frames([MovingShape("square", "blue", "up")], num_frames=24, fps=12, width=160, height=120)
+    long = render_frames([MovingShape("square", "blue", "up")], num_frames=28, fps=12, width=160, height=120)
     return model.prepare(short, "Describe it.", 30), model.prepare(long, "What color is the square?", 6)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 3])
-def test_an_allocation_that_fails_at_layer_k_while_a_row_joins_leaves_the_other_rows_exactly_as_they_were(
+def test_a_pool_that_fails_to_grow_at_layer_k_while_a_prompt_joins_leaves_the_other_rows_exactly_as_they_were(
         embedded_model, layer):
-    """A long prompt joining a short running row needs larger buffers (every row regathered): the allocation fails
-    at its k-th buffer. The joining request fails alone with the error; the running row's tokens are a clean
-    run's; the next request is answered."""
+    """A long prompt's chunks need the KV pool to grow beside a short running row: the allocation fails at its k-th
+    tensor. The pool stays as it was (and stops growing); the running row's tokens are a clean run's; the long
+    request waits for the blocks the short one frees and is answered; so is the next request."""
     import torch
-
-    from video_llava.engine.kv import BatchKV
 
     short, long = _long_and_short(embedded_model)
     params = SamplingParams(30, ignore_eos=True)
     engine = Engine(embedded_model, max_running=4)
+    kv = engine.kv
     try:
         expected = engine.generate([short], params)[0].text
+        assert short.prompt_tokens + short.visual_tokens + 30 + long.prompt_tokens + long.visual_tokens > \
+            kv.manager.num_blocks * kv.block_size, "the pool need not grow: the test tests nothing"
         made = {"n": 0, "armed": False}
-        original = BatchKV._new_buffer
+        original = kv._new_pool
 
-        def failing(self, *shape, **kwargs):
-            if made["armed"] and self.rows:  # a regathering of running rows, not the first rows' buffers
+        def failing(positions):
+            if made["armed"]:
                 made["n"] += 1
                 if made["n"] == layer + 1:
-                    raise torch.OutOfMemoryError(f"no room for buffer {layer}")
-            return original(self, *shape, **kwargs)
+                    raise torch.OutOfMemoryError(f"no room for pool tensor {layer}")
+            return original(positions)
 
-        BatchKV._new_buffer = failing
-        try:
-            started = threading.Event()
-            events, ended = collect(engine, [short], [params])
-            engine.submit(embedded_model.prepare(short.media[0], "Hi", 1), SamplingParams(1),
-                          lambda e: started.set() if isinstance(e, Finished) else None)
-            assert started.wait(60)
-            made["armed"] = True
-            joined = engine.run([long], SamplingParams(6))
-            made["armed"] = False
-            assert ended.wait(120)
-        finally:
-            BatchKV._new_buffer = original
-        assert made["n"] == layer + 1, "the join did not regather: the test tested nothing"
-        assert isinstance(joined[0], torch.OutOfMemoryError)
+        kv._new_pool = failing
+        started = threading.Event()
+        events, ended = collect(engine, [short], [params])
+        engine.submit(embedded_model.prepare(short.media[0], "Hi", 1), SamplingParams(1),
+                      lambda e: started.set() if isinstance(e, Finished) else None)
+        assert started.wait(60)
+        made["armed"] = True
+        capacity = kv.manager.num_blocks
+        joined = engine.run([long], SamplingParams(6))
+        assert ended.wait(120)
+        assert made["n"] == layer + 1
+        assert kv.manager.num_blocks == capacity and kv.max_positions == (capacity - 1) * kv.block_size
+        assert isinstance(joined[0], tuple) and joined[0][0].completion_tokens >= 1
         (finished,) = [e for e in events[0] if isinstance(e, Finished)]
         assert finished.answer.text == expected
         assert engine.generate([long], SamplingParams(6))[0].completion_tokens >= 1

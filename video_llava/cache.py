@@ -26,9 +26,10 @@ class LRUCache:
     ourselves; this is the few lines it takes. ``max_bytes=0`` disables caching.
     """
 
-    def __init__(self, max_bytes: int, sizeof: Callable[[Any], int]):
+    def __init__(self, max_bytes: int, sizeof: Callable[[Any], int], on_evict: Callable[[Any], None] | None = None):
         self.max_bytes = max_bytes
         self._sizeof = sizeof
+        self._on_evict = on_evict or (lambda value: None)  # told of each value that leaves (evicted, replaced)
         self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -53,16 +54,29 @@ class LRUCache:
             old = self._items.pop(key, None)
             if old is not None:
                 self._bytes -= old[1]
+                self._on_evict(old[0])
             self._items[key] = (value, size)
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, (_, evicted) = self._items.popitem(last=False)
-                self._bytes -= evicted
+                self._pop_oldest()
+
+    def evict_oldest(self) -> bool:
+        """Drop the least recently used entry; whether there was one."""
+        with self._lock:
+            if not self._items:
+                return False
+            self._pop_oldest()
+            return True
+
+    def _pop_oldest(self) -> None:
+        _, (value, size) = self._items.popitem(last=False)
+        self._bytes -= size
+        self._on_evict(value)
 
     def clear(self) -> None:
         with self._lock:
-            self._items.clear()
-            self._bytes = 0
+            while self._items:
+                self._pop_oldest()
 
     def __len__(self) -> int:
         return len(self._items)

@@ -8,16 +8,19 @@ takes ``input_ids`` only, where our requests arrive as embeddings with their vis
 
 Split by role as vLLM v1's engine is: ``scheduler.py`` decides what each step runs (admission by priority with a
 bounded bypass, a token budget shared by the decode rows and the prefill chunks, a frame budget for the vision
-pass); ``runner.py`` runs the decode forward over the running rows, their KV in ``kv.py``'s buffers; this module
-runs a step (the decode forward, then up to the frame budget of vision, ``vision.py``, then prompt chunks up to what
+pass); ``runner.py`` runs the decode forward over the running rows, their KV in blocks of ``kv.py``'s paged pool
+(``blocks.py``: which blocks are free, who holds each); this module runs a step (the decode forward, then up to the frame budget of vision, ``vision.py``, then prompt chunks up to what
 the token budget leaves, ``prefill.py``); ``sampler.py`` draws every row's token in one set of tensor operations
 (``grammar.py``: the masks of structured output); ``output.py`` turns tokens into text, stops, logprobs and events.
 
-One thread runs the loop. A prompt is prefilled alone, unpadded, a chunk at a time into its own one-row cache, so a
-running stream never waits longer than one step's budget; once done, its ``n`` answers join the batch (each row's
-KV in a slot of one buffer per layer, written in place, the mask marking real positions, as ``generate`` with a
-padded batch). Greedy rows give the tokens of one-at-a-time ``generate`` (float32 on CPU: token-identical, tested,
-whatever the chunk size). A request that fails in its vision pass or prefill fails alone; one that is cancelled
+One thread runs the loop. A prompt is prefilled alone, unpadded, a chunk at a time into blocks of the pool, so a
+running stream never waits longer than one step's budget; once done, its ``n`` answers join the batch sharing the
+prompt's blocks (each copies the last one before writing to it). Blocks are taken as rows grow; when the pool runs
+out, a cached prefix is evicted, else the latest admitted row or prefill is preempted, as vLLM v1's scheduler does:
+its blocks go back and its KV is recomputed later (its prompt and its tokens so far, as a prefill), its answer going
+on where it stopped. Greedy rows give the tokens of one-at-a-time ``generate`` (float32 on CPU: token-identical,
+tested, whatever the chunk size and the preemptions). A request that fails in its vision pass or prefill fails
+alone; one that is cancelled
 leaves before the next step; a decode step that raises is run again in halves until the rows that fail alone are
 found (an out-of-memory step fails nobody); an error of the loop itself fails every admitted request, which is told.
 A prompt whose prefix (up to its last visual token) was seen before prefills only the rest (``prefix.py``). With
@@ -35,9 +38,11 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from video_llava.engine.ahead import Ahead, MediaAhead
+from video_llava.engine.blocks import NoFreeBlocks
 from video_llava.engine.compiled import DECODE_MODES, DecodeMode
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
 from video_llava.engine.grammar import Grammars
+from video_llava.engine.kv import BLOCK_SIZE, KVShape, PagedKV
 from video_llava.engine.output import EngineStats, Outputs, Request, Row, StepWork
 from video_llava.engine.params import SamplingParams
 from video_llava.engine.prefill import Forward, Plan, PrefillTask, Prefiller
@@ -59,6 +64,10 @@ class EngineClosedError(RuntimeError):
     """The engine was closed before the request finished."""
 
 
+class KVBudgetError(ValueError):
+    """A request needs more KV positions than the engine's pool holds, even alone."""
+
+
 # Errors after which the device cannot be trusted again in this process (a CUDA context is lost for good after an
 # illegal memory access or a device-side assert): the replica must be replaced, not retried.
 DEVICE_FAULTS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error",
@@ -72,21 +81,40 @@ def device_fault(exc: BaseException) -> bool:
 
 @dataclass(eq=False)
 class Prefilling:
-    """An admitted request on its way into the batch: its plan, then its vision pass, then its prompt in chunks."""
+    """An admitted request on its way into the batch (or a preempted row of one, its KV to recompute): its plan,
+    then its vision pass, then its prompt in chunks."""
 
-    plan: Plan
-    started: float  # when its prefill began (what its answers' generate_s count from)
+    request: Request
+    row: Row | None = None  # a preempted row: its prompt and tokens so far are prefilled, then it decodes on
+    plan: Plan | None = None  # once it starts
+    started: float = 0.0  # when its prefill began (what its answers' generate_s count from)
     vision: VisionWork | None = None  # its media features still being made
     task: PrefillTask | None = None  # its prompt, once its features are all made
+
+    @property
+    def rows(self) -> int:
+        return 1 if self.row is not None else self.request.rows
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        """Its place in the engine's order (as ``Row.order``; a request's prefill comes before its rows)."""
+        return self.request.priority, self.request.id, -1 if self.row is None else self.row.index
+
+    @property
+    def pending(self) -> int:
+        """KV positions its prompt still needs from the pool."""
+        if self.task is not None:
+            return self.task.remaining
+        return self.request.prompt_positions + (len(self.row.tokens) - 1 if self.row is not None else 0)
 
 
 class Engine:
     """Continuous batching for one model. Thread-safe; ``events``/``answer`` for asyncio callers, ``generate`` and
     ``stream`` for plain ones.
 
-    ``max_running``: sequences decoded together; ``max_tokens``: KV positions their buffers may hold (row slots x
-    positions, each row given room for the longest row's prompt + visual + ``max_new_tokens`` and ``kv.RESERVE``;
-    ``BatchKV.positions_after``; one request larger than that still runs, alone); ``max_waiting``: requests
+    ``max_running``: sequences decoded together; ``max_tokens``: KV positions the pool holds for them (in blocks of
+    ``block_size``; a request whose prompt and ``max_new_tokens`` need more is refused, ``KVBudgetError``; the
+    prefix cache's blocks come on top); ``max_waiting``: requests
     queued behind them before ``submit`` raises ``QueueFullError``; ``max_num_batched_tokens``: tokens a step
     computes, every running row's decode token first and prompt chunks with the rest; ``max_num_vision_frames``:
     frames through the vision tower in a step; ``max_bypass``: times a waiting request that does not fit may be
@@ -98,7 +126,8 @@ class Engine:
 
     def __init__(self, qa: VideoQAModel, max_running: int = 8, max_tokens: int = 1 << 20, max_waiting: int = 256,
                  prefix_cache_mb: int = 0, preprocess_ahead: int = 0, decode_mode: DecodeMode = "dynamic",
-                 max_num_batched_tokens: int = 1024, max_num_vision_frames: int = 8, max_bypass: int = 8):
+                 max_num_batched_tokens: int = 1024, max_num_vision_frames: int = 8, max_bypass: int = 8,
+                 block_size: int = BLOCK_SIZE):
         if min(max_running, max_tokens, max_waiting) < 1:
             raise ValueError(f"max_running, max_tokens and max_waiting must be >= 1 (got {max_running}, {max_tokens}, "
                              f"{max_waiting})")
@@ -107,21 +136,24 @@ class Engine:
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {decode_mode!r}")
         self.decode_mode = decode_mode
-        self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.stats = EngineStats()
         self._forward = Forward(self.model)
-        self._prefiller = Prefiller(qa, self._forward, self.prefix_cache)
+        shape = KVShape.of(self.model)
+        prefix_bytes = prefix_cache_mb * 2**20
+        self.kv = PagedKV(shape, max_tokens + prefix_bytes // shape.position_bytes, block_size,
+                          static=decode_mode != "dynamic")
+        self.prefix_cache = PrefixCache(prefix_bytes, self.kv)
+        self._prefiller = Prefiller(qa, self._forward, self.prefix_cache, self.kv)
         self._scheduler = Scheduler(Budgets(max_running, max_tokens, max_num_batched_tokens, max_num_vision_frames,
-                                            max_bypass),
-                                    lambda rows, longest: self._runner.kv.positions_after(rows, longest))
+                                            max_bypass), self._kv_room)
         self._waiting = self._scheduler.waiting  # in the order they are taken; read by the preprocessing thread
-        self._prefilling: list[Request] = []  # admitted, their vision pass or prompt still running
+        self._prefilling: list[Prefilling] = []  # admitted (or preempted), their vision pass or prompt still running
         self._running: list[Row] = []
         self._live: dict[int, Request] = {}  # submitted and not yet finished, failed or dropped
         self._grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().out_features,
                                   qa.eos_token_ids)
         self._outputs = Outputs(qa, self.stats, self._live, self._grammars)
-        self._runner = ModelRunner(self._forward, decode_mode, max_running, device_fault)
+        self._runner = ModelRunner(self._forward, self.kv, decode_mode, device_fault)
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -136,6 +168,10 @@ class Engine:
         ``stream=False`` only ``Finished`` or ``Failed``; ``priority``: lower is admitted first. Returns its id."""
         request = Request(next(self._ids), prepared, params, emit, time.perf_counter(), stream, priority,
                           ahead=Ahead())
+        if request.longest > self.max_tokens:
+            raise KVBudgetError(f"this request needs {request.longest} KV positions (its prompt and media "
+                                f"{request.prompt_positions}, max_new_tokens {prepared.max_new_tokens}); the engine "
+                                f"holds {self.max_tokens} (batching.max_batch_tokens)")
         if params.response_format is not None:  # compiled once, here: a format that cannot be is refused now
             request.grammar = params.response_format.grammar()
             self._grammars.matcher(request.grammar)
@@ -256,8 +292,8 @@ class Engine:
 
     @property
     def kv_positions(self) -> int:
-        """KV positions (row slots x positions) the running batch's buffers hold now."""
-        return self._runner.kv.positions
+        """KV positions the pool's blocks in use hold now (the rows' and the cached prefixes')."""
+        return self.kv.held_positions
 
     def describe(self) -> dict:
         s = self.stats
@@ -268,7 +304,8 @@ class Engine:
                 "steps": s.steps, "prefills": s.prefills, "prefill_chunks": s.prefill_chunks,
                 "most_running_in_a_step": s.max_running, "finished": s.finished, "cancelled": s.cancelled,
                 "failed": s.failed, "prefix_hits": s.prefix_hits, "vision_ahead": self._ahead.made,
-                "split_steps": self._runner.split_steps, "kv_positions": s.kv_positions,
+                "split_steps": self._runner.split_steps, "kv_positions": s.kv_positions, "preempted": s.preempted,
+                "block_size": self.kv.block_size, "kv_blocks_used": self.kv.manager.used_blocks,
                 "prefix_cache": self.prefix_cache.stats()}
 
     def recent_steps(self) -> list[StepWork]:
@@ -305,12 +342,13 @@ class Engine:
             except Exception as exc:  # not one request's fault (those fail alone): every admitted one fails, is told
                 log.exception("the engine loop failed with %d sequences running and %d prefilling", len(self._running),
                               len(self._prefilling))
-                for request in [row.request for row in self._running] + self._prefilling:
+                for request in [row.request for row in self._running] + [w.request for w in self._prefilling]:
                     self._failed(request, exc)
                 self._running, self._prefilling = [], []
-                self._runner.reset()
+                self.prefix_cache.clear()  # its blocks go back to the pool that is dropped next
+                self.kv.reset()
         error = EngineClosedError("the engine was closed")
-        for request in list(self._waiting) + self._prefilling + [row.request for row in self._running]:
+        for request in list(self._waiting) + [w.request for w in self._prefilling] + [r.request for r in self._running]:
             self._failed(request, error)
 
     def _failed(self, request: Request, exc: BaseException) -> None:
@@ -320,17 +358,21 @@ class Engine:
             self.fault = exc
         self._outputs.fail(request, exc)
 
-    def _admit(self) -> list[Request]:
+    def _admit(self) -> list[Prefilling]:
         """Waiting requests the scheduler admits beside the running and prefilling ones; called holding the lock."""
-        rows = len(self._running) + sum(r.rows for r in self._prefilling)
-        longest = max([row.request.longest for row in self._running] + [r.longest for r in self._prefilling],
-                      default=0)
-        admitted, cancelled = self._scheduler.admit(rows, longest, self._ahead.ready)
+        rows = len(self._running) + sum(w.rows for w in self._prefilling)
+        admitted, cancelled = self._scheduler.admit(rows, self._ahead.ready)
         for request in cancelled:
             self._outputs.cancelled(request)
         if admitted and self._ahead.limit:
             self._cond.notify_all()  # room ahead: the preprocessing thread may go on
-        return admitted
+        return [Prefilling(request) for request in admitted]
+
+    def _kv_room(self) -> int:
+        """KV positions the pool can still give that no admitted request is promised (its prompt not prefilled yet),
+        less a block per running row (each may need a new one at the next step)."""
+        promised = sum(w.pending for w in self._prefilling)
+        return self.kv.free_positions - promised - len(self._running) * self.kv.block_size
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, row in enumerate(self._running) if row.request.cancelled]
@@ -338,14 +380,75 @@ class Engine:
             for i in gone:
                 self._outputs.cancelled(self._running[i].request)
             self._leave(gone)
-        for request in [r for r in self._prefilling if r.cancelled]:
-            self._prefilling.remove(request)
-            self._outputs.cancelled(request)
+        for work in [w for w in self._prefilling if w.request.cancelled or w.request.failed]:
+            self._drop(work)
+            if work.request.cancelled:
+                self._outputs.cancelled(work.request)
 
     def _leave(self, rows: list[int]) -> None:
-        """Rows ``rows`` leave the batch (the KV moves the last rows into their slots; the sequences follow)."""
-        order = self._runner.leave(rows, self.max_tokens)
-        self._running = [self._running[i] for i in order]
+        """Rows ``rows`` (indices into the running rows) leave the batch; their blocks go back."""
+        for i in rows:
+            self.kv.release(self._running[i].kv)
+        gone = set(rows)
+        self._running = [row for i, row in enumerate(self._running) if i not in gone]
+
+    def _drop(self, work: Prefilling, exc: BaseException | None = None) -> None:
+        """A prefill leaves (its blocks go back); with ``exc``, its request fails."""
+        if work in self._prefilling:
+            self._prefilling.remove(work)
+        self._release(work)
+        if exc is not None:
+            log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
+            self._failed(work.request, exc)
+
+    def _release(self, work: Prefilling) -> None:
+        """Whatever blocks ``work`` holds go back; it starts again from its plan if it runs again."""
+        if work.task is not None:
+            self.kv.release(work.task.table)
+        if work.plan is not None and work.plan.prefix is not None:
+            self.kv.release(work.plan.prefix)
+        work.plan = work.vision = work.task = None
+
+    # ---- when the pool runs out --------------------------------------------------------------------------------
+    def _make_room(self, order: tuple[int, int, int], itself: bool) -> bool:
+        """Free blocks for the row or prefill at ``order``: evict a cached prefix, else preempt the latest admitted
+        row or prefill that holds blocks and comes after it (or is it, with ``itself``), as vLLM v1's scheduler
+        preempts; whether anything was freed."""
+        if self.prefix_cache.evict():
+            return True
+        holders = [(row.order, row) for row in self._running if row.kv.blocks]
+        holders += [(w.order, w) for w in self._prefilling if w.task is not None and w.task.table.blocks]
+        holders = [h for h in holders if h[0] > order or (itself and h[0] == order)]
+        if not holders:
+            return False
+        self._preempt(max(holders, key=lambda h: h[0])[1])
+        return True
+
+    def _preempt(self, victim: Row | Prefilling) -> None:
+        """``victim``'s blocks go back; it is prefilled again later (a row: its prompt and its tokens so far)."""
+        self.stats.preempted += 1
+        if isinstance(victim, Prefilling):
+            log.info("KV pool full: the prefill of request %d starts again later", victim.request.id)
+            self._release(victim)
+            return
+        log.info("KV pool full: row %d of request %d is preempted (%d tokens so far)", victim.index,
+                 victim.request.id, len(victim.tokens))
+        self._running.remove(victim)
+        self.kv.release(victim.kv)
+        work = Prefilling(victim.request, row=victim)
+        self._prefilling.append(work)
+        self._prefilling.sort(key=lambda w: w.order)  # earlier requests' prefills first
+
+    def _reserve_decode(self) -> None:
+        """Room for every running row's next position, the earliest admitted first (rows preempted, the row itself
+        perhaps, when the pool runs out)."""
+        for row in sorted(self._running, key=lambda r: r.order):
+            while any(r is row for r in self._running):
+                try:
+                    self.kv.reserve(row.kv, row.kv.length + 1)
+                    break
+                except NoFreeBlocks:
+                    self._make_room(row.order, itself=True)
 
     # ---- prefills ----------------------------------------------------------------------------------------------
     def _plan(self) -> None:
@@ -354,30 +457,29 @@ class Engine:
         ahead or are in the feature cache). Planning all of a burst in one step would tokenize every long prompt
         between two decode steps."""
         b = self._scheduler.budgets
-        works = [r.work for r in self._prefilling if r.work is not None]
-        frames = sum(w.vision.pending_frames for w in works if w.vision is not None)
-        tokens = sum(w.task.remaining for w in works if w.task is not None)
-        for request in [r for r in self._prefilling if r.work is None]:
+        started = [w for w in self._prefilling if w.plan is not None]
+        frames = sum(w.vision.pending_frames for w in started if w.vision is not None)
+        tokens = sum(w.task.remaining for w in started if w.task is not None)
+        for work in [w for w in self._prefilling if w.plan is None]:
             if frames >= b.max_num_vision_frames or tokens >= b.max_num_batched_tokens:
                 break
+            request = work.request
             try:
-                made = request.ahead.plan
-                plan = self._prefiller.fetch(made) if made is not None else self._prefiller.plan(request.prepared)
-                work = Prefilling(plan, time.perf_counter())
-                if plan.prefix is not None:
-                    work.task = self._prefiller.start(plan, None)
-                elif request.ahead.features is not None:
-                    work.task = self._prefiller.start(plan, request.ahead.features)
+                made = request.ahead.plan if work.row is None else None
+                work.plan = self._prefiller.fetch(made) if made is not None else self._prefiller.plan(
+                    request.prepared, then=work.row.tokens[:-1] if work.row is not None else ())
+                work.started = work.started or time.perf_counter()
+                if work.plan.prefix is not None:
+                    work.task = self._prefiller.start(work.plan, None)
+                elif request.ahead.features is not None and work.row is None:
+                    work.task = self._prefiller.start(work.plan, request.ahead.features)
                 else:
                     work.vision = VisionWork(self.qa.embedder, request.prepared)
             except Exception as exc:  # its prompt cannot be tokenized or expanded: it fails alone
-                log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
-                self._prefilling.remove(request)
-                self._failed(request, exc)
+                self._drop(work, exc)
                 continue
             finally:
                 request.ahead.plan = request.ahead.features = None  # used: their memory goes
-            request.work = work
             frames += work.vision.pending_frames if work.vision is not None else 0
             tokens += work.task.remaining if work.task is not None else 0
 
@@ -387,63 +489,82 @@ class Engine:
         computed."""
         self._plan()
         frames = self._vision()
-        chunks = self._scheduler.chunks([r for r in self._prefilling if r.work is not None and r.work.task is not None],
-                                        lambda r: r.work.task.remaining, decoded)
-        for request, tokens in chunks:
-            task = request.work.task
-            try:
-                logits = self._prefiller.chunk(task, tokens)
-                self.stats.prefill_chunks += 1
-            except Exception as exc:  # this request alone: out of memory for its size, a bad input that got through
-                log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
-                self._prefilling.remove(request)
-                self._failed(request, exc)
+        chunks = self._scheduler.chunks([w for w in self._prefilling if w.task is not None],
+                                        lambda w: w.task.remaining, decoded)
+        computed = 0
+        for work, tokens in chunks:
+            if work not in self._prefilling or work.task is None:  # preempted for an earlier one's chunk
                 continue
-            if logits is not None:
-                self._prefilling.remove(request)
-                self._join(request, task, logits)
-        return sum(tokens for _, tokens in chunks), frames
+            try:
+                ran, logits = self._chunk(work, tokens)
+            except Exception as exc:  # this request alone: out of memory for its size, a bad input that got through
+                self._drop(work, exc)
+                continue
+            if not ran:
+                continue
+            computed += tokens
+            self.stats.prefill_chunks += 1
+            if work.task.remaining == 0:
+                self._prefilling.remove(work)
+                self._join(work, logits)
+        return computed, frames
+
+    def _chunk(self, work: Prefilling, tokens: int) -> tuple[bool, Any]:
+        """``tokens`` more of ``work``'s prompt: whether they ran (not: no room in the pool this step, it waits for
+        blocks), and its last logits once the prompt is done."""
+        while True:
+            try:
+                return True, self._prefiller.chunk(work.task, tokens)
+            except NoFreeBlocks as exc:
+                if self._make_room(work.order, itself=False):
+                    continue
+                others = self._running or any(w.task is not None and w.task.table.blocks
+                                              for w in self._prefilling if w is not work)
+                if not others:  # nothing else holds blocks: it can never fit
+                    raise KVBudgetError(f"the KV pool ({self.kv.max_positions} positions) cannot hold this prompt "
+                                        f"({len(work.task.ids)} positions)") from exc
+                return False, None
 
     def _vision(self) -> int:
         """Up to the frame budget of the prefilling requests' vision passes, in one pass per frame shape; if that
         pass fails, each request's runs alone, so that only a request whose own media fail fails."""
-        pending = [r for r in self._prefilling if r.work is not None and r.work.vision is not None]
+        pending = [w for w in self._prefilling if w.vision is not None]
         if not pending:
             return 0
         budget = self._scheduler.budgets.max_num_vision_frames
         try:
-            used = run_vision(self.qa.embedder, [r.work.vision for r in pending], budget)
+            used = run_vision(self.qa.embedder, [w.vision for w in pending], budget)
         except Exception as exc:
             log.warning("the vision pass of %d requests failed (%s: %s): each runs alone", len(pending),
                         type(exc).__name__, exc)
             used = 0
-            for request in pending:
+            for work in pending:
                 if used >= budget:
                     break
                 try:
-                    used += run_vision(self.qa.embedder, [request.work.vision], budget - used)
+                    used += run_vision(self.qa.embedder, [work.vision], budget - used)
                 except Exception as alone:
-                    self._prefilling.remove(request)
-                    self._failed(request, alone)
-        for request in pending:
-            work = request.work
-            if request in self._prefilling and work.vision.done:
+                    self._drop(work, alone)
+        for work in pending:
+            if work in self._prefilling and work.vision is not None and work.vision.done:
                 try:
                     work.task = self._prefiller.start(work.plan, work.vision.features())
+                    work.vision = None
                 except Exception as exc:
-                    self._prefilling.remove(request)
-                    self._failed(request, exc)
-                work.vision = None
+                    self._drop(work, exc)
         return used
 
-    def _join(self, request: Request, task: PrefillTask, logits: Any) -> None:
-        """A prompt done: the first token of each of its ``n`` answers, which join the batch (one copy of the
-        prefill's KV each) unless already done."""
-        p = request.params
-        started = request.work.started
-        request.work = None
+    def _join(self, work: Prefilling, logits: Any) -> None:
+        """A prompt done: a preempted row decodes on; a new request's ``n`` answers get their first token and join
+        the batch (sharing the prompt's blocks) unless already done."""
+        task = work.task
+        if work.row is not None:
+            work.row.kv, task.table = task.table, work.row.kv
+            self._running.append(work.row)
+            return
+        request, p = work.request, work.request.params
         try:
-            rows = [self._outputs.sequence(request, i, started, task.cached, task.vision_s,
+            rows = [self._outputs.sequence(request, i, work.started, task.cached, task.vision_s,
                                            new_stream(None if p.seed is None else p.seed + i)) for i in range(p.n)]
             first = sample(logits.expand(p.n, -1), [RowDraw(p, row.stream, 0) for row in rows],
                            self._grammars.allowed([row.matcher for row in rows], logits.device))
@@ -451,36 +572,40 @@ class Engine:
             if error is not None:
                 raise error
         except Exception as exc:
-            log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
-            self._failed(request, exc)
+            self._drop(work, exc)
             return
         self.stats.prefills += 1
         self.stats.prefix_hits += task.prefix_hit
         request.unfinished = p.n
         try:
-            going = [row for row, token, raw in zip(rows, first.tokens, first.logprobs)
-                     if not self._outputs.append(row, token, raw)]
-            if going:
-                self._runner.join(task.cache, len(task.ids), copies=len(going))
-                self._running.extend(going)
+            for row, token, raw in zip(rows, first.tokens, first.logprobs):
+                if not self._outputs.append(row, token, raw):
+                    row.kv = self.kv.share(task.table)
+                    self._running.append(row)
         except Exception as exc:  # its rows already in the batch leave at the next step (``failed``)
             log.exception("first token failed")
             self._failed(request, exc)
+        finally:
+            self.kv.release(task.table)  # the rows hold its blocks now
 
     # ---- decode steps ------------------------------------------------------------------------------------------
     def _step(self) -> None:
         """One decode step: every running sequence gets its next token; finished ones leave the batch."""
+        self._reserve_decode()
+        if not self._running:  # every row was preempted
+            return
         self.stats.steps += 1
         self.stats.max_running = max(self.stats.max_running, len(self._running))
         with self._cond:  # read by other threads (recent_running): a deque must not change while they copy it
             self.stats.running_per_step.append(len(self._running))
         rows, logits, failed = self._runner.decode(self._running)  # a device fault raises: the loop fails everyone
         for row, exc in failed:
+            self.kv.release(row.kv)
             self._failed(row.request, exc)
         self._running = rows
+        self.stats.kv_positions = max(self.stats.kv_positions, self.kv.held_positions)
         if not rows:
             return
-        self.stats.kv_positions = max(self.stats.kv_positions, self._runner.kv.positions)
         step = sample(logits, [RowDraw(row.request.params, row.stream, len(row.tokens)) for row in rows],
                       self._grammars.allowed([row.matcher for row in rows], logits.device))
         done = [i for i, (row, token, raw) in enumerate(zip(rows, step.tokens, step.logprobs))

@@ -1,315 +1,254 @@
-"""The running batch's KV cache: per model layer one buffer of row slots x positions, written in place.
+"""Paged KV: every sequence's keys and values in fixed-size blocks of one pool per model layer, as vLLM v1's KV cache
+(``v1/core/kv_cache_manager.py``), in our own code.
 
-A sequence is prefilled alone (no padding in its prefill); its one-row cache is copied into a free row slot between
-decode steps, its positions ending where the batch writes next. Every decode step writes one position of every row
-at the same index (``write``), and a mask marks each row's real positions, so attention sees exactly what each
-sequence alone would (as ``generate`` does with a left-padded batch). A row leaving moves the last row into its slot:
-joining and leaving copy one row, never the batch. Only when the buffer runs out of positions are the rows gathered
-into a larger one (right-aligned, gaps closed), once per ``RESERVE`` steps or so.
+A sequence holds a ``BlockTable`` (its blocks, in order, and the positions written). Blocks are taken as it grows
+(``reserve``) and go back as it leaves (``release``); the ``n`` answers of one prompt and a cached prefix share the
+prompt's blocks (``share``: one more holder each), and a shared block is copied before it is written (copy on
+write). What the pool holds is what the rows' own positions need, to within one block each.
 
-What the buffers hold is row slots x positions, whatever each row's own length: every row is given the positions of
-the longest (``positions_after``, what the engine's KV budget bounds). Slots come in powers of two (up to
-``max_slots``), so that a row joining rarely moves the others.
+A forward (a prompt chunk of one sequence, or a decode step of every running row) is given ``view``: the slots its
+new keys and values go to and, per row, the slots of every position it attends to, in order. The cache layers
+(``paged_cache.py``) write the new positions into the pool (``index_copy_``) and hand the attention each row's
+positions gathered from its blocks (``index_select``), with a mask over the padding: the attention kernel is
+torch's own (sdpa, or flash-attention's with a padding mask), no kernel written here. A row's positions come back
+in order, so a greedy answer is token-identical to ``generate`` (float32 on CPU, tested). The gather reads every
+row's positions once per layer and step: FlexAttention over the block tables (no copy) is the next step on a GPU.
 
-A row longer than the batch's write index moves the index forward (the other rows get a masked gap, closed at the
-next regathering). The attention reads only the positions from the first real one of any row to the one being
-written (``view``); a compiled decode step (``static=True``) reads whole buffers instead, so that its shapes never
-change between steps (CUDA graphs).
+On a CPU the pool starts small and grows (built, then swapped in: a failed allocation leaves the pool as it was and
+caps its size); on a GPU it is allocated whole at start, so its address never changes (CUDA graphs).
+``static`` views pad the rows to a power of two and the positions to a multiple of ``STATIC_POSITIONS``, so a
+compiled step sees few shapes.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-RESERVE = 256  # positions of room a buffer is given past what its rows hold
-STATIC_POSITIONS = 1024  # static buffers' positions are a multiple of this: few shapes, few compiled graphs
+from video_llava.engine.blocks import BlockManager, BlockTable, NoFreeBlocks
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16  # positions per block (vLLM's default)
+STATIC_POSITIONS = 1024  # static views' positions are a multiple of this: few shapes, few compiled graphs
+FIRST_BLOCKS = 256  # blocks a growing pool starts with
 
 
-def cache_layers(cache: Any) -> list[Any]:
-    """A prefill cache's per-layer key/value holders; ``TypeError`` for a cache this batch cannot splice."""
-    layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
-        kinds = sorted({type(layer).__name__ for layer in layers or []})
-        raise TypeError(f"continuous batching needs a DynamicCache of full-attention layers, got {kinds or cache!r}")
-    return list(layers)
+@dataclass(frozen=True)
+class KVShape:
+    """What one KV position of a model is: per layer, ``heads`` key and value vectors of ``head_dim``."""
 
+    layers: int
+    heads: int
+    head_dim: int
+    dtype: Any
+    device: Any
 
-def _round_up(n: int, to: int = 64) -> int:
-    return -(-n // to) * to
-
-
-class BatchKV:
-    """KV of the running rows: slot ``i`` holds row ``i`` (``rows`` of them, in the engine's order)."""
-
-    def __init__(self, reserve: int = RESERVE, static: bool = False, max_slots: int = 0):
-        self.reserve = reserve
-        self.max_slots = max_slots  # slots grow in powers of two up to this many (0: no cap), never fewer than rows
-        self.keys: list[Any] = []  # per layer: (row slots, heads, positions, head size)
-        self.values: list[Any] = []
-        self.real: Any = None  # (row slots, positions) bool: a row's real positions
-        self.lengths: Any = None  # (row slots,) long: real positions per row
-        self.first: list[int] = []  # per row: its first real position
-        self.rows = 0
-        self.end = 0  # the position the next decode step writes, the same for every row
-        self.write: Any = None  # ``end`` as a one-element tensor on the device (read by the layers' index_copy_)
-        self.view: tuple[int, int, int] = (0, 0, 0)  # rows, first and last + 1 position the attention reads
-        self.static = static  # compiled steps: the view is every slot of a bucket and every position
-        self.cache: Any = None  # what the model is given: a DynamicCache of ``SlotLayer``s over these buffers
+    @classmethod
+    def of(cls, model: Any) -> "KVShape":
+        text = model.config.get_text_config()
+        layer_types = getattr(text, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types) and getattr(text, "sliding_window", None):
+            raise TypeError(f"the engine's paged KV holds full-attention layers only, got {sorted(set(layer_types))}")
+        head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        return cls(text.num_hidden_layers, heads, head, model.dtype, model.device)
 
     @property
-    def slots(self) -> int:
-        return self.real.shape[0] if self.real is not None else 0
+    def position_bytes(self) -> int:
+        return 2 * self.layers * self.heads * self.head_dim * self.dtype.itemsize
 
-    @property
-    def capacity(self) -> int:
-        return self.real.shape[1] if self.real is not None else 0
+
+@dataclass
+class View:
+    """What one forward reads and writes: ``write`` (rows x new positions, flattened) the slots its new positions
+    go to; ``gather`` (rows x positions) the slots each row attends to, in order (padding: the null block's);
+    ``rows`` the sequences it computes (``gather`` may have more: static padding)."""
+
+    write: Any
+    gather: Any
+    rows: int
+    new: int  # positions each row writes
 
     @property
     def positions(self) -> int:
-        """KV positions (row slots x positions, per layer) the buffers hold now."""
-        return self.slots * self.capacity
+        return self.gather.shape[1]
 
-    def slots_for(self, rows: int) -> int:
-        """Row slots the buffers have once they hold ``rows`` rows: never fewer than now (the buffers do not shrink
-        while rows run)."""
-        if rows <= self.slots:
-            return self.slots
-        grown = 1 << (rows - 1).bit_length()
-        return max(rows, min(grown, self.max_slots)) if self.max_slots else grown
 
-    def positions_after(self, rows: int, longest: int) -> int:
-        """KV positions (row slots x positions, per layer) the buffers may come to hold with ``rows`` rows none of
-        which grows past ``longest`` positions: each regathering makes room for the longest row and ``reserve``
-        more. An upper bound: what the engine's KV budget is checked against before a request joins."""
-        return self.slots_for(rows) * max(self._positions(longest + self.reserve), self.capacity)
+class PagedKV:
+    """The KV pool of one engine: ``max_positions`` positions at most, in blocks of ``block_size``; allocated whole
+    (``preallocate``; by default on a GPU) or ``first_blocks`` first, doubling as needed."""
 
-    def _positions(self, n: int) -> int:
-        """Positions of a new buffer that must hold ``n``: a multiple of 64, or (``static``) of
-        ``STATIC_POSITIONS``, so that compiled steps see few shapes."""
-        return _round_up(n, STATIC_POSITIONS if self.static else 64)
+    def __init__(self, shape: KVShape, max_positions: int, block_size: int = BLOCK_SIZE, static: bool = False,
+                 preallocate: bool | None = None, first_blocks: int = FIRST_BLOCKS):
+        self.shape, self.block_size, self.static = shape, block_size, static
+        self.max_blocks = 1 + -(-max_positions // block_size)  # the null block and the sequences'
+        whole = shape.device.type == "cuda" if preallocate is None else preallocate
+        self.manager = BlockManager(block_size)
+        self.keys: list[Any] = []  # per layer: (blocks x block_size, heads, head_dim)
+        self.values: list[Any] = []
+        self.view: View | None = None  # the forward running now
+        self._static_views: dict[tuple, View] = {}
+        self._grow(self.max_blocks if whole else min(first_blocks, self.max_blocks))
+        from video_llava.engine.paged_cache import paged_cache
 
-    def _new_buffer(self, *shape: int, dtype: Any, device: Any) -> Any:
-        """A zeroed KV buffer (``_fixed``)."""
+        self.cache = paged_cache(self, shape.layers)  # what the model is given: a DynamicCache over the pool
+
+    # ---- what it holds -----------------------------------------------------------------------------------------
+    @property
+    def max_positions(self) -> int:
+        """Positions the sequences may hold at most (the null block not counted)."""
+        return (self.max_blocks - 1) * self.block_size
+
+    @property
+    def held_positions(self) -> int:
+        """Positions of the blocks in use now (what the rows' own positions need, up to a block each)."""
+        return self.manager.used_blocks * self.block_size
+
+    @property
+    def free_positions(self) -> int:
+        """Positions that may still be taken: the free blocks and those the pool may grow by."""
+        return (self.manager.free_blocks + self.max_blocks - self.manager.num_blocks) * self.block_size
+
+    @property
+    def static_shapes(self) -> list[tuple[int, int]]:
+        """(rows, positions) of the static views made so far: the shapes compiled steps see."""
+        return [tuple(view.gather.shape) for view in self._static_views.values()]
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    # ---- blocks ------------------------------------------------------------------------------------------------
+    def reserve(self, table: BlockTable, positions: int) -> None:
+        """Room in ``table`` for positions up to ``positions`` (all of them or none: ``NoFreeBlocks``): new blocks,
+        and a copy of the block the next position is written to if another holder reads it."""
+        m = self.manager
+        new = max(m.blocks_for(positions) - len(table.blocks), 0)
+        at = table.length // self.block_size
+        copy = at < len(table.blocks) and m.shared(table.blocks[at])
+        needed = new + copy
+        if needed > m.free_blocks:
+            self._grow(m.num_blocks + max(needed - m.free_blocks, m.num_blocks))  # doubles, up to the limit
+            if needed > m.free_blocks:
+                raise NoFreeBlocks(f"{needed} KV blocks needed, {m.free_blocks} free")
+        taken = m.allocate(needed)
+        if copy:
+            old, table.blocks[at] = table.blocks[at], taken.pop()
+            self._copy_block(old, table.blocks[at], table.length % self.block_size)
+            m.free([old])
+        table.blocks += taken
+
+    def share(self, table: BlockTable, positions: int | None = None) -> BlockTable:
+        """A table reading the same blocks as ``table`` (its first ``positions``; all of them by default)."""
+        length = table.length if positions is None else min(positions, table.length)
+        return BlockTable(self.manager.share(table.blocks[:self.manager.blocks_for(length)]), length)
+
+    def release(self, table: BlockTable) -> None:
+        """``table``'s blocks go back (to the other holders, or free); the table is empty after."""
+        self.manager.free(table.blocks)
+        table.blocks, table.length = [], 0
+
+    def _copy_block(self, source: int, target: int, positions: int) -> None:
+        bs = self.block_size
+        for pool in self.keys + self.values:
+            pool[target * bs:target * bs + positions] = pool[source * bs:source * bs + positions]
+
+    def _grow(self, blocks: int) -> None:
+        """The pool holds ``blocks`` blocks (at most ``max_blocks``): every layer's new tensors made before any is
+        used, so a failed allocation (out of memory at layer k) leaves the pool as it was, and caps it there."""
         import torch
 
-        return self._fixed(torch.zeros(*shape, dtype=dtype, device=device))
-
-    def _fixed(self, buffer: Any) -> Any:
-        """``buffer``, which a compiled step writes in place: on a GPU it keeps its address for CUDA graphs."""
-        import torch
-
-        if self.static and buffer.is_cuda:
-            torch._dynamo.mark_static_address(buffer)
-        return buffer
-
-    # ---- rows joining ------------------------------------------------------------------------------------------
-    def add(self, cache: Any, length: int, copies: int = 1) -> None:
-        """Append a prefilled sequence's one-row cache of ``length`` positions as the last ``copies`` rows (the
-        answers of one prefill)."""
-        import torch
-
-        layers = [(layer.keys, layer.values) for layer in cache_layers(cache)]
-        real = torch.ones(1, length, dtype=torch.bool, device=layers[0][0].device)
-        self._place(layers, real, [0] * copies)
-
-    def extend(self, other: "BatchKV") -> None:
-        """Append ``other``'s rows after these (``other`` is used up)."""
-        if other.rows:
-            span = slice(0, other.end)
-            layers = [(k[:other.rows, :, span], v[:other.rows, :, span]) for k, v in zip(other.keys, other.values)]
-            self._place(layers, other.real[:other.rows, span], list(range(other.rows)))
-
-    def _place(self, layers: list[tuple[Any, Any]], real: Any, sources: list[int]) -> None:
-        """Copy rows ``sources`` of (keys, values per layer; ``real``: which positions are real) into the slots after
-        the last row, their positions ending at the write index (moved forward if they are longer)."""
-        import torch
-
-        span = real.shape[1]
-        if self.real is None:
-            self._allocate(layers, self.slots_for(len(sources)), self._positions(span + self.reserve))
-        if span > self.end:
-            if span >= self.capacity:  # no room: regather every row to end where these do
-                self._regather(span, span + self.reserve, self.rows + len(sources))
-            self._move_write(span)
-        if self.rows + len(sources) > self.slots:
-            self._regather(self.end, self.capacity, self.rows + len(sources))
-        at, start = self.rows, self.end - span
-        index = torch.tensor(sources, device=real.device)
-        for mine_k, mine_v, (k, v) in zip(self.keys, self.values, layers):
-            mine_k[at:at + len(sources), :, start:self.end] = k.index_select(0, index)
-            mine_v[at:at + len(sources), :, start:self.end] = v.index_select(0, index)
-        rows = slice(at, at + len(sources))
-        self.real[rows] = False
-        self.real[rows, start:self.end] = real.index_select(0, index)
-        counts = real.sum(1)
-        self.lengths[rows] = counts.index_select(0, index)
-        firsts = [start + int(real[s].nonzero()[0]) if int(counts[s]) else self.end for s in sources]
-        self.first += firsts
-        self.rows += len(sources)
-        self._set_view()
-
-    def _allocate(self, layers: list[tuple[Any, Any]], rows: int, capacity: int) -> None:
-        import torch
-
-        k, v = layers[0]
-        device = k.device
-        self.keys = [self._new_buffer(rows, k.shape[1], capacity, k.shape[-1], dtype=k.dtype, device=device)
-                     for k, _ in layers]
-        self.values = [self._new_buffer(rows, v.shape[1], capacity, v.shape[-1], dtype=v.dtype, device=device)
-                       for _, v in layers]
-        self.real = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        self.write = torch.zeros(1, dtype=torch.long, device=device)
-        from video_llava.engine.slot_cache import slot_cache
-
-        self.cache = slot_cache(self, len(layers))
-
-    def _move_write(self, end: int) -> None:
-        self.end = end
-        self.write.fill_(end)
-
-    def _regather(self, end: int, capacity: int, slots: int) -> None:
-        """New buffers of ``slots`` rows and ``capacity`` positions, each row's real positions gathered to end at
-        ``end`` (gaps closed; ``end`` >= every row's length)."""
-        import torch
-
-        slots = max(self.slots_for(slots), 1)
-        capacity = self._positions(max(capacity, end + 1))
-        n, device = self.rows, self.real.device
-        lengths = self.lengths[:n]
-        # per row and new position: the old position it holds (real ones in order, right-aligned at ``end``)
-        order = torch.sort((~self.real[:n, :self.end]).to(torch.int8), dim=1, stable=True).indices  # real first
-        new = torch.arange(end, device=device).unsqueeze(0)
-        offset = new - (end - lengths).unsqueeze(1)  # the row's k-th real position lands at end - length + k
-        holds = offset >= 0
-        source = torch.where(holds, order.gather(1, offset.clamp(0, max(self.end - 1, 0))), 0) if self.end else None
-        real = torch.zeros(slots, capacity, dtype=torch.bool, device=device)
-        real[:n, :end] = holds
-        built: list[list[Any]] = [[], []]  # every new buffer made before any is used: a failure (out of memory at
-        for group, fresh_group in zip((self.keys, self.values), built):  # layer k) leaves the batch as it was
-            for old in group:
-                fresh = self._new_buffer(slots, old.shape[1], capacity, old.shape[-1], dtype=old.dtype, device=device)
-                if n and source is not None:
-                    index = source[:, None, :, None].expand(n, old.shape[1], end, old.shape[-1])
-                    fresh[:n, :, :end] = old[:n, :, :self.end].gather(2, index) * holds[:, None, :, None]
-                fresh_group.append(fresh)
-        kept = torch.zeros(slots, dtype=torch.long, device=device)
-        kept[:n] = lengths
+        blocks = min(blocks, self.max_blocks)
+        have = self.manager.num_blocks if self.keys else 0
+        if blocks <= have:
+            return
+        s, bs = self.shape, self.block_size
+        try:
+            built = [[self._new_pool(blocks * bs) for _ in range(s.layers)] for _ in range(2)]
+        except (MemoryError, RuntimeError) as exc:  # torch's out-of-memory errors are RuntimeErrors
+            if not self.keys or "CUDA error" in str(exc):
+                raise
+            log.warning("the KV pool could not grow past %d positions (%s: %s): it stays at that size",
+                        (have - 1) * bs, type(exc).__name__, exc)
+            self.max_blocks = have
+            return
+        for fresh, old in zip(built[0] + built[1], self.keys + self.values):
+            fresh[:old.shape[0]] = old
         self.keys[:], self.values[:] = built  # in place: the cache's layers read these lists
-        self.real, self.lengths = real, kept
-        self.first = [end - int(length) for length in lengths.tolist()]
-        self._move_write(end)
-        self._set_view()
+        self.manager.add(blocks - max(have, 1))
 
-    # ---- rows leaving ------------------------------------------------------------------------------------------
-    def remove(self, rows: Sequence[int]) -> list[int]:
-        """Drop ``rows``; each slot left empty takes the last row. Returns, per slot now, the old row it holds (the
-        engine reorders its sequences the same way)."""
-        order = list(range(self.rows))
-        for row in sorted(set(rows), reverse=True):  # the last row is never one still to drop
-            last = len(order) - 1
-            if row != last:
-                self._copy_row(last, row)
-                order[row] = order[last]
-            order.pop()
-            self.first.pop()
-        self.rows = len(order)
-        if not self.rows:
-            self._move_write(0)
-        self._set_view()
-        return order
-
-    def _copy_row(self, source: int, target: int) -> None:
-        for group in (self.keys, self.values):
-            for buffer in group:
-                buffer[target, :, :self.end] = buffer[source, :, :self.end]
-        self.real[target] = self.real[source]
-        self.lengths[target] = self.lengths[source]
-        self.first[target] = self.first[source]
-
-    def keep(self, rows: Sequence[int]) -> None:
-        """Keep only ``rows`` (ascending), in their order."""
-        rows = list(rows)
-        if any(b <= a for a, b in zip(rows, rows[1:])):
-            raise ValueError(f"keep takes ascending rows, got {rows}")
-        for slot, row in enumerate(rows):
-            if row != slot:
-                for group in (self.keys, self.values):
-                    for buffer in group:
-                        buffer[slot, :, :self.end] = buffer[row, :, :self.end]
-                self.real[slot] = self.real[row]
-                self.lengths[slot] = self.lengths[row]
-        self.first = [self.first[r] for r in rows]
-        self.rows = len(rows)
-        if not self.rows:
-            self._move_write(0)
-        self._set_view()
-
-    def take(self, rows: Sequence[int]) -> "BatchKV":
-        """A new batch of copies of ``rows``; this one is unchanged."""
+    def _new_pool(self, positions: int) -> Any:
+        """One layer's keys or values for ``positions`` positions; on a GPU with ``static`` views, at an address a
+        CUDA graph may keep."""
         import torch
 
-        part = BatchKV(self.reserve, self.static, self.max_slots)
+        s = self.shape
+        pool = torch.zeros(positions, s.heads, s.head_dim, dtype=s.dtype, device=s.device)
+        if self.static and pool.is_cuda:
+            torch._dynamo.mark_static_address(pool)
+        return pool
 
-        index = torch.tensor(list(rows), device=self.real.device)
-        for k, v in zip(self.keys, self.values):  # index_select copies
-            part.keys.append(part._fixed(k.index_select(0, index)))
-            part.values.append(part._fixed(v.index_select(0, index)))
-        part.real = self.real.index_select(0, index).clone()
-        part.lengths = self.lengths.index_select(0, index).clone()
-        part.first = [self.first[r] for r in rows]
-        part.rows = len(rows)
-        part.write = self.write.clone()
-        part._move_write(self.end)
-        from video_llava.engine.slot_cache import slot_cache
-
-        part.cache = slot_cache(part, len(part.keys))
-        part._set_view()
-        return part
-
-    # ---- decode steps ------------------------------------------------------------------------------------------
-    def step_rows(self) -> int:
-        """Rows a step computes: the running ones, or (``static``) the bucket of slots they fall in."""
-        if not self.static:
-            return self.rows
-        bucket = 1
-        while bucket < self.rows:
-            bucket *= 2
-        return min(bucket, self.slots)
-
-    def _set_view(self) -> None:
-        if self.static:
-            self.view = (self.step_rows(), 0, self.capacity)
-        else:
-            start = min(self.first) if self.first else self.end
-            self.view = (self.rows, min(start, self.end), self.end + 1)
-
-    def step_inputs(self, dtype: Any, four_d: bool = True) -> tuple[Any, Any]:
-        """(attention mask, position ids) of one decode step that writes a token for every row at ``end``; the
-        buffers get room first if they are full. The mask is 4-D and additive (``dtype``), or with ``four_d=False``
-        the rows x positions padding mask flash-attention takes."""
+    # ---- forwards ----------------------------------------------------------------------------------------------
+    def step_inputs(self, tables: Sequence[BlockTable], new: int, four_d: bool = True) -> tuple[Any, Any]:
+        """Set ``view`` for a forward of ``new`` positions per table (room already reserved) and return its
+        (attention mask, position ids): 4-D and additive in the model's dtype, or with ``four_d=False`` the rows x
+        positions padding mask flash-attention takes."""
         import torch
 
-        if self.end >= self.capacity:
-            lengths = self.lengths[:self.rows]
-            longest = int(lengths.max()) if self.rows else 0
-            self._regather(longest, longest + self.reserve, self.slots)
-        rows, start, stop = self.view
-        self.real[:rows, self.end] = True  # each new token sees itself (an empty bucket slot: only itself)
-        visible = self.real[:rows, start:stop]
+        bs, rows = self.block_size, len(tables)
+        lengths = [t.length for t in tables]
+        padded = 1 << (rows - 1).bit_length() if self.static else rows
+        longest = max(lengths) + new
+        span = -(-longest // STATIC_POSITIONS) * STATIC_POSITIONS if self.static else longest
+        width = max(len(t.blocks) for t in tables)
+        table = torch.zeros(padded, max(width, -(-span // bs)), dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, :len(t.blocks)] = torch.tensor(t.blocks, dtype=torch.long)
+        start = torch.zeros(padded, 1, dtype=torch.long)
+        start[:rows, 0] = torch.tensor(lengths, dtype=torch.long)
+        position = torch.arange(span).unsqueeze(0)
+        slot = table.gather(1, (position // bs).expand(padded, -1)) * bs + position % bs  # gather: no broadcast
+        readable = position < start + new  # written before, or by this forward
+        readable[rows:, 0] = True  # a padding row reads the null block's first slot (a softmax over nothing is NaN)
+        gather = torch.where(readable, slot, 0)
+        fresh = start + torch.arange(new).unsqueeze(0)  # rows x new: the positions this forward writes
+        write = table.gather(1, fresh // bs) * bs + fresh % bs  # a padding row's: the null block's
+        device = self.shape.device
+        self.view = self._static_view(write.reshape(-1), gather, rows, new) if self.static else \
+            View(write.reshape(-1).to(device), gather.to(device), rows, new)
+        fresh = fresh.to(device)
         if not four_d:
-            return visible.long(), self.lengths[:rows, None].clone()
-        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-        mask.masked_fill_(~visible, torch.finfo(dtype).min)
-        return mask[:, None, None, :], self.lengths[:rows, None].clone()
+            return readable.long().to(device), fresh
+        visible = readable.to(device).unsqueeze(1) & (position.to(device) <= fresh.unsqueeze(2))  # causal
+        mask = torch.zeros(visible.shape, dtype=self.shape.dtype, device=device)
+        mask.masked_fill_(~visible, torch.finfo(self.shape.dtype).min)
+        return mask.unsqueeze(1), fresh
 
-    def crop(self) -> None:
-        """Undo a step that raised: its position is not real (what it wrote there is overwritten next time)."""
-        self.real[:, self.end] = False
+    def _static_view(self, write: Any, gather: Any, rows: int, new: int) -> View:
+        """The view of a static forward in the same tensors as the last one of its shapes (updated in place): a
+        compiled step reads them as the same inputs every time."""
+        key = (tuple(write.shape), tuple(gather.shape))
+        kept = self._static_views.get(key)
+        if kept is None:
+            kept = self._static_views[key] = View(write.to(self.shape.device), gather.to(self.shape.device), rows, new)
+        else:
+            kept.write.copy_(write)
+            kept.gather.copy_(gather)
+            kept.rows = rows
+        return kept
 
-    def advance(self) -> None:
-        """Every row gained one real position (the decode step ran)."""
-        self.real[self.rows:, self.end] = False  # bucket slots past the rows hold nothing
-        self.lengths[:self.rows] += 1
-        self._move_write(self.end + 1)
-        self._set_view()
+    def advance(self, tables: Sequence[BlockTable], new: int) -> None:
+        """The forward ran: each table's ``new`` positions are written."""
+        for t in tables:
+            t.length += new
+        self.view = None
+
+    def reset(self) -> None:
+        """Every block free (the engine failed every sequence after an error of its own)."""
+        self.manager = BlockManager(self.block_size, self.manager.num_blocks)
+        self.view = None
+
+
+__all__ = ["BlockTable", "KVShape", "NoFreeBlocks", "PagedKV", "View"]

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
+from video_llava.engine.blocks import BlockTable
 from video_llava.engine.detokenize import Detokenizer
 from video_llava.engine.events import Event, Failed, Finished, TextPiece
 from video_llava.engine.grammar import Grammars
@@ -39,7 +40,6 @@ class Request:
     failed: bool = False
     bypassed: int = 0  # times a later request was admitted past it
     ahead: Any = None  # what was made ahead for it while it waited (``ahead.Ahead``)
-    work: Any = None  # its prefill once admitted: ``Prefilling``
     grammar: str | None = None  # its response format compiled (structured output)
 
     @property
@@ -47,10 +47,14 @@ class Request:
         return self.params.n
 
     @property
+    def prompt_positions(self) -> int:
+        """KV positions its prompt takes (text and media), which its prefill needs from the pool."""
+        return self.prepared.prompt_tokens + self.prepared.visual_tokens
+
+    @property
     def longest(self) -> int:
         """KV positions each of its rows may come to hold: prompt, media and every new token."""
-        p = self.prepared
-        return p.prompt_tokens + p.visual_tokens + p.max_new_tokens
+        return self.prompt_positions + self.prepared.max_new_tokens
 
 
 @dataclass(eq=False)
@@ -68,6 +72,12 @@ class Row:
     text: StreamedText | None = None
     detokenizer: Detokenizer | None = None  # streamed or with stop strings: its text so far
     matcher: Any = None  # structured output: its grammar's state, which every token it samples advances
+    kv: BlockTable = field(default_factory=BlockTable)  # its KV's blocks in the pool
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        """Its place in the engine's order (earlier first; the last is preempted first): priority, arrival, answer."""
+        return self.request.priority, self.request.id, self.index
 
 
 class StepWork(NamedTuple):
@@ -89,7 +99,8 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     prefix_hits: int = 0  # prefills that reused a cached prefix
-    kv_positions: int = 0  # most KV positions (row slots x positions) the running batch's buffers held
+    kv_positions: int = 0  # most KV positions the pool's blocks in use held after a step (prefixes cached included)
+    preempted: int = 0  # rows and prefills preempted (their KV freed, recomputed later) when the pool ran out
     running_per_step: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))  # rows
     work_per_step: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))  # StepWork
 

@@ -1,6 +1,6 @@
 """The prefill half of the engine: prompt ids, prefix-cache lookups, one vision pass for waiting requests taken
-together (made ahead), and each request's prompt through the model alone, unpadded, a chunk at a time
-(``PrefillTask``); ``Forward.step_logits`` is a decode step."""
+together (made ahead), and each request's prompt through the model alone, unpadded, a chunk at a time, its KV
+written to blocks of the paged pool as it goes (``PrefillTask``); ``Forward.step_logits`` is a decode step."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from video_llava.engine.blocks import BlockTable
+from video_llava.engine.kv import PagedKV
 from video_llava.engine.prefix import PrefixCache, prefix_length
 from video_llava.model.media_embeds import MediaFeatures, media_keys
 from video_llava.model.qa_model import PreparedQuestion, VideoQAModel
@@ -23,24 +25,28 @@ class Plan:
     ids: list[int]
     cut: int = 0  # positions of its cacheable prefix (up to its last visual token); 0: none
     key: str | None = None  # the prefix's key in the prefix cache
-    prefix: Any = None  # a fresh one-row cache of those positions (a hit), or None
+    prefix: BlockTable | None = None  # a table sharing the cached prefix's blocks (a hit), or None
 
 
 @dataclass
 class PrefillTask:
     """One request's prefill, run a chunk at a time: its prompt's embeddings (media features spliced in, or past a
-    cached prefix only its own text), and its one-row cache, which each chunk extends."""
+    cached prefix only its own text), and its block table, which each chunk extends."""
 
     ids: list[int]
     embeds: Any  # (1, positions still to compute, hidden)
     start: int  # the position ``embeds`` starts at (a cached prefix's length, else 0)
-    cache: Any = None
-    done: int = 0  # positions computed (a cached prefix counts)
+    table: BlockTable
     cached: bool = False  # the vision tower was skipped
     vision_s: float = 0.0
     prefix_hit: bool = False
     key: str | None = None  # its prefix's key, to keep the prefix KV once computed
     cut: int = 0
+
+    @property
+    def done(self) -> int:
+        """Positions computed (a cached prefix counts)."""
+        return self.table.length
 
     @property
     def remaining(self) -> int:
@@ -52,6 +58,8 @@ class Forward:
 
     def __init__(self, model: Any):
         self.model = model
+        # flash-attention takes a padding mask (rows x positions); sdpa and eager a 4-D mask
+        self.four_d_mask = getattr(model.config, "_attn_implementation", "sdpa") != "flash_attention_2"
         # transformers renamed forward's past_key_values to cache (5.2x); the GPU image may hold either
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -86,13 +94,13 @@ class Prefiller:
     """Plans and runs prefills for one model; ``prefix_cache`` keeps the KV of prompt prefixes (up to the last
     visual token) so a repeat question about the same media runs only its own text."""
 
-    def __init__(self, qa: VideoQAModel, forward: Forward, prefix_cache: PrefixCache):
-        self.qa, self.forward, self.prefix_cache = qa, forward, prefix_cache
+    def __init__(self, qa: VideoQAModel, forward: Forward, prefix_cache: PrefixCache, kv: PagedKV):
+        self.qa, self.forward, self.prefix_cache, self.kv = qa, forward, prefix_cache, kv
 
-    def plan(self, prepared: PreparedQuestion, fetch: bool = True) -> Plan:
-        """Its prompt's ids and (``fetch``) the cached KV of its prefix, if any (raises if the prompt cannot be
-        expanded)."""
-        ids = self.qa.embedder.prompt_ids(prepared)
+    def plan(self, prepared: PreparedQuestion, fetch: bool = True, then: Sequence[int] = ()) -> Plan:
+        """Its prompt's ids (and ``then``: tokens already generated, for a preempted row's recompute) and
+        (``fetch``) the cached KV of its prefix, if any (raises if the prompt cannot be expanded)."""
+        ids = self.qa.embedder.prompt_ids(prepared) + list(then)
         plan = Plan(ids)
         if self.prefix_cache.enabled:
             cut = prefix_length(ids, self.qa.embedder.visual_token_ids)
@@ -146,26 +154,28 @@ class Prefiller:
 
         if plan.prefix is not None:
             embeds = self.forward.embed(torch.tensor([plan.ids[plan.cut:]], device=self.forward.model.device))
-            return PrefillTask(plan.ids, embeds, plan.cut, plan.prefix, plan.cut, cached=True, prefix_hit=True)
+            table, plan.prefix = plan.prefix, None  # the task holds its blocks now
+            return PrefillTask(plan.ids, embeds, plan.cut, table, cached=True, prefix_hit=True)
         embeds = self.qa.embedder.splice([plan.ids], [features])
-        return PrefillTask(plan.ids, embeds, 0, cached=features.cached, vision_s=features.vision_s, key=plan.key,
-                           cut=plan.cut)
+        return PrefillTask(plan.ids, embeds, 0, BlockTable(), cached=features.cached, vision_s=features.vision_s,
+                           key=plan.key, cut=plan.cut)
 
     def chunk(self, task: PrefillTask, tokens: int) -> Any | None:
-        """The next ``tokens`` positions of ``task`` through the model; the last position's logits once the prompt
-        is done (then its prefix is kept in the prefix cache), else None."""
-        import torch
-
-        device = self.forward.model.device
+        """The next ``tokens`` positions of ``task`` through the model, into blocks of the pool (``NoFreeBlocks``,
+        nothing run, when the pool has too few); the last position's logits once the prompt is done (then its prefix
+        is kept in the prefix cache), else None."""
         stop = min(task.done + tokens, len(task.ids))
+        self.kv.reserve(task.table, stop)
         embeds = task.embeds[:, task.done - task.start:stop - task.start]
-        mask = torch.ones(1, stop, dtype=torch.long, device=device)
-        positions = torch.arange(task.done, stop, device=device).unsqueeze(0)
-        logits, task.cache = self.forward(embeds, mask, task.cache, positions)
-        task.done = stop
+        mask, positions = self.kv.step_inputs([task.table], stop - task.done, self.forward.four_d_mask)
+        try:
+            logits, _ = self.forward(embeds, mask, self.kv.cache, positions)
+        finally:
+            self.kv.view = None
+        self.kv.advance([task.table], stop - task.done)
         if task.remaining:
             return None
         task.embeds = None  # its memory goes
         if task.key is not None and not task.prefix_hit:
-            self.prefix_cache.put(task.key, task.cache, task.cut)
+            self.prefix_cache.put(task.key, task.table, task.cut)
         return logits

@@ -1,9 +1,12 @@
-"""KV reuse for repeat questions: the KV of a prompt's prefix up to its last visual token (system text, earlier
-turns, the media), kept by content, so a second question about the same video prefills only its own text.
+"""KV reuse for repeat questions: a prompt's prefix up to its last visual token (system text, earlier turns, the
+media), kept by content, so a second question about the same video prefills only its own text.
 
-The key is the prefix's token ids and the media's content keys (their pixels, hashed once per request); the value is each layer's keys and values of those
-positions (copied out of the request's cache, never written to afterwards). Bounded by bytes, least recently used
-first out. A 32-frame LLaVA-NeXT-Video-7B prefix holds about 2.4 GB in bf16: size ``prefix_cache_mb`` to the GPU.
+The key is the prefix's token ids and the media's content keys (their pixels, hashed once per request); the value is
+a block table holding the prefix's blocks in the paged KV pool (``kv.PagedKV``): a hit shares those blocks with the
+new request (one more holder each, copied only where it writes: the last, partly filled block), nothing is copied
+into or out of the cache. Bounded by bytes, least recently used first out; the engine also evicts from here before
+it preempts a running row when the pool runs out. A 32-frame LLaVA-NeXT-Video-7B prefix holds about 2.4 GB in bf16:
+size ``prefix_cache_mb`` to the GPU.
 """
 
 from __future__ import annotations
@@ -13,9 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from video_llava.cache import LRUCache, content_key
-from video_llava.engine.kv import cache_layers
-
-Layers = list[tuple[Any, Any]]  # per layer: keys, values (1, heads, positions, head_dim)
+from video_llava.engine.blocks import BlockTable
 
 
 def prefix_length(ids: Sequence[int], visual_ids: set[int]) -> int:
@@ -25,12 +26,21 @@ def prefix_length(ids: Sequence[int], visual_ids: set[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int):
-        self.store = LRUCache(max_bytes, lambda layers: sum(k.numel() * k.element_size() * 2 for k, _ in layers))
+    """Prefixes' block tables in ``kv``'s pool, up to ``max_bytes`` of their blocks."""
+
+    def __init__(self, max_bytes: int, kv: Any):
+        self.kv = kv
+        block_bytes = kv.shape.position_bytes * kv.block_size
+        self.store = LRUCache(max_bytes, lambda table: len(table.blocks) * block_bytes, kv.release)
 
     @property
     def enabled(self) -> bool:
         return self.store.max_bytes > 0
+
+    @property
+    def max_positions(self) -> int:
+        """Positions of the pool the cached prefixes may hold."""
+        return self.store.max_bytes // self.kv.shape.position_bytes
 
     @staticmethod
     def key(prefix_ids: Sequence[int], media_keys: Sequence[str]) -> str:
@@ -41,23 +51,23 @@ class PrefixCache:
         """Whether ``key`` is cached now (no copy made, not counted as a use)."""
         return self.enabled and key in self.store
 
-    def get(self, key: str) -> Any | None:
-        """A fresh one-row ``DynamicCache`` holding the prefix, or None."""
-        layers = self.store.get(key)
-        if layers is None:
-            return None
-        from transformers import DynamicCache
+    def get(self, key: str) -> BlockTable | None:
+        """A table sharing the prefix's blocks (its holder must ``release`` it), or None."""
+        table = self.store.get(key)
+        return None if table is None else self.kv.share(table)
 
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(layers):
-            cache.update(k, v, i)  # into new tensors: the stored ones stay as they are
-        return cache
+    def put(self, key: str, table: BlockTable, length: int) -> None:
+        """Keep the first ``length`` positions of ``table`` (its blocks shared, not copied)."""
+        if self.kv.manager.blocks_for(length) * self.kv.block_size * self.kv.shape.position_bytes > self.store.max_bytes:
+            return
+        self.store.put(key, self.kv.share(table, length))
 
-    def put(self, key: str, cache: Any, length: int) -> None:
-        """Keep the first ``length`` positions of a one-row cache."""
-        layers = [(layer.keys[..., :length, :].clone(), layer.values[..., :length, :].clone())
-                  for layer in cache_layers(cache)]
-        self.store.put(key, layers)
+    def evict(self) -> bool:
+        """Let the least recently used prefix's blocks go (the pool needs them); whether there was one."""
+        return self.store.evict_oldest()
+
+    def clear(self) -> None:
+        self.store.clear()
 
     def stats(self) -> dict:
         return self.store.stats()

@@ -1,90 +1,70 @@
-"""The model runner, as vLLM v1's: one decode forward over the running rows, their KV in the batch's buffers
-(``kv.BatchKV``), rows joining and leaving between steps. A step that raises runs again in halves until the rows
-that fail alone are found (an out-of-memory step succeeds in smaller parts: nobody fails); a device fault is not
-retried."""
+"""The model runner, as vLLM v1's: one decode forward over the running rows, each row's KV in its blocks of the paged
+pool (``kv.PagedKV``). A step that raises runs again in halves until the rows that fail alone are found (an
+out-of-memory step succeeds in smaller parts: nobody fails; no KV is copied to split a step, the rows' tables are
+their own); a device fault is not retried."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
+from video_llava.engine.blocks import BlockTable
 from video_llava.engine.compiled import DecodeMode, compiled_steps
-from video_llava.engine.kv import BatchKV
+from video_llava.engine.kv import PagedKV
 from video_llava.engine.prefill import Forward
 
 log = logging.getLogger(__name__)
 
 
-class ModelRunner:
-    """The running batch's KV and its decode steps, for rows in the engine's order (anything with ``tokens``)."""
+class Decoding(Protocol):
+    """What the runner reads of a running row."""
 
-    def __init__(self, forward: Forward, decode_mode: DecodeMode, max_running: int,
-                 is_device_fault: Any = lambda exc: False):
-        self.forward, self.model, self.decode_mode, self.max_running = forward, forward.model, decode_mode, max_running
+    tokens: list[int]  # its generated tokens: the last is this step's input
+    kv: BlockTable  # its KV, with room reserved for this step's position
+
+
+class ModelRunner:
+    """Decode steps over the running rows (in the engine's order)."""
+
+    def __init__(self, forward: Forward, kv: PagedKV, decode_mode: DecodeMode, is_device_fault: Any = lambda e: False):
+        self.forward, self.model, self.kv, self.decode_mode = forward, forward.model, kv, decode_mode
         self.is_device_fault = is_device_fault
-        self.kv = self.new_kv()
         self._step_logits = forward.step_logits if decode_mode != "compiled" else compiled_steps(forward)
-        # flash-attention takes a padding mask (rows x positions); sdpa and eager the 4-D mask built per step
-        self._four_d_mask = getattr(self.model.config, "_attn_implementation", "sdpa") != "flash_attention_2"
         self.split_steps = 0  # steps that raised and were run again in halves
 
-    def new_kv(self) -> BatchKV:
-        return BatchKV(static=self.decode_mode != "dynamic", max_slots=self.max_running)
-
-    def reset(self) -> None:
-        """Every row gone (the engine failed them all)."""
-        self.kv = self.new_kv()
-
-    def join(self, cache: Any, length: int, copies: int) -> None:
-        """A prefilled one-row cache of ``length`` positions joins as the last ``copies`` rows."""
-        self.kv.add(cache, length, copies=copies)
-
-    def leave(self, rows: list[int], max_tokens: int) -> list[int]:
-        """Rows ``rows`` leave; per slot now, the old row it holds (the engine reorders its rows the same way)."""
-        order = self.kv.remove(rows)
-        if not self.kv.rows and (self.decode_mode == "dynamic" or self.kv.positions > max_tokens):
-            # the buffers go, to be sized for the next rows; static steps keep theirs (CUDA graphs keep reading the
-            # same addresses) unless a request larger than the budget made them
-            self.kv = self.new_kv()
-        return order
-
-    def decode(self, rows: Sequence[Any]) -> tuple[list[Any], Any, list[tuple[Any, BaseException]]]:
-        """One decode step over ``rows``: the rows that ran (in the batch's new order), their logits (rows x
-        vocabulary, float32), and the rows whose part of the step failed alone with its error."""
+    def decode(self, rows: Sequence[Decoding]) -> tuple[list[Any], Any, list[tuple[Any, BaseException]]]:
+        """One decode step over ``rows``: the rows that ran, their logits (rows x vocabulary, float32), and the rows
+        whose part of the step failed alone with its error."""
         import torch
 
         failed: list[tuple[Any, BaseException]] = []
-        parts = self._isolated(self.kv, list(rows), failed)
-        if len(parts) != 1 or parts[0][1] != list(rows):  # the step was split: the rows that survived, rejoined
-            self.kv, rows = self.new_kv(), []
-            for kv, part, _ in parts:
-                self.kv.extend(kv)
-                rows += part
-        logits = parts[0][2] if len(parts) == 1 else (torch.cat([p[2] for p in parts]) if parts else None)
-        return list(rows), logits, failed
+        parts = self._isolated(list(rows), failed)
+        ran = [row for part, _ in parts for row in part]
+        logits = parts[0][1] if len(parts) == 1 else (torch.cat([p[1] for p in parts]) if parts else None)
+        return ran, logits, failed
 
-    def _step(self, kv: BatchKV, rows: list[Any]) -> Any:
-        """Logits of one decode step over ``rows`` (their KV ``kv``, advanced; as it was if the step raises)."""
+    def _step(self, rows: list[Decoding]) -> Any:
+        """Logits of one decode step over ``rows`` (their tables advanced; as they were if the step raises)."""
         import torch
 
-        mask, positions = kv.step_inputs(self.model.dtype, self._four_d_mask)
+        tables = [row.kv for row in rows]
+        mask, positions = self.kv.step_inputs(tables, 1, self.forward.four_d_mask)
         tokens = [row.tokens[-1] for row in rows]
-        tokens += tokens[-1:] * (mask.shape[0] - len(tokens))  # static: the bucket's empty slots compute a copy
+        tokens += tokens[-1:] * (mask.shape[0] - len(tokens))  # static: the padding rows compute a copy
         ids = torch.tensor(tokens, device=self.model.device).unsqueeze(1)
         try:
             with torch.inference_mode():
-                logits = self._step_logits(ids, mask, kv.cache, positions)
-        except BaseException:
-            kv.crop()  # what the failed step wrote is not real (and is overwritten by the next)
-            raise
-        kv.advance()
+                logits = self._step_logits(ids, mask, self.kv.cache, positions)
+        finally:
+            self.kv.view = None  # what a failed step wrote is not counted (and is overwritten by the next)
+        self.kv.advance(tables, 1)
         return logits[:len(rows)]
 
-    def _isolated(self, kv: BatchKV, rows: list[Any], failed: list) -> list[tuple[BatchKV, list[Any], Any]]:
+    def _isolated(self, rows: list[Decoding], failed: list) -> list[tuple[list[Decoding], Any]]:
         """``_step``, and if it fails, the same step in halves until the rows that fail alone are found (into
-        ``failed``); the parts that ran: (KV, rows, logits)."""
+        ``failed``); the parts that ran: (rows, logits)."""
         try:
-            return [(kv, rows, self._step(kv, rows))]
+            return [(rows, self._step(rows))]
         except Exception as exc:
             if self.is_device_fault(exc):  # no half of the step can be trusted
                 raise
@@ -96,6 +76,4 @@ class ModelRunner:
                         type(exc).__name__, exc)
             self.split_steps += 1
         half = len(rows) // 2
-        second = kv.take(range(half, len(rows)))
-        kv.keep(range(half))
-        return self._isolated(kv, rows[:half], failed) + self._isolated(second, rows[half:], failed)
+        return self._isolated(rows[:half], failed) + self._isolated(rows[half:], failed)

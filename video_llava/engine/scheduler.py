@@ -5,8 +5,10 @@ As vLLM v1's scheduler does (``v1/core/sched/scheduler.py``), in our own code: e
 chunks, the requests being prefilled taken in order, so that a burst of long prompts never holds the running
 streams for longer than one step's budget (chunked prefill). The vision pass has a budget of its own
 (``max_num_vision_frames`` a step), as vLLM's encoder budget. Waiting requests are taken by ``priority`` (lower
-first, as vLLM's), then arrival; one whose rows or KV do not fit yet may be passed by later ones, but only
-``max_bypass`` times: then it waits at the head until it fits (no request waits for ever behind smaller ones).
+first, as vLLM's), then arrival; one whose rows or prompt's KV do not fit yet may be passed by later ones, but only
+``max_bypass`` times: then it waits at the head until it fits (no request waits for ever behind smaller ones). Only
+the prompt's KV is counted at admission, as vLLM does: rows take blocks as they grow, and when the pool runs out the
+engine preempts the latest admitted (their KV recomputed later) instead of reserving every answer's worst case.
 
 Pure bookkeeping: no model, no tensors; the engine runs what it decides.
 """
@@ -24,7 +26,7 @@ class Schedulable(Protocol):
     id: int
     priority: int
     rows: int  # answers it decodes (``n``)
-    longest: int  # KV positions each of its rows may come to hold
+    prompt_positions: int  # KV positions its prompt takes
     cancelled: bool
     bypassed: int  # times a later request was admitted past it
 
@@ -32,7 +34,7 @@ class Schedulable(Protocol):
 @dataclass(frozen=True)
 class Budgets:
     max_running: int  # rows decoded together
-    max_tokens: int  # KV positions the running batch's buffers may hold
+    max_tokens: int  # KV positions the pool may hold for the rows
     max_num_batched_tokens: int  # tokens a step computes: decode rows plus prefill chunks
     max_num_vision_frames: int  # frames through the vision tower in a step
     max_bypass: int = 8  # times a waiting request that does not fit may be passed by later ones
@@ -47,23 +49,24 @@ class Budgets:
 
 
 class Scheduler:
-    """The waiting requests in order, and the admission rule. ``kv_positions_after(rows, longest)`` is the KV
-    manager's bound on what the buffers hold with that many rows none longer than ``longest``."""
+    """The waiting requests in order, and the admission rule. ``kv_room()``: KV positions the pool can still give
+    that no admitted request is promised."""
 
-    def __init__(self, budgets: Budgets, kv_positions_after: Callable[[int, int], int]):
+    def __init__(self, budgets: Budgets, kv_room: Callable[[], int]):
         self.budgets = budgets
-        self.kv_positions_after = kv_positions_after
+        self.kv_room = kv_room
         self.waiting: list[Any] = []  # in the order they are taken: (priority, arrival)
 
     def add(self, request: Schedulable) -> None:
         bisect.insort(self.waiting, request, key=lambda r: (r.priority, r.id))
 
-    def admit(self, rows: int, longest: int, ready: Callable[[Any], bool]) -> tuple[list[Any], list[Any]]:
+    def admit(self, rows: int, ready: Callable[[Any], bool]) -> tuple[list[Any], list[Any]]:
         """The waiting requests admitted now, beside ``rows`` rows (running, or reserved for requests being
-        prefilled) none longer than ``longest``, and those found cancelled (both removed from ``waiting``).
-        ``ready``: whether a request may start (its media made ahead)."""
+        prefilled), and those found cancelled (both removed from ``waiting``). ``ready``: whether a request may start
+        (its media made ahead)."""
         b = self.budgets
         admitted, cancelled, passed = [], [], []
+        room = self.kv_room() if self.waiting else 0
         for request in list(self.waiting):
             if request.cancelled:
                 self.waiting.remove(request)
@@ -71,9 +74,7 @@ class Scheduler:
                 continue
             if not ready(request):
                 break  # its media are being made: it keeps its place (the batch decodes meanwhile)
-            longer = max(longest, request.longest)
-            fits = not rows or (rows + request.rows <= b.max_running
-                                and self.kv_positions_after(rows + request.rows, longer) <= b.max_tokens)
+            fits = not rows or (rows + request.rows <= b.max_running and request.prompt_positions <= room)
             if not fits:
                 passed.append(request)
                 if request.bypassed >= b.max_bypass:
@@ -83,7 +84,7 @@ class Scheduler:
                 earlier.bypassed += 1
             self.waiting.remove(request)
             admitted.append(request)
-            rows, longest = rows + request.rows, longer
+            rows, room = rows + request.rows, room - request.prompt_positions
             if any(earlier.bypassed >= b.max_bypass for earlier in passed):
                 break
         return admitted, cancelled

@@ -14,7 +14,7 @@ from typing import AsyncIterator
 
 from ray import serve
 
-from video_llava.engine import Failed, Finished, GrammarError, QueueFullError, SamplingParams, TextPiece
+from video_llava.engine import Failed, Finished, GrammarError, KVBudgetError, QueueFullError, SamplingParams, TextPiece
 from video_llava.model.budget import ContextBudgetError
 from video_llava.model.families import UnsupportedMediaError
 from video_llava.model.prompts import InvalidQuestionError
@@ -125,6 +125,8 @@ class ModelServer:
                     yield failure(event.error)
         except QueueFullError as exc:
             yield failure(exc)
+        except KVBudgetError as exc:  # larger than the replica's whole KV pool: no retry helps
+            yield ModelError(400, str(exc), "context_length_exceeded", "max_tokens")
         except GrammarError as exc:  # compiled where the tokenizer is, once, as the request arrives
             yield ModelError(400, str(exc), "invalid_response_format", "response_format")
 
