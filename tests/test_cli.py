@@ -159,3 +159,21 @@ def test_ask_and_info_take_an_image_with_any_familys_checkpoint(embedded_cache, 
     refused = run_cli("ask", str(SAMPLE), "What happens?", "--model", llava, cache=embedded_cache)
     assert refused.returncode == 2 and "takes images, not videos" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_seeded_sampled_answer_from_the_cli_is_the_librarys(embedded_cache, embedded_model, tmp_path):
+    """One generation path: ``ask`` runs on the engine as the library's ``answer`` does (and the service: the families
+    test), so a sampled answer with a seed is the same from either."""
+    from PIL import Image
+
+    from video_llava.video.decode import sample_video
+
+    photo = tmp_path / "photo.png"
+    pixels = sample_video(SAMPLE).frames[0]
+    Image.fromarray(pixels).save(photo)
+    result = run_cli("ask", str(photo), "What is it?", "--max-new-tokens", "12", "--temperature", "1.0",
+                     "--top-p", "0.9", "--seed", "5", "--json", cache=embedded_cache)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    (answer,) = embedded_model.answer([pixels], ["What is it?"], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
+    assert out["answer"] == answer.text

@@ -65,7 +65,12 @@ def test_compiled_decode_steps_give_the_tokens_of_dynamic_ones(embedded_model, e
     compiled = Engine(embedded_model, max_running=4, decode_mode="compiled", max_num_batched_tokens=16384,
                       max_num_vision_frames=64)  # the three prefilled in one step: they start decoding together
     try:
+        from torch._dynamo.utils import counters
+
+        graphs = dict(counters["stats"])  # compiled at start, for every bucket and a longer span: none in traffic
+        assert graphs.get("unique_graphs", 0) >= 1
         got = compiled.generate(prepared, params)
+        assert dict(counters["stats"]) == graphs
         assert [(a.text, a.completion_tokens) for a in got] == [(a.text, a.completion_tokens) for a in expected]
         assert {3, 2, 1} <= set(compiled.recent_running())
     finally:

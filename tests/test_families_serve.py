@@ -110,6 +110,18 @@ def test_the_service_answers_as_the_library_does_from_the_same_checkpoint(served
     assert completion.choices[0].message.content == answer.text
 
 
+def test_a_seeded_sampled_answer_from_the_service_is_the_librarys(served):
+    """One generation path: the library's ``answer`` runs on the same engine as the replica, so a sampled answer
+    with a seed is the same from either."""
+    base, _, local = served
+    completion = client_of(base).chat.completions.create(
+        model="m", max_tokens=8, temperature=1.0, top_p=0.9, seed=11,
+        messages=[{"role": "user", "content": [image_part(IMAGE), text("What is in the image?")]}])
+    (answer,) = local.answer([decoded(IMAGE)], ["What is in the image?"], max_new_tokens=8, temperature=1.0,
+                             top_p=0.9, seed=11)
+    assert completion.choices[0].message.content == answer.text
+
+
 def test_several_images_in_one_message(served):
     base, _, local = served
     completion = client_of(base).chat.completions.create(

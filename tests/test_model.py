@@ -235,6 +235,18 @@ def test_our_inputs_embeds_path_matches_transformers_own_pixel_path(embedded_mod
     assert ours.text == reference
 
 
+def test_a_seeded_answer_is_the_same_alone_in_a_batch_and_streamed(embedded_model, clip):
+    """The library runs on the engine: a sampled question with a seed gets the same answer whatever it is asked
+    beside, and streamed."""
+    other = render_frames([MovingShape("square", "green", "up")], num_frames=8, fps=12)
+    question = "Describe the video."
+    (alone,) = embedded_model.answer([clip], [question], max_new_tokens=12, temperature=1.0, seed=21)
+    batch = embedded_model.answer([other, clip, other], ["Hi", question, question], max_new_tokens=12,
+                                  temperature=1.0, seed=21)
+    *pieces, streamed = embedded_model.stream_answer(clip, question, max_new_tokens=12, temperature=1.0, seed=21)
+    assert batch[1].text == alone.text == streamed.text == "".join(pieces)
+
+
 def test_streamed_pieces_join_to_the_answer_with_no_leading_space(embedded_model, clip):
     *pieces, answer = list(embedded_model.stream_answer(clip, "What color is the circle?", max_new_tokens=6))
     assert pieces and not pieces[0][:1].isspace()

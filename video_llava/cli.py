@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     common(ask)
     ask.add_argument("question")
     ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--seed", type=int, default=None,
+                     help="a sampled answer's seed: the same answer as the service gives a request with this seed")
     ask.add_argument("--device", default="auto")
 
     info = sub.add_parser("info", help="metadata, sampled frames and token budget of a video")
@@ -124,8 +127,12 @@ def _ask(args: argparse.Namespace) -> dict:
     model = VideoQAModel(settings)
     load_s = time.perf_counter() - start
     image = isinstance(media, DecodedImage)
-    (answer,) = model.answer([media.pixels if image else media], [args.question], max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature)
+    try:
+        (answer,) = model.answer([media.pixels if image else media], [args.question],
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                 seed=args.seed)
+    finally:
+        model.close()
     described = media.describe() if image else {
         k: v for k, v in media.describe().items() if k not in ("sampled_indices", "timestamps")}
     return {

@@ -1,11 +1,12 @@
 """How the engine runs its decode steps: ``dynamic`` (each step reads the rows and positions in use: the least work
-in eager mode), ``static`` (every step reads whole buffers: the running rows' bucket of slots, a power of two, and
-every position, rounded up to ``kv.STATIC_POSITIONS``, so a step's shapes change only when the buffers are
-regathered or the bucket grows) and ``compiled`` (static steps through ``torch.compile``: on a GPU in
+in eager mode), ``static`` (the running rows padded to a power of two and their positions to a multiple of
+``kv.STATIC_POSITIONS``, the padding reading the null block, so a step's shapes change only when the bucket or the
+longest row crosses one) and ``compiled`` (static steps through ``torch.compile``: on a GPU in
 ``reduce-overhead`` mode, i.e. CUDA graphs, which pay where a small batch's step is bound by kernel launches).
 
-The static shapes are what CUDA graphs need; the KV buffers a graph writes in place keep their addresses
-(``torch._dynamo.mark_static_address``, as transformers' ``StaticCache`` does). Static and compiled steps give the
+The static shapes are what CUDA graphs need; the KV pool a graph writes in place keeps its address (allocated whole
+on a GPU, ``torch._dynamo.mark_static_address``, as transformers' ``StaticCache`` does), and a static view's index
+tensors are updated in place. Static and compiled steps give the
 tokens of dynamic ones (rows never see each other's positions; tested on CPU).
 """
 
@@ -23,8 +24,8 @@ def compiled_steps(forward: Any) -> Callable[..., Any]:
     import torch
 
     on_gpu = forward.model.device.type == "cuda"
-    # shapes change as the bucket grows and buffers are regathered: after the first recompile torch marks those
-    # dimensions dynamic (one more compile), and CUDA graphs are recorded per shape (cheap)
+    # shapes change as the bucket grows and the longest row crosses a multiple of 1024: after the first recompile
+    # torch marks those dimensions dynamic (one more compile), and CUDA graphs are recorded per shape (cheap)
     step = torch.compile(forward.step_logits, mode="reduce-overhead" if on_gpu else "default")
 
     def logits(ids: Any, mask: Any, cache: Any, position_ids: Any) -> Any:

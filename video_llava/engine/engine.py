@@ -154,6 +154,7 @@ class Engine:
                                   qa.eos_token_ids)
         self._outputs = Outputs(qa, self.stats, self._live, self._grammars)
         self._runner = ModelRunner(self._forward, self.kv, decode_mode, device_fault)
+        self._runner.warm_up(max_running)  # compiled steps: compiled now, not in the middle of traffic
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closed = False

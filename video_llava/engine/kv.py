@@ -188,6 +188,8 @@ class PagedKV:
         pool = torch.zeros(positions, s.heads, s.head_dim, dtype=s.dtype, device=s.device)
         if self.static and pool.is_cuda:
             torch._dynamo.mark_static_address(pool)
+        elif self.static:  # a pool that grows: its size is no reason to compile a step again
+            torch._dynamo.mark_dynamic(pool, 0)
         return pool
 
     # ---- forwards ----------------------------------------------------------------------------------------------

@@ -23,6 +23,13 @@ class Decoding(Protocol):
     kv: BlockTable  # its KV, with room reserved for this step's position
 
 
+class _Dummy:
+    """A row of a warm-up step."""
+
+    def __init__(self, kv: BlockTable):
+        self.kv, self.tokens = kv, [0]
+
+
 class ModelRunner:
     """Decode steps over the running rows (in the engine's order)."""
 
@@ -31,6 +38,31 @@ class ModelRunner:
         self.is_device_fault = is_device_fault
         self._step_logits = forward.step_logits if decode_mode != "compiled" else compiled_steps(forward)
         self.split_steps = 0  # steps that raised and were run again in halves
+
+    def warm_up(self, max_rows: int) -> int:
+        """Compiled steps only: compile the decode step before any request, so none compiles in the middle of traffic:
+        every bucket of rows the scheduler will use (powers of two up to ``max_rows``) at the first span of
+        positions, then a longer span (after which torch has made both dimensions dynamic). The dummy rows' blocks go
+        back. Returns the steps run."""
+        from video_llava.engine.blocks import BlockTable
+        from video_llava.engine.kv import STATIC_POSITIONS
+
+        if self.decode_mode != "compiled":
+            return 0
+        longer = STATIC_POSITIONS + 1  # one row and several apart: torch specialises a dimension of size 1
+        shapes = [(1 << k, 1) for k in range((max_rows - 1).bit_length() + 1)] + [(min(2, max_rows), longer),
+                                                                                   (1, longer)]
+        for rows, length in shapes:
+            dummy = [_Dummy(BlockTable()) for _ in range(rows)]
+            try:
+                for row in dummy:
+                    self.kv.reserve(row.kv, length)
+                    row.kv.length = length - 1  # what it attends to is never read: its logits are dropped
+                self._step(dummy)
+            finally:
+                for row in dummy:
+                    self.kv.release(row.kv)
+        return len(shapes)
 
     def decode(self, rows: Sequence[Decoding]) -> tuple[list[Any], Any, list[tuple[Any, BaseException]]]:
         """One decode step over ``rows``: the rows that ran, their logits (rows x vocabulary, float32), and the rows

@@ -1,15 +1,17 @@
 """``VideoQAModel``: answer questions about videos and images with any registered LLaVA family, batched or streamed.
 
 A question (or a whole conversation) is first ``prepare``d (media checked against the family, the token-budget
-check and the prompt, once), then generated: ``generate`` runs one batched ``generate`` for many prepared
-questions, ``stream`` yields one answer's text as it is produced. ``answer`` and ``stream_answer`` do both steps for
-library callers. The embeddings ``generate`` receives come from ``media_embeds.MediaEmbedder`` (vision features
+check and the prompt, once), then generated. ``answer`` and ``stream_answer`` run on the model's continuous-batching
+engine (``engine``), the one generation path of the library, the CLI, the jobs and the service: the same request and
+seed give the same answer from each. ``generate`` and ``stream`` run transformers' ``generate`` and stay as the
+reference the engine is tested against. The embeddings come from ``media_embeds.MediaEmbedder`` (vision features
 spliced in, cached by content).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -86,6 +88,7 @@ class VideoQAModel:
 
     def __init__(self, settings: ModelSettings | None = None):
         self.settings = settings or ModelSettings()
+        self._engine, self._engine_lock = None, threading.Lock()  # ``engine``: started on first use
         if self.settings.retain_freed_memory:  # this process hosts the model: its buffers are reused per request
             retain_freed_memory()
         loaded = load_model(self.settings)
@@ -145,23 +148,61 @@ class VideoQAModel:
     # ---- generation ----------------------------------------------------------------------------------------
     def answer(self, videos: Sequence[VideoArg], questions: Sequence[str], max_new_tokens: int | None = None,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Answer]:
-        """Answer ``questions[i]`` about ``videos[i]`` (frames ``(N,H,W,3)`` uint8, or an image ``(H,W,3)``) with one
-        batched ``generate``.
+        """Answer ``questions[i]`` about ``videos[i]`` (frames ``(N,H,W,3)`` uint8, or an image ``(H,W,3)``) on this
+        model's engine (continuous batching, as the service and the jobs run), each question sampled as a request of
+        its own with ``seed``: the same answer the service gives that request.
 
         ``videos[i]`` may also be a list of media for one question (placed in order before the text). The whole
-        batch is refused before any compute if one question does not fit. Prompts are left-padded; videos may have
-        different frame counts. Vision features of frames seen before come from a content-keyed cache, so a second
-        question about a video skips the vision tower.
+        batch is refused before any compute if one question does not fit. Vision features of frames seen before come
+        from a content-keyed cache, so a second question about a video skips the vision tower.
         """
         if len(videos) != len(questions):
             raise ValueError(f"{len(videos)} videos but {len(questions)} questions")
         prepared = [self.prepare(v, q, max_new_tokens) for v, q in zip(videos, questions)]
-        return self.generate(prepared, temperature, top_p, seed)
+        return self.engine.generate(prepared, [self.sampling(p, temperature, top_p, seed) for p in prepared])
 
+    def stream_answer(self, video: VideoArg, question: str, max_new_tokens: int | None = None,
+                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str | Answer]:
+        """Yield the answer's text as it is generated (on the engine, as ``answer``), then one final ``Answer``."""
+        prepared = self.prepare(video, question, max_new_tokens)
+        return self.engine.stream(prepared, self.sampling(prepared, temperature, top_p, seed))
+
+    @staticmethod
+    def sampling(prepared: PreparedQuestion, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None) -> Any:
+        """The engine's ``SamplingParams`` for ``prepared`` answered as asked."""
+        from video_llava.engine.params import SamplingParams
+
+        return SamplingParams(prepared.max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+    @property
+    def engine(self) -> Any:
+        """This model's continuous-batching engine, started on first use (``close`` stops it). On a GPU its KV pool
+        takes half the memory free then; on a CPU it grows as needed."""
+        with self._engine_lock:
+            if self._engine is None:
+                # imported here: the engine is built on this class (its module imports this one)
+                from video_llava.engine import Engine
+                from video_llava.engine.budget import auto_max_tokens
+
+                on_gpu = self.model.device.type == "cuda"
+                self._engine = Engine(self, max_running=8, preprocess_ahead=8,
+                                      **({"max_tokens": auto_max_tokens(self.model, 0.5)} if on_gpu else {}))
+            return self._engine
+
+    def close(self) -> None:
+        """Stop this model's engine, if it was started (requests still running fail)."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+
+    # ---- the reference: transformers' generate ---------------------------------------------------------------
     def generate(self, prepared: Sequence[PreparedQuestion], temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop: Sequence[str] = ()) -> list[Answer]:
-        """One batched ``generate`` for questions that share ``max_new_tokens``; each answer ends before the first
-        of the ``stop`` strings (``finish_reason`` "stop")."""
+        """One batched transformers ``generate`` for questions that share ``max_new_tokens`` (left-padded); each
+        answer ends before the first of the ``stop`` strings (``finish_reason`` "stop"). The reference the engine is
+        tested against (its greedy answers are these, token for token); ``answer`` runs on the engine."""
         import torch
 
         lengths = {p.max_new_tokens for p in prepared}
@@ -179,20 +220,14 @@ class VideoQAModel:
         return [self.answer_from_tokens(p, row, elapsed, hit, seconds, stop)
                 for p, row, hit, seconds in zip(prepared, output.cpu().tolist(), cached, vision_s)]
 
-    def stream_answer(self, video: VideoArg, question: str, max_new_tokens: int | None = None,
-                      temperature: float = 0.0, top_p: float = 1.0) -> Iterator[str | Answer]:
-        """Yield the answer's text as it is generated, then one final ``Answer`` with the counts."""
-        return self.stream(self.prepare(video, question, max_new_tokens), temperature, top_p)
-
     def stream(self, prepared: PreparedQuestion, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] = ()) -> Iterator[str | Answer]:
-        """Text pieces of one prepared question as generated, then its ``Answer``.
+        """Text pieces of one prepared question as transformers' ``generate`` makes them, then its ``Answer`` (the
+        reference for the engine's streaming; ``stream_answer`` runs on the engine).
 
         ``generate`` runs in a thread feeding transformers' ``TextIteratorStreamer``; an error in it is raised here.
         The pieces join to exactly ``Answer.text`` (``stops.StreamedText``).
         """
-        import threading
-
         import torch
         from transformers import TextIteratorStreamer
 

@@ -65,10 +65,11 @@ class BatchSettings(BaseModel):
 
     max_batch_size: int = Field(8, ge=1, le=256, description="sequences decoded together")
     max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        8 * (12288 + 256), description="KV positions the running batch's buffers may hold: row slots x positions, "
-        "every row given the longest row's prompt, visual tokens and max_new_tokens plus 256 of room; a request "
-        "larger than this runs alone. auto: what fits in kv_memory_share of the memory free once the model has "
-        "loaded, less prefix_cache_mb")
+        8 * (12288 + 256), description="KV positions the paged KV pool holds for the running rows (blocks of 16 "
+        "positions, taken as rows grow: each row holds its own positions, within a block); a request whose prompt, "
+        "visual tokens and max_new_tokens need more is refused (400). When the pool runs out, the latest admitted rows "
+        "are preempted and recomputed later. auto: what fits in kv_memory_share of the memory free once the model "
+        "has loaded, less prefix_cache_mb")
     kv_memory_share: float = Field(
         0.8, gt=0, le=1, description="with max_batch_tokens: auto, the share of the memory free after loading (the "
         "GPU's, or the host's on a CPU) given to the prefix cache and the batch's KV; the rest is for activations")

@@ -19,11 +19,11 @@ class ModelMetrics:
             "video_llava_generate_seconds", description="Time from a request's prefill to its last token.", boundaries=LATENCY_BUCKETS_S
         )
         self.kv_positions = Gauge(
-            "video_llava_kv_positions", description="KV positions the running batch's buffers hold (row slots x "
-            "positions), read when a request finishes."
+            "video_llava_kv_positions", description="KV positions the blocks in use of the paged KV pool "
+            "hold (rows and cached prefixes), read when a request finishes."
         )
         self.kv_budget = Gauge(
-            "video_llava_kv_budget_positions", description="KV positions the running batch's buffers may hold "
+            "video_llava_kv_budget_positions", description="KV positions the paged KV pool holds for the rows "
             "(batching.max_batch_tokens, as resolved at startup)."
         )
 
