@@ -81,6 +81,21 @@ def test_a_budget_that_leaves_no_room_beside_the_rows_is_refused():
         Budgets(8, 1000, 8, 4)
 
 
+@pytest.mark.parametrize("family", ["llava_next_video", "llava"])
+def test_an_auto_budget_keeps_room_for_the_largest_steps_activations(tiny_checkpoint, family):
+    """``step_bytes``: a prompt chunk at the token budget and a vision pass at the frame budget (measured on a GPU,
+    estimated here); more of either keeps more, and the dummy vision pass runs for a family that takes images only."""
+    from video_llava.engine.budget import _vision_pass, auto_max_tokens, position_bytes, step_bytes
+
+    qa = family_model(tiny_checkpoint, family)
+    small, more_tokens, more_frames = step_bytes(qa, 512, 4), step_bytes(qa, 1024, 4), step_bytes(qa, 512, 8)
+    assert 0 < small < more_tokens and small < more_frames
+    _vision_pass(qa, 4)
+    per_position = position_bytes(qa.model)
+    free = 10 * more_tokens
+    assert auto_max_tokens(qa.model, 0.5, more_tokens, free=free) == int((0.5 * free - more_tokens) // per_position)
+
+
 # ---- the engine, every family --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def frames() -> np.ndarray:

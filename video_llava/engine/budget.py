@@ -1,7 +1,7 @@
-"""The running batch's KV budget sized from memory (``batching.max_batch_tokens: auto``): a share of the memory free
-once the model has loaded, less what the prefix cache may take, in KV positions of this model (as vLLM sizes its
-cache from ``gpu_memory_utilization``). On a GPU the free memory is the device's; on a CPU, the host's available
-memory."""
+"""The KV pool sized from memory (``batching.max_batch_tokens: auto``): a share of the memory free once the model has
+loaded, less what the prefix cache may take and what the largest step's activations take (``step_bytes``: measured
+by a profile run on a GPU), in KV positions of this model (as vLLM sizes its cache from ``gpu_memory_utilization``).
+On a GPU the free memory is the device's; on a CPU, the host's available memory."""
 
 from __future__ import annotations
 
@@ -45,3 +45,50 @@ def auto_max_tokens(model: Any, share: float, set_aside_bytes: int = 0, free: in
                          f"{free / 2**30:.1f} GiB free, less {set_aside_bytes / 2**30:.1f} GiB for the prefix cache): "
                          "lower batching.prefix_cache_mb or raise batching.kv_memory_share")
     return int(usable // per_position)
+
+
+def step_bytes(qa: Any, tokens: int, frames: int) -> int:
+    """Memory the largest step of the engine takes beside the KV pool: a prompt chunk of ``tokens`` positions
+    (``max_num_batched_tokens``) and a vision pass of ``frames`` frames (``max_num_vision_frames``). On a GPU measured
+    by running both once on dummy inputs (vLLM's profile run: the allocator's peak above what it held before); on a
+    CPU estimated from the config (the pool grows as needed there, and the host's memory is the bound)."""
+    import torch
+
+    model = qa.model
+    if model.device.type != "cuda":
+        return estimated_step_bytes(model, tokens, frames)
+    hidden = model.config.get_text_config().hidden_size
+    torch.cuda.synchronize(model.device)
+    torch.cuda.reset_peak_memory_stats(model.device)
+    before = torch.cuda.memory_allocated(model.device)
+    with torch.inference_mode():
+        model(inputs_embeds=torch.zeros(1, tokens, hidden, dtype=model.dtype, device=model.device), logits_to_keep=1,
+              use_cache=False)
+        _vision_pass(qa, frames)
+    torch.cuda.synchronize(model.device)
+    return int(torch.cuda.max_memory_allocated(model.device) - before)
+
+
+def _vision_pass(qa: Any, frames: int) -> None:
+    """``frames`` blank frames through the vision tower (one image where the family takes no video)."""
+    import numpy as np
+
+    side = qa.frame_short_side
+    try:
+        prepared = qa.prepare(np.zeros((max(frames, 1), side, side, 3), np.uint8), "?", 1)
+    except Exception:  # a family that takes images only
+        prepared = qa.prepare(np.zeros((side, side, 3), np.uint8), "?", 1)
+    qa.embedder.features([prepared])
+
+
+def estimated_step_bytes(model: Any, tokens: int, frames: int) -> int:
+    """``step_bytes`` from the config: per prompt position the attention's and the MLP's activations of one layer
+    (the layers run one after another), the attention's scores, and per frame its patches through the vision tower."""
+    text = model.config.get_text_config()
+    size = model.dtype.itemsize
+    per_token = size * (4 * text.hidden_size + 3 * getattr(text, "intermediate_size", 4 * text.hidden_size))
+    scores = 4 * text.num_attention_heads * tokens * tokens
+    vision = getattr(model.config, "vision_config", None)
+    patches = ((vision.image_size // vision.patch_size) ** 2 + 1) if vision is not None else 0
+    per_frame = size * patches * 12 * (vision.hidden_size if vision is not None else 0)
+    return tokens * per_token + scores + frames * per_frame

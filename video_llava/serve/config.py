@@ -69,7 +69,7 @@ class BatchSettings(BaseModel):
         "positions, taken as rows grow: each row holds its own positions, within a block); a request whose prompt, "
         "visual tokens and max_new_tokens need more is refused (400). When the pool runs out, the latest admitted rows "
         "are preempted and recomputed later. auto: what fits in kv_memory_share of the memory free once the model "
-        "has loaded, less prefix_cache_mb")
+        "has loaded, less prefix_cache_mb and the largest step's activations (a profile run on a GPU)")
     kv_memory_share: float = Field(
         0.8, gt=0, le=1, description="with max_batch_tokens: auto, the share of the memory free after loading (the "
         "GPU's, or the host's on a CPU) given to the prefix cache and the batch's KV; the rest is for activations")

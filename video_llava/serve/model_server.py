@@ -53,10 +53,12 @@ class ModelServer:
         b = args.batching
         tokens = b.max_batch_tokens
         if tokens == "auto":
-            from video_llava.engine.budget import auto_max_tokens
+            from video_llava.engine.budget import auto_max_tokens, step_bytes
 
-            tokens = auto_max_tokens(self.model.model, b.kv_memory_share, b.prefix_cache_mb * 2**20)
-            log.info("batching.max_batch_tokens: auto gives %d KV positions", tokens)
+            step = step_bytes(self.model, b.max_num_batched_tokens, b.max_num_vision_frames)  # a step's activations
+            tokens = auto_max_tokens(self.model.model, b.kv_memory_share, b.prefix_cache_mb * 2**20 + step)
+            log.info("batching.max_batch_tokens: auto gives %d KV positions (%.2f GiB kept for a step's activations)",
+                     tokens, step / 2**30)
         self.engine = Engine(self.model, b.max_batch_size, tokens, b.max_waiting, b.prefix_cache_mb,
                              b.preprocess_ahead, b.decode_mode, max_num_batched_tokens=b.max_num_batched_tokens,
                              max_num_vision_frames=b.max_num_vision_frames)
