@@ -9,9 +9,11 @@ takes ``input_ids`` only, where our requests arrive as embeddings with their vis
 Split by role as vLLM v1's engine is: ``scheduler.py`` decides what each step runs (admission by priority with a
 bounded bypass, a token budget shared by the decode rows and the prefill chunks, a frame budget for the vision
 pass); ``runner.py`` runs the decode forward over the running rows, their KV in blocks of ``kv.py``'s paged pool
-(``blocks.py``: which blocks are free, who holds each); this module runs a step (the decode forward, then up to the frame budget of vision, ``vision.py``, then prompt chunks up to what
-the token budget leaves, ``prefill.py``); ``sampler.py`` draws every row's token in one set of tensor operations
-(``grammar.py``: the masks of structured output); ``output.py`` turns tokens into text, stops, logprobs and events.
+(``blocks.py``: which blocks are free, who holds each); ``prefills.py`` takes admitted requests through their vision
+pass (``vision.py``) and their prompt in chunks (``prefill.py``); ``sampler.py`` draws every row's token in one set of
+tensor operations (``grammar.py``: the masks of structured output); ``output.py`` turns tokens into text, stops,
+logprobs and events. This module runs the loop: admission, a step (the decode forward, then the prefill stage),
+rows joining and leaving, and what happens when the KV pool runs out.
 
 One thread runs the loop. A prompt is prefilled alone, unpadded, a chunk at a time into blocks of the pool, so a
 running stream never waits longer than one step's budget; once done, its ``n`` answers join the batch sharing the
@@ -20,11 +22,11 @@ out, a cached prefix is evicted, else the latest admitted row or prefill is pree
 its blocks go back and its KV is recomputed later (its prompt and its tokens so far, as a prefill), its answer going
 on where it stopped. Greedy rows give the tokens of one-at-a-time ``generate`` (float32 on CPU: token-identical,
 tested, whatever the chunk size and the preemptions). A request that fails in its vision pass or prefill fails
-alone; one that is cancelled
-leaves before the next step; a decode step that raises is run again in halves until the rows that fail alone are
-found (an out-of-memory step fails nobody); an error of the loop itself fails every admitted request, which is told.
-A prompt whose prefix (up to its last visual token) was seen before prefills only the rest (``prefix.py``). With
-``preprocess_ahead`` a second thread makes the waiting requests' media ready (``ahead.py``) while the loop decodes.
+alone; one that is cancelled leaves before the next step; a decode step that raises is run again in halves until
+the rows that fail alone are found (an out-of-memory step fails nobody); an error of the loop itself fails every
+admitted request, which is told. A prompt whose prefix (up to its last visual token) was seen before shares its
+blocks and prefills only the rest (``prefix.py``). With ``preprocess_ahead`` a second thread makes the waiting
+requests' media ready (``ahead.py``) while the loop decodes.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from video_llava.engine.ahead import Ahead, MediaAhead
@@ -45,12 +46,12 @@ from video_llava.engine.grammar import Grammars
 from video_llava.engine.kv import BLOCK_SIZE, KVShape, PagedKV
 from video_llava.engine.output import EngineStats, Outputs, Request, Row, StepWork
 from video_llava.engine.params import SamplingParams
-from video_llava.engine.prefill import Forward, Plan, PrefillTask, Prefiller
+from video_llava.engine.prefill import Forward, Prefiller
+from video_llava.engine.prefills import Prefilling, Prefills
 from video_llava.engine.prefix import PrefixCache
 from video_llava.engine.runner import ModelRunner
 from video_llava.engine.sampler import RowDraw, new_stream, sample
 from video_llava.engine.scheduler import Budgets, Scheduler
-from video_llava.engine.vision import VisionWork, run_vision
 from video_llava.model.qa_model import Answer, PreparedQuestion, VideoQAModel
 
 log = logging.getLogger(__name__)
@@ -77,35 +78,6 @@ DEVICE_FAULTS = ("CUDA error", "device-side assert", "illegal memory access", "C
 def device_fault(exc: BaseException) -> bool:
     """Whether ``exc`` says the device itself failed (not one request's input, not memory that may free up)."""
     return type(exc).__name__ == "AcceleratorError" or any(sign in str(exc) for sign in DEVICE_FAULTS)
-
-
-@dataclass(eq=False)
-class Prefilling:
-    """An admitted request on its way into the batch (or a preempted row of one, its KV to recompute): its plan,
-    then its vision pass, then its prompt in chunks."""
-
-    request: Request
-    row: Row | None = None  # a preempted row: its prompt and tokens so far are prefilled, then it decodes on
-    plan: Plan | None = None  # once it starts
-    started: float = 0.0  # when its prefill began (what its answers' generate_s count from)
-    vision: VisionWork | None = None  # its media features still being made
-    task: PrefillTask | None = None  # its prompt, once its features are all made
-
-    @property
-    def rows(self) -> int:
-        return 1 if self.row is not None else self.request.rows
-
-    @property
-    def order(self) -> tuple[int, int, int]:
-        """Its place in the engine's order (as ``Row.order``; a request's prefill comes before its rows)."""
-        return self.request.priority, self.request.id, -1 if self.row is None else self.row.index
-
-    @property
-    def pending(self) -> int:
-        """KV positions its prompt still needs from the pool."""
-        if self.task is not None:
-            return self.task.remaining
-        return self.request.prompt_positions + (len(self.row.tokens) - 1 if self.row is not None else 0)
 
 
 class Engine:
@@ -147,7 +119,8 @@ class Engine:
         self._scheduler = Scheduler(Budgets(max_running, max_tokens, max_num_batched_tokens, max_num_vision_frames,
                                             max_bypass), self._kv_room)
         self._waiting = self._scheduler.waiting  # in the order they are taken; read by the preprocessing thread
-        self._prefilling: list[Prefilling] = []  # admitted (or preempted), their vision pass or prompt still running
+        # admitted (or preempted), their vision pass or prompt still running
+        self._prefilling = Prefills(qa, self._prefiller, self._scheduler, self.kv, self._failed, self._room_for)
         self._running: list[Row] = []
         self._live: dict[int, Request] = {}  # submitted and not yet finished, failed or dropped
         self._grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().out_features,
@@ -271,13 +244,17 @@ class Engine:
         return [r[0] for r in results]
 
     def close(self) -> None:
-        """Stop the loop; requests not finished get ``Failed(EngineClosedError)``."""
+        """Stop the loop; requests not finished get ``Failed(EngineClosedError)``; the KV pool's memory goes (a GPU's
+        whole pool, allocated at start, is free for the next engine)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=60)
         self._ahead.join(timeout=60)
+        if self._thread is None or not self._thread.is_alive():
+            self.prefix_cache.clear()
+            self.kv.drop()
 
     def check_health(self) -> None:
         """Raise if this engine cannot serve again: its loop met a device fault, or its thread died."""
@@ -302,7 +279,7 @@ class Engine:
         return {"max_running": self.max_running, "max_tokens": self.max_tokens, "max_waiting": self.max_waiting,
                 "max_num_batched_tokens": b.max_num_batched_tokens, "max_num_vision_frames": b.max_num_vision_frames,
                 "running": len(self._running), "waiting": len(self._waiting), "prefilling": len(self._prefilling),
-                "steps": s.steps, "prefills": s.prefills, "prefill_chunks": s.prefill_chunks,
+                "steps": s.steps, "prefills": s.prefills, "prefill_chunks": self._prefilling.chunks_run,
                 "most_running_in_a_step": s.max_running, "finished": s.finished, "cancelled": s.cancelled,
                 "failed": s.failed, "prefix_hits": s.prefix_hits, "vision_ahead": self._ahead.made,
                 "split_steps": self._runner.split_steps, "kv_positions": s.kv_positions, "preempted": s.preempted,
@@ -328,14 +305,17 @@ class Engine:
                     self._cond.wait()
                 if self._closed:
                     break
-                self._prefilling += self._admit()
+                for work in self._admit():
+                    self._prefilling.add(work)
             try:
                 started = time.perf_counter()
                 self._drop_cancelled()
                 rows = len(self._running)
                 if rows:
                     self._step()
-                tokens, frames = self._advance_prefills(rows)
+                tokens, frames, done = self._prefilling.step(rows)
+                for work, logits in done:
+                    self._join(work, logits)
                 with self._cond:
                     self.stats.work_per_step.append(StepWork(rows, tokens, frames, started))
                 if self.fault is not None:  # met by one request: the others' work is not to be trusted either
@@ -343,9 +323,9 @@ class Engine:
             except Exception as exc:  # not one request's fault (those fail alone): every admitted one fails, is told
                 log.exception("the engine loop failed with %d sequences running and %d prefilling", len(self._running),
                               len(self._prefilling))
-                for request in [row.request for row in self._running] + [w.request for w in self._prefilling]:
+                for request in [r.request for r in self._running] + [w.request for w in self._prefilling.clear()]:
                     self._failed(request, exc)
-                self._running, self._prefilling = [], []
+                self._running = []
                 self.prefix_cache.clear()  # its blocks go back to the pool that is dropped next
                 self.kv.reset()
         error = EngineClosedError("the engine was closed")
@@ -361,7 +341,7 @@ class Engine:
 
     def _admit(self) -> list[Prefilling]:
         """Waiting requests the scheduler admits beside the running and prefilling ones; called holding the lock."""
-        rows = len(self._running) + sum(w.rows for w in self._prefilling)
+        rows = len(self._running) + self._prefilling.rows
         admitted, cancelled = self._scheduler.admit(rows, self._ahead.ready)
         for request in cancelled:
             self._outputs.cancelled(request)
@@ -372,7 +352,7 @@ class Engine:
     def _kv_room(self) -> int:
         """KV positions the pool can still give that no admitted request is promised (its prompt not prefilled yet),
         less a block per running row (each may need a new one at the next step)."""
-        promised = sum(w.pending for w in self._prefilling)
+        promised = self._prefilling.pending
         return self.kv.free_positions - promised - len(self._running) * self.kv.block_size
 
     def _drop_cancelled(self) -> None:
@@ -382,7 +362,7 @@ class Engine:
                 self._outputs.cancelled(self._running[i].request)
             self._leave(gone)
         for work in [w for w in self._prefilling if w.request.cancelled or w.request.failed]:
-            self._drop(work)
+            self._prefilling.drop(work)
             if work.request.cancelled:
                 self._outputs.cancelled(work.request)
 
@@ -393,23 +373,6 @@ class Engine:
         gone = set(rows)
         self._running = [row for i, row in enumerate(self._running) if i not in gone]
 
-    def _drop(self, work: Prefilling, exc: BaseException | None = None) -> None:
-        """A prefill leaves (its blocks go back); with ``exc``, its request fails."""
-        if work in self._prefilling:
-            self._prefilling.remove(work)
-        self._release(work)
-        if exc is not None:
-            log.warning("prefill failed: %s: %s", type(exc).__name__, exc)
-            self._failed(work.request, exc)
-
-    def _release(self, work: Prefilling) -> None:
-        """Whatever blocks ``work`` holds go back; it starts again from its plan if it runs again."""
-        if work.task is not None:
-            self.kv.release(work.task.table)
-        if work.plan is not None and work.plan.prefix is not None:
-            self.kv.release(work.plan.prefix)
-        work.plan = work.vision = work.task = None
-
     # ---- when the pool runs out --------------------------------------------------------------------------------
     def _make_room(self, order: tuple[int, int, int], itself: bool) -> bool:
         """Free blocks for the row or prefill at ``order``: evict a cached prefix, else preempt the latest admitted
@@ -418,7 +381,7 @@ class Engine:
         if self.prefix_cache.evict():
             return True
         holders = [(row.order, row) for row in self._running if row.kv.blocks]
-        holders += [(w.order, w) for w in self._prefilling if w.task is not None and w.task.table.blocks]
+        holders += [(w.order, w) for w in self._prefilling if w.holds_blocks]
         holders = [h for h in holders if h[0] > order or (itself and h[0] == order)]
         if not holders:
             return False
@@ -430,15 +393,23 @@ class Engine:
         self.stats.preempted += 1
         if isinstance(victim, Prefilling):
             log.info("KV pool full: the prefill of request %d starts again later", victim.request.id)
-            self._release(victim)
+            self._prefilling.release(victim)
             return
         log.info("KV pool full: row %d of request %d is preempted (%d tokens so far)", victim.index,
                  victim.request.id, len(victim.tokens))
         self._running.remove(victim)
         self.kv.release(victim.kv)
-        work = Prefilling(victim.request, row=victim)
-        self._prefilling.append(work)
-        self._prefilling.sort(key=lambda w: w.order)  # earlier requests' prefills first
+        self._prefilling.add(Prefilling(victim.request, row=victim))  # before later requests' prefills
+
+    def _room_for(self, work: Prefilling) -> bool:
+        """Free blocks for ``work``'s next chunk (True: try again; False: wait for blocks); ``KVBudgetError`` when
+        nothing else holds any, so it can never fit."""
+        if self._make_room(work.order, itself=False):
+            return True
+        if not self._running and not any(w.holds_blocks for w in self._prefilling if w is not work):
+            raise KVBudgetError(f"the KV pool ({self.kv.max_positions} positions) cannot hold this prompt "
+                                f"({len(work.task.ids)} positions)")
+        return False
 
     def _reserve_decode(self) -> None:
         """Room for every running row's next position, the earliest admitted first (rows preempted, the row itself
@@ -450,110 +421,6 @@ class Engine:
                     break
                 except NoFreeBlocks:
                     self._make_room(row.order, itself=True)
-
-    # ---- prefills ----------------------------------------------------------------------------------------------
-    def _plan(self) -> None:
-        """Admitted requests start their prefill, in order, as many as keep this step's budgets busy: their plan
-        (prompt ids, a cached prefix), then their vision pass (none when the prefix is cached, or the media were made
-        ahead or are in the feature cache). Planning all of a burst in one step would tokenize every long prompt
-        between two decode steps."""
-        b = self._scheduler.budgets
-        started = [w for w in self._prefilling if w.plan is not None]
-        frames = sum(w.vision.pending_frames for w in started if w.vision is not None)
-        tokens = sum(w.task.remaining for w in started if w.task is not None)
-        for work in [w for w in self._prefilling if w.plan is None]:
-            if frames >= b.max_num_vision_frames or tokens >= b.max_num_batched_tokens:
-                break
-            request = work.request
-            try:
-                made = request.ahead.plan if work.row is None else None
-                work.plan = self._prefiller.fetch(made) if made is not None else self._prefiller.plan(
-                    request.prepared, then=work.row.tokens[:-1] if work.row is not None else ())
-                work.started = work.started or time.perf_counter()
-                if work.plan.prefix is not None:
-                    work.task = self._prefiller.start(work.plan, None)
-                elif request.ahead.features is not None and work.row is None:
-                    work.task = self._prefiller.start(work.plan, request.ahead.features)
-                else:
-                    work.vision = VisionWork(self.qa.embedder, request.prepared)
-            except Exception as exc:  # its prompt cannot be tokenized or expanded: it fails alone
-                self._drop(work, exc)
-                continue
-            finally:
-                request.ahead.plan = request.ahead.features = None  # used: their memory goes
-            frames += work.vision.pending_frames if work.vision is not None else 0
-            tokens += work.task.remaining if work.task is not None else 0
-
-    def _advance_prefills(self, decoded: int) -> tuple[int, int]:
-        """The step's vision pass (up to the frame budget) and prompt chunks (up to what the token budget leaves
-        beside the ``decoded`` rows of its decode step); a prompt done joins the batch. The prompt tokens and frames
-        computed."""
-        self._plan()
-        frames = self._vision()
-        chunks = self._scheduler.chunks([w for w in self._prefilling if w.task is not None],
-                                        lambda w: w.task.remaining, decoded)
-        computed = 0
-        for work, tokens in chunks:
-            if work not in self._prefilling or work.task is None:  # preempted for an earlier one's chunk
-                continue
-            try:
-                ran, logits = self._chunk(work, tokens)
-            except Exception as exc:  # this request alone: out of memory for its size, a bad input that got through
-                self._drop(work, exc)
-                continue
-            if not ran:
-                continue
-            computed += tokens
-            self.stats.prefill_chunks += 1
-            if work.task.remaining == 0:
-                self._prefilling.remove(work)
-                self._join(work, logits)
-        return computed, frames
-
-    def _chunk(self, work: Prefilling, tokens: int) -> tuple[bool, Any]:
-        """``tokens`` more of ``work``'s prompt: whether they ran (not: no room in the pool this step, it waits for
-        blocks), and its last logits once the prompt is done."""
-        while True:
-            try:
-                return True, self._prefiller.chunk(work.task, tokens)
-            except NoFreeBlocks as exc:
-                if self._make_room(work.order, itself=False):
-                    continue
-                others = self._running or any(w.task is not None and w.task.table.blocks
-                                              for w in self._prefilling if w is not work)
-                if not others:  # nothing else holds blocks: it can never fit
-                    raise KVBudgetError(f"the KV pool ({self.kv.max_positions} positions) cannot hold this prompt "
-                                        f"({len(work.task.ids)} positions)") from exc
-                return False, None
-
-    def _vision(self) -> int:
-        """Up to the frame budget of the prefilling requests' vision passes, in one pass per frame shape; if that
-        pass fails, each request's runs alone, so that only a request whose own media fail fails."""
-        pending = [w for w in self._prefilling if w.vision is not None]
-        if not pending:
-            return 0
-        budget = self._scheduler.budgets.max_num_vision_frames
-        try:
-            used = run_vision(self.qa.embedder, [w.vision for w in pending], budget)
-        except Exception as exc:
-            log.warning("the vision pass of %d requests failed (%s: %s): each runs alone", len(pending),
-                        type(exc).__name__, exc)
-            used = 0
-            for work in pending:
-                if used >= budget:
-                    break
-                try:
-                    used += run_vision(self.qa.embedder, [work.vision], budget - used)
-                except Exception as alone:
-                    self._drop(work, alone)
-        for work in pending:
-            if work in self._prefilling and work.vision is not None and work.vision.done:
-                try:
-                    work.task = self._prefiller.start(work.plan, work.vision.features())
-                    work.vision = None
-                except Exception as exc:
-                    self._drop(work, exc)
-        return used
 
     def _join(self, work: Prefilling, logits: Any) -> None:
         """A prompt done: a preempted row decodes on; a new request's ``n`` answers get their first token and join
@@ -573,7 +440,7 @@ class Engine:
             if error is not None:
                 raise error
         except Exception as exc:
-            self._drop(work, exc)
+            self._prefilling.drop(work, exc)
             return
         self.stats.prefills += 1
         self.stats.prefix_hits += task.prefix_hit

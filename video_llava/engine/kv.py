@@ -158,8 +158,6 @@ class PagedKV:
     def _grow(self, blocks: int) -> None:
         """The pool holds ``blocks`` blocks (at most ``max_blocks``): every layer's new tensors made before any is
         used, so a failed allocation (out of memory at layer k) leaves the pool as it was, and caps it there."""
-        import torch
-
         blocks = min(blocks, self.max_blocks)
         have = self.manager.num_blocks if self.keys else 0
         if blocks <= have:
@@ -246,6 +244,12 @@ class PagedKV:
         for t in tables:
             t.length += new
         self.view = None
+
+    def drop(self) -> None:
+        """The pool's memory goes (its engine is closed: nothing reads it again)."""
+        self.keys.clear()
+        self.values.clear()
+        self._static_views.clear()
 
     def reset(self) -> None:
         """Every block free (the engine failed every sequence after an error of its own)."""

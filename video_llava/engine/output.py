@@ -93,7 +93,6 @@ class StepWork(NamedTuple):
 class EngineStats:
     steps: int = 0  # decode steps run
     prefills: int = 0
-    prefill_chunks: int = 0  # forwards of prompt chunks
     max_running: int = 0  # most sequences decoded in one step
     finished: int = 0
     cancelled: int = 0
