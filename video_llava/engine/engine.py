@@ -1,4 +1,4 @@
-"""Continuous batching over a loaded ``VideoQAModel``: requests join the running decode batch between steps and
+"""Continuous batching over a loaded ``QAModel``: requests join the running decode batch between steps and
 leave when done.
 
 Written by hand, over the model's own ``forward`` and transformers' cache classes: vLLM's engine can neither run nor
@@ -52,7 +52,8 @@ from video_llava.engine.prefix import PrefixCache
 from video_llava.engine.runner import ModelRunner
 from video_llava.engine.sampler import RowDraw, new_stream, sample
 from video_llava.engine.scheduler import Budgets, Scheduler
-from video_llava.model.qa_model import Answer, PreparedQuestion, VideoQAModel
+from video_llava.engine.model_api import QAModel
+from video_llava.model.answers import Answer, PreparedQuestion
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class Engine:
     ``dynamic``, ``static`` or ``compiled`` decode steps (``compiled.py``; the same tokens).
     """
 
-    def __init__(self, qa: VideoQAModel, max_running: int = 8, max_tokens: int = 1 << 20, max_waiting: int = 256,
+    def __init__(self, qa: QAModel, max_running: int = 8, max_tokens: int = 1 << 20, max_waiting: int = 256,
                  prefix_cache_mb: int = 0, preprocess_ahead: int = 0, decode_mode: DecodeMode = "dynamic",
                  max_num_batched_tokens: int = 1024, max_num_vision_frames: int = 8, max_bypass: int = 8,
                  block_size: int = BLOCK_SIZE):

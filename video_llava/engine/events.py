@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from video_llava.model.qa_model import Answer
+from video_llava.model.answers import Answer
 
 
 @dataclass(frozen=True)

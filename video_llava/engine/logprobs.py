@@ -14,7 +14,7 @@ import codecs
 from typing import Any, Sequence
 
 from video_llava.engine.sampler import Raw
-from video_llava.model.qa_model import TokenLogprob
+from video_llava.model.answers import TokenLogprob
 
 
 def _byte_level_alphabet() -> dict[str, int]:

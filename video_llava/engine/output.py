@@ -18,7 +18,8 @@ from video_llava.engine.grammar import Grammars
 from video_llava.engine.logprobs import TokenBytes, spelled
 from video_llava.engine.params import SamplingParams
 from video_llava.engine.sampler import Raw
-from video_llava.model.qa_model import PreparedQuestion, VideoQAModel
+from video_llava.engine.model_api import QAModel
+from video_llava.model.answers import PreparedQuestion
 from video_llava.model.stops import StreamedText, stopped_at
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class EngineStats:
 class Outputs:
     """Tokens to events for one engine: ``live`` holds the requests not yet finished, failed or dropped."""
 
-    def __init__(self, qa: VideoQAModel, stats: EngineStats, live: dict[int, Request], grammars: Grammars):
+    def __init__(self, qa: QAModel, stats: EngineStats, live: dict[int, Request], grammars: Grammars):
         self.qa, self.tokenizer, self.stats, self.live, self.grammars = qa, qa.tokenizer, stats, live, grammars
         self.eos = qa.eos_token_ids
         self.token_bytes = TokenBytes(self.tokenizer)

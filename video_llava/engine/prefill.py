@@ -13,7 +13,8 @@ from video_llava.engine.blocks import BlockTable
 from video_llava.engine.kv import PagedKV
 from video_llava.engine.prefix import PrefixCache, prefix_length
 from video_llava.model.media_embeds import MediaFeatures, media_keys
-from video_llava.model.qa_model import PreparedQuestion, VideoQAModel
+from video_llava.engine.model_api import QAModel
+from video_llava.model.answers import PreparedQuestion
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Prefiller:
     """Plans and runs prefills for one model; ``prefix_cache`` keeps the KV of prompt prefixes (up to the last
     visual token) so a repeat question about the same media runs only its own text."""
 
-    def __init__(self, qa: VideoQAModel, forward: Forward, prefix_cache: PrefixCache, kv: PagedKV):
+    def __init__(self, qa: QAModel, forward: Forward, prefix_cache: PrefixCache, kv: PagedKV):
         self.qa, self.forward, self.prefix_cache, self.kv = qa, forward, prefix_cache, kv
 
     def plan(self, prepared: PreparedQuestion, fetch: bool = True, then: Sequence[int] = ()) -> Plan:
