@@ -8,7 +8,8 @@ The policy starts from ``--model`` (the SFT checkpoint) and a frozen copy of it 
 ``status == "pair"`` rows of ``jobs.make_preferences``, read with Ray Data and split across workers. Defaults
 are LLaVA-NeXT-Video-7B-DPO's (beta 0.1, lr 5e-7, 3 epochs, vision tower and projector frozen). Checkpoints
 every ``--checkpoint-every`` steps; rerunning with the same ``--output``/``--name`` resumes. ``metrics.jsonl``
-logs loss, the chosen-minus-rejected log-ratio margin and reward accuracy per step.
+logs loss, the chosen-minus-rejected log-ratio margin and reward accuracy per step. ``--strategy fsdp`` shards the
+policy with FSDP2 across ``--num-workers`` (docs/settings.md); the reference stays whole (scored once per pair).
 
 Why not TRL's ``DPOTrainer``: its collator builds image inputs only (``pixel_values_videos`` needs a collator
 subclass), it drives HF ``Trainer`` rather than our Ray Train loop, and it reloads the reference model from a

@@ -6,9 +6,10 @@
 Records are read with Ray Data and split across workers. Every gpt turn of a record's conversation is trained on
 (the first human turn carries the media; later ones are text). Loss only on answer tokens; vision tower frozen,
 projector + LLM trained (or, with ``--lora-rank N``, PEFT LoRA adapters on the LLM's attention projections
-plus the projector); DDP over ``--num-workers`` workers (1 CPU worker here, N GPUs on a cluster); ``--precision
-bf16``, ``--gradient-checkpointing`` and ``--grad-accum N`` (N micro-batches of ``--batch-size`` a step) for large
-models. Checkpoints every ``--checkpoint-every`` steps under
+plus the projector); DDP over ``--num-workers`` workers (1 CPU worker here, N GPUs on a cluster), or with
+``--strategy fsdp`` FSDP2 (weights, gradients and optimizer state sharded across the workers, sharded checkpoints);
+``--precision bf16``, ``--gradient-checkpointing`` and ``--grad-accum N`` (N micro-batches of ``--batch-size`` a
+step) for large models. Checkpoints every ``--checkpoint-every`` steps under
 ``<output>/<name>``; rerunning with the same ``--output``/``--name`` resumes from the latest one. The final
 model is saved with ``save_pretrained`` to ``<output>/<name>/model``; ``<output>/<name>/metrics.jsonl`` logs
 step and loss as training goes. ``--frame-counts 4,8,16,32`` varies the frames per step (at a constant
@@ -20,7 +21,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from video_llava.job_cli import run_job
 from video_llava.model.settings import MAX_FRAMES
@@ -44,6 +45,12 @@ class SFTConfig(TrainRunConfig):
     frame_counts: tuple[int, ...] = Field((), description="e.g. 4,8,16,32: each step draws one of these frame counts "
                                           "(seeded by step) and takes batch-size x frames / count records, so a model "
                                           "trained on few frames also answers with the 16-56 that serving samples")
+
+    @model_validator(mode="after")
+    def _fsdp_trains_the_full_model(self):
+        if self.strategy == "fsdp" and self.lora_rank:
+            raise ValueError("--strategy fsdp trains the full model; LoRA's trainable state is small: use --strategy ddp")
+        return self
 
     @field_validator("frame_counts", mode="before")
     @classmethod

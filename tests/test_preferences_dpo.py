@@ -98,6 +98,23 @@ def test_dpo_steps_raise_the_margin_and_a_rerun_resumes_the_step_count(preferenc
     assert (tmp_path / "dpo" / "model" / "model.safetensors").exists()
 
 
+def test_dpo_with_fsdp_over_two_workers_follows_ddp(preferences, tmp_path, embedded_cache):
+    """The policy sharded with FSDP2 (two Ray Train workers, gloo, two micro-batches a step) takes DDP's steps."""
+    from video_llava.model.embedded import embedded_path
+
+    common = ["--preferences", str(preferences), "--model", str(embedded_path()), "--output", str(tmp_path), "--lr",
+              "1e-3", "--batch-size", "1", "--grad-accum", "2", "--frames", "4", "--max-steps", "3",
+              "--num-workers", "2", "--cpus-per-worker", "1"]
+    for strategy in ("ddp", "fsdp"):
+        result = run_job("jobs.dpo", *common, "--name", strategy, "--strategy", strategy, cache=embedded_cache)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    ddp, fsdp = (_metrics(tmp_path / name / "metrics.jsonl") for name in ("ddp", "fsdp"))
+    assert len(fsdp) == 3 and fsdp[-1]["margin"] > 0
+    for key in ("loss", "margin"):
+        assert [m[key] for m in fsdp] == pytest.approx([m[key] for m in ddp], rel=1e-4, abs=1e-6)
+    assert (tmp_path / "fsdp" / "model" / "model.safetensors").exists()
+
+
 def test_eval_reports_accuracy_and_judge_reward_per_question_type(data, tmp_path, embedded_cache):
     out = tmp_path / "eval.json"
     result = run_job("jobs.eval", "--data", str(data), "--frames", "4", "--max-new-tokens", "4", "--json-out", str(out),

@@ -14,12 +14,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from video_llava.model.settings import MAX_FRAMES
 from video_llava.train.step import Precision
+
+Strategy = Literal["ddp", "fsdp"]
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)$"
 
@@ -44,6 +46,9 @@ class TrainRunConfig(BaseModel):
                                          "instead of keeping them: less memory, about a third more compute")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step: a step takes batch_size x "
                             "grad_accum examples per worker, in batch_size at a time, with one large batch's update")
+    strategy: Strategy = Field("ddp", description="ddp: every worker holds the whole model, its gradients and "
+                               "optimizer state; fsdp: FSDP2 shards them across the workers (each transformer block "
+                               "a unit), with sharded checkpoints: what a 7B full fine-tune needs")
 
 
 def setup_worker(cfg: TrainRunConfig) -> None:
@@ -90,7 +95,13 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
     if checkpoint:
         with checkpoint.as_directory() as ckpt:
             state = torch.load(Path(ckpt) / "trainer.pt", weights_only=False)
-            if lora_rank > 0:  # the frozen base the adapter was trained on, plus the adapter
+            if (Path(ckpt) / "sharded").is_dir():  # fsdp: the base's architecture, then every shard's state
+                state["sharded"] = Path(tempfile.mkdtemp(prefix="sharded-"))
+                shutil.copytree(Path(ckpt) / "sharded", state["sharded"], dirs_exist_ok=True)
+                source = state["base"]
+                model, processor = load_checkpoint(source)
+                freeze(model)
+            elif lora_rank > 0:  # the frozen base the adapter was trained on, plus the adapter
                 source = state["base"]
                 model, processor = load_checkpoint(source)
                 freeze(model)
@@ -106,19 +117,29 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
     return model, processor, state, source
 
 
-def prepare_training(model, state: dict | None, lr: float, gradient_checkpointing: bool = False):
-    """(DDP-ready model, AdamW over its trainable parameters, first step): restores the optimizer when resuming."""
+def prepare_training(model, state: dict | None, lr: float, gradient_checkpointing: bool = False,
+                     strategy: Strategy = "ddp"):
+    """(DDP-ready or FSDP-sharded model, AdamW over its trainable parameters, first step): restores the optimizer
+    (and, sharded, the model) when resuming."""
     import ray.train
     import torch
 
+    from video_llava.train import sharding
     from video_llava.train.step import enable_gradient_checkpointing
 
     model.train()
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model = ray.train.torch.prepare_model(model)
+    if strategy == "fsdp":
+        model = sharding.shard(model.to(ray.train.torch.get_device()))
+    else:
+        # a part the batch did not use (LLaVA-NeXT's image_newline in a video batch) has no gradient on that worker
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    if state is not None:
+    if state is not None and "sharded" in state:
+        sharding.load_sharded(model, optimizer, state["sharded"])
+        shutil.rmtree(state["sharded"], ignore_errors=True)
+    elif state is not None:
         optimizer.load_state_dict(state["optimizer"])
     return model, optimizer, state["step"] if state else 0
 
@@ -154,6 +175,7 @@ class WorkerRun:
     log: MetricsLog
     name: str = "train"
     log_every: int = 10
+    strategy: Strategy = "ddp"
     _mark: tuple[float, int, int] | None = None  # (time, step, samples since) at the last progress line
 
     def step(self, parts: Any, loss_of: Callable[[Any], Any], precision: Precision) -> float:
@@ -167,7 +189,8 @@ class WorkerRun:
         step, report the metrics with a checkpoint. ``samples``: examples this step took on this worker."""
         self.log.write(metrics)
         self._progress(metrics, total_steps, samples)
-        report(metrics, self.model, self.processor, self.optimizer, self.source, save)
+        report(metrics, self.model, self.processor, self.optimizer, self.source, save, self.strategy,
+               final=metrics["step"] == total_steps)
 
     def _progress(self, metrics: dict[str, Any], total_steps: int, samples: int) -> None:
         step = metrics["step"]
@@ -196,15 +219,17 @@ def start_worker(cfg: TrainRunConfig, model: str, lr: float, **load: Any) -> Wor
 
     setup_worker(cfg)
     loaded, processor, state, source = load_for_training(resolve_source(ModelSettings(model=model)), **load)
-    wrapped, optimizer, start_step = prepare_training(loaded, state, lr, cfg.gradient_checkpointing)
+    wrapped, optimizer, start_step = prepare_training(loaded, state, lr, cfg.gradient_checkpointing, cfg.strategy)
     rank = ray.train.get_context().get_world_rank()
     log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank, start_step)
     return WorkerRun(wrapped, processor, optimizer, start_step, source, rank, ray.train.torch.get_device(), log,
-                     name=cfg.name, log_every=cfg.log_every)
+                     name=cfg.name, log_every=cfg.log_every, strategy=cfg.strategy)
 
 
-def report(metrics: dict[str, Any], model, processor, optimizer, base_source: str, save: bool) -> None:
-    """At a checkpoint step (``save``), ``ray.train.report`` the metrics with a checkpoint (written by rank 0 only)."""
+def report(metrics: dict[str, Any], model, processor, optimizer, base_source: str, save: bool,
+           strategy: Strategy = "ddp", final: bool = False) -> None:
+    """At a checkpoint step (``save``), ``ray.train.report`` the metrics with a checkpoint: written by rank 0 (ddp), or
+    a shard by every worker (fsdp; the gathered model too at the ``final`` step)."""
     import ray.train
     import torch
     from ray.train import Checkpoint
@@ -214,6 +239,9 @@ def report(metrics: dict[str, Any], model, processor, optimizer, base_source: st
         # cap training at that rate. Steps go to metrics.jsonl; Ray Train sees the metrics of each checkpoint.
         return
     rank = ray.train.get_context().get_world_rank()
+    if strategy == "fsdp":
+        _report_sharded(metrics, model, processor, optimizer, base_source, rank, final)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             inner = model.module if hasattr(model, "module") else model
@@ -228,6 +256,27 @@ def report(metrics: dict[str, Any], model, processor, optimizer, base_source: st
             torch.save({"step": metrics["step"], "optimizer": optimizer.state_dict(), "base": base_source},
                        Path(tmp) / "trainer.pt")
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def _report_sharded(metrics: dict[str, Any], model, processor, optimizer, base_source: str, rank: int,
+                    final: bool) -> None:
+    """Every worker's shard of the model and optimizer (``sharding.save_sharded``), the step and base (rank 0), and
+    at the ``final`` step the whole model gathered into ``model/`` (rank 0 writes it)."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from video_llava.train import sharding
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sharding.save_sharded(model, optimizer, Path(tmp) / "sharded")
+        weights = sharding.full_state_dict(model) if final else None  # a collective: every worker takes part
+        if rank == 0:
+            torch.save({"step": metrics["step"], "base": base_source}, Path(tmp) / "trainer.pt")
+            if weights is not None:
+                model.save_pretrained(Path(tmp) / "model", state_dict=weights)
+                processor.save_pretrained(Path(tmp) / "model")
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
 def fit(train_loop: Callable[[dict], None], cfg: TrainRunConfig, datasets: dict | None = None):

@@ -3,7 +3,7 @@ memory at once (``grad_accum``), and bf16 where the hardware has it, with the sa
 
 Each micro-batch's loss is weighted by its share of the step (its answer tokens for SFT, its pairs for DPO), so the
 gradient is that of the whole batch's mean loss, not a mean of micro-batch means. Under DDP the gradients are
-all-reduced once, after the last micro-batch. bf16 runs the forward under autocast; the weights, their gradients
+all-reduced once, after the last micro-batch (under FSDP, reduce-scattered once). bf16 runs the forward under autocast; the weights, their gradients
 and the optimizer's state stay float32 (the master copy an optimizer needs).
 """
 
@@ -37,6 +37,8 @@ def optimizer_step(model: Any, optimizer: Any, parts: Sequence[tuple[Any, float]
     total = 0.0
     for k, (part, weight) in enumerate(parts):
         last = k == len(parts) - 1
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: gradients reduce-scattered after the last only
+            model.set_requires_gradient_sync(last)
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(precision, device):
