@@ -114,6 +114,12 @@ def read_pairs(preferences: Path):
 
 
 def main(cfg: DPOConfig):
+    if cfg.dry_run:  # each pair is two sequences; the reference is whole on every worker
+        from video_llava.train.memory_plan import plan_run
+
+        print(plan_run(cfg, cfg.model, train_projector=cfg.train_projector, sequences_per_example=2,
+                       reference=True).describe())
+        return None
     ensure_ray()
     pairs = read_pairs(cfg.preferences)
     print(f"dpo: {pairs.count()} pairs, beta {cfg.beta}, lr {cfg.lr}, {cfg.epochs} epochs from {cfg.model}", flush=True)

@@ -124,6 +124,11 @@ def train_loop(config: dict) -> None:
 def main(cfg: SFTConfig):
     import ray
 
+    if cfg.dry_run:
+        from video_llava.train.memory_plan import plan_run
+
+        print(plan_run(cfg, cfg.model, lora_rank=cfg.lora_rank, train_vision=cfg.train_vision_tower).describe())
+        return None
     records = cfg.data / "train.jsonl"
     if not records.is_file():
         raise FileNotFoundError(f"no train.jsonl in {cfg.data} (make one with python -m jobs.make_synthetic)")

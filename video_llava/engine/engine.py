@@ -85,8 +85,8 @@ class Engine:
     """Continuous batching for one model. Thread-safe; ``events``/``answer`` for asyncio callers, ``generate`` and
     ``stream`` for plain ones.
 
-    ``max_running``: sequences decoded together; ``max_tokens``: KV positions the pool holds for them (in blocks of
-    ``block_size``; a request whose prompt and ``max_new_tokens`` need more is refused, ``KVBudgetError``; the
+    ``max_running``: sequences decoded together; ``max_tokens``: KV positions the pool holds for them (by default half
+    the GPU memory free, or on a CPU up to a million positions as needed; in blocks of ``block_size``; a request whose prompt and ``max_new_tokens`` need more is refused, ``KVBudgetError``; the
     prefix cache's blocks come on top); ``max_waiting``: requests
     queued behind them before ``submit`` raises ``QueueFullError``; ``max_num_batched_tokens``: tokens a step
     computes, every running row's decode token first and prompt chunks with the rest; ``max_num_vision_frames``:
@@ -97,10 +97,14 @@ class Engine:
     ``dynamic``, ``static`` or ``compiled`` decode steps (``compiled.py``; the same tokens).
     """
 
-    def __init__(self, qa: QAModel, max_running: int = 8, max_tokens: int = 1 << 20, max_waiting: int = 256,
+    def __init__(self, qa: QAModel, max_running: int = 8, max_tokens: int | None = None, max_waiting: int = 256,
                  prefix_cache_mb: int = 0, preprocess_ahead: int = 0, decode_mode: DecodeMode = "dynamic",
                  max_num_batched_tokens: int = 1024, max_num_vision_frames: int = 8, max_bypass: int = 8,
                  block_size: int = BLOCK_SIZE):
+        if max_tokens is None:  # a GPU's pool is allocated whole: half the memory free now; a CPU's grows as needed
+            from video_llava.engine.budget import auto_max_tokens
+
+            max_tokens = auto_max_tokens(qa.model, 0.5) if qa.model.device.type == "cuda" else 1 << 20
         if min(max_running, max_tokens, max_waiting) < 1:
             raise ValueError(f"max_running, max_tokens and max_waiting must be >= 1 (got {max_running}, {max_tokens}, "
                              f"{max_waiting})")

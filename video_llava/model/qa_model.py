@@ -130,11 +130,8 @@ class VideoQAModel:
             if self._engine is None:
                 # imported here: the engine is built on this class (its module imports this one)
                 from video_llava.engine import Engine
-                from video_llava.engine.budget import auto_max_tokens
 
-                on_gpu = self.model.device.type == "cuda"
-                self._engine = Engine(self, max_running=8, preprocess_ahead=8,
-                                      **({"max_tokens": auto_max_tokens(self.model, 0.5)} if on_gpu else {}))
+                self._engine = Engine(self, max_running=8, preprocess_ahead=8)
             return self._engine
 
     def close(self) -> None:

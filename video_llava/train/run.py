@@ -46,6 +46,8 @@ class TrainRunConfig(BaseModel):
                                          "instead of keeping them: less memory, about a third more compute")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step: a step takes batch_size x "
                             "grad_accum examples per worker, in batch_size at a time, with one large batch's update")
+    dry_run: bool = Field(False, description="print the memory per worker the run would take (weights, gradients, "
+                          "AdamW state, activations) for the strategy and workers asked, and stop: nothing is trained")
     strategy: Strategy = Field("ddp", description="ddp: every worker holds the whole model, its gradients and "
                                "optimizer state; fsdp: FSDP2 shards them across the workers (each transformer block "
                                "a unit), with sharded checkpoints: what a 7B full fine-tune needs")
