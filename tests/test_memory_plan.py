@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from video_llava.train.memory_plan import count_parameters, plan_memory
