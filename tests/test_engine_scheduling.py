@@ -164,6 +164,28 @@ def test_chunks_smaller_than_a_frame_and_vision_in_runs_give_the_tokens_of_one_a
         engine.close()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_pool_too_small_for_every_answer_preempts_and_every_answer_is_unchanged(tiny_checkpoint, frames, family):
+    """Four prompts fit the KV pool together, their 4 x 60 new positions do not: rows are preempted and recomputed
+    (their prompt and tokens so far), and each answer, greedy or seeded, is the one an ample pool gives."""
+    qa = family_model(tiny_checkpoint, family)
+    questions = ["What color is the circle?", "Describe it.", "Hi", "What is in the image?"]
+    prepared = [qa.prepare([frames[0]], question, 60) for question in questions]
+    params = [SamplingParams(60, ignore_eos=True), SamplingParams(60, ignore_eos=True, temperature=1.0, seed=3)] * 2
+    ample = Engine(qa, max_running=4, max_num_batched_tokens=4096)
+    try:
+        expected = [a.text for a in ample.generate(prepared, params)]
+    finally:
+        ample.close()
+    budget = sum(p.prompt_tokens + p.visual_tokens for p in prepared) + 100
+    engine = Engine(qa, max_running=4, max_tokens=budget, max_num_batched_tokens=4096)
+    try:
+        assert [a.text for a in engine.generate(prepared, params)] == expected
+        assert engine.describe()["preempted"] > 0 and engine.kv_positions == 0
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("family", sorted(TAKES_VIDEO))
 def test_a_videos_features_made_in_runs_of_frames_equal_its_features_made_whole(tiny_checkpoint, frames, family):
     import torch
