@@ -186,6 +186,41 @@ def test_a_pool_too_small_for_every_answer_preempts_and_every_answer_is_unchange
         engine.close()
 
 
+def test_preemption_with_shared_prefixes_n_answers_and_chunks_smaller_than_a_frame(tiny_checkpoint, frames):
+    """The paths that share blocks under pressure together: repeat questions about one video reuse its cached prefix
+    (their tables share its blocks), n=2 answers share their prompt's, prompts run in chunks of 37 tokens, and the pool
+    holds the prompts but not every answer: rows are preempted (and the prefix evicted), and every answer is the one
+    an ample pool gives; every block comes back."""
+    qa = family_model(tiny_checkpoint, "llava_next_video")
+    video = frames[:5]
+    prepared = [qa.prepare([video], question, 500) for question in
+                ("What happens?", "Which way does it move?", "What color is the circle?", "Describe it.")]
+    params = [SamplingParams(500, ignore_eos=True, n=2, temperature=1.0, seed=5),
+              SamplingParams(500, ignore_eos=True, n=2)] * 2
+
+    def answers(engine):
+        first = engine.run(prepared[:1], params[:1])  # its prefix is cached: the rest share its blocks
+        return [[a.text for a in r] for r in first + engine.run(prepared[1:], params[1:])]
+
+    ample = Engine(qa, max_running=8, max_num_batched_tokens=37, prefix_cache_mb=1)
+    try:
+        expected = answers(ample)
+        assert ample.describe()["prefix_hits"] == 3
+    finally:
+        ample.close()
+    prompt = prepared[0].prompt_tokens + prepared[0].visual_tokens
+    # the pool: one prompt and its answer, and the prefix cache's 1 MB; six rows of 500 new positions do not fit
+    engine = Engine(qa, max_running=8, max_tokens=prompt + 532, max_num_batched_tokens=37, prefix_cache_mb=1)
+    try:
+        assert answers(engine) == expected
+        described = engine.describe()
+        assert described["preempted"] > 0 and described["prefix_hits"] >= 1
+        engine.prefix_cache.clear()
+        assert engine.kv_positions == 0
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("family", sorted(TAKES_VIDEO))
 def test_a_videos_features_made_in_runs_of_frames_equal_its_features_made_whole(tiny_checkpoint, frames, family):
     import torch
