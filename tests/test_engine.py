@@ -302,6 +302,23 @@ def test_the_waiting_queue_is_bounded(embedded_model, videos):
         engine.close()
 
 
+def test_flex_attention_over_the_pool_gives_the_tokens_of_one_at_a_time_generate(embedded_model, videos):
+    """``attention="flex"``: FlexAttention reads the pool itself through a block mask (no row gathered): mixed
+    lengths, prompts in chunks, rows decoding together; the model's own attention is back once the engine closes."""
+    prepared = [embedded_model.prepare(videos[i % 4], QUESTIONS[(i * 3) % 4], (6, 12, 3, 9)[i % 4]) for i in range(6)]
+    expected = [embedded_model.generate([p])[0].text for p in prepared]
+    engine = Engine(embedded_model, max_running=4, attention="flex", max_num_batched_tokens=2048)
+    try:
+        assert [a.text for a in engine.run(prepared, [SamplingParams(p.max_new_tokens) for p in prepared])
+                for a in a] == expected
+        assert max(engine.recent_running()) >= 2 and engine.kv_positions == 0
+    finally:
+        engine.close()
+    assert embedded_model.model.config.get_text_config()._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="dynamic steps only"):
+        Engine(embedded_model, attention="flex", decode_mode="static")
+
+
 def test_the_kv_held_is_what_the_rows_own_tokens_need_to_within_a_block_each(embedded_model, videos):
     """A long video answer beside three short image-sized ones: the pool holds each row's own positions (to within a
     block), not every row at the longest one's length; every block is back once they are done."""

@@ -90,7 +90,8 @@ class Engine:
     prefix cache's blocks come on top); ``max_waiting``: requests
     queued behind them before ``submit`` raises ``QueueFullError``; ``max_num_batched_tokens``: tokens a step
     computes, every running row's decode token first and prompt chunks with the rest; ``max_num_vision_frames``:
-    frames through the vision tower in a step; ``max_bypass``: times a waiting request that does not fit may be
+    frames through the vision tower in a step; ``attention``: ``gather`` (each row's positions gathered from its blocks
+    for torch's sdpa) or ``flex`` (FlexAttention over the pool itself, ``paged_attention.py``; dynamic steps); ``max_bypass``: times a waiting request that does not fit may be
     passed by later ones; ``prefix_cache_mb``: KV of prompt prefixes kept for repeat questions
     (``prefix.PrefixCache``; 0: none); ``preprocess_ahead``: waiting requests whose media are made ready ahead, in
     a thread of its own, while the loop computes (0: in the loop, under the frame budget); ``decode_mode``:
@@ -100,7 +101,7 @@ class Engine:
     def __init__(self, qa: QAModel, max_running: int = 8, max_tokens: int | None = None, max_waiting: int = 256,
                  prefix_cache_mb: int = 0, preprocess_ahead: int = 0, decode_mode: DecodeMode = "dynamic",
                  max_num_batched_tokens: int = 1024, max_num_vision_frames: int = 8, max_bypass: int = 8,
-                 block_size: int = BLOCK_SIZE):
+                 block_size: int = BLOCK_SIZE, attention: str = "gather"):
         if max_tokens is None:  # a GPU's pool is allocated whole: half the memory free now; a CPU's grows as needed
             from video_llava.engine.budget import auto_max_tokens
 
@@ -118,7 +119,13 @@ class Engine:
         shape = KVShape.of(self.model)
         prefix_bytes = prefix_cache_mb * 2**20
         self.kv = PagedKV(shape, max_tokens + prefix_bytes // shape.position_bytes, block_size,
-                          static=decode_mode != "dynamic")
+                          static=decode_mode != "dynamic", attention=attention)
+        self._text_attention = self.model.config.get_text_config()._attn_implementation
+        if attention == "flex":  # the text model's attention reads the pool through FlexAttention (sdpa elsewhere)
+            from video_llava.engine import paged_attention
+
+            paged_attention.register()
+            self.model.set_attn_implementation({"text_config": paged_attention.FLEX})
         self.prefix_cache = PrefixCache(prefix_bytes, self.kv)
         self._prefiller = Prefiller(qa, self._forward, self.prefix_cache, self.kv)
         self._scheduler = Scheduler(Budgets(max_running, max_tokens, max_num_batched_tokens, max_num_vision_frames,
@@ -260,6 +267,8 @@ class Engine:
         if self._thread is None or not self._thread.is_alive():
             self.prefix_cache.clear()
             self.kv.drop()
+            if self.kv.attention == "flex":  # the model's own attention again
+                self.model.set_attn_implementation({"text_config": self._text_attention})
 
     def check_health(self) -> None:
         """Raise if this engine cannot serve again: its loop met a device fault, or its thread died."""

@@ -12,7 +12,8 @@ new keys and values go to and, per row, the slots of every position it attends t
 positions gathered from its blocks (``index_select``), with a mask over the padding: the attention kernel is
 torch's own (sdpa, or flash-attention's with a padding mask), no kernel written here. A row's positions come back
 in order, so a greedy answer is token-identical to ``generate`` (float32 on CPU, tested). The gather reads every
-row's positions once per layer and step: FlexAttention over the block tables (no copy) is the next step on a GPU.
+row's positions once per layer and step; ``attention="flex"`` reads the pool itself instead, through FlexAttention
+and a block mask (``paged_attention.py``: no copy; compiled on a GPU).
 
 On a CPU the pool starts small and grows (built, then swapped in: a failed allocation leaves the pool as it was and
 caps its size); on a GPU it is allocated whole at start, so its address never changes (CUDA graphs).
@@ -70,10 +71,12 @@ class View:
     gather: Any
     rows: int
     new: int  # positions each row writes
+    block_mask: Any = None  # FlexAttention's mask over the whole pool (``attention="flex"``), else None
+    span: int = 0  # with a block mask: the positions of the longest row (``gather`` is not made)
 
     @property
     def positions(self) -> int:
-        return self.gather.shape[1]
+        return self.span or self.gather.shape[1]
 
 
 class PagedKV:
@@ -81,12 +84,14 @@ class PagedKV:
     (``preallocate``; by default on a GPU) or ``first_blocks`` first, doubling as needed."""
 
     def __init__(self, shape: KVShape, max_positions: int, block_size: int = BLOCK_SIZE, static: bool = False,
-                 preallocate: bool | None = None, first_blocks: int = FIRST_BLOCKS):
-        self.shape, self.block_size, self.static = shape, block_size, static
+                 preallocate: bool | None = None, first_blocks: int = FIRST_BLOCKS, attention: str = "gather"):
+        if attention not in ("gather", "flex") or (attention == "flex" and static):
+            raise ValueError(f"attention must be gather or flex (flex with dynamic steps only), got {attention!r}")
+        self.shape, self.block_size, self.static, self.attention = shape, block_size, static, attention
         self.max_blocks = 1 + -(-max_positions // block_size)  # the null block and the sequences'
         whole = shape.device.type == "cuda" if preallocate is None else preallocate
         self.manager = BlockManager(block_size)
-        self.keys: list[Any] = []  # per layer: (blocks x block_size, heads, head_dim)
+        self.keys: list[Any] = []  # per layer: (heads, blocks x block_size, head_dim): a head's positions contiguous
         self.values: list[Any] = []
         self.view: View | None = None  # the forward running now
         self._static_views: dict[tuple, View] = {}
@@ -153,7 +158,7 @@ class PagedKV:
     def _copy_block(self, source: int, target: int, positions: int) -> None:
         bs = self.block_size
         for pool in self.keys + self.values:
-            pool[target * bs:target * bs + positions] = pool[source * bs:source * bs + positions]
+            pool[:, target * bs:target * bs + positions] = pool[:, source * bs:source * bs + positions]
 
     def _grow(self, blocks: int) -> None:
         """The pool holds ``blocks`` blocks (at most ``max_blocks``): every layer's new tensors made before any is
@@ -173,7 +178,7 @@ class PagedKV:
             self.max_blocks = have
             return
         for fresh, old in zip(built[0] + built[1], self.keys + self.values):
-            fresh[:old.shape[0]] = old
+            fresh[:, :old.shape[1]] = old
         self.keys[:], self.values[:] = built  # in place: the cache's layers read these lists
         self.manager.add(blocks - max(have, 1))
 
@@ -183,11 +188,11 @@ class PagedKV:
         import torch
 
         s = self.shape
-        pool = torch.zeros(positions, s.heads, s.head_dim, dtype=s.dtype, device=s.device)
+        pool = torch.zeros(s.heads, positions, s.head_dim, dtype=s.dtype, device=s.device)
         if self.static and pool.is_cuda:
             torch._dynamo.mark_static_address(pool)
         elif self.static:  # a pool that grows: its size is no reason to compile a step again
-            torch._dynamo.mark_dynamic(pool, 0)
+            torch._dynamo.mark_dynamic(pool, 1)
         return pool
 
     # ---- forwards ----------------------------------------------------------------------------------------------
@@ -197,6 +202,8 @@ class PagedKV:
         positions padding mask flash-attention takes."""
         import torch
 
+        if self.attention == "flex":
+            return self._flex_inputs(tables, new)
         bs, rows = self.block_size, len(tables)
         lengths = [t.length for t in tables]
         padded = 1 << (rows - 1).bit_length() if self.static else rows
@@ -226,6 +233,33 @@ class PagedKV:
         mask.masked_fill_(~visible, torch.finfo(self.shape.dtype).min)
         return mask.unsqueeze(1), fresh
 
+    def _flex_inputs(self, tables: Sequence[BlockTable], new: int) -> tuple[Any, Any]:
+        """``step_inputs`` for FlexAttention over the pool: the view's block mask says what each query sees, the mask
+        handed to the model is a placeholder its attention ignores."""
+        import torch
+
+        from video_llava.engine import paged_attention
+
+        device = self.shape.device
+        starts = [t.length for t in tables]
+        mask = paged_attention.block_mask([t.blocks for t in tables], starts, new, self.manager.num_blocks *
+                                          self.block_size, self.block_size, device)
+        write = torch.tensor([b * self.block_size + p % self.block_size for t in tables
+                              for b, p in ((t.blocks[q // self.block_size], q)
+                                           for q in range(t.length, t.length + new))], dtype=torch.long)
+        self.view = View(write.to(device), torch.zeros(len(tables), 1, dtype=torch.long, device=device),
+                         len(tables), new, block_mask=mask, span=max(starts) + new)
+        paged_attention.set_active(self.view)
+        positions = torch.tensor(starts, device=device).unsqueeze(1) + torch.arange(new, device=device)
+        return torch.zeros(len(tables), 1, new, 1, dtype=self.shape.dtype, device=device), positions
+
+    def finish(self) -> None:
+        """The forward is over (run or raised): no view is active."""
+        from video_llava.engine import paged_attention
+
+        self.view = None
+        paged_attention.set_active(None)
+
     def _static_view(self, write: Any, gather: Any, rows: int, new: int) -> View:
         """The view of a static forward in the same tensors as the last one of its shapes (updated in place): a
         compiled step reads them as the same inputs every time."""
@@ -243,7 +277,7 @@ class PagedKV:
         """The forward ran: each table's ``new`` positions are written."""
         for t in tables:
             t.length += new
-        self.view = None
+        self.finish()
 
     def drop(self) -> None:
         """The pool's memory goes (its engine is closed: nothing reads it again)."""

@@ -22,9 +22,12 @@ class PagedLayer(DynamicLayer):
         out = []
         for pool, states in ((self.kv.keys[self.index], key_states), (self.kv.values[self.index], value_states)):
             rows, heads, new, dim = states.shape
-            pool.index_copy_(0, view.write, states.transpose(1, 2).reshape(rows * new, heads, dim))
-            gathered = pool.index_select(0, view.gather.reshape(-1))
-            out.append(gathered.view(rows, view.positions, heads, dim).transpose(1, 2))
+            pool.index_copy_(1, view.write, states.transpose(0, 1).reshape(heads, rows * new, dim))
+            if view.block_mask is not None:  # FlexAttention reads the pool itself, through the view's block mask
+                out.append(pool.unsqueeze(0))
+                continue
+            gathered = pool.index_select(1, view.gather.reshape(-1))
+            out.append(gathered.view(heads, rows, view.positions, dim).transpose(0, 1))
         return out[0], out[1]
 
     def get_seq_length(self) -> int:

@@ -172,7 +172,7 @@ class Prefiller:
         try:
             logits, _ = self.forward(embeds, mask, self.kv.cache, positions)
         finally:
-            self.kv.view = None
+            self.kv.finish()
         self.kv.advance([task.table], stop - task.done)
         if task.remaining:
             return None

@@ -88,7 +88,7 @@ class ModelRunner:
             with torch.inference_mode():
                 logits = self._step_logits(ids, mask, self.kv.cache, positions)
         finally:
-            self.kv.view = None  # what a failed step wrote is not counted (and is overwritten by the next)
+            self.kv.finish()  # what a failed step wrote is not counted (and is overwritten by the next)
         self.kv.advance(tables, 1)
         return logits[:len(rows)]
 

@@ -82,9 +82,13 @@ class BatchSettings(BaseModel):
         "pass for those taken together), in a thread beside the decode steps; a request joins the batch once they "
         "are (0: at admission, in the model's thread)")
     decode_mode: Literal["dynamic", "static", "compiled"] = Field(
-        "dynamic", description="decode steps over the rows and positions in use (dynamic), over whole buffers "
-        "(static: few shapes), or static and compiled with torch.compile (CUDA graphs on a GPU; the first steps of "
-        "each shape compile). The same tokens in every mode")
+        "dynamic", description="decode steps over the rows and positions in use (dynamic), padded to few shapes "
+        "(static), or static and compiled with torch.compile (CUDA graphs on a GPU; compiled at start). The same "
+        "tokens in every mode")
+    attention: Literal["gather", "flex"] = Field(
+        "gather", description="how the attention reads the paged KV: each row's positions gathered from its blocks "
+        "for torch's sdpa (gather), or FlexAttention over the pool itself through a block mask (flex: no copy, "
+        "compiled on a GPU; dynamic decode steps only). The same tokens")
     max_num_batched_tokens: int = Field(
         1024, ge=2, description="tokens a step computes: every running sequence's next token, then prompts in chunks "
         "with the rest (chunked prefill: a running stream waits at most one step's budget while new prompts arrive); "
@@ -93,6 +97,12 @@ class BatchSettings(BaseModel):
         8, ge=1, description="frames through the vision tower in a step, for the requests admitted (their media "
         "not made ahead): a burst of long videos is run a few frames a step, beside the decode steps")
     ignore_eos: bool = Field(False, description="benchmarks only: every answer runs to its max tokens (bench/serve.py)")
+
+    @model_validator(mode="after")
+    def _flex_with_dynamic_steps(self) -> "BatchSettings":
+        if self.attention == "flex" and self.decode_mode != "dynamic":
+            raise ValueError(f"attention: flex takes decode_mode: dynamic, got {self.decode_mode}")
+        return self
 
     @model_validator(mode="after")
     def _budget_leaves_room_for_prompts(self) -> "BatchSettings":

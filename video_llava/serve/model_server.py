@@ -61,7 +61,7 @@ class ModelServer:
                      tokens, step / 2**30)
         self.engine = Engine(self.model, b.max_batch_size, tokens, b.max_waiting, b.prefix_cache_mb,
                              b.preprocess_ahead, b.decode_mode, max_num_batched_tokens=b.max_num_batched_tokens,
-                             max_num_vision_frames=b.max_num_vision_frames)
+                             max_num_vision_frames=b.max_num_vision_frames, attention=b.attention)
         self.metrics = ModelMetrics()
         self.metrics.kv_budget.set(tokens)
         log.info("model ready: %s", self.model.describe())
