@@ -36,7 +36,7 @@ cat "$OUT/versions.txt"
 python3 -c "import bench.gpu_engine, bench.gpu_families, video_llava.engine" \
   || { echo "the benches do not import here: see $OUT/versions.txt"; exit 3; }
 # shellcheck disable=SC2086
-timeout "$ENGINE_S" python3 -m bench.gpu_engine $ENGINE --decode-modes dynamic compiled --json \
+timeout "$ENGINE_S" python3 -m bench.gpu_engine $ENGINE --decode-modes dynamic compiled --attentions gather flex --json \
   > "$OUT/gpu_engine.txt" 2>&1; echo "gpu_engine rc=$?"
 # shellcheck disable=SC2086
 timeout "$FAMILIES_S" python3 -m bench.gpu_families $FAMILIES --json > "$OUT/gpu_families.txt" 2>&1

@@ -55,12 +55,14 @@ def kv_budget(model, share: float = 0.7) -> int:
     return auto_max_tokens(model.model, share) if torch.cuda.is_available() else 1 << 20
 
 
-def other_mode(model, mode: str, prepared: list, params, requests: int, reference: list, budget: int) -> dict:
+def other_mode(model, mode: str, prepared: list, params, requests: int, reference: list, budget: int,
+               attention: str = "gather") -> dict:
     """A burst with ``mode`` decode steps, after a warm-up burst (compiling its shapes); the share of the first 8
     answers token-identical to ``reference`` (the first mode's: bf16 kernels may differ in the last bits)."""
     from video_llava.engine import Engine
 
-    engine = Engine(model, max_running=requests, max_tokens=budget, preprocess_ahead=8, decode_mode=mode)
+    engine = Engine(model, max_running=requests, max_tokens=budget, preprocess_ahead=8, decode_mode=mode,
+                    attention=attention)
     try:
         start = time.perf_counter()
         run_engine(engine, prepared, params, 0.0)
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--decode-modes", nargs="+", default=["dynamic"], choices=["dynamic", "static", "compiled"])
+    parser.add_argument("--attentions", nargs="+", default=["gather"], choices=["gather", "flex"],
+                        help="the paged KV read by gathering each row's blocks, and/or by FlexAttention over the pool")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import numpy as np
@@ -115,7 +119,7 @@ def main() -> None:
                 run_engine(engine, prepared[:2], params, 0.0)  # warm-up
                 burst = run_engine(engine, prepared, params, 0.0)
                 spread = run_engine(engine, prepared, params, burst["wall_s"] / 2)
-                more = len(args.decode_modes) > 1 and new == max(args.tokens)
+                more = (len(args.decode_modes) > 1 or len(args.attentions) > 1) and new == max(args.tokens)
                 reference = engine.generate(prepared[:8], params) if more else []
             finally:
                 engine.close()
@@ -133,6 +137,9 @@ def main() -> None:
                 row["vs_one_at_a_time"] = round(burst["requests_per_s"] / one["requests_per_s"], 2)
                 for mode in args.decode_modes[1:]:
                     row[f"decode_{mode}"] = other_mode(model, mode, prepared, params, args.requests, reference, budget)
+                for attention in [a for a in args.attentions if a != "gather"]:
+                    row[f"attention_{attention}"] = other_mode(model, "dynamic", prepared, params, args.requests,
+                                                              reference, budget, attention)
             figures[f"new_tokens_{new}"] = row
             print(f"{new} new tokens: {row}", flush=True)
     if args.json:
