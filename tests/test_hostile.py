@@ -31,6 +31,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_UPLOAD = 2 * 2**20
 MAX_REQUEST = 4 * 2**20
 BODY_TIMEOUT_S = 3
+KV_POOL = 8000  # KV positions of the replica's pool: a 32-frame question fits, with 4,096 new tokens it does not
 
 
 class _Origin(http.server.BaseHTTPRequestHandler):
@@ -114,7 +115,7 @@ def service(embedded_cache, origin):
             "s3_buckets": ["videos", "lying"],
             "api_keys": [KEY],
         },
-        "batching": {"max_batch_size": 4},
+        "batching": {"max_batch_size": 4, "max_batch_tokens": KV_POOL},
         "deployment": {"num_cpus": 1, "ingress_num_cpus": 0.5, "max_ongoing_requests": 2, "max_queued_requests": 4},
     }
     with running_service(args) as base:
@@ -186,6 +187,15 @@ def test_a_message_over_the_frame_budget_is_refused_before_any_video_is_fetched(
     body = error_of(chat(service, [*parts, {"type": "text", "text": "What?"}], num_frames=56), 400, "too_many_frames")
     assert "448 frames" in body["message"]
     assert not any(tag in path for path in _Origin.hits)
+
+
+def test_a_request_larger_than_the_replicas_kv_pool_is_400_with_both_numbers(service):
+    # 32 frames (4,608 visual tokens) and 4,096 new tokens fit the model's context, not the replica's KV pool
+    url = "data:video/mp4;base64," + base64.b64encode(SAMPLE.read_bytes()).decode()
+    response = chat(service, [video_part(url), {"type": "text", "text": "What?"}], max_tokens=4096, num_frames=32)
+    body = error_of(response, 400, "context_length_exceeded")
+    assert f"holds {KV_POOL}" in body["message"] and "max_new_tokens 4096" in body["message"]
+    assert_still_answers(service, AUTH)
 
 
 def test_when_one_video_of_a_message_fails_its_siblings_stop(service, origin):
