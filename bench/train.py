@@ -3,6 +3,7 @@
     python -m bench.train                    # tiny shape (the embedded default's), CPU, full fine-tuning
     python -m bench.train --shape 7b         # 7B shape, random weights, bf16, LoRA r=16 + gradient checkpointing
     python -m bench.train --json             # ... then one JSON object of the figures as the last line
+    python -m bench.train --strategies ddp fsdp   # and SFT over two gloo workers per strategy, +- checkpointing
 
 Both steps are the jobs' own code paths (``video_llava.train.examples``): SFT = answer-only cross-entropy, backward,
 AdamW; DPO = policy log-probs of chosen and rejected answers, frozen reference log-probs (a frozen copy, or
@@ -107,6 +108,75 @@ def run(kind: str, args, device: str, dtype, attn: str) -> dict:
     return result  # the model and optimizer go with this frame; main() empties the CUDA cache
 
 
+def _sharded_worker(rank: int, world: int, port: int, strategy: str, checkpointing: bool, args, out) -> None:
+    """One of ``world`` workers (gloo) running SFT steps under ``strategy``; rank 0 puts its figures on ``out``."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = prepare(build_model(args.shape, args.frames, "cpu", torch.float32, "sdpa"), 0, checkpointing)
+    if strategy == "fsdp":
+        from video_llava.train.sharding import shard
+
+        model = shard(model)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    vocab = SHAPES[args.shape]["vocab"]
+
+    def step(seed: int) -> None:
+        loss = model(**make_batch(args.batch, args.frames, "cpu", torch.float32, vocab, seed * world + rank)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step(0)
+    dist.barrier()
+    start = time.perf_counter()
+    for i in range(args.steps):
+        step(i + 1)
+    dist.barrier()
+    elapsed = time.perf_counter() - start
+
+    def local(t):  # a sharded parameter's own shard
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = list(model.parameters())
+    state = sum(local(t).numel() * local(t).element_size() for t in params)
+    state += sum(local(p.grad).numel() * local(p.grad).element_size() for p in params if p.grad is not None)
+    state += sum(local(v).numel() * local(v).element_size() for s in optimizer.state.values()
+                 for k, v in s.items() if k != "step")
+    if rank == 0:
+        out.put({"strategy": strategy, "workers": world, "gradient_checkpointing": checkpointing,
+                 "samples_per_s": round(world * args.batch * args.steps / elapsed, 3),
+                 "state_mib_per_worker": round(state / 2**20, 2), "peak_rss_gib": peak_memory_gib("cpu")})
+    dist.destroy_process_group()
+
+
+def sharded_rows(args) -> list[dict]:
+    """SFT over two gloo worker processes per strategy, with and without gradient checkpointing (CPU)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rows = []
+    for strategy in args.strategies:
+        for checkpointing in (False, True):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            out = mp.get_context("spawn").SimpleQueue()
+            mp.spawn(_sharded_worker, args=(2, port, strategy, checkpointing, args, out), nprocs=2)
+            rows.append(out.get())
+            print(f"sft {strategy} x2{' +checkpointing' if checkpointing else ''}: {rows[-1]}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -115,6 +185,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--lora-rank", type=int, default=None, help="default: 0 (full) tiny, 16 for 7b")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--strategies", nargs="*", default=[], choices=["ddp", "fsdp"],
+                        help="also SFT over two gloo worker processes (CPU) per strategy, with and without checkpointing")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     big = args.shape == "7b"
@@ -138,6 +210,8 @@ def main() -> None:
                "gradient_checkpointing": args.checkpointing, "rows": rows,
                "dpo_over_sft_time": round(rows[1]["step_s"] / rows[0]["step_s"], 2),
                "machine": describe_machine(("torch", "transformers", "peft", "flash-attn"))}
+    if args.strategies:
+        figures["two_workers"] = sharded_rows(args)
     if args.json:
         print(json.dumps(figures))
 
