@@ -154,8 +154,16 @@ def _sharded_worker(rank: int, world: int, port: int, strategy: str, checkpointi
     if rank == 0:
         out.put({"strategy": strategy, "workers": world, "gradient_checkpointing": checkpointing,
                  "samples_per_s": round(world * args.batch * args.steps / elapsed, 3),
-                 "state_mib_per_worker": round(state / 2**20, 2), "peak_rss_gib": peak_memory_gib("cpu")})
+                 "state_mib_per_worker": round(state / 2**20, 2), "peak_rss_gib": _own_peak_rss_gib()})
     dist.destroy_process_group()
+
+
+def _own_peak_rss_gib() -> float:
+    """This process's peak resident memory since it started (VmHWM: unlike getrusage's, not carried over from the
+    process that spawned it)."""
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return round(kib / 2**20, 3)
 
 
 def sharded_rows(args) -> list[dict]:
