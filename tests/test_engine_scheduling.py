@@ -31,9 +31,9 @@ class Waiting:
     bypassed: int = 0
 
 
-def scheduler(max_running: int = 4, max_tokens: int = 1000, max_bypass: int = 2, room: list | None = None) -> Scheduler:
-    room = room if room is not None else [max_tokens]  # KV positions free in the pool: what the test says
-    return Scheduler(Budgets(max_running, max_tokens, 64, 8, max_bypass), lambda: room[0])
+def scheduler(max_running: int = 4, max_bypass: int = 2, room: list | None = None) -> Scheduler:
+    room = room if room is not None else [1000]  # KV positions free in the pool: what the test says
+    return Scheduler(Budgets(max_running, 64, 8, max_bypass), lambda: room[0])
 
 
 def test_waiting_requests_are_taken_by_priority_then_arrival():
@@ -46,7 +46,7 @@ def test_waiting_requests_are_taken_by_priority_then_arrival():
 
 def test_a_request_that_does_not_fit_is_passed_at_most_max_bypass_times_then_holds_the_head():
     room = [500]
-    s = scheduler(max_tokens=1000, max_bypass=2, room=room)
+    s = scheduler(max_bypass=2, room=room)
     big = Waiting(0, 600)  # its prompt needs 600 positions, 500 are free beside the running row: it waits
     s.add(big)
     for i in range(1, 6):
@@ -78,7 +78,7 @@ def test_chunks_share_what_the_token_budget_leaves_beside_the_decode_rows_in_ord
 
 def test_a_budget_that_leaves_no_room_beside_the_rows_is_refused():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        Budgets(8, 1000, 8, 4)
+        Budgets(8, 8, 4)
 
 
 @pytest.mark.parametrize("family", ["llava_next_video", "llava"])

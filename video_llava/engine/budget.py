@@ -10,10 +10,9 @@ from typing import Any
 
 def position_bytes(model: Any) -> int:
     """Bytes of one KV position of ``model``: keys and values of every layer, in the model's dtype."""
-    text = model.config.get_text_config()
-    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return 2 * text.num_hidden_layers * kv_heads * head * model.dtype.itemsize
+    from video_llava.engine.kv import KVShape
+
+    return KVShape.of(model).position_bytes
 
 
 def free_bytes(device: Any) -> int:

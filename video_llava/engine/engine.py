@@ -128,7 +128,7 @@ class Engine:
             self.model.set_attn_implementation({"text_config": paged_attention.FLEX})
         self.prefix_cache = PrefixCache(prefix_bytes, self.kv)
         self._prefiller = Prefiller(qa, self._forward, self.prefix_cache, self.kv)
-        self._scheduler = Scheduler(Budgets(max_running, max_tokens, max_num_batched_tokens, max_num_vision_frames,
+        self._scheduler = Scheduler(Budgets(max_running, max_num_batched_tokens, max_num_vision_frames,
                                             max_bypass), self._kv_room)
         self._waiting = self._scheduler.waiting  # in the order they are taken; read by the preprocessing thread
         # admitted (or preempted), their vision pass or prompt still running

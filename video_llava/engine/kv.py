@@ -244,9 +244,9 @@ class PagedKV:
         starts = [t.length for t in tables]
         mask = paged_attention.block_mask([t.blocks for t in tables], starts, new, self.manager.num_blocks *
                                           self.block_size, self.block_size, device)
-        write = torch.tensor([b * self.block_size + p % self.block_size for t in tables
-                              for b, p in ((t.blocks[q // self.block_size], q)
-                                           for q in range(t.length, t.length + new))], dtype=torch.long)
+        bs = self.block_size
+        write = torch.tensor([t.blocks[q // bs] * bs + q % bs for t in tables for q in range(t.length, t.length + new)],
+                             dtype=torch.long)
         self.view = View(write.to(device), torch.zeros(len(tables), 1, dtype=torch.long, device=device),
                          len(tables), new, block_mask=mask, span=max(starts) + new)
         paged_attention.set_active(self.view)

@@ -30,17 +30,12 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int, kv: Any):
         self.kv = kv
-        block_bytes = kv.shape.position_bytes * kv.block_size
-        self.store = LRUCache(max_bytes, lambda table: len(table.blocks) * block_bytes, kv.release)
+        self.block_bytes = kv.shape.position_bytes * kv.block_size
+        self.store = LRUCache(max_bytes, lambda table: len(table.blocks) * self.block_bytes, kv.release)
 
     @property
     def enabled(self) -> bool:
         return self.store.max_bytes > 0
-
-    @property
-    def max_positions(self) -> int:
-        """Positions of the pool the cached prefixes may hold."""
-        return self.store.max_bytes // self.kv.shape.position_bytes
 
     @staticmethod
     def key(prefix_ids: Sequence[int], media_keys: Sequence[str]) -> str:
@@ -57,8 +52,9 @@ class PrefixCache:
         return None if table is None else self.kv.share(table)
 
     def put(self, key: str, table: BlockTable, length: int) -> None:
-        """Keep the first ``length`` positions of ``table`` (its blocks shared, not copied)."""
-        if self.kv.manager.blocks_for(length) * self.kv.block_size * self.kv.shape.position_bytes > self.store.max_bytes:
+        """Keep the first ``length`` positions of ``table`` (its blocks shared, not copied; a prefix larger than the
+        whole cache is not kept, and so not shared)."""
+        if self.kv.manager.blocks_for(length) * self.block_bytes > self.store.max_bytes:
             return
         self.store.put(key, self.kv.share(table, length))
 

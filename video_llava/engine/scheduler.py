@@ -34,7 +34,6 @@ class Schedulable(Protocol):
 @dataclass(frozen=True)
 class Budgets:
     max_running: int  # rows decoded together
-    max_tokens: int  # KV positions the pool may hold for the rows
     max_num_batched_tokens: int  # tokens a step computes: decode rows plus prefill chunks
     max_num_vision_frames: int  # frames through the vision tower in a step
     max_bypass: int = 8  # times a waiting request that does not fit may be passed by later ones

@@ -59,6 +59,7 @@ def count_parameters(source: str, lora_rank: int = 0, train_vision: bool = False
     from transformers import AutoConfig
 
     from video_llava.model.families import family_of
+    from video_llava.train.sharding import transformer_blocks
 
     config = AutoConfig.from_pretrained(source)
     with torch.device("meta"):
@@ -74,8 +75,7 @@ def count_parameters(source: str, lora_rank: int = 0, train_vision: bool = False
         for name, module in model.named_modules():
             if "language_model" in name and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 trainable += lora_rank * (module.in_features + module.out_features)
-    blocks = [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer"))]
-    largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
+    largest = max((sum(p.numel() for p in b.parameters()) for b in transformer_blocks(model)), default=0)
     return ParameterCount(total, trainable, largest)
 
 
@@ -85,7 +85,7 @@ def plan_memory(count: ParameterCount, text_config: Any, *, strategy: str, worke
     shards = workers if strategy == "fsdp" else 1
     gathered = 4 * count.largest_block if strategy == "fsdp" else 0
     weights = 4 * count.total // shards + gathered
-    gradients = 4 * count.trainable // shards + (gathered if strategy == "fsdp" else 0)
+    gradients = 4 * count.trainable // shards + gathered
     optimizer = 8 * count.trainable // shards
     width = 2 if precision == "bf16" else 4
     per_block = ACTIVATION_VALUES * tokens * text_config.hidden_size * width

@@ -16,12 +16,17 @@ from typing import Any
 LAYER_SUFFIXES = ("DecoderLayer", "EncoderLayer")  # transformers' names for a transformer block, text and vision
 
 
+def transformer_blocks(model: Any) -> list[Any]:
+    """``model``'s transformer blocks, text and vision: what FSDP shards as units."""
+    return [m for m in model.modules() if type(m).__name__.endswith(LAYER_SUFFIXES)]
+
+
 def shard(model: Any) -> Any:
     """``model`` sharded in place across the process group: every transformer block its own unit, then the root
     (what is left: embeddings, projector, head)."""
     from torch.distributed.fsdp import fully_shard
 
-    blocks = [m for m in model.modules() if type(m).__name__.endswith(LAYER_SUFFIXES)]
+    blocks = transformer_blocks(model)
     if not blocks:
         raise TypeError(f"--strategy fsdp found no transformer blocks to shard in {type(model).__name__}")
     for block in blocks:
@@ -42,9 +47,8 @@ def save_sharded(model: Any, optimizer: Any, path: Path) -> None:
 def load_sharded(model: Any, optimizer: Any, path: Path) -> None:
     """The model's and optimizer's state from a sharded checkpoint (every worker calls it, after ``shard``)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
