@@ -24,7 +24,7 @@ def _load(name: str) -> dict:
     return yaml.safe_load((CONFIGS / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml", "gpu-onevision.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml", "gpu-onevision.yaml", "gpu-34b.yaml", "gpu-72b.yaml"])
 def test_config_validates_with_ray_and_our_args_model(name):
     from ray.serve.schema import ServeDeploySchema
 
@@ -63,6 +63,24 @@ def test_onevision_config_is_7b_one_gpu_per_replica_with_its_own_context_and_key
     assert args.model.rope_scaling_factor is None  # Qwen2's 32k positions: the family scales nothing
     assert args.deployment.num_gpus == 1 and args.limits.require_api_keys
     assert args.batching.max_batch_tokens == "auto"  # sized from the GPU memory free after loading
+
+
+@pytest.mark.parametrize("name, model, gpus", [("gpu-34b.yaml", "llava-hf/LLaVA-NeXT-Video-34B-hf", 2),
+                                                ("gpu-72b.yaml", "llava-hf/llava-onevision-qwen2-72b-ov-hf", 4)])
+def test_a_large_checkpoints_replica_reserves_one_gpu_per_rank_on_one_node(monkeypatch, name, model, gpus):
+    from video_llava.serve.app import build_app
+    from video_llava.serve.config import ServeArgs
+
+    monkeypatch.setenv("VIDEO_LLAVA_API_KEYS", "key")
+    args = ServeArgs.model_validate(_load(name)["applications"][0]["args"])
+    assert args.model.model == model and args.model.tensor_parallel_size == gpus
+    replica = build_app(args)._bound_deployment.init_args[0]._bound_deployment._replica_config
+    assert replica.placement_group_strategy == "STRICT_PACK"
+    assert [b["GPU"] for b in replica.placement_group_bundles] == [1.0] * gpus
+    assert replica.ray_actor_options["num_gpus"] == 1.0  # the replica itself is rank 0, in the first bundle
+    with pytest.raises(ValueError, match="num_gpus is per rank"):
+        ServeArgs.model_validate({**_load(name)["applications"][0]["args"],
+                                  "deployment": {"num_gpus": gpus}})
 
 
 def test_the_gpu_config_listens_on_every_interface_so_it_does_not_build_without_api_keys(monkeypatch, tmp_path):

@@ -78,7 +78,7 @@ DEVICE_FAULTS = ("CUDA error", "device-side assert", "illegal memory access", "C
 
 def device_fault(exc: BaseException) -> bool:
     """Whether ``exc`` says the device itself failed (not one request's input, not memory that may free up)."""
-    return type(exc).__name__ == "AcceleratorError" or any(sign in str(exc) for sign in DEVICE_FAULTS)
+    return type(exc).__name__ in ("AcceleratorError", "ShardFault") or any(sign in str(exc) for sign in DEVICE_FAULTS)
 
 
 class Engine:
@@ -115,11 +115,19 @@ class Engine:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {decode_mode!r}")
         self.decode_mode = decode_mode
         self.stats = EngineStats()
-        self._forward = Forward(self.model)
         shape = KVShape.of(self.model)
         prefix_bytes = prefix_cache_mb * 2**20
-        self.kv = PagedKV(shape, max_tokens + prefix_bytes // shape.position_bytes, block_size,
-                          static=decode_mode != "dynamic", attention=attention)
+        pool = (shape, max_tokens + prefix_bytes // shape.position_bytes, block_size)
+        self._shards = qa.shards  # the other ranks of a model over several devices (engine/shards.py), or None
+        if self._shards is None:
+            self.kv = PagedKV(*pool, static=decode_mode != "dynamic", attention=attention)
+            self._forward = Forward(self.model)
+        elif decode_mode == "compiled":
+            raise ValueError("decode_mode compiled is not offered with tensor_parallel_size > 1 (the forward calls the "
+                             "other ranks): use dynamic or static")
+        else:
+            self.kv = self._shards.kv(*pool, static=decode_mode != "dynamic", attention=attention)
+            self._forward = self._shards.forward(self.model, self.kv)
         self._text_attention = self.model.config.get_text_config()._attn_implementation
         if attention == "flex":  # the text model's attention reads the pool through FlexAttention (sdpa elsewhere)
             from video_llava.engine import paged_attention
@@ -271,7 +279,10 @@ class Engine:
                 self.model.set_attn_implementation({"text_config": self._text_attention})
 
     def check_health(self) -> None:
-        """Raise if this engine cannot serve again: its loop met a device fault, or its thread died."""
+        """Raise if this engine cannot serve again: its loop met a device fault, its thread died, or another rank of
+        its model does not answer."""
+        if self._shards is not None:
+            self._shards.check_health()
         if self.fault is not None:
             raise RuntimeError(f"the device failed and cannot be trusted: {type(self.fault).__name__}: {self.fault}")
         if self._thread is not None and not self._thread.is_alive() and not self._closed:

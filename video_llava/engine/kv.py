@@ -54,6 +54,7 @@ class KVShape:
             raise TypeError(f"the engine's paged KV holds full-attention layers only, got {sorted(set(layer_types))}")
         head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        heads //= getattr(model, "tp_size", None) or 1  # tensor parallelism: this rank's heads (engine/shards.py)
         return cls(text.num_hidden_layers, heads, head, model.dtype, model.device)
 
     @property

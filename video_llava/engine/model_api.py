@@ -15,6 +15,7 @@ class QAModel(Protocol):
     tokenizer: Any
     embedder: MediaEmbedder  # prompt ids, the vision pass and the splicing of its features
     frame_short_side: int  # the side videos are decoded at for this model
+    shards: Any  # the other ranks of a model split over several devices (``engine.shards.ShardGroup``), or None
 
     @property
     def eos_token_ids(self) -> set[int]: ...

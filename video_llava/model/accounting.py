@@ -34,7 +34,8 @@ def as_media_list(media: MediaArg) -> list[np.ndarray]:
         items = [media]
     else:
         items = list(media)
-    arrays = [m.frames if isinstance(m, SampledVideo) else np.asarray(m) for m in items]
+    # contiguous: a view with negative strides (frames[::-1]) is refused by torch.from_numpy in the processors
+    arrays = [np.ascontiguousarray(m.frames if isinstance(m, SampledVideo) else m) for m in items]
     for item in arrays:
         media_kind(item)  # raises ValueError naming the shape
         if item.dtype != np.uint8:

@@ -264,18 +264,77 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     source = resolve_source(settings)
     runtime = resolve_runtime(settings.device, settings.dtype, settings.attn_implementation)
     resolved = resolve_config(settings, source)
+    ranks = settings.tensor_parallel_size
+    check_placement(settings, resolved, runtime)
     try:
         processor = load_processor(source, resolved.config, settings)
         model = load_weights(
             resolved.family.model_class(), source, config=resolved.config, dtype=runtime.dtype,
             attn_implementation=runtime.attn_implementation, revision=settings.revision,
-            local_files_only=is_offline(settings),
+            local_files_only=is_offline(settings), **(tensor_parallel_kwargs(ranks) if ranks > 1 else {}),
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot load weights of {settings.model!r}: {str(exc).splitlines()[0]}") from exc
-    model.to(runtime.device).eval()  # every call into it runs under torch.inference_mode(); grad mode is left alone
+    if ranks > 1:
+        replicate_embeddings(model)
+    else:
+        model.to(runtime.device)
+    model.eval()  # every call into it runs under torch.inference_mode(); grad mode is left alone
     drop_unused_vision_layers(model)
     return LoadedModel(model, processor, resolved, runtime, source)
+
+
+def check_placement(settings: ModelSettings, resolved: ResolvedConfig, runtime: Runtime) -> None:
+    """Refuse (``PlacementError``, before any weight is read) a model whose weights per device do not fit one device
+    at ``settings.tensor_parallel_size``, or whose heads that size does not divide."""
+    from video_llava.model.placement import check_divides, check_fits, device_memory, weight_bytes
+
+    text = resolved.config.get_text_config()
+    attention_heads = text.num_attention_heads
+    heads = getattr(text, "num_key_value_heads", None) or attention_heads
+    ranks = settings.tensor_parallel_size
+    if ranks > 1:
+        check_divides(heads, attention_heads, ranks)
+    memory = device_memory(runtime.device, settings.device_memory_gb)
+    if memory is not None:
+        weights = weight_bytes(resolved.family.model_class(), resolved.config, runtime.dtype)
+        check_fits(settings.model, weights, ranks, memory, heads)
+
+
+def preflight(settings: ModelSettings) -> None:
+    """``check_placement`` from the config alone (before the ranks of a model over several devices start)."""
+    check_placement(settings, resolve_config(settings, resolve_source(settings)),
+                    resolve_runtime(settings.device, settings.dtype, settings.attn_implementation))
+
+
+def tensor_parallel_kwargs(ranks: int) -> dict[str, Any]:
+    """``from_pretrained``'s arguments for the LLM's layers split over ``ranks`` processes (the process group of
+    ``ranks`` is up): transformers' own tp_plan, but the token embeddings whole on every rank, so that rank 0 alone
+    embeds a prompt (the vision tower and projector are not split either: rank 0 runs them alone)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() != ranks:
+        raise ModelLoadError(f"tensor_parallel_size {ranks} loads in a process group of {ranks} ranks "
+                             "(engine/shards.py starts it)")
+    plan = {"model.language_model.embed_tokens": "replicate"}
+    try:
+        from transformers.distributed import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(tp_size=ranks, tp_plan=plan)}
+    except (ImportError, TypeError):  # transformers before DistributedConfig took tp_plan: the plain arguments
+        return {"tp_plan": "auto", "tp_size": ranks}
+
+
+def replicate_embeddings(model: Any) -> None:
+    """Where the plan still split the token embeddings by vocabulary (an older transformers), make them whole on this
+    rank and drop the split's hooks (an embedding lookup on rank 0 alone must not wait for the other ranks)."""
+    import torch
+
+    layer = model.get_input_embeddings()
+    if hasattr(layer.weight, "full_tensor"):
+        layer.weight = torch.nn.Parameter(layer.weight.full_tensor(), requires_grad=False)
+        layer._forward_hooks.clear()
+        layer._forward_pre_hooks.clear()
 
 
 def drop_unused_vision_layers(model: Any) -> int:

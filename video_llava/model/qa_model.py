@@ -38,7 +38,19 @@ class VideoQAModel:
         self._engine, self._engine_lock = None, threading.Lock()  # ``engine``: started on first use
         if self.settings.retain_freed_memory:  # this process hosts the model: its buffers are reused per request
             retain_freed_memory()
-        loaded = load_model(self.settings)
+        self.shards = None  # tensor parallelism: ranks 1..N-1 (they load beside this process, rank 0)
+        if self.settings.tensor_parallel_size > 1:
+            from video_llava.engine.shards import ShardGroup  # the engine's side of a model over several devices
+
+            self.shards = ShardGroup(self.settings)
+        try:
+            loaded = load_model(self.settings)
+            if self.shards is not None:
+                self.shards.loaded()
+        except BaseException:
+            if self.shards is not None:
+                self.shards.close()
+            raise
         self.model, self.processor, self.source = loaded.model, loaded.processor, loaded.source
         self.device, self.dtype = loaded.runtime.device, loaded.runtime.dtype
         self.attn_implementation = loaded.runtime.attn_implementation
@@ -134,14 +146,22 @@ class VideoQAModel:
                 self._engine = Engine(self, max_running=8, preprocess_ahead=8)
             return self._engine
 
-    def close(self) -> None:
-        """Stop this model's engine, if it was started (requests still running fail)."""
+    def close(self, ranks: bool = False) -> None:
+        """Stop this model's engine, if it was started (requests still running fail); with ``ranks``, the other ranks
+        of a model over several devices stop too (the model cannot answer after)."""
         with self._engine_lock:
             if self._engine is not None:
                 self._engine.close()
                 self._engine = None
+            if ranks and self.shards is not None:
+                self.shards.close()
 
     # ---- the reference: transformers' generate ---------------------------------------------------------------
+    def _one_process(self, what: str) -> None:
+        if self.shards is not None:  # the other ranks would never join its collectives
+            raise ValueError(f"{what} (transformers' generate, the reference) runs in one process; with "
+                             "tensor_parallel_size > 1 ask through the engine (answer, stream_answer)")
+
     def generate(self, prepared: Sequence[PreparedQuestion], temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop: Sequence[str] = ()) -> list[Answer]:
         """One batched transformers ``generate`` for questions that share ``max_new_tokens`` (left-padded); each
@@ -149,6 +169,7 @@ class VideoQAModel:
         tested against (its greedy answers are these, token for token); ``answer`` runs on the engine."""
         import torch
 
+        self._one_process("generate")
         lengths = {p.max_new_tokens for p in prepared}
         if len(lengths) != 1:
             raise ValueError(f"one generate takes one max_new_tokens, got {sorted(lengths)}")
@@ -175,6 +196,7 @@ class VideoQAModel:
         import torch
         from transformers import TextIteratorStreamer
 
+        self._one_process("stream")
         embeds, mask, cached, vision_s = self.embedder([prepared])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600)
         gen = dict(self._generation_kwargs(prepared.max_new_tokens, temperature, top_p, stop), streamer=streamer)

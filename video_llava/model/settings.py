@@ -37,6 +37,12 @@ class ModelSettings(BaseModel):
     base_context: int | None = Field(None, ge=256, description="positions the LLM was trained on; None reads the config")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="devices one replica's model spans (tensor parallelism through transformers' "
+        "tp_plan: the LLM's layers split by heads across one process per device; engine/shards.py)")
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="memory of one device the weights are checked against at start (a rank's share must "
+        "fit in 85% of it); None: the GPU's own (no check on a CPU)")
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     chat_template: ChatTemplateName = "auto"
     max_new_tokens: int = Field(128, ge=1, le=4096)

@@ -36,6 +36,12 @@ def build_app(args: ServeArgs | dict) -> Application:
         max_ongoing_requests=max(d.max_ongoing_requests, args.batching.max_batch_size),
         max_queued_requests=d.max_queued_requests,
     )
+    ranks = args.model.tensor_parallel_size
+    if ranks > 1:  # one bundle per rank, on one node (the collectives run every layer): the replica in the first
+        rank = {"CPU": d.num_cpus_per_rank, "GPU": d.num_gpus}
+        options["placement_group_bundles"] = [{"CPU": d.num_cpus, "GPU": d.num_gpus, **d.model_resources}] + \
+            [rank] * (ranks - 1)
+        options["placement_group_strategy"] = "STRICT_PACK"
     if d.min_replicas == d.max_replicas:
         options["num_replicas"] = d.max_replicas
     else:

@@ -118,8 +118,11 @@ class DeploymentSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    num_gpus: float = Field(0, ge=0)
+    num_gpus: float = Field(0, ge=0, description="GPUs per model replica; with model.tensor_parallel_size N, per rank "
+                            "(1: the replica reserves N, one bundle each, on one node)")
     num_cpus: float = Field(1, ge=0)
+    num_cpus_per_rank: float = Field(1, ge=0, description="with model.tensor_parallel_size N, CPUs of each of ranks "
+                                     "1..N-1 (the replica, rank 0, has num_cpus)")
     model_resources: dict[str, float] = Field(
         default_factory=dict, description="custom resources per model replica, e.g. {model: 1} to pin replicas to nodes that advertise it"
     )
@@ -162,6 +165,9 @@ class ServeArgs(BaseModel):
     def _consistent(self) -> "ServeArgs":
         if self.deployment.min_replicas > self.deployment.max_replicas:
             raise ValueError("deployment.min_replicas must be <= deployment.max_replicas")
+        if self.model.tensor_parallel_size > 1 and self.deployment.num_gpus not in (0, 1):
+            raise ValueError(f"deployment.num_gpus is per rank with model.tensor_parallel_size "
+                             f"{self.model.tensor_parallel_size}: 1 (a GPU each) or 0 (CPUs), got {self.deployment.num_gpus}")
         if any(not name.strip() for name in self.served_model_names):
             raise ValueError("served_model_names may not hold an empty name")
         return self
