@@ -129,20 +129,30 @@ def test_a_model_too_big_for_the_devices_asked_for_is_refused_before_loading_nam
                                                          "  tensor_parallel_size 2: 0.58 MiB per device, fits"]
 
 
-def test_compiled_decode_steps_are_refused_with_several_ranks(cluster, tiny_checkpoint):
+def test_every_step_layout_but_compiled_runs_over_two_ranks(cluster, tiny_checkpoint):
+    """Static (padded) steps and FlexAttention over the pool give the tokens of the default steps; compiled steps are
+    refused; the auto budget's profile run is run by every rank (a lone rank 0 would wait in its collectives)."""
+    import torch
+
     from video_llava.engine import Engine
+    from video_llava.engine.params import SamplingParams
     from video_llava.model.qa_model import VideoQAModel
 
     two = VideoQAModel(settings(tiny_checkpoint("llava"), ranks=2))
     try:
         with pytest.raises(ValueError, match="compiled is not offered with tensor_parallel_size > 1"):
             Engine(two, decode_mode="compiled")
-        static = Engine(two, decode_mode="static")  # padded steps: the same views on every rank
-        from video_llava.engine.params import SamplingParams
-
-        prepared = two.prepare(FRAMES[0], "Describe it.", max_new_tokens=4)
-        assert static.generate([prepared], SamplingParams(4))[0].completion_tokens == 4
-        static.close()
+        prepared = [two.prepare(FRAMES[i], "Describe it.", max_new_tokens=6) for i in range(3)]
+        tokens = {}
+        for name, options in {"flex": {"attention": "flex"}, "dynamic": {}, "static": {"decode_mode": "static"}}.items():
+            engine = Engine(two, **options)
+            tokens[name] = [a.text for a in engine.generate(prepared, SamplingParams(6))]
+            engine.close()
+        assert tokens["static"] == tokens["dynamic"] and tokens["flex"] == tokens["dynamic"]
+        others = two.shards.profile(64)
+        with torch.inference_mode():
+            two.model(inputs_embeds=torch.zeros(1, 64, 64), logits_to_keep=1, use_cache=False)
+        two.shards.wait(others)
     finally:
         two.close(ranks=True)
 

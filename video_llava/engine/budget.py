@@ -60,10 +60,14 @@ def step_bytes(qa: Any, tokens: int, frames: int) -> int:
     torch.cuda.synchronize(model.device)
     torch.cuda.reset_peak_memory_stats(model.device)
     before = torch.cuda.memory_allocated(model.device)
+    shards = getattr(qa, "shards", None)  # a model over several devices: every rank runs the chunk (collectives)
+    others = shards.profile(tokens) if shards is not None else []
     with torch.inference_mode():
         model(inputs_embeds=torch.zeros(1, tokens, hidden, dtype=model.dtype, device=model.device), logits_to_keep=1,
               use_cache=False)
-        _vision_pass(qa, frames)
+        if shards is not None:
+            shards.wait(others)
+        _vision_pass(qa, frames)  # rank 0's alone
     torch.cuda.synchronize(model.device)
     return int(torch.cuda.max_memory_allocated(model.device) - before)
 

@@ -80,14 +80,17 @@ class ModelShard:
 
         self.model = load_model(self.settings).model
         self.forward = Forward(self.model)
+        self._text_attention = self.model.config.get_text_config()._attn_implementation
 
     def make_kv(self, max_positions: int, block_size: int, static: bool, attention: str) -> None:
         """A pool as rank 0's (its first growth included), of this rank's heads."""
-        if attention == "flex":
-            from video_llava.engine import paged_attention
+        from video_llava.engine import paged_attention
 
+        if attention == "flex":
             paged_attention.register()
-            self.model.set_attn_implementation({"text_config": paged_attention.FLEX})
+        wanted = paged_attention.FLEX if attention == "flex" else self._text_attention  # as rank 0's engine sets it
+        if self.model.config.get_text_config()._attn_implementation != wanted:
+            self.model.set_attn_implementation({"text_config": wanted})
         self.kv = PagedKV(KVShape.of(self.model), max_positions, block_size, static=static, attention=attention)
 
     def grow(self, blocks: int) -> None:
@@ -106,6 +109,15 @@ class ModelShard:
                 self.forward._out(embeds.to(self.model.device), mask, self.kv.cache, positions)
         finally:
             self.kv.finish()
+
+    def profile(self, tokens: int) -> None:
+        """Rank 0's profile run (``budget.step_bytes``): a prompt chunk of ``tokens`` zeros, no cache."""
+        import torch
+
+        hidden = self.model.config.get_text_config().hidden_size
+        with torch.inference_mode():
+            self.model(inputs_embeds=torch.zeros(1, tokens, hidden, dtype=self.model.dtype, device=self.model.device),
+                       logits_to_keep=1, use_cache=False)
 
     def drop(self) -> None:
         if self.kv is not None:
@@ -173,6 +185,9 @@ class ShardGroup:
 
     def run(self, step: tuple, embeds: Any) -> list[Any]:
         return [w.run.remote(*step, embeds) for w in self._open()]
+
+    def profile(self, tokens: int) -> list[Any]:
+        return [w.profile.remote(tokens) for w in self._open()]
 
     def _open(self) -> list[Any]:
         if self.closed:
