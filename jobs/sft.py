@@ -85,16 +85,14 @@ def train_loop(config: dict) -> None:
     """Runs on each Ray Train worker: its shard of the records, sampled in seeded random batches."""
     import random
 
-    import ray.train
-
     from video_llava.data.records import conversation_turns, flatten_record
     from video_llava.train.examples import ExampleMaker, answer_tokens, collate
-    from video_llava.train.run import start_worker
+    from video_llava.train.run import start_worker, worker_rows
     from video_llava.train.step import chunks
 
     cfg = SFTConfig.model_validate(config)
     run = start_worker(cfg, cfg.model, cfg.lr, lora_rank=cfg.lora_rank, freeze_vision=not cfg.train_vision_tower)
-    records = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))
+    records = worker_rows()
     make_example = ExampleMaker(run.processor, cfg.frames)
 
     def example(record: dict, frames: int) -> dict:

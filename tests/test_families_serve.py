@@ -251,9 +251,10 @@ def test_a_replica_whose_checkpoint_lacks_a_weight_does_not_start_and_says_which
     assert ok.status_code == 200, ok.text
 
 
-def test_every_family_in_every_layout_serves_the_answers_the_library_gives(served, tmp_path):
-    """Each tiny checkpoint, its weights named as each layout transformers reads names them, deployed beside the
-    running application and asked an image question over HTTP: greedy, the tokens the library gives from the same
+def test_every_family_and_every_layout_serves_the_answers_the_library_gives(served, tmp_path):
+    """Each tiny checkpoint, its weights named as one of the layouts transformers reads (in turn: every family and
+    every layout served at least once; every pair goes through the CLI in test_checkpoint_loading), deployed beside
+    the running application and asked an image question over HTTP: greedy, the tokens the library gives from the same
     directory (itself equal to transformers' own class: test_checkpoint_loading)."""
     from ray import serve
 
@@ -268,20 +269,21 @@ def test_every_family_in_every_layout_serves_the_answers_the_library_gives(serve
     if family != "yi_vl":
         pytest.skip("deployed once, beside one of the running applications")
     question = [{"role": "user", "content": [image_part(IMAGE), text("What is in the image?")]}]
-    for name in FAMILIES:
+    assert len(FAMILIES) >= len(LAYOUTS)
+    for i, name in enumerate(FAMILIES):
+        layout = LAYOUTS[i % len(LAYOUTS)]
         source = build_tiny(name, tmp_path / name / "saved")
         _, weights = saved_weights(source)
-        for layout in LAYOUTS:
-            path = write_layout(source, weights, tmp_path / name / layout, layout)
-            settings = {"model": str(path), "max_new_tokens": 6, "device": "cpu"}
-            args = {"model": settings, "served_model_names": ["m"],
-                    "deployment": {"num_cpus": 0, "ingress_num_cpus": 0, "decode_workers": 1}}
-            app = f"{name}-{layout}"
-            try:
-                serve.run(build_app(ServeArgs.model_validate(args)), name=app, route_prefix=f"/{app}")
-                reply = client_of(f"{base}/{app}").chat.completions.create(model="m", messages=question, max_tokens=6,
-                                                                            temperature=0)
-            finally:
-                serve.delete(app)
-            (expected,) = VideoQAModel(ModelSettings(**settings)).answer([decoded(IMAGE)], ["What is in the image?"])
-            assert reply.choices[0].message.content == expected.text, app
+        path = write_layout(source, weights, tmp_path / name / layout, layout)
+        settings = {"model": str(path), "max_new_tokens": 6, "device": "cpu"}
+        args = {"model": settings, "served_model_names": ["m"],
+                "deployment": {"num_cpus": 0, "ingress_num_cpus": 0, "decode_workers": 1}}
+        app = f"{name}-{layout}"
+        try:
+            serve.run(build_app(ServeArgs.model_validate(args)), name=app, route_prefix=f"/{app}")
+            reply = client_of(f"{base}/{app}").chat.completions.create(model="m", messages=question, max_tokens=6,
+                                                                        temperature=0)
+        finally:
+            serve.delete(app)
+        (expected,) = VideoQAModel(ModelSettings(**settings)).answer([decoded(IMAGE)], ["What is in the image?"])
+        assert reply.choices[0].message.content == expected.text, app

@@ -15,9 +15,9 @@ from video_llava.train.memory_plan import count_parameters, plan_memory
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _plan(count, config, strategy="ddp", workers=1, checkpointing=False):
+def _plan(count, config, strategy="ddp", workers=1, checkpointing=False, reference=False):
     return plan_memory(count, config.get_text_config(), strategy=strategy, workers=workers, precision="fp32",
-                       gradient_checkpointing=checkpointing, sequences=2, tokens=1000)
+                       gradient_checkpointing=checkpointing, sequences=2, tokens=1000, reference=reference)
 
 
 def test_the_planned_weights_gradients_and_adamw_state_are_those_of_a_real_step(embedded_cache):
@@ -62,6 +62,8 @@ def test_a_7b_full_fine_tune_needs_112_gb_of_state_under_ddp_and_an_eighth_under
     assert 105e9 < state < 115e9
     fsdp = _plan(count, config, strategy="fsdp", workers=8)
     assert fsdp.weights + fsdp.gradients + fsdp.optimizer < state / 8 + 2 * 4 * count.largest_block + 1
+    dpo = _plan(count, config, reference=True)  # the reference scores before training, then is freed
+    assert dpo.total == max(dpo.training, dpo.weights + dpo.reference) == dpo.training
     lora = count_parameters(str(tmp_path), lora_rank=16)
     assert lora.trainable < count.trainable / 100
 

@@ -98,18 +98,20 @@ def test_dpo_steps_raise_the_margin_and_a_rerun_resumes_the_step_count(preferenc
     assert (tmp_path / "dpo" / "model" / "model.safetensors").exists()
 
 
-def test_dpo_with_fsdp_follows_ddp(preferences, tmp_path, embedded_cache):
-    """The policy sharded with FSDP2 (one Ray Train worker, two micro-batches a step) takes DDP's steps. One worker:
-    which pairs Ray Data's split gives each of two workers varies between runs, so two runs' losses differ whatever
-    the strategy (FSDP across two workers is compared with DDP on SFT, whose split is fixed: tests/test_fsdp.py)."""
+def test_dpo_with_fsdp_over_two_workers_follows_ddp(preferences, tmp_path, embedded_cache):
+    """The policy sharded with FSDP2 over two Ray Train workers (two micro-batches a step each) takes DDP's steps:
+    each worker takes the pairs its rank picks from all of them sorted by id (train.run.worker_rows), so two runs see
+    the same pairs on the same workers (with Ray Data's streaming split they did not, and the losses differed)."""
     from video_llava.model.embedded import embedded_path
 
     common = ["--preferences", str(preferences), "--model", str(embedded_path()), "--output", str(tmp_path), "--lr",
               "1e-3", "--batch-size", "1", "--grad-accum", "2", "--frames", "4", "--max-steps", "3",
-              "--num-workers", "1", "--cpus-per-worker", "1"]
+              "--num-workers", "2", "--cpus-per-worker", "1"]
     for strategy in ("ddp", "fsdp"):
         result = run_job("jobs.dpo", *common, "--name", strategy, "--strategy", strategy, cache=embedded_cache)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        # 9 pairs over two workers: 5 each (one repeated), scored up front, then the reference is freed
+        assert "the reference scored 5 pairs on this worker" in result.stdout + result.stderr
     ddp, fsdp = (_metrics(tmp_path / name / "metrics.jsonl") for name in ("ddp", "fsdp"))
     assert len(fsdp) == 3 and fsdp[-1]["margin"] != 0  # it trained
     for key in ("loss", "margin"):

@@ -37,18 +37,26 @@ class MemoryPlan:
     gradients: int
     optimizer: int
     activations: int
-    reference: int = 0  # DPO's frozen reference model, whole on every worker
+    reference: int = 0  # DPO's frozen reference model, whole on every worker while it scores the pairs, up front
+
+    @property
+    def training(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.reference
+        """The peak: training, or (DPO) the weights beside the reference while it scores, before training."""
+        return max(self.training, self.weights + self.reference)
 
     def describe(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("AdamW state", self.optimizer),
-                ("activations", self.activations)] + ([("reference model", self.reference)] if self.reference else [])
+                ("activations", self.activations)]
+        if self.reference:
+            rows += [("training", self.training), ("reference model", self.reference),
+                     ("scoring", self.weights + self.reference)]  # the reference's memory goes before training
         scale, unit = (GIB, "GiB") if self.total >= GIB else (2**20, "MiB")
         lines = [f"memory per worker ({self.strategy}, {self.workers} worker{'s' * (self.workers > 1)}):"]
-        lines += [f"  {name:<16}{size / scale:9.2f} {unit}" for name, size in rows + [("total", self.total)]]
+        lines += [f"  {name:<16}{size / scale:9.2f} {unit}" for name, size in rows + [("peak", self.total)]]
         return "\n".join(lines)
 
 

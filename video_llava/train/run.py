@@ -281,6 +281,22 @@ def _report_sharded(metrics: dict[str, Any], model, processor, optimizer, base_s
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
+def worker_rows(name: str = "train") -> list[dict]:
+    """This worker's rows of dataset ``name``: every row, sorted by ``id``, the first ones repeated up to a multiple of
+    the workers (as torch's ``DistributedSampler`` pads), then every ``world``-th from this worker's rank. Each worker
+    reads the whole dataset (``fit`` does not split it): Ray Data's streaming split hands rows to whichever worker
+    asks first, so which worker trained on which row changed from run to run, and a run or a resume could not be
+    repeated; and every worker has as many rows, so as many steps and micro-batches (FSDP's collectives run per
+    micro-batch: a worker with one fewer would leave the others waiting)."""
+    import ray.train
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    rows = sorted(ray.train.get_dataset_shard(name).iter_rows(), key=lambda r: str(r["id"]))
+    rows += (rows * world)[:-len(rows) % world]  # -n % world: the rows short of a multiple
+    return rows[rank::world]
+
+
 def fit(train_loop: Callable[[dict], None], cfg: TrainRunConfig, datasets: dict | None = None):
     """Run ``train_loop`` under a ``TorchTrainer``; copy the last checkpoint's model to ``<output>/<name>/model``.
 
@@ -293,6 +309,7 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainRunConfig, datasets: dict 
         RunConfig,
         ScalingConfig,
     )
+    from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
     from video_llava.job_cli import absolute_paths
@@ -313,6 +330,7 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainRunConfig, datasets: dict 
                              failure_config=FailureConfig(max_failures=0),
                              logging_config=LoggingConfig(log_level="WARNING" if is_quiet() else "INFO")),
         datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),  # each worker picks its rows by rank: worker_rows
     )
     result = trainer.fit()
     final = cfg.output / cfg.name / "model"
