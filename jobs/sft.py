@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from video_llava.job_cli import run_job
 from video_llava.model.settings import MAX_FRAMES
@@ -45,12 +45,6 @@ class SFTConfig(TrainRunConfig):
     frame_counts: tuple[int, ...] = Field((), description="e.g. 4,8,16,32: each step draws one of these frame counts "
                                           "(seeded by step) and takes batch-size x frames / count records, so a model "
                                           "trained on few frames also answers with the 16-56 that serving samples")
-
-    @model_validator(mode="after")
-    def _fsdp_trains_the_full_model(self):
-        if self.strategy == "fsdp" and self.lora_rank:
-            raise ValueError("--strategy fsdp trains the full model; LoRA's trainable state is small: use --strategy ddp")
-        return self
 
     @field_validator("frame_counts", mode="before")
     @classmethod

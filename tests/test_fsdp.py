@@ -13,8 +13,8 @@ import torch
 
 from jobs.make_synthetic import SyntheticConfig
 from jobs.make_synthetic import main as make_synthetic
-from jobs.sft import SFTConfig
 from tests.test_sft import run_sft
+from video_llava.model.embedded import embedded_path
 
 pytestmark = pytest.mark.slow
 TWO_WORKERS = ("--num-workers", "2", "--cpus-per-worker", "1", "--batch-size", "1", "--grad-accum", "2")
@@ -61,6 +61,21 @@ def test_fsdp_follows_ddp_resumes_from_its_sharded_checkpoint_and_exports_a_load
         qa.close()
 
 
-def test_fsdp_with_lora_is_refused_with_the_reason(tmp_path):
-    with pytest.raises(ValueError, match="use --strategy ddp"):
-        SFTConfig(data=tmp_path, output=tmp_path, strategy="fsdp", lora_rank=8)
+def test_lora_under_fsdp_follows_lora_under_ddp_and_exports_the_merged_model(data, tmp_path, embedded_cache):
+    """LoRA adapters beside a sharded frozen base take DDP's steps, also after resuming from the sharded checkpoint
+    (fresh adapters, then the shards' weights); the final model is the base with the adapters merged in (a normal
+    checkpoint), the same weights as DDP's merged export."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    lora = (*TWO_WORKERS, "--lora-rank", "4", "--lr", "1e-2")
+    for strategy, steps in (("ddp", 4), ("fsdp", 2), ("fsdp", 4)):
+        run = run_sft(data, tmp_path / strategy, embedded_cache, steps, *lora, "--strategy", strategy)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "finished at step 4" in run.stdout
+    assert _losses(tmp_path / "fsdp" / "run") == pytest.approx(_losses(tmp_path / "ddp" / "run"), rel=1e-4, abs=1e-6)
+    a, b = (LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / s / "run" / "model").state_dict()
+            for s in ("fsdp", "ddp"))
+    assert a.keys() == b.keys() and not any("lora" in k for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    base = LlavaNextVideoForConditionalGeneration.from_pretrained(embedded_path()).state_dict()
+    assert any(not torch.equal(a[k], base[k]) for k in a if "q_proj" in k)  # the adapters were merged in

@@ -103,6 +103,8 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
                 source = state["base"]
                 model, processor = load_checkpoint(source)
                 freeze(model)
+                if lora_rank > 0:  # fresh adapters of the same shape: the shards hold their trained weights
+                    model = with_lora(model, None)
             elif lora_rank > 0:  # the frozen base the adapter was trained on, plus the adapter
                 source = state["base"]
                 model, processor = load_checkpoint(source)
@@ -276,7 +278,7 @@ def _report_sharded(metrics: dict[str, Any], model, processor, optimizer, base_s
         if rank == 0:
             torch.save({"step": metrics["step"], "base": base_source}, Path(tmp) / "trainer.pt")
             if weights is not None:
-                model.save_pretrained(Path(tmp) / "model", state_dict=weights)
+                sharding.save_full(model, weights, base_source, Path(tmp) / "model")
                 processor.save_pretrained(Path(tmp) / "model")
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 

@@ -1,7 +1,8 @@
 """Fully sharded data parallelism for the training jobs (``--strategy fsdp``): torch's FSDP2 (``fully_shard``), each
 decoder and encoder layer a unit, then the whole model, so a worker holds its share of the weights, gradients and
 optimizer state (a 7B full fine-tune: about 112 GB in float32 AdamW state, split across the workers) and gathers
-one layer's weights at a time.
+one layer's weights at a time. With LoRA the frozen base is sharded as well (the adapters beside it in each unit):
+what a 7B base frees per worker is its weights, not its small trainable state.
 
 Checkpoints while training are sharded (``torch.distributed.checkpoint``: each worker writes its own shard of the
 model and optimizer state, the first also the metadata; Ray Train puts every worker's files in one checkpoint
@@ -63,3 +64,22 @@ def full_state_dict(model: Any) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_full(model: Any, weights: dict, base_source: str, path: Path) -> None:
+    """The gathered ``weights`` as a normal transformers checkpoint at ``path``; a LoRA model's adapters merged into a
+    copy of its base built on the CPU (what ``--model PATH`` loads, as the DDP path's merged export)."""
+    if not hasattr(model, "peft_config"):
+        model.save_pretrained(path, state_dict=weights)
+        return
+    from peft import get_peft_model
+
+    from video_llava.model.loading import load_checkpoint
+
+    base, _ = load_checkpoint(base_source)
+    merged = get_peft_model(base, model.peft_config["default"])
+    missing, unexpected = merged.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"the gathered LoRA weights do not fit their base: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    merged.merge_and_unload().save_pretrained(path)
