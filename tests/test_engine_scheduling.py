@@ -399,3 +399,28 @@ def test_a_device_fault_fails_every_request_in_flight_and_the_health_check_then_
     finally:
         handle.remove()
         engine.close()
+
+
+def test_a_recomputed_rows_generated_placeholder_id_is_prefilled_as_text(embedded_model, frames):
+    """A preempted row is prefilled again from its prompt and the tokens it had generated; a generated token whose id
+    is a media placeholder's is text there (its plain embedding), not a slot for media features (which would not
+    match the features' count), and the prefix cut stays the prompt's."""
+    import torch
+
+    from video_llava.model.families.base import VIDEO
+
+    engine = Engine(embedded_model, max_running=2, prefix_cache_mb=16)
+    try:
+        prefiller = engine._prefiller
+        prepared = embedded_model.prepare(frames[:4], "What happens?", max_new_tokens=4)
+        placeholder = embedded_model.embedder.token_ids[VIDEO]
+        alone, recompute = prefiller.plan(prepared), prefiller.plan(prepared, then=[placeholder, 7])
+        assert recompute.cut == alone.cut > 0 and recompute.ids[-2:] == [placeholder, 7]
+        (features,) = prefiller.features_each([prepared])
+        task = prefiller.start(recompute, features)
+        assert task.embeds.shape[1] == len(recompute.ids)
+        plain = embedded_model.model.get_input_embeddings()(torch.tensor([placeholder, 7]))
+        assert torch.equal(task.embeds[0, -2:], plain)
+        assert torch.equal(task.embeds[0, :-2], prefiller.start(alone, features).embeds[0])
+    finally:
+        engine.close()

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 class Plan:
     """How an admitted request is prefilled: its prompt's ids and, if its prefix was seen before, that KV."""
 
-    ids: list[int]
+    ids: list[int]  # the prompt's, then (a preempted row's recompute) the tokens it had generated
+    prompt: int = 0  # how many of ``ids`` are the prompt's (its media features go only there)
     cut: int = 0  # positions of its cacheable prefix (up to its last visual token); 0: none
     key: str | None = None  # the prefix's key in the prefix cache
     prefix: BlockTable | None = None  # a table sharing the cached prefix's blocks (a hit), or None
@@ -101,10 +102,11 @@ class Prefiller:
     def plan(self, prepared: PreparedQuestion, fetch: bool = True, then: Sequence[int] = ()) -> Plan:
         """Its prompt's ids (and ``then``: tokens already generated, for a preempted row's recompute) and
         (``fetch``) the cached KV of its prefix, if any (raises if the prompt cannot be expanded)."""
-        ids = self.qa.embedder.prompt_ids(prepared) + list(then)
-        plan = Plan(ids)
+        prompt = self.qa.embedder.prompt_ids(prepared)
+        ids = prompt + list(then)  # a generated token that is a media placeholder's id is text here, not a medium
+        plan = Plan(ids, len(prompt))
         if self.prefix_cache.enabled:
-            cut = prefix_length(ids, self.qa.embedder.visual_token_ids)
+            cut = prefix_length(prompt, self.qa.embedder.visual_token_ids)
             if 0 < cut < len(ids):
                 plan.cut, plan.key = cut, self.prefix_cache.key(ids[:cut], media_keys(prepared))
                 if fetch:
@@ -157,7 +159,10 @@ class Prefiller:
             embeds = self.forward.embed(torch.tensor([plan.ids[plan.cut:]], device=self.forward.model.device))
             table, plan.prefix = plan.prefix, None  # the task holds its blocks now
             return PrefillTask(plan.ids, embeds, plan.cut, table, cached=True, prefix_hit=True)
-        embeds = self.qa.embedder.splice([plan.ids], [features])
+        embeds = self.qa.embedder.splice([plan.ids[:plan.prompt]], [features])
+        if plan.prompt < len(plan.ids):  # generated tokens: plain embeddings (an id like a placeholder's included)
+            tail = self.forward.embed(torch.tensor([plan.ids[plan.prompt:]], device=self.forward.model.device))
+            embeds = torch.cat([embeds, tail], dim=1)
         return PrefillTask(plan.ids, embeds, 0, BlockTable(), cached=features.cached, vision_s=features.vision_s,
                            key=plan.key, cut=plan.cut)
 
