@@ -424,3 +424,27 @@ def test_a_recomputed_rows_generated_placeholder_id_is_prefilled_as_text(embedde
         assert torch.equal(task.embeds[0, :-2], prefiller.start(alone, features).embeds[0])
     finally:
         engine.close()
+
+
+def test_questions_about_cached_media_are_admitted_by_the_blocks_they_add_not_their_whole_prompt(embedded_model):
+    """Two questions about a 16-frame video whose prefix is cached: each adds a few text positions to the shared
+    prefix blocks, so both are admitted together (queued together, they meet one admission) in a pool that could not
+    hold both prompts whole (as vLLM counts a prefix-cache hit); the answers are those of an ample pool."""
+    video = render_frames(SAMPLE_SHAPES, num_frames=16, width=WIDTH, height=HEIGHT)
+    prepared = [embedded_model.prepare(video, q, max_new_tokens=8) for q in
+                ("What happens?", "What color is the circle?", "Which way does it move?")]
+    prompt = prepared[0].prompt_tokens + prepared[0].visual_tokens
+    positions = []
+    for max_tokens in (None, prompt + 16):  # ample; then one whole prompt beside the prefix cache's 2 MB
+        engine = Engine(embedded_model, max_running=4, max_tokens=max_tokens, prefix_cache_mb=2)
+        try:
+            first = engine.generate(prepared[:1], SamplingParams(8))  # its prefix is cached
+            room = engine._kv_room()
+            answers = [a.text for a in first + engine.generate(prepared[1:], SamplingParams(8))]
+            positions.append((answers, engine.describe(), room))
+        finally:
+            engine.close()
+    (expected, _, _), (answers, described, room) = positions
+    assert room < 2 * prompt  # the two prompts whole do not fit beside the cached prefix
+    assert answers == expected
+    assert described["most_running_in_a_step"] == 2 and described["prefix_hits"] == 2 and described["preempted"] == 0

@@ -137,7 +137,7 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_bytes, self.kv)
         self._prefiller = Prefiller(qa, self._forward, self.prefix_cache, self.kv)
         self._scheduler = Scheduler(Budgets(max_running, max_num_batched_tokens, max_num_vision_frames,
-                                            max_bypass), self._kv_room)
+                                            max_bypass), self._kv_room, self._positions_needed)
         self._waiting = self._scheduler.waiting  # in the order they are taken; read by the preprocessing thread
         # admitted (or preempted), their vision pass or prompt still running
         self._prefilling = Prefills(qa, self._prefiller, self._scheduler, self.kv, self._failed, self._room_for)
@@ -379,6 +379,22 @@ class Engine:
         less a block per running row (each may need a new one at the next step)."""
         promised = self._prefilling.pending
         return self.kv.free_positions - promised - len(self._running) * self.kv.block_size
+
+    def _positions_needed(self, request: Request) -> int:
+        """KV positions ``request``'s prefill takes from the pool: its prompt's, less the whole blocks of a cached
+        prefix it will share, as vLLM counts only what a cache hit does not give. Its plan (prompt ids, prefix key) is
+        made here if it was not made ahead, and kept for its prefill."""
+        if not self.prefix_cache.enabled:
+            return request.prompt_positions
+        plan = request.ahead.plan
+        if plan is None:
+            try:
+                plan = request.ahead.plan = self._prefiller.plan(request.prepared, fetch=False)
+            except Exception:  # its prompt cannot be expanded: its prefill says so, and it fails alone
+                return request.prompt_positions
+        if plan.key is None or not self.prefix_cache.holds(plan.key):
+            return request.prompt_positions
+        return request.prompt_positions - plan.cut // self.kv.block_size * self.kv.block_size
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, row in enumerate(self._running) if row.request.cancelled]

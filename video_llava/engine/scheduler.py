@@ -51,9 +51,11 @@ class Scheduler:
     """The waiting requests in order, and the admission rule. ``kv_room()``: KV positions the pool can still give
     that no admitted request is promised."""
 
-    def __init__(self, budgets: Budgets, kv_room: Callable[[], int]):
+    def __init__(self, budgets: Budgets, kv_room: Callable[[], int],
+                 positions: Callable[[Any], int] = lambda request: request.prompt_positions):
         self.budgets = budgets
         self.kv_room = kv_room
+        self.positions = positions  # KV positions a request's prefill takes from the pool (a cached prefix's not)
         self.waiting: list[Any] = []  # in the order they are taken: (priority, arrival)
 
     def add(self, request: Schedulable) -> None:
@@ -73,7 +75,8 @@ class Scheduler:
                 continue
             if not ready(request):
                 break  # its media are being made: it keeps its place (the batch decodes meanwhile)
-            fits = not rows or (rows + request.rows <= b.max_running and request.prompt_positions <= room)
+            needs = self.positions(request)
+            fits = not rows or (rows + request.rows <= b.max_running and needs <= room)
             if not fits:
                 passed.append(request)
                 if request.bypassed >= b.max_bypass:
@@ -83,7 +86,7 @@ class Scheduler:
                 earlier.bypassed += 1
             self.waiting.remove(request)
             admitted.append(request)
-            rows, room = rows + request.rows, room - request.prompt_positions
+            rows, room = rows + request.rows, room - needs
             if any(earlier.bypassed >= b.max_bypass for earlier in passed):
                 break
         return admitted, cancelled
