@@ -43,6 +43,43 @@ def test_caption_judge_grades_answers_against_the_reference_and_the_caption(cand
     assert verdict.reason
 
 
+CAPTION_ZH = "视频中有两个形状：一个红色的圆向右移动，一个蓝色的方块向下移动。"
+
+
+@pytest.mark.parametrize(
+    "candidate, expected",
+    [
+        ("红色", 5),
+        ("圆是红色的。", 5),
+        ("红色和紫色", 4),  # right, plus a colour the caption does not show
+        ("蓝色", 2),  # wrong, but blue is in the video
+        ("绿色", 1),  # wrong and not in the video
+        ("", 1),
+    ],
+)
+def test_caption_judge_grades_chinese_answers_character_by_character(candidate, expected):
+    """Chinese is written without spaces: its characters are its words (before, a Chinese answer had no words and
+    scored 1, "empty", whatever it said)."""
+    assert CaptionJudge().judge(CAPTION_ZH, "圆是什么颜色？", "红色", candidate).score == expected
+
+
+@pytest.mark.parametrize(
+    "answer, reference, correct",
+    [
+        ("是红色的", "红色", True),
+        ("绿色", "红色", False),  # before: every answer passed a reference with no [a-z0-9] in it
+        ("Круг красный.", "красный", True),
+        ("синий", "красный", False),
+        ("ＲＥＤ", "red", True),  # full-width letters are the same letters
+        ("anything", "？", False),  # a reference with no words matches nothing
+    ],
+)
+def test_is_correct_reads_every_script(answer, reference, correct):
+    from video_llava.feedback.scoring import is_correct
+
+    assert is_correct(answer, reference, "open") is correct
+
+
 def test_caption_judge_gives_partial_credit_for_part_of_a_multi_word_answer():
     verdict = CaptionJudge().judge(CAPTION, "What moves right?", "red circle", "a red one")
     assert verdict.score == 3

@@ -24,6 +24,8 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from video_llava.feedback.words import words
+
 JUDGE_SYSTEM = (
     "You judge answers to questions about a video. You cannot see the video; a detailed caption of it is your "
     "evidence. Score the candidate answer for relevance to the question, accuracy against the caption and the "
@@ -36,7 +38,7 @@ FILLER = set(
     "a an the is are was were be it its this that there these those of in on at to from with and or as by "
     "i think answer video shows shown object objects shape shapes color colour moving moves move toward "
     "towards frame frames scene background light one".split()
-)
+) | set("的 是 了 在 有 一 个 这 那 和 与 它 吗 呢 吧 啊 视 频 中 颜 色".split())  # Chinese: function characters, "video", "colour"
 
 
 class JudgeError(RuntimeError):
@@ -54,7 +56,7 @@ class Judge(Protocol):
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+    return words(text)
 
 
 class CaptionJudge:

@@ -3,21 +3,23 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
+
+from video_llava.feedback.words import words
 
 
 def is_correct(answer: str, reference: str, qa_type: str) -> bool:
     """Whether ``answer`` says ``reference``: for the synthetic question types, the first possible answer of the
-    type it names is the reference ("red, not blue" counts as red); otherwise every word of the reference appears."""
+    type it names is the reference ("red, not blue" counts as red); otherwise every word of the reference appears (in any script: ``words``)."""
     from video_llava.data.synthetic_qa import QA_TYPES, answer_choices
 
-    words = re.findall(r"[a-z0-9]+", answer.lower())
+    said = words(answer)
     if qa_type in QA_TYPES:
         choices = set(answer_choices(qa_type))
-        named = next((w for w in words if w in choices), None)
+        named = next((w for w in said if w in choices), None)
         return named == reference.lower()
-    return all(w in words for w in re.findall(r"[a-z0-9]+", reference.lower()))
+    wanted = words(reference)
+    return bool(wanted) and all(w in said for w in wanted)  # a reference with no words is never matched
 
 
 def score(rows: list[dict]) -> dict:
