@@ -23,44 +23,28 @@ from video_llava.feedback.steps import pick_pair
 
 CAPTION = "The video shows two shapes on a light background: a red circle moving right and a blue square moving down."
 QUESTION = "What color is the circle?"
+CAPTION_ZH = "视频中有两个形状：一个红色的圆向右移动，一个蓝色的方块向下移动。"
+EN = (CAPTION, QUESTION, "red")
+ZH = (CAPTION_ZH, "圆是什么颜色？", "红色")  # Chinese: its characters are its words (it was scored as no words)
 
 
 @pytest.mark.parametrize(
-    "candidate, expected",
+    "asked, candidate, expected",
     [
-        ("red", 5),
-        ("The circle is red.", 5),
-        ("red and purple", 4),  # right, plus a claim the caption does not support
-        ("blue", 2),  # wrong, but blue is in the video
-        ("green", 1),  # wrong and not in the video
-        ("circle", 1),  # repeats the question
-        ("", 1),
+        (EN, "red", 5), (ZH, "红色", 5),
+        (EN, "The circle is red.", 5), (ZH, "圆是红色的。", 5),
+        (EN, "red and purple", 4), (ZH, "红色和紫色", 4),  # right, plus a claim the caption does not support
+        (EN, "blue", 2), (ZH, "蓝色", 2),  # wrong, but blue is in the video
+        (EN, "green", 1), (ZH, "绿色", 1),  # wrong and not in the video
+        (EN, "circle", 1),  # repeats the question
+        (EN, "", 1), (ZH, "", 1),
     ],
 )
-def test_caption_judge_grades_answers_against_the_reference_and_the_caption(candidate, expected):
-    verdict = CaptionJudge().judge(CAPTION, QUESTION, "red", candidate)
+def test_caption_judge_grades_answers_against_the_reference_and_the_caption(asked, candidate, expected):
+    caption, question, reference = asked
+    verdict = CaptionJudge().judge(caption, question, reference, candidate)
     assert verdict.score == expected
     assert verdict.reason
-
-
-CAPTION_ZH = "视频中有两个形状：一个红色的圆向右移动，一个蓝色的方块向下移动。"
-
-
-@pytest.mark.parametrize(
-    "candidate, expected",
-    [
-        ("红色", 5),
-        ("圆是红色的。", 5),
-        ("红色和紫色", 4),  # right, plus a colour the caption does not show
-        ("蓝色", 2),  # wrong, but blue is in the video
-        ("绿色", 1),  # wrong and not in the video
-        ("", 1),
-    ],
-)
-def test_caption_judge_grades_chinese_answers_character_by_character(candidate, expected):
-    """Chinese is written without spaces: its characters are its words (before, a Chinese answer had no words and
-    scored 1, "empty", whatever it said)."""
-    assert CaptionJudge().judge(CAPTION_ZH, "圆是什么颜色？", "红色", candidate).score == expected
 
 
 @pytest.mark.parametrize(
