@@ -67,11 +67,11 @@ def test_lora_under_fsdp_follows_lora_under_ddp_and_exports_the_merged_model(dat
     checkpoint), the same weights as DDP's merged export."""
     from transformers import LlavaNextVideoForConditionalGeneration
 
-    lora = (*TWO_WORKERS, "--lora-rank", "4", "--lr", "1e-2")
-    for strategy, steps in (("ddp", 4), ("fsdp", 2), ("fsdp", 4)):
+    lora = (*TWO_WORKERS, "--lora-rank", "4", "--lr", "1e-2")  # a checkpoint at the last step of each run
+    for strategy, steps in (("ddp", 2), ("fsdp", 1), ("fsdp", 2)):
         run = run_sft(data, tmp_path / strategy, embedded_cache, steps, *lora, "--strategy", strategy)
         assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    assert "finished at step 4" in run.stdout
+    assert "finished at step 2" in run.stdout and len(_losses(tmp_path / "fsdp" / "run")) == 2
     assert _losses(tmp_path / "fsdp" / "run") == pytest.approx(_losses(tmp_path / "ddp" / "run"), rel=1e-4, abs=1e-6)
     a, b = (LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / s / "run" / "model").state_dict()
             for s in ("fsdp", "ddp"))

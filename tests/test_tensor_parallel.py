@@ -124,6 +124,9 @@ def test_a_model_too_big_for_the_devices_asked_for_is_refused_before_loading_nam
         "many GPUs)")
     with pytest.raises(PlacementError, match="must divide the model's 4 attention heads and 2 KV heads"):
         VideoQAModel(settings(path, ranks=4))  # refused before any rank starts: no Ray here
+    fits = VideoQAModel(settings(path, device_memory_gb=1.0))  # checked, then loaded as without the check
+    assert fits.answer([FRAMES[0]], ["Describe it."], max_new_tokens=3)[0].text == \
+        VideoQAModel(settings(path)).answer([FRAMES[0]], ["Describe it."], max_new_tokens=3)[0].text
     main([str(path), "--dtype", "float32", "--device-memory-gb", str(0.8 / 1024)])  # sizing a cluster beforehand
     assert capsys.readouterr().out.splitlines()[1:] == ["  tensor_parallel_size 1: 0.79 MiB per device, does not fit",
                                                          "  tensor_parallel_size 2: 0.58 MiB per device, fits"]
@@ -135,6 +138,7 @@ def test_every_step_layout_but_compiled_runs_over_two_ranks(cluster, tiny_checkp
     import torch
 
     from video_llava.engine import Engine
+    from video_llava.engine.budget import chunk_forward
     from video_llava.engine.params import SamplingParams
     from video_llava.model.qa_model import VideoQAModel
 
@@ -149,9 +153,9 @@ def test_every_step_layout_but_compiled_runs_over_two_ranks(cluster, tiny_checkp
             tokens[name] = [a.text for a in engine.generate(prepared, SamplingParams(6))]
             engine.close()
         assert tokens["static"] == tokens["dynamic"] and tokens["flex"] == tokens["dynamic"]
-        others = two.shards.profile(64)
+        others = two.shards.profile(64)  # what budget.step_bytes runs on a GPU, every rank at once
         with torch.inference_mode():
-            two.model(inputs_embeds=torch.zeros(1, 64, 64), logits_to_keep=1, use_cache=False)
+            chunk_forward(two.model, 64)
         two.shards.wait(others)
     finally:
         two.close(ranks=True)

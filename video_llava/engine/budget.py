@@ -56,20 +56,27 @@ def step_bytes(qa: Any, tokens: int, frames: int) -> int:
     model = qa.model
     if model.device.type != "cuda":
         return estimated_step_bytes(model, tokens, frames)
-    hidden = model.config.get_text_config().hidden_size
     torch.cuda.synchronize(model.device)
     torch.cuda.reset_peak_memory_stats(model.device)
     before = torch.cuda.memory_allocated(model.device)
     shards = getattr(qa, "shards", None)  # a model over several devices: every rank runs the chunk (collectives)
     others = shards.profile(tokens) if shards is not None else []
     with torch.inference_mode():
-        model(inputs_embeds=torch.zeros(1, tokens, hidden, dtype=model.dtype, device=model.device), logits_to_keep=1,
-              use_cache=False)
+        chunk_forward(model, tokens)
         if shards is not None:
             shards.wait(others)
         _vision_pass(qa, frames)  # rank 0's alone
     torch.cuda.synchronize(model.device)
     return int(torch.cuda.max_memory_allocated(model.device) - before)
+
+
+def chunk_forward(model: Any, tokens: int) -> None:
+    """A prompt chunk of ``tokens`` zero embeddings through ``model``, no cache (the profile run's forward)."""
+    import torch
+
+    hidden = model.config.get_text_config().hidden_size
+    model(inputs_embeds=torch.zeros(1, tokens, hidden, dtype=model.dtype, device=model.device), logits_to_keep=1,
+          use_cache=False)
 
 
 def _vision_pass(qa: Any, frames: int) -> None:

@@ -114,10 +114,10 @@ class ModelShard:
         """Rank 0's profile run (``budget.step_bytes``): a prompt chunk of ``tokens`` zeros, no cache."""
         import torch
 
-        hidden = self.model.config.get_text_config().hidden_size
+        from video_llava.engine.budget import chunk_forward
+
         with torch.inference_mode():
-            self.model(inputs_embeds=torch.zeros(1, tokens, hidden, dtype=self.model.dtype, device=self.model.device),
-                       logits_to_keep=1, use_cache=False)
+            chunk_forward(self.model, tokens)
 
     def drop(self) -> None:
         if self.kv is not None:
@@ -125,9 +125,6 @@ class ModelShard:
 
     def ping(self) -> int:
         return self.rank
-
-    def close(self) -> None:
-        leave_group()
 
 
 class ShardGroup:

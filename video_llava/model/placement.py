@@ -31,7 +31,7 @@ def weight_bytes(model_class: type, config: Any, dtype: Any) -> WeightBytes:
     import torch
 
     with torch.device("meta"):
-        model = model_class._from_config(config, dtype=dtype)
+        model = model_class._from_config(config)  # parameters only: their count, not their dtype, is read
     sharded = replicated = 0
     for name, param in model.named_parameters():
         size = param.numel() * dtype.itemsize
@@ -86,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     divides the model's heads, and whether they fit a device of ``--device-memory-gb`` (an 80 GB GPU by default)."""
     import argparse
 
-    from video_llava.model.loading import resolve_config, resolve_runtime, resolve_source
-    from video_llava.model.settings import ModelSettings
+    import torch
+    from transformers import AutoConfig
+
+    from video_llava.model.embedded import embedded_path
+    from video_llava.model.families import family_of
 
     parser = argparse.ArgumentParser(prog="python -m video_llava.model.placement", description=main.__doc__)
     parser.add_argument("model", help="a hub id (its config cached or reachable) or a checkpoint directory")
@@ -95,11 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-memory-gb", type=float, default=79.2, help="one device's memory in GiB (79.2: an "
                         "80 GB H100 as torch reports it)")
     args = parser.parse_args(argv)
-    settings = ModelSettings(model=args.model, dtype=args.dtype, device="cpu")
-    resolved = resolve_config(settings, resolve_source(settings))
-    dtype = resolve_runtime("cpu", args.dtype).dtype
-    weights = weight_bytes(resolved.family.model_class(), resolved.config, dtype)
-    text = resolved.config.get_text_config()
+    source = str(embedded_path()) if args.model == "embedded" else args.model
+    config = AutoConfig.from_pretrained(source)
+    weights = weight_bytes(family_of(config, source).model_class(), config, getattr(torch, args.dtype))
+    text = config.get_text_config()
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     memory = int(args.device_memory_gb * 2**30)
     print(f"{args.model}: {size(weights.sharded + weights.replicated)} of {args.dtype} weights "
