@@ -99,7 +99,11 @@ def test_a_rank_that_dies_fails_the_health_check_and_the_next_request_at_once(cl
         two.engine.check_health()
         with pytest.raises(ValueError, match="tensor_parallel_size > 1"):  # the one-process reference would hang
             two.generate([two.prepare(FRAMES[0], "Describe it.")])
-        ray.kill(two.shards.workers[0])
+        rank = two.shards.workers[0]
+        ray.kill(rank)  # asynchronous: the rank is gone once a call to it fails
+        with pytest.raises(ray.exceptions.RayActorError):
+            while True:
+                ray.get(rank.ping.remote(), timeout=60)
         with pytest.raises(ShardFault, match="does not answer"):
             two.engine.check_health()
         with pytest.raises(ShardFault):  # the collective meets a closed connection: no wait for a timeout
