@@ -85,9 +85,47 @@ def start_local_ray(num_cpus: int = 2, log_to_driver: bool = False, **options) -
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # a short path: Ray's socket paths have a length limit
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
-             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"), **options)
+    for attempt in (1, 2):
+        temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # a short path: Ray's socket paths have a length limit
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, _temp_dir=temp_dir,
+                     **options)
+            return
+        except Exception as exc:
+            # Ray gives its raylet 30 s to register and then gives up, leaving the processes it started running
+            # (seen once on a loaded CI machine): they are stopped, what the raylet logged is shown, and Ray is
+            # started once more in a temp dir of its own.
+            if "timed out during startup" not in str(exc):
+                raise
+            tail = _log_tails(temp_dir)
+            _stop_processes_of(temp_dir)
+            if attempt == 2:
+                raise RuntimeError(f"Ray did not start twice: {exc}\n{tail}") from exc
+            print(f"Ray did not start ({exc}); starting it again. What it logged:\n{tail}", file=sys.stderr)
+
+
+def _log_tails(temp_dir: str, lines: int = 15) -> str:
+    """The last ``lines`` lines of the raylet's and the GCS's logs under ``temp_dir``."""
+    from pathlib import Path
+
+    tails = []
+    for path in sorted(Path(temp_dir).glob("session_*/logs/*")):
+        if path.name.startswith(("raylet.", "gcs_server.")) and path.suffix in (".out", ".err") and path.is_file():
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"--- {path.name}\n" + "\n".join(text))
+    return "\n".join(tails) or "(no raylet or GCS log)"
+
+
+def _stop_processes_of(temp_dir: str) -> None:
+    """Kill the processes whose command line names ``temp_dir`` (those a failed start left: ours alone)."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in process.info["cmdline"] or ()):
+                process.kill()
+        except psutil.Error:
+            pass
 
 
 def model_actor_pool(size: int, batches_in_flight: int) -> Any:
