@@ -9,7 +9,8 @@ projector + LLM trained (or, with ``--lora-rank N``, PEFT LoRA adapters on the L
 plus the projector); DDP over ``--num-workers`` workers (1 CPU worker here, N GPUs on a cluster), or with
 ``--strategy fsdp`` FSDP2 (weights, gradients and optimizer state sharded across the workers, sharded checkpoints);
 ``--precision bf16``, ``--gradient-checkpointing`` and ``--grad-accum N`` (N micro-batches of ``--batch-size`` a
-step) for large models. Checkpoints every ``--checkpoint-every`` steps under
+step) for large models; ``--warmup-ratio``, ``--lr-schedule linear|cosine`` (or ``--decay-from``), ``--max-grad-norm``
+and ``--weight-decay`` as in transformers' Trainer. Checkpoints every ``--checkpoint-every`` steps under
 ``<output>/<name>``; rerunning with the same ``--output``/``--name`` resumes from the latest one. The final
 model is saved with ``save_pretrained`` to ``<output>/<name>/model``; ``<output>/<name>/metrics.jsonl`` logs
 step and loss as training goes. ``--frame-counts 4,8,16,32`` varies the frames per step (at a constant
@@ -35,13 +36,10 @@ class SFTConfig(TrainRunConfig):
     model: str = Field("embedded", description="starting checkpoint: a directory, a hub id, 'embedded' or 'embedded-init'")
     max_steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)
-    lr: float = Field(1e-3, gt=0)
     train_vision_tower: bool = Field(False, description="also train the vision tower (LLaVA's recipes keep it frozen; "
                                      "training the embedded model's small random tower erases the shape information "
                                      "its features carry: docs/embedded-default.md)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the LLM's attention projections (PEFT); 0 trains the full LLM")
-    decay_from: int | None = Field(None, ge=0, description="hold --lr until this step, then decay it linearly towards 0 at "
-                                   "--max-steps (warmup-stable-decay); unset keeps it constant")
     frame_counts: tuple[int, ...] = Field((), description="e.g. 4,8,16,32: each step draws one of these frame counts "
                                           "(seeded by step) and takes batch-size x frames / count records, so a model "
                                           "trained on few frames also answers with the 16-56 that serving samples")
@@ -57,12 +55,6 @@ class SFTConfig(TrainRunConfig):
         if any(not 1 <= n <= MAX_FRAMES for n in value):
             raise ValueError(f"frame counts must be 1-{MAX_FRAMES}, got {value}")
         return value
-
-    def lr_at(self, step: int) -> float:
-        """The learning rate of ``step`` (a function of the step alone, so a resumed run follows the same curve)."""
-        if self.decay_from is None or step <= self.decay_from:
-            return self.lr
-        return self.lr * max(0.0, (self.max_steps - step + 1) / (self.max_steps - self.decay_from + 1))
 
     def step_shape(self, step: int) -> tuple[int, int]:
         """(frames, batch size) of a step: ``frames``/``batch_size``, or a seeded draw from ``frame_counts`` (the
@@ -85,7 +77,7 @@ def train_loop(config: dict) -> None:
     from video_llava.train.step import chunks
 
     cfg = SFTConfig.model_validate(config)
-    run = start_worker(cfg, cfg.model, cfg.lr, lora_rank=cfg.lora_rank, freeze_vision=not cfg.train_vision_tower)
+    run = start_worker(cfg, cfg.model, lora_rank=cfg.lora_rank, freeze_vision=not cfg.train_vision_tower)
     records = worker_rows()
     make_example = ExampleMaker(run.processor, cfg.frames)
 
@@ -105,10 +97,8 @@ def train_loop(config: dict) -> None:
         parts = [collate([example(r, frames) for r in part], run.processor.tokenizer.pad_token_id)
                  for part in chunks(drawn, batch_size)]
         tokens = [answer_tokens(part) for part in parts]  # each micro-batch weighs as its share of answer tokens
-        for group in run.optimizer.param_groups:
-            group["lr"] = cfg.lr_at(step)
-        loss = run.step([(part, n / sum(tokens)) for part, n in zip(parts, tokens)], loss_of, cfg.precision)
-        metrics = {"step": step, "loss": loss, "frames": frames, "lr": cfg.lr_at(step)}
+        done = run.step(step, cfg.max_steps, [(part, n / sum(tokens)) for part, n in zip(parts, tokens)], loss_of)
+        metrics = {"step": step, "loss": done.loss, "frames": frames, "lr": done.lr, "grad_norm": done.grad_norm}
         run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == cfg.max_steps, total_steps=cfg.max_steps,
                      samples=len(drawn))
 

@@ -61,8 +61,24 @@ def test_frame_counts_are_drawn_per_step_and_keep_the_frames_per_step():
 
 def test_the_learning_rate_holds_then_decays_linearly_to_zero_at_the_last_step():
     cfg = SFTConfig(data="d", output="o", lr=1e-3, max_steps=10, decay_from=6)
-    assert [round(cfg.lr_at(step) / 1e-3, 2) for step in range(1, 11)] == [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2]
-    assert SFTConfig(data="d", output="o", lr=1e-3, max_steps=10).lr_at(10) == 1e-3  # constant without decay_from
+    assert [round(cfg.lr_at(step, 10) / 1e-3, 2) for step in range(1, 11)] == [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2]
+    assert SFTConfig(data="d", output="o", lr=1e-3, max_steps=10).lr_at(10, 10) == 1e-3  # constant without decay_from
+
+
+def test_warmup_rises_to_the_peak_then_linear_or_cosine_decay_fall_to_just_above_zero():
+    import math
+
+    linear = SFTConfig(data="d", output="o", lr=1e-3, warmup_ratio=0.2, lr_schedule="linear")
+    assert linear.warmup_steps(10) == 2
+    assert [round(linear.lr_at(step, 10) / 1e-3, 3) for step in range(1, 11)] == [
+        0.5, 1, 0.889, 0.778, 0.667, 0.556, 0.444, 0.333, 0.222, 0.111]
+    cosine = SFTConfig(data="d", output="o", lr=1e-3, warmup_ratio=0.2, lr_schedule="cosine")
+    factors = [cosine.lr_at(step, 10) / 1e-3 for step in range(1, 11)]
+    assert factors[:2] == [0.5, 1.0] and factors[2] == pytest.approx(0.5 * (1 + math.cos(math.pi / 9)))
+    assert all(a > b for a, b in zip(factors[1:], factors[2:])) and 0 < factors[-1] < 0.05
+    assert SFTConfig(data="d", output="o", lr_schedule="cosine", decay_from=6).lr_at(6, 10) == 1e-3  # held until 6
+    with pytest.raises(ValueError):
+        SFTConfig(data="d", output="o", warmup_ratio=1.0)
 
 
 def test_a_resumed_run_drops_the_logged_steps_it_trains_again(tmp_path):

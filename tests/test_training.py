@@ -84,6 +84,45 @@ def test_dpo_loss_is_log_two_at_the_start_and_falls_as_the_margin_grows():
     assert better.item() < loss.item() and acc.mean().item() == 1.0
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_conservative_and_robust_dpo_are_log_two_at_an_even_margin_and_weigh_label_noise(smoothing):
+    import torch
+
+    from video_llava.train.objectives import preference_losses
+
+    even, wide = torch.zeros(1), torch.tensor([20.0])
+    for loss_type in ("sigmoid", "robust"):
+        assert preference_losses(even, 0.1, loss_type, smoothing).item() == pytest.approx(np.log(2))
+    # conservative DPO with smoothing e: a pair won by a wide margin still costs e x its loss were the label wrong
+    conservative = preference_losses(wide, 0.1, "sigmoid", smoothing).item()
+    assert conservative == pytest.approx(-(1 - smoothing) * np.log(1 / (1 + np.exp(-2))) -
+                                         smoothing * np.log(1 / (1 + np.exp(2))), rel=1e-5)
+    robust = preference_losses(wide, 0.1, "robust", smoothing).item()
+    assert (robust < conservative) if smoothing else robust == pytest.approx(conservative)
+
+
+def test_ipo_pulls_the_per_token_margin_to_one_over_two_beta_and_rpo_adds_the_chosen_answers_nll():
+    import torch
+
+    from video_llava.train.objectives import PairScores, PreferenceObjective, preference_losses
+
+    assert preference_losses(torch.tensor([5.0]), 0.1, "ipo").item() == 0  # 1 / (2 x 0.1)
+    assert preference_losses(torch.tensor([7.0]), 0.1, "ipo").item() == pytest.approx(4.0)
+    # two pairs, chosen answers of 2 and 4 tokens, rejected of 1 and 5: IPO takes per-token means
+    scores = PairScores(policy=torch.tensor([[-2.0, -3.0], [-4.0, -10.0]]),
+                        reference=torch.tensor([[-4.0, -2.0], [-8.0, -5.0]]), lengths=torch.tensor([[2, 1], [4, 5]]))
+    loss, figures = PreferenceObjective(beta=0.1, loss_type="ipo")(scores)
+    margins = torch.tensor([(-1 + 2) - (-3 + 2), (-1 + 2) - (-2 + 1)], dtype=torch.float32)  # per-token: (pi_c - ref_c) - (pi_r - ref_r)
+    assert loss.item() == pytest.approx(float(((margins - 5) ** 2).mean()))
+    assert figures["rewards/chosen"].tolist() == pytest.approx([0.1, 0.1])
+    assert figures["logps/chosen"].tolist() == [-1.0, -1.0] and "nll_loss" not in figures
+    plain, _ = PreferenceObjective(beta=0.1)(scores)
+    rpo, figures = PreferenceObjective(beta=0.1, rpo_alpha=0.5)(scores)
+    assert figures["nll_loss"].tolist() == [1.0, 1.0]  # the chosen answers' per-token NLL: 2/2 and 4/4
+    assert rpo.item() == pytest.approx(plain.item() + 0.5)
+    assert figures["logps/chosen"].tolist() == [-2.0, -4.0] and figures["loss"].shape == (2,)
+
+
 def test_records_may_name_their_media_by_s3_uri(tmp_path, monkeypatch):
     import io
 

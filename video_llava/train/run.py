@@ -8,6 +8,7 @@ adapter, so a resumed run continues the same low-rank weights).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -16,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from video_llava.model.settings import MAX_FRAMES
-from video_llava.train.step import Precision
+from video_llava.train.schedule import Schedule, lr_factor
+from video_llava.train.step import Precision, StepResult
+from video_llava.train.tracking import Tracker
 
 Strategy = Literal["ddp", "fsdp"]
 
@@ -51,6 +54,42 @@ class TrainRunConfig(BaseModel):
     strategy: Strategy = Field("ddp", description="ddp: every worker holds the whole model, its gradients and "
                                "optimizer state; fsdp: FSDP2 shards them across the workers (each transformer block "
                                "a unit), with sharded checkpoints: what a 7B full fine-tune needs")
+    lr: float = Field(1e-3, gt=0, description="the peak learning rate")
+    lr_schedule: Schedule = Field("constant", description="after the warmup: constant, or a linear or cosine decay "
+                                  "to about 0 at the last step")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="the share of the steps over which the learning rate "
+                                "rises linearly from lr/warmup-steps to lr")
+    decay_from: int | None = Field(None, ge=0, description="hold --lr until this step, then decay it (linearly "
+                                   "unless --lr-schedule says cosine) towards 0 at the last step: warmup-stable-decay")
+    max_grad_norm: float = Field(0.0, ge=0, description="clip the gradients' global norm to this before each step "
+                                 "(0: no clipping); metrics.jsonl logs the norm before clipping")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay, on every trained parameter")
+    report_to: tuple[Tracker, ...] = Field(("tensorboard",), description="where metrics go besides metrics.jsonl: "
+                                           "tensorboard (event files under <output>/<name>/tensorboard), mlflow "
+                                           "(MLFLOW_TRACKING_URI), wandb (WANDB_API_KEY, WANDB_PROJECT), comma-separated; "
+                                           "none for none")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value):
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decay_from_decays(cls, data):
+        """``--decay-from`` alone decays linearly (what it did before schedules could be named)."""
+        if isinstance(data, dict) and data.get("decay_from") is not None and "lr_schedule" not in data:
+            data = {**data, "lr_schedule": "linear"}
+        return data
+
+    def warmup_steps(self, total: int) -> int:
+        return math.ceil(self.warmup_ratio * total)
+
+    def lr_at(self, step: int, total: int) -> float:
+        """The learning rate of ``step`` of ``total`` (``schedule.lr_factor``)."""
+        return self.lr * lr_factor(step, total, self.warmup_steps(total), self.lr_schedule, self.decay_from)
 
 
 def setup_worker(cfg: TrainRunConfig) -> None:
@@ -122,7 +161,7 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
 
 
 def prepare_training(model, state: dict | None, lr: float, gradient_checkpointing: bool = False,
-                     strategy: Strategy = "ddp"):
+                     strategy: Strategy = "ddp", weight_decay: float = 0.01):
     """(DDP-ready or FSDP-sharded model, AdamW over its trainable parameters, first step): restores the optimizer
     (and, sharded, the model) when resuming."""
     import ray.train
@@ -139,7 +178,7 @@ def prepare_training(model, state: dict | None, lr: float, gradient_checkpointin
     else:
         # a part the batch did not use (LLaVA-NeXT's image_newline in a video batch) has no gradient on that worker
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     if state is not None and "sharded" in state:
         sharding.load_sharded(model, optimizer, state["sharded"])
         shutil.rmtree(state["sharded"], ignore_errors=True)
@@ -152,23 +191,33 @@ class MetricsLog:
     """``<output>/<name>/metrics.jsonl``: one JSON line per step (rank 0), readable while the job runs. A run resumed
     from ``start_step`` drops the lines of steps after it (they are trained again), so the log reads as one run."""
 
-    def __init__(self, path: Path, rank: int, start_step: int = 0):
+    def __init__(self, path: Path, rank: int, start_step: int = 0, report_to: tuple[str, ...] = (),
+                 config: dict[str, Any] | None = None):
+        from video_llava.train.tracking import Trackers
+
         self.path, self.rank, self.start = path, rank, time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
         if rank == 0 and path.exists():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
             path.write_text("".join(line + "\n" for line in kept))
+        self.trackers = Trackers(path.parent, path.parent.name, report_to, rank, start_step, config)
 
     def write(self, metrics: dict[str, Any]) -> None:
+        """One line of ``metrics`` (with its ``step``), also to the trackers ``--report-to`` named."""
         if self.rank == 0:
             with open(self.path, "a") as log:
                 log.write(json.dumps({**metrics, "elapsed_s": round(time.perf_counter() - self.start, 2)}) + "\n")
+            self.trackers.log(metrics, metrics["step"])
+
+    def close(self) -> None:
+        self.trackers.close()
 
 
 @dataclass
 class WorkerRun:
     """A train loop's state on its Ray Train worker, set up the same way for every job by ``start_worker``."""
 
+    cfg: TrainRunConfig
     model: Any  # DDP-wrapped when there are several workers
     processor: Any
     optimizer: Any
@@ -182,17 +231,24 @@ class WorkerRun:
     strategy: Strategy = "ddp"
     _mark: tuple[float, int, int] | None = None  # (time, step, samples since) at the last progress line
 
-    def step(self, parts: Any, loss_of: Callable[[Any], Any], precision: Precision) -> float:
-        """One optimizer step over ``parts`` ((micro-batch, its share of the step) pairs): ``step.optimizer_step``."""
+    def step(self, step: int, total_steps: int, parts: Any, loss_of: Callable[[Any], Any]) -> StepResult:
+        """Optimizer step ``step`` of ``total_steps`` over ``parts`` ((micro-batch, its share of the step) pairs) at
+        the schedule's learning rate, clipped and under the run's precision: ``step.optimizer_step``."""
         from video_llava.train.step import optimizer_step
 
-        return optimizer_step(self.model, self.optimizer, parts, loss_of, precision, self.device)
+        lr = self.cfg.lr_at(step, total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return optimizer_step(self.model, self.optimizer, parts, loss_of, self.cfg.precision, self.device,
+                              max_grad_norm=self.cfg.max_grad_norm)
 
     def end_step(self, metrics: dict[str, Any], save: bool, total_steps: int, samples: int) -> None:
         """Log the step's metrics, print a progress line every ``log_every`` steps (rank 0) and, at a checkpoint
         step, report the metrics with a checkpoint. ``samples``: examples this step took on this worker."""
         self.log.write(metrics)
         self._progress(metrics, total_steps, samples)
+        if metrics["step"] == total_steps:
+            self.log.close()
         report(metrics, self.model, self.processor, self.optimizer, self.source, save, self.strategy,
                final=metrics["step"] == total_steps)
 
@@ -213,7 +269,7 @@ class WorkerRun:
         self._mark = (now, step, 0)
 
 
-def start_worker(cfg: TrainRunConfig, model: str, lr: float, **load: Any) -> WorkerRun:
+def start_worker(cfg: TrainRunConfig, model: str, **load: Any) -> WorkerRun:
     """Seed and size torch, load ``model`` (or resume from Ray Train's checkpoint; ``load`` goes to
     ``load_for_training``), wrap it for DDP with an AdamW optimizer, and open ``<output>/<name>/metrics.jsonl``."""
     import ray.train
@@ -223,10 +279,12 @@ def start_worker(cfg: TrainRunConfig, model: str, lr: float, **load: Any) -> Wor
 
     setup_worker(cfg)
     loaded, processor, state, source = load_for_training(resolve_source(ModelSettings(model=model)), **load)
-    wrapped, optimizer, start_step = prepare_training(loaded, state, lr, cfg.gradient_checkpointing, cfg.strategy)
+    wrapped, optimizer, start_step = prepare_training(loaded, state, cfg.lr, cfg.gradient_checkpointing, cfg.strategy,
+                                                      cfg.weight_decay)
     rank = ray.train.get_context().get_world_rank()
-    log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank, start_step)
-    return WorkerRun(wrapped, processor, optimizer, start_step, source, rank, ray.train.torch.get_device(), log,
+    log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank, start_step, cfg.report_to,
+                     cfg.model_dump(mode="json"))
+    return WorkerRun(cfg, wrapped, processor, optimizer, start_step, source, rank, ray.train.torch.get_device(), log,
                      name=cfg.name, log_every=cfg.log_every, strategy=cfg.strategy)
 
 
@@ -317,7 +375,10 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainRunConfig, datasets: dict 
     from video_llava.job_cli import absolute_paths
     from video_llava.ray_runtime import ensure_ray, is_quiet, require_resources
 
+    from video_llava.train.tracking import check_trackers
+
     cfg = absolute_paths(cfg)
+    check_trackers(cfg.report_to)
     ensure_ray()
     asked = f"--num-workers {cfg.num_workers} --cpus-per-worker {cfg.cpus_per_worker}" + (" --use-gpu" if cfg.use_gpu else "")
     require_resources({"CPU": cfg.num_workers * cfg.cpus_per_worker, "GPU": cfg.num_workers if cfg.use_gpu else 0},

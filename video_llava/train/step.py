@@ -10,9 +10,20 @@ and the optimizer's state stay float32 (the master copy an optimizer needs).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What an optimizer step did: its loss (the weighted sum over micro-batches), the gradients' global norm before
+    any clipping, and the learning rate it stepped with (``None`` where the caller set none)."""
+
+    loss: float
+    grad_norm: float
+    lr: float | None = None
 
 
 def autocast(precision: Precision, device: Any) -> contextlib.AbstractContextManager:
@@ -30,9 +41,13 @@ def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
 
 
 def optimizer_step(model: Any, optimizer: Any, parts: Sequence[tuple[Any, float]], loss_of: Callable[[Any], Any],
-                   precision: Precision, device: Any) -> float:
+                   precision: Precision, device: Any, max_grad_norm: float = 0.0) -> StepResult:
     """Zero the gradients, backward each ``(part, weight)`` (``weight``: the part's share of the step, summing to
-    1) under ``precision``, step the optimizer once; the step's loss (the weighted sum)."""
+    1) under ``precision``, clip the gradients' global norm to ``max_grad_norm`` (0: no clipping; under DDP the
+    gradients are already all-reduced, under FSDP2 torch computes the norm over every shard), step the optimizer
+    once."""
+    import torch
+
     optimizer.zero_grad()
     total = 0.0
     for k, (part, weight) in enumerate(parts):
@@ -45,8 +60,12 @@ def optimizer_step(model: Any, optimizer: Any, parts: Sequence[tuple[Any, float]
                 loss = loss_of(part) * weight
             loss.backward()
         total += float(loss.detach())
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
     optimizer.step()
-    return total
+    return StepResult(total, float(norm), optimizer.param_groups[0].get("lr"))
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
