@@ -8,7 +8,15 @@ One greedy answer per question (Ray Data, an actor pool of model replicas), scor
 possible answer of its question type it names is the reference (so "red, not blue" counts as red); records
 without a ``qa_type`` are correct when every word of the reference appears. ``--binding`` asks, for every clip
 of two or more shapes, each shape's colour and each colour's shape, and breaks the figures down by the clip's
-shape types (``by_shapes``: a model that cannot tell circles from squares fails only their clips). Prints a table
+shape types (``by_shapes``: a model that cannot tell circles from squares fails only their clips). Accuracies come
+with Wilson's 95% interval.
+
+``--task describe`` asks each synthetic clip for a detailed description and scores it against the clip's exact
+specification, not a judge (``feedback.description``, CHAIR-style): ``hallucination_rate`` (the share of named
+shapes, colours, counts and directions the clip lacks), ``recall`` (the share of the clip's it names),
+``binding_error_rate`` (colour-shape pairs it lacks) and ``descriptions_with_hallucination``, each with a 95%
+bootstrap interval. ``--baseline earlier.json`` (an earlier ``--json-out``) compares the two checkpoints on the same
+questions: paired bootstrap intervals of each difference and, for questions, McNemar's exact test. Prints a table
 and, last, one JSON line of the figures.
 """
 
@@ -18,11 +26,15 @@ import json
 import sys
 from pathlib import Path
 
-from pydantic import Field
+from typing import Literal
 
+from pydantic import Field, model_validator
+
+from video_llava.feedback.description import DescriptionScore, describe_figures, score_description
+from video_llava.feedback.intervals import mcnemar, paired_ratio_difference
 from video_llava.feedback.judges import JudgeError, check_judge
 from video_llava.feedback.pipeline import GenerationConfig, build_pipeline
-from video_llava.feedback.scoring import binding_by_shapes, clips_all_right, score
+from video_llava.feedback.scoring import binding_by_shapes, clips_all_right, is_correct, score
 from video_llava.job_cli import absolute_paths, run_job
 from video_llava.ray_runtime import ensure_ray
 
@@ -37,44 +49,136 @@ class EvalConfig(GenerationConfig):
     binding: bool = Field(False, description="instead of each record's question, ask the colour of every shape and the "
                           "shape of every colour of clips with two or more shapes (make_synthetic records): whether the "
                           "model ties colours to the right shapes; adds the fraction of clips with every answer right")
+    task: Literal["qa", "describe"] = Field("qa", description="qa: each record's question, scored right or wrong; "
+                                            "describe: a detailed description of each clip, scored against the clip's "
+                                            "specification (hallucination_rate, recall, binding_error_rate; "
+                                            "--max-new-tokens 64 unless given)")
+    baseline: Path | None = Field(None, description="an earlier --json-out of the same split and task: the two "
+                                  "checkpoints compared on the questions both answered (paired bootstrap intervals of "
+                                  "the differences; McNemar's exact test for right/wrong answers)")
+
+    @model_validator(mode="after")
+    def _one_task(self):
+        if self.binding and self.task != "qa":
+            raise ValueError("--binding asks questions: it goes with --task qa")
+        return self
 
 
 def main(cfg: EvalConfig) -> dict:
     records = cfg.data / f"{cfg.split}.jsonl"
     if not records.is_file():
         raise FileNotFoundError(f"no {cfg.split}.jsonl in {cfg.data}")
+    baseline = read_baseline(cfg.baseline, cfg.task) if cfg.baseline else None
     check_judge(cfg)
     cfg = absolute_paths(cfg)  # actors may run in other directories (or on other nodes)
+    if cfg.task == "describe" and "max_new_tokens" not in cfg.model_fields_set:
+        cfg = cfg.model_copy(update={"max_new_tokens": 64})  # a description of three shapes is about 30 tokens
     ensure_ray(cfg.num_cpus)
-    rows = sorted(build_pipeline(cfg, records, samples=1, temperature=0.0, binding=cfg.binding).take_all(),
-                  key=lambda r: r["id"])
+    rows = sorted(build_pipeline(cfg, records, samples=1, temperature=0.0, binding=cfg.binding,
+                                 describe=cfg.task == "describe").take_all(), key=lambda r: r["id"])
     if not rows:
-        raise NothingToAsk(f"no questions to ask in {records}" + (" (--binding needs make_synthetic records with two or "
-                                                                "more shapes)" if cfg.binding else ""))
-    figures = score(rows)
-    by_shapes = {}
-    if cfg.binding:
-        figures["clips_all_right"] = clips_all_right(rows)
-        by_shapes = binding_by_shapes(rows)
-    result = {"model": cfg.model, "split": cfg.split, "judge": cfg.judge, "frames": cfg.frames, **figures}
-    if by_shapes:
-        result["by_shapes"] = by_shapes
-    print(f"{'type':<10} {'n':>5} {'accuracy':>9} {'reward':>7}")
-    for name, f in figures.items():
-        print(f"{name:<10} {f['n']:>5} {f['accuracy']:>9} {f['mean_reward'] if f['mean_reward'] is not None else '-':>7}")
-    for shapes, group in by_shapes.items():
-        print(f"{shapes}: " + ", ".join(f"{name} {f['accuracy']} (n={f['n']})" for name, f in group.items()))
+        why = {"describe": " (--task describe needs make_synthetic records, with shapes)",
+               "binding": " (--binding needs make_synthetic records with two or more shapes)"}
+        raise NothingToAsk(f"no questions to ask in {records}" + why.get("binding" if cfg.binding else cfg.task, ""))
+    answers = [{k: r[k] for k in ("id", "question", "reference", "qa_type", "candidates", "scores", "reasons", "error",
+                                  "spec") if k in r} for r in rows]
+    result = {"model": cfg.model, "split": cfg.split, "task": cfg.task, "judge": cfg.judge, "frames": cfg.frames}
+    if cfg.task == "describe":
+        result |= describe_result(answers)
+    else:
+        result |= qa_result(rows, cfg.binding)
+    if baseline is not None:
+        result["paired"] = {"baseline": str(cfg.baseline), **compare(answers, baseline, cfg.task)}
+        print_paired(result["paired"])
     if cfg.json_out:
-        answers = [{k: r[k] for k in ("id", "question", "reference", "qa_type", "candidates", "scores", "reasons", "error")}
-                   for r in rows]
         cfg.json_out.parent.mkdir(parents=True, exist_ok=True)
         cfg.json_out.write_text(json.dumps({**result, "answers": answers}, indent=1, default=list))
     print(json.dumps(result))
     return result
 
 
+def qa_result(rows: list[dict], binding: bool) -> dict:
+    """Accuracy (95% interval) and judge reward per question type, printed as a table; ``binding``'s figures."""
+    figures = score(rows)
+    by_shapes = {}
+    if binding:
+        figures["clips_all_right"] = clips_all_right(rows)
+        by_shapes = binding_by_shapes(rows)
+    print(f"{'type':<10} {'n':>5} {'accuracy':>9} {'95% interval':>15} {'reward':>7}")
+    for name, f in figures.items():
+        interval = "-" if not f.get("accuracy_interval") else "{:.3f}-{:.3f}".format(*f["accuracy_interval"])
+        reward = f["mean_reward"] if f["mean_reward"] is not None else "-"
+        print(f"{name:<10} {f['n']:>5} {f['accuracy']:>9} {interval:>15} {reward:>7}")
+    for shapes, group in by_shapes.items():
+        print(f"{shapes}: " + ", ".join(f"{name} {f['accuracy']} (n={f['n']})" for name, f in group.items()))
+    return {**figures, "by_shapes": by_shapes} if by_shapes else figures
+
+
+def description_scores(answers: list[dict]) -> dict[str, DescriptionScore]:
+    """Each answered description's score against its clip's specification, by id."""
+    return {a["id"]: score_description(a["candidates"][0], json.loads(a["spec"])) for a in answers
+            if not a["error"] and a["candidates"]}
+
+
+def describe_result(answers: list[dict]) -> dict:
+    """The description figures (``feedback.description``) and the judge's mean reward, printed."""
+    scores = description_scores(answers)
+    figures = {**describe_figures(list(scores.values())), "errors": sum(1 for a in answers if a["error"])}
+    rewards = [a["scores"][0] for a in answers if not a["error"] and a["scores"]]
+    figures["mean_reward"] = round(sum(rewards) / len(rewards), 4) if rewards else None
+    for name in ("hallucination_rate", "recall", "binding_error_rate", "descriptions_with_hallucination"):
+        f = figures[name]
+        print(f"{name:<32} {f['value']} (95% {f['low']}-{f['high']})" if f["value"] is not None else f"{name:<32} -")
+    return figures
+
+
+def read_baseline(path: Path, task: str) -> list[dict]:
+    """The answers of an earlier ``--json-out``; ``ValueError`` when it is not one of the same task."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no baseline file {path} (an earlier jobs.eval --json-out)")
+    earlier = json.loads(path.read_text())
+    if "answers" not in earlier or earlier.get("task", "qa") != task:
+        raise ValueError(f"{path} is not a --json-out of jobs.eval --task {task}")
+    return earlier["answers"]
+
+
+def compare(answers: list[dict], baseline: list[dict], task: str) -> dict:
+    """This checkpoint (a) against the baseline (b) on the questions both answered (same id and question)."""
+    earlier = {(a["id"], a["question"]): a for a in baseline if not a["error"] and a["candidates"]}
+    shared = [(a, earlier[(a["id"], a["question"])]) for a in answers
+              if not a["error"] and a["candidates"] and (a["id"], a["question"]) in earlier]
+    if not shared:
+        raise NothingToAsk("the baseline answered none of these questions (another split or dataset?)")
+    out: dict = {"n": len(shared)}
+    if task == "describe":
+        mine = description_scores([a for a, _ in shared])
+        theirs = description_scores([b for _, b in shared])
+        ids = list(mine)
+        for name, num, den in (("hallucination_rate", "hallucinated", "named"), ("recall", "recalled", "facts"),
+                               ("binding_error_rate", "wrong_pairs", "pairs")):
+            out[f"{name}_difference"] = paired_ratio_difference(
+                [getattr(mine[i], num) for i in ids], [getattr(mine[i], den) for i in ids],
+                [getattr(theirs[i], num) for i in ids], [getattr(theirs[i], den) for i in ids])
+        return out
+    right_a = [is_correct(a["candidates"][0], a["reference"], a["qa_type"]) for a, _ in shared]
+    right_b = [is_correct(b["candidates"][0], b["reference"], b["qa_type"]) for _, b in shared]
+    out["accuracy_difference"] = paired_ratio_difference(right_a, [1] * len(shared), right_b, [1] * len(shared))
+    out["mcnemar"] = mcnemar(right_a, right_b)
+    return out
+
+
+def print_paired(paired: dict) -> None:
+    print(f"against {paired['baseline']} on {paired['n']} shared questions (this minus baseline):")
+    for name, f in paired.items():
+        if name.endswith("_difference"):
+            print(f"  {name:<32} {f['value']} (95% {f['low']}-{f['high']})" + (" *" if f["excludes_zero"] else ""))
+    if "mcnemar" in paired:
+        m = paired["mcnemar"]
+        print(f"  McNemar: right here only {m['a_only']}, in the baseline only {m['b_only']}, p = {m['p_value']}")
+
+
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(EvalConfig, main, "python -m jobs.eval", __doc__, argv, expected=(FileNotFoundError, NothingToAsk, JudgeError))
+    return run_job(EvalConfig, main, "python -m jobs.eval", __doc__, argv, expected=(FileNotFoundError, ValueError, JudgeError))
 
 
 if __name__ == "__main__":

@@ -56,10 +56,24 @@ def binding_rows(record: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def describe_rows(record: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+    """The row that asks a synthetic record's clip for a detailed description (``DESCRIBE``), its caption the
+    reference and its ``shapes`` (as JSON in ``spec``) what the description is scored against; none for a record
+    without ``shapes`` (not make_synthetic's)."""
+    from video_llava.data.synthetic_qa import CAPTION, DESCRIBE
+
+    if not record.get("shapes"):
+        return []
+    base = flatten_record(record, root)
+    return [{**base, "question": DESCRIBE, "reference": base["caption"], "qa_type": CAPTION,
+             "spec": json.dumps([{k: s[k] for k in ("shape", "color", "direction")} for s in record["shapes"]])}]
+
+
 def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temperature: float, top_p: float = 1.0,
-                   min_margin: int = 1, binding: bool = False):
+                   min_margin: int = 1, binding: bool = False, describe: bool = False):
     """records -> sampled answers -> judged rows, as a lazy Ray Dataset. ``jobs.eval`` asks one greedy answer per
-    question; ``binding``: the questions of ``binding_rows`` instead of each record's first."""
+    question; ``binding``: the questions of ``binding_rows`` instead of each record's first; ``describe``: a
+    detailed description of each clip (``describe_rows``)."""
     import ray
 
     from video_llava.feedback.steps import AnswerSampler, JudgeStep
@@ -70,8 +84,9 @@ def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temp
     ds = ray.data.read_json(str(records_path))
     if cfg.limit:
         ds = ds.limit(cfg.limit)
-    if binding:
-        ds = ds.flat_map(binding_rows, fn_kwargs={"root": cfg.data.resolve()}, num_cpus=0.25)
+    if binding or describe:
+        ds = ds.flat_map(binding_rows if binding else describe_rows, fn_kwargs={"root": cfg.data.resolve()},
+                         num_cpus=0.25)
     else:
         ds = ds.map(flatten_record, fn_kwargs={"root": cfg.data.resolve()}, num_cpus=0.25)
     settings = {"model": cfg.model, "num_frames": cfg.frames, "max_frames": MAX_FRAMES, "max_new_tokens": cfg.max_new_tokens}

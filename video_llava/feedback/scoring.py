@@ -1,10 +1,11 @@
-"""Scoring evaluation answers: correct by question type, accuracy and mean judge reward per type, and the
-``--binding`` figures (clips with every answer right, per clip shape set)."""
+"""Scoring evaluation answers: correct by question type, accuracy (with its 95% interval) and mean judge reward per
+type, and the ``--binding`` figures (clips with every answer right, per clip shape set)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+from video_llava.feedback.intervals import wilson
 from video_llava.feedback.words import words
 
 
@@ -32,11 +33,12 @@ def score(rows: list[dict]) -> dict:
     for name, group in sorted(groups.items()):
         answered = [r for r in group if not r["error"]]
         rewards = [r["scores"][0] for r in answered if r["scores"]]
+        right = sum(is_correct(r["candidates"][0], r["reference"], r["qa_type"]) for r in answered)
         figures[name] = {
             "n": len(group),
             "errors": len(group) - len(answered),
-            "accuracy": round(sum(is_correct(r["candidates"][0], r["reference"], r["qa_type"]) for r in answered)
-                              / len(group), 4) if group else None,
+            "accuracy": round(right / len(group), 4) if group else None,
+            "accuracy_interval": wilson(right, len(group)),  # 95%
             "mean_reward": round(sum(rewards) / len(rewards), 4) if rewards else None,
         }
     return figures

@@ -76,6 +76,14 @@ class TrainRunConfig(BaseModel):
             return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
         return value
 
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from video_llava.train.tracking import check_trackers
+
+        check_trackers(value)  # before any worker starts: a run must not train for hours and then fail to log
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _decay_from_decays(cls, data):
@@ -375,10 +383,7 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainRunConfig, datasets: dict 
     from video_llava.job_cli import absolute_paths
     from video_llava.ray_runtime import ensure_ray, is_quiet, require_resources
 
-    from video_llava.train.tracking import check_trackers
-
     cfg = absolute_paths(cfg)
-    check_trackers(cfg.report_to)
     ensure_ray()
     asked = f"--num-workers {cfg.num_workers} --cpus-per-worker {cfg.cpus_per_worker}" + (" --use-gpu" if cfg.use_gpu else "")
     require_resources({"CPU": cfg.num_workers * cfg.cpus_per_worker, "GPU": cfg.num_workers if cfg.use_gpu else 0},

@@ -15,11 +15,10 @@ PACKAGES: dict[str, str] = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "
 
 
 def check_trackers(trackers: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming the package to install for each tracker asked for whose package is missing (checked
-    before any worker starts, so a run does not train for hours and then fail to log)."""
+    """Raise ``ValueError`` naming the package to install for each tracker asked for whose package is missing."""
     missing = [name for name in trackers if importlib.util.find_spec(PACKAGES[name]) is None]
     if missing:
-        raise ValueError("--report-to " + ",".join(missing) + " needs " + " and ".join(PACKAGES[m] for m in missing)
+        raise ValueError(",".join(missing) + " needs " + " and ".join(PACKAGES[m] for m in missing)
                          + f" installed (pip install {' '.join(PACKAGES[m] for m in missing)})")
 
 
