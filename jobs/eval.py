@@ -26,8 +26,6 @@ import json
 import sys
 from pathlib import Path
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from video_llava.feedback.description import DescriptionScore, describe_figures, score_description
@@ -49,10 +47,6 @@ class EvalConfig(GenerationConfig):
     binding: bool = Field(False, description="instead of each record's question, ask the colour of every shape and the "
                           "shape of every colour of clips with two or more shapes (make_synthetic records): whether the "
                           "model ties colours to the right shapes; adds the fraction of clips with every answer right")
-    task: Literal["qa", "describe"] = Field("qa", description="qa: each record's question, scored right or wrong; "
-                                            "describe: a detailed description of each clip, scored against the clip's "
-                                            "specification (hallucination_rate, recall, binding_error_rate; "
-                                            "--max-new-tokens 64 unless given)")
     baseline: Path | None = Field(None, description="an earlier --json-out of the same split and task: the two "
                                   "checkpoints compared on the questions both answered (paired bootstrap intervals of "
                                   "the differences; McNemar's exact test for right/wrong answers)")
@@ -71,8 +65,7 @@ def main(cfg: EvalConfig) -> dict:
     baseline = read_baseline(cfg.baseline, cfg.task) if cfg.baseline else None
     check_judge(cfg)
     cfg = absolute_paths(cfg)  # actors may run in other directories (or on other nodes)
-    if cfg.task == "describe" and "max_new_tokens" not in cfg.model_fields_set:
-        cfg = cfg.model_copy(update={"max_new_tokens": 64})  # a description of three shapes is about 30 tokens
+    cfg = cfg.with_task_defaults()
     ensure_ray(cfg.num_cpus)
     rows = sorted(build_pipeline(cfg, records, samples=1, temperature=0.0, binding=cfg.binding,
                                  describe=cfg.task == "describe").take_all(), key=lambda r: r["id"])

@@ -11,6 +11,11 @@ and reference answer -> JSON shards under ``<output>/shards/`` with every candid
 person to audit) and, where the best beats the worst by ``--min-margin``, ``chosen``/``rejected`` (status
 ``pair``) -> ``<output>/summary.json``. Rows whose video cannot be read or whose judge fails get status
 ``error`` and the reason; nothing is dropped silently.
+
+``--task describe`` asks each make_synthetic clip for a detailed description instead (64 new tokens unless given)
+and judges the samples against the clip's exact specification (``--judge spec``, the default there; see
+``feedback.judges.SpecJudge``): a pair sets a faithful description (nothing the clip lacks) against one that names
+what the clip does not hold, the feedback LLaVA-Hound's DPO gained from. The rows keep the specification (``spec``).
 """
 
 from __future__ import annotations
@@ -50,12 +55,14 @@ def main(cfg: PreferenceConfig) -> dict:
             raise FileExistsError(f"{shards} exists; pass --overwrite to replace it")
         shutil.rmtree(shards)
     start = time.perf_counter()
-    cfg = absolute_paths(cfg)  # actors may run in other directories (or on other nodes)
+    cfg = absolute_paths(cfg).with_task_defaults(judge="spec")  # actors may run in other directories (or nodes)
     ensure_ray(cfg.num_cpus)
-    print(f"make_preferences: {cfg.samples} samples per question from {cfg.model}, judge={cfg.judge}", flush=True)
-    build_pipeline(cfg, records, cfg.samples, cfg.temperature, cfg.top_p, cfg.min_margin).write_json(str(shards.resolve()))
+    print(f"make_preferences: {cfg.samples} samples per question from {cfg.model}, task={cfg.task}, "
+          f"judge={cfg.judge}", flush=True)
+    build_pipeline(cfg, records, cfg.samples, cfg.temperature, cfg.top_p, cfg.min_margin,
+                   describe=cfg.task == "describe").write_json(str(shards.resolve()))
     rows = read_preferences(cfg.output)
-    summary = {**summarize(rows), "model": cfg.model, "judge": cfg.judge, "samples": cfg.samples,
+    summary = {**summarize(rows), "model": cfg.model, "task": cfg.task, "judge": cfg.judge, "samples": cfg.samples,
                "temperature": cfg.temperature, "top_p": cfg.top_p, "min_margin": cfg.min_margin,
                "wall_s": round(time.perf_counter() - start, 2)}
     (cfg.output / "summary.json").write_text(json.dumps(summary, indent=2))

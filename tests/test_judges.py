@@ -91,6 +91,47 @@ def test_a_pair_always_has_the_chosen_score_above_the_rejected_by_the_margin(sco
     assert candidates[best].strip() != candidates[worst].strip()
 
 
+SPEC = json.dumps([{"shape": "circle", "color": "red", "direction": "right"},
+                   {"shape": "square", "color": "blue", "direction": "down"}])
+
+
+@pytest.mark.parametrize("candidate, expected", [
+    (CAPTION, 5),  # every property, nothing else
+    ("Two shapes: a red circle moving right and a blue square.", 4),  # faithful, misses the square's direction
+    ("A red circle.", 4),
+    ("Two shapes: a red circle moving right and a blue triangle moving down.", 3),  # one property the clip lacks
+    ("Two shapes: a blue circle moving right and a red square moving down.", 2),  # two colours on the wrong shapes
+    ("Three shapes: a green triangle moving up.", 1),
+    ("Something moves.", 1), ("", 1),
+])
+def test_the_spec_judge_scores_descriptions_by_what_they_name_that_the_clip_lacks(candidate, expected):
+    verdict = make_judge(JudgeConfig(judge="spec")).judge(CAPTION, "Describe the video in detail.", CAPTION,
+                                                          candidate, spec=SPEC)
+    assert verdict.score == expected, verdict.reason
+    assert verdict.reason
+
+
+def test_the_spec_judge_needs_a_specification_and_the_describe_task():
+    from video_llava.feedback.pipeline import GenerationConfig
+
+    with pytest.raises(JudgeError, match="no specification"):
+        make_judge(JudgeConfig(judge="spec")).judge(CAPTION, QUESTION, "red", "red")
+    with pytest.raises(ValueError, match="goes with --task describe"):
+        GenerationConfig(data="d", judge="spec")
+    assert GenerationConfig(data="d", task="describe").with_task_defaults(judge="spec").judge == "spec"
+    assert GenerationConfig(data="d", task="describe", judge="caption").with_task_defaults(judge="spec").judge == "caption"
+    assert GenerationConfig(data="d", task="describe").with_task_defaults().max_new_tokens == 64
+    assert GenerationConfig(data="d", task="describe", max_new_tokens=20).with_task_defaults().max_new_tokens == 20
+
+
+def test_a_description_pair_sets_a_faithful_description_against_one_that_hallucinates():
+    candidates = ["a", "b", "c", "d"]
+    assert pick_pair(candidates, [5, 4, 4, 2], 1, faithful=4) == (0, 3)
+    assert pick_pair(candidates, [5, 4, 4, 4], 1, faithful=4) is None  # all faithful: nothing to contrast
+    assert pick_pair(candidates, [3, 2, 1, 1], 1, faithful=4) is None  # none faithful
+    assert pick_pair(candidates, [5, 4, 4, 4], 1) == (0, 1)  # without the rule, a margin is enough
+
+
 class _FakeLLM(BaseHTTPRequestHandler):
     """A stand-in for a hosted LLM behind the OpenAI chat API (an external service, not our code)."""
 

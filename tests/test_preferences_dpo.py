@@ -69,6 +69,30 @@ def test_every_record_comes_back_with_all_candidates_scored_and_reasoned(prefere
     assert summary["pairs"] + summary["no_pair"] + summary["errors"] == 11
 
 
+def test_description_pairs_set_a_faithful_description_against_one_that_hallucinates(data, tmp_path, embedded_cache):
+    """``--task describe``: sampled descriptions judged against each clip's specification (the spec judge by
+    default); every pair's chosen description names nothing the clip lacks and its rejected one does."""
+    from video_llava.feedback.description import score_description
+
+    out = tmp_path / "describe-prefs"
+    result = run_job("jobs.make_preferences", "--data", str(data), "--output", str(out), "--task", "describe",
+                     "--samples", "6", "--temperature", "1.5", "--frames", "4", cache=embedded_cache)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "describe" and summary["judge"] == "spec"
+    assert summary["records"] == 10 and summary["errors"] == 0  # the broken record has no shapes to describe
+    rows = _rows(out)
+    pairs = [r for r in rows if r["status"] == "pair"]
+    assert pairs, summary
+    for row in rows:
+        assert row["question"] == "Describe the video in detail."
+    for pair in pairs:
+        shapes = json.loads(pair["spec"])
+        assert pair["chosen_score"] >= 4 > pair["rejected_score"]
+        chosen, rejected = score_description(pair["chosen"], shapes), score_description(pair["rejected"], shapes)
+        assert chosen.hallucinated == chosen.wrong_pairs == 0 and rejected.hallucinated + rejected.wrong_pairs > 0
+
+
 def test_preference_pairs_prefer_the_higher_scored_answer(preferences):
     pairs = [r for r in _rows(preferences) if r["status"] == "pair"]
     assert pairs, "no pairs: the sampled answers all scored the same"

@@ -26,8 +26,8 @@ def vocabulary() -> dict[str, str]:
 @dataclass(frozen=True)
 class DescriptionScore:
     """One description against its clip: the distinct (kind, word) properties it names and how many the clip lacks;
-    the clip's properties and how many it names; the colour-shape pairs it names ("a red circle") and how many the
-    clip lacks."""
+    the clip's properties and how many it names; the colour-shape pairs of the clip's colours and shapes it names
+    ("a red circle") and how many of them the clip does not pair so."""
 
     named: int
     hallucinated: int
@@ -46,15 +46,28 @@ def clip_facts(shapes: Sequence[dict[str, Any]]) -> set[tuple[str, str]]:
     return facts | {("count", NUMBER_WORDS[len(shapes)])}
 
 
+def _said(text: str, vocab: dict[str, str]) -> list[str]:
+    return [w[:-1] if w.endswith("s") and vocab.get(w[:-1]) == "shape" else w for w in words(text)]  # "squares"
+
+
+def named_properties(text: str) -> set[tuple[str, str]]:
+    """The distinct (kind, word) properties ``text`` names."""
+    vocab = vocabulary()
+    return {(vocab[w], w) for w in _said(text, vocab) if w in vocab}
+
+
 def score_description(text: str, shapes: Sequence[dict[str, Any]]) -> DescriptionScore:
     """Score ``text`` against the clip of ``shapes`` (make_synthetic's ``shapes`` list: shape, color, direction)."""
     vocab = vocabulary()
-    said = [w[:-1] if w.endswith("s") and vocab.get(w[:-1]) == "shape" else w for w in words(text)]  # "squares"
+    said = _said(text, vocab)
     named = {(vocab[w], w) for w in said if w in vocab}
     facts = clip_facts(shapes)
     wrong = sorted(f"{kind} {word}" for kind, word in named - facts)
     real_pairs = {(str(s["color"]), str(s["shape"])) for s in shapes}
-    claimed = {(a, b) for a, b in zip(said, said[1:]) if vocab.get(a) == "color" and vocab.get(b) == "shape"}
+    # a binding claim: a colour and a shape the clip both holds, named together ("a red circle"); a pair with a
+    # word the clip lacks is that word's hallucination, not counted twice
+    claimed = {(a, b) for a, b in zip(said, said[1:]) if vocab.get(a) == "color" and vocab.get(b) == "shape"
+               and ("color", a) in facts and ("shape", b) in facts}
     return DescriptionScore(named=len(named), hallucinated=len(wrong), facts=len(facts), recalled=len(named & facts),
                             pairs=len(claimed), wrong_pairs=len(claimed - real_pairs), hallucinations=tuple(wrong))
 

@@ -52,7 +52,9 @@ class Judgement:
 
 
 class Judge(Protocol):
-    def judge(self, caption: str, question: str, reference: str, candidate: str) -> Judgement: ...
+    def judge(self, caption: str, question: str, reference: str, candidate: str, spec: str = "") -> Judgement:
+        """``spec``: the clip's specification (JSON of make_synthetic's ``shapes``) where the row has one."""
+        ...
 
 
 def _words(text: str) -> list[str]:
@@ -69,7 +71,7 @@ class CaptionJudge:
     1  empty, or names things the caption does not show.
     """
 
-    def judge(self, caption: str, question: str, reference: str, candidate: str) -> Judgement:
+    def judge(self, caption: str, question: str, reference: str, candidate: str, spec: str = "") -> Judgement:
         said = _words(candidate)
         if not said:
             return Judgement(1, "The answer is empty.")
@@ -89,6 +91,40 @@ class CaptionJudge:
             return Judgement(2, f"Wrong: says {', '.join(dict.fromkeys(grounded))} where the answer is '{reference}', though the caption mentions it.")
         what = ", ".join(unsupported) if unsupported else "nothing relevant"
         return Judgement(1, f"Wrong: says {what}, which the caption does not support; the answer is '{reference}'.")
+
+
+class SpecJudge:
+    """Scores a detailed description of a synthetic clip against the clip's exact specification
+    (``feedback.description``), for the free-form task where feedback carries what SFT's labels do not: which
+    descriptions name things the clip does not hold.
+
+    5  faithful and complete: names every shape, colour, direction and the count, and nothing the clip lacks;
+    4  faithful but incomplete: names nothing the clip lacks, misses some of what it holds;
+    3  one hallucination: a property the clip lacks, or a colour on the wrong shape;
+    2  two;  1  more, or empty.
+    A score of 4 or more is faithful (``FAITHFUL``), 3 or less hallucinates.
+    """
+
+    FAITHFUL = 4
+
+    def judge(self, caption: str, question: str, reference: str, candidate: str, spec: str = "") -> Judgement:
+        from video_llava.feedback.description import clip_facts, named_properties, score_description
+
+        if not spec:
+            raise JudgeError("--judge spec scores descriptions of make_synthetic clips; this row has no specification")
+        shapes = json.loads(spec)
+        s = score_description(candidate, shapes)
+        if s.named == 0:
+            return Judgement(1, "The description names no shape, colour, direction or count.")
+        wrong = s.hallucinated + s.wrong_pairs
+        if wrong:
+            said = list(s.hallucinations) + ([f"{s.wrong_pairs} colour-shape pair(s) the clip lacks"] if s.wrong_pairs
+                                             else [])
+            return Judgement(max(1, 4 - wrong), f"Names what the clip does not hold: {', '.join(said)}.")
+        missing = sorted(f"{kind} {word}" for kind, word in clip_facts(shapes) - named_properties(candidate))
+        if missing:
+            return Judgement(4, f"Faithful but misses {', '.join(missing)}.")
+        return Judgement(5, "Faithful and complete: every shape, colour, direction and the count, nothing else.")
 
 
 def parse_judgement(reply: str) -> Judgement:
@@ -117,7 +153,7 @@ class OpenAIJudge:
         self.model = model
         self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout_s, max_retries=max_retries)
 
-    def judge(self, caption: str, question: str, reference: str, candidate: str) -> Judgement:
+    def judge(self, caption: str, question: str, reference: str, candidate: str, spec: str = "") -> Judgement:
         import openai
 
         user = f"Caption: {caption}\nQuestion: {question}\nReference answer: {reference}\nCandidate answer: {candidate}"
@@ -138,7 +174,9 @@ class JudgeConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    judge: Literal["caption", "openai"] = Field("caption", description="'caption' (offline) or 'openai' (an endpoint)")
+    judge: Literal["caption", "openai", "spec"] = Field("caption", description="'caption' (offline), 'openai' (an "
+                                                        "endpoint) or 'spec' (descriptions of make_synthetic clips "
+                                                        "against their specification)")
     judge_url: str | None = Field(None, description="base URL of the OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
     judge_model: str = Field("gpt-4o-mini", description="model name sent to the endpoint")
     judge_api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the endpoint's key")
@@ -181,4 +219,6 @@ def check_judge(cfg: JudgeConfig) -> None:
 def make_judge(cfg: JudgeConfig) -> Judge:
     if cfg.judge == "caption":
         return CaptionJudge()
+    if cfg.judge == "spec":
+        return SpecJudge()
     return OpenAIJudge(cfg.judge_url, cfg.judge_model, os.environ.get(cfg.judge_api_key_env), cfg.judge_timeout_s)

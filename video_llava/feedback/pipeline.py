@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from video_llava.data.records import flatten_record
 from video_llava.feedback.judges import JudgeConfig
@@ -31,6 +31,27 @@ class GenerationConfig(JudgeConfig):
     judge_concurrency: int = Field(1, ge=1, description="judge actors (raise for a remote endpoint)")
     seed: int = 0
     num_cpus: int | None = Field(None, description="CPUs of a local Ray started by this job (ignored on a cluster)")
+    task: Literal["qa", "describe"] = Field("qa", description="qa: each record's question; describe: a detailed "
+                                            "description of each make_synthetic clip, scored against the clip's "
+                                            "specification (--max-new-tokens 64 unless given)")
+
+    @model_validator(mode="after")
+    def _spec_judges_descriptions(self):
+        if self.judge == "spec" and self.task != "describe":
+            raise ValueError("--judge spec scores descriptions: it goes with --task describe")
+        return self
+
+    def with_task_defaults(self, judge: str | None = None) -> "GenerationConfig":
+        """For ``--task describe``: 64 new tokens (a description of three shapes is about 30) and ``judge`` unless
+        the flags named others."""
+        if self.task != "describe":
+            return self
+        update: dict[str, Any] = {}
+        if "max_new_tokens" not in self.model_fields_set:
+            update["max_new_tokens"] = 64
+        if judge and "judge" not in self.model_fields_set:
+            update["judge"] = judge
+        return self.model_copy(update=update)
 
 
 def binding_rows(record: dict[str, Any], root: Path) -> list[dict[str, Any]]:

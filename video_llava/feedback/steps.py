@@ -62,10 +62,12 @@ class JudgeStep:
     """Scores every candidate of a row and, with ``min_margin``, picks the best and worst as chosen/rejected."""
 
     def __init__(self, judge_config: dict[str, Any], min_margin: int = 1):
-        from video_llava.feedback.judges import JudgeConfig, make_judge
+        from video_llava.feedback.judges import JudgeConfig, SpecJudge, make_judge
 
         self.judge = make_judge(JudgeConfig.model_validate(judge_config))
         self.min_margin = min_margin
+        # descriptions: a pair sets a faithful description against one that names what the clip does not hold
+        self.faithful = SpecJudge.FAITHFUL if isinstance(self.judge, SpecJudge) else None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from video_llava.feedback.judges import JudgeError
@@ -80,12 +82,13 @@ class JudgeStep:
             if not errors[i]:
                 try:
                     for text in candidates:
-                        verdict = self.judge.judge(batch["caption"][i], batch["question"][i], batch["reference"][i], text)
+                        verdict = self.judge.judge(batch["caption"][i], batch["question"][i], batch["reference"][i],
+                                                   text, spec=str(batch["spec"][i]) if "spec" in batch else "")
                         scores.append(verdict.score)
                         reasons.append(verdict.reason)
                 except JudgeError as exc:
                     errors[i], scores, reasons = f"judge: {exc}", [], []
-            row = pick_pair(candidates, scores, self.min_margin) if not errors[i] else None
+            row = pick_pair(candidates, scores, self.min_margin, self.faithful) if not errors[i] else None
             out["scores"].append(scores)
             out["reasons"].append(reasons)
             out["status"].append("error" if errors[i] else ("pair" if row else "no_pair"))
@@ -111,12 +114,16 @@ def _arrow(columns: dict[str, list]):
                      for k, values in columns.items()})
 
 
-def pick_pair(candidates: list[str], scores: list[int], min_margin: int) -> tuple[int, int] | None:
-    """Indices (best, worst) when the best outscores the worst by ``min_margin`` with different texts, else None."""
+def pick_pair(candidates: list[str], scores: list[int], min_margin: int,
+              faithful: int | None = None) -> tuple[int, int] | None:
+    """Indices (best, worst) when the best outscores the worst by ``min_margin`` with different texts, else None;
+    with ``faithful``, only when the best scores at least that and the worst below it."""
     if len(scores) < 2:
         return None
     best = max(range(len(scores)), key=lambda k: (scores[k], -k))
     worst = min(range(len(scores)), key=lambda k: (scores[k], k))
     if scores[best] - scores[worst] < max(min_margin, 1) or candidates[best].strip() == candidates[worst].strip():
+        return None
+    if faithful is not None and not scores[worst] < faithful <= scores[best]:
         return None
     return best, worst
