@@ -107,18 +107,44 @@ def _metrics(path: Path) -> list[dict]:
 
 
 def test_dpo_steps_raise_the_margin_and_a_rerun_resumes_the_step_count(preferences, tmp_path, embedded_cache):
+    """With the anchors' options (RPO, warmup then linear decay, clipping, a held-out share scored every 2 steps):
+    metrics.jsonl and TensorBoard hold TRL's figures, the learning rate follows the schedule of each run's length,
+    the held-out pairs are never trained on, and a rerun resumes the step count."""
+    from jobs.dpo import DPOConfig, held_out
     from video_llava.model.embedded import embedded_path
 
+    ids = sorted(r["id"] for r in _rows(preferences) if r["status"] == "pair")
+    evaluated = [i for i in ids if held_out(i, 0.3)]
+    assert 0 < len(evaluated) < len(ids)
     common = ["--preferences", str(preferences), "--model", str(embedded_path()), "--output", str(tmp_path),
-              "--name", "dpo", "--lr", "1e-3", "--batch-size", "2", "--frames", "4", "--checkpoint-every", "2"]
+              "--name", "dpo", "--lr", "1e-3", "--batch-size", "2", "--frames", "4", "--checkpoint-every", "2",
+              "--rpo-alpha", "0.5", "--warmup-ratio", "0.5", "--lr-schedule", "linear", "--max-grad-norm", "0.5",
+              "--eval-fraction", "0.3", "--eval-every", "2"]
     first = run_job("jobs.dpo", *common, "--max-steps", "2", cache=embedded_cache)
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    assert f"{len(ids) - len(evaluated)} pairs ({len(evaluated)} held out), sigmoid loss" in first.stdout
+    # the reference scores each pair the run takes once (2 steps of 2), and the held-out ones
+    assert f"the reference scored {4 + len(evaluated)} pairs" in first.stdout + first.stderr
     second = run_job("jobs.dpo", *common, "--max-steps", "6", cache=embedded_cache)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     metrics = _metrics(tmp_path / "dpo" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
     assert metrics[-1]["rewards/margins"] > 0.01 and metrics[-1]["loss"] < metrics[0]["loss"]
+    trl = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "nll_loss", "grad_norm", "lr"}
+    assert all(trl <= set(m) for m in metrics)
+    schedule = DPOConfig(preferences="p", model="m", output="o", lr=1e-3, warmup_ratio=0.5, lr_schedule="linear")
+    expected = [schedule.lr_at(step, 2) for step in (1, 2)] + [schedule.lr_at(step, 6) for step in (3, 4, 5, 6)]
+    assert [m["lr"] for m in metrics] == pytest.approx(expected)
+    assert [m["lr"] for m in metrics][2:] == pytest.approx([1e-3, 1e-3 * 3 / 4, 1e-3 / 2, 1e-3 / 4])
+    assert all(m["nll_loss"] > 0 and m["grad_norm"] > 0 for m in metrics)
+    evals = [m for m in metrics if "eval/rewards/accuracies" in m]
+    assert [m["step"] for m in evals] == [2, 4, 6] and all(m["eval/pairs"] == len(evaluated) for m in evals)
+    assert evals[0]["eval/logps/chosen"] != evals[-1]["eval/logps/chosen"]  # scored by the policy as it trains
+    scalars = _tensorboard_scalars(tmp_path / "dpo" / "tensorboard")
+    assert scalars["rewards/margins"] == {m["step"]: pytest.approx(m["rewards/margins"], rel=1e-5) for m in metrics}
+    assert set(scalars["eval/rewards/margins"]) == {2, 4, 6}
     assert (tmp_path / "dpo" / "model" / "model.safetensors").exists()
 
 
@@ -139,42 +165,6 @@ def _tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
             for value in event.summary.value:
                 scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     return scalars
-
-
-def test_dpo_takes_the_anchors_options_and_logs_what_trl_logs_with_held_out_pairs(preferences, tmp_path,
-                                                                                 embedded_cache):
-    """IPO plus RPO, warmup then linear decay, clipping, and a held-out share scored every 2 steps: metrics.jsonl and
-    TensorBoard hold TRL's figures, the learning rate follows the schedule, the held-out pairs are never trained on."""
-    from jobs.dpo import DPOConfig, held_out
-    from video_llava.model.embedded import embedded_path
-
-    ids = sorted(r["id"] for r in _rows(preferences) if r["status"] == "pair")
-    evaluated = [i for i in ids if held_out(i, 0.3)]
-    assert 0 < len(evaluated) < len(ids)
-    args = ["--preferences", str(preferences), "--model", str(embedded_path()), "--output", str(tmp_path), "--name",
-            "ipo", "--lr", "1e-3", "--batch-size", "2", "--frames", "4", "--max-steps", "4", "--loss", "ipo",
-            "--rpo-alpha", "0.5", "--warmup-ratio", "0.5", "--lr-schedule", "linear", "--max-grad-norm", "0.5",
-            "--eval-fraction", "0.3", "--eval-every", "2"]
-    result = run_job("jobs.dpo", *args, cache=embedded_cache)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert f"{len(ids) - len(evaluated)} pairs ({len(evaluated)} held out), ipo loss" in result.stdout
-    # the reference scores each pair once: the trained ones and the held-out ones
-    assert f"the reference scored {len(ids)} pairs" in result.stdout + result.stderr
-    metrics = _metrics(tmp_path / "ipo" / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    trl = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected", "nll_loss", "grad_norm", "lr"}
-    assert all(trl <= set(m) for m in metrics)
-    schedule = DPOConfig(preferences="p", model="m", output="o", lr=1e-3, warmup_ratio=0.5, lr_schedule="linear")
-    assert [m["lr"] for m in metrics] == pytest.approx([schedule.lr_at(step, 4) for step in (1, 2, 3, 4)])
-    assert [m["lr"] for m in metrics] == pytest.approx([5e-4, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
-    assert all(m["nll_loss"] > 0 and m["grad_norm"] > 0 for m in metrics)
-    evals = [m for m in metrics if "eval/rewards/accuracies" in m]
-    assert [m["step"] for m in evals] == [2, 4] and all(m["eval/pairs"] == len(evaluated) for m in evals)
-    assert evals[0]["eval/logps/chosen"] != evals[1]["eval/logps/chosen"]  # scored by the policy as it trains
-    scalars = _tensorboard_scalars(tmp_path / "ipo" / "tensorboard")
-    assert scalars["rewards/margins"] == {m["step"]: pytest.approx(m["rewards/margins"], rel=1e-5) for m in metrics}
-    assert set(scalars["eval/rewards/margins"]) == {2, 4}
 
 
 def test_dpo_refuses_what_it_cannot_do_before_training(preferences, tmp_path, embedded_cache):
