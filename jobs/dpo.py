@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 from video_llava.job_cli import run_job
 from video_llava.ray_runtime import ensure_ray
 from video_llava.train.objectives import PreferenceLossType, PreferenceObjective
+from video_llava.train.parts import Part
 from video_llava.train.run import TrainRunConfig, fit
 from video_llava.train.schedule import Schedule
 
@@ -51,7 +52,8 @@ class DPOConfig(TrainRunConfig):
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (default: all epochs)")
     batch_size: int = Field(8, ge=1, description="pairs per micro-batch per worker (a step takes --grad-accum of them)")
-    train_projector: bool = Field(False, description="also train the projector (the 7B-DPO recipe froze it)")
+    train: tuple[Part, ...] = Field(("llm",), description="the parts that train, comma-separated: vision, projector, "
+                                    "llm (the 7B-DPO recipe trains the LLM alone)")
     loss: PreferenceLossType = Field("sigmoid", description="sigmoid (DPO), ipo, or robust (DPO unbiased under "
                                      "--label-smoothing label noise)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="the chance a pair's label is wrong: conservative "
@@ -92,7 +94,7 @@ def train_loop(config: dict) -> None:
 
     cfg = DPOConfig.model_validate(config)
     objective = cfg.objective()
-    run = start_worker(cfg, cfg.model, freeze_projector=not cfg.train_projector)
+    run = start_worker(cfg, cfg.model)
     reference, _ = load_checkpoint(run.source)  # the same family's class as the policy
     reference = reference.to(run.device).eval().requires_grad_(False)
     pairs = worker_rows()
@@ -215,8 +217,7 @@ def main(cfg: DPOConfig):
     if cfg.dry_run:  # each pair is two sequences; the reference is whole on every worker
         from video_llava.train.memory_plan import plan_run
 
-        print(plan_run(cfg, cfg.model, train_projector=cfg.train_projector, sequences_per_example=2,
-                       reference=True).describe())
+        print(plan_run(cfg, cfg.model, sequences_per_example=2, reference=True).describe())
         return None
     ensure_ray()
     datasets = split_pairs(read_pairs(cfg.preferences), cfg.eval_fraction)

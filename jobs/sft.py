@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from video_llava.job_cli import run_job
 from video_llava.model.settings import MAX_FRAMES
@@ -34,12 +34,18 @@ class SFTConfig(TrainRunConfig):
     data: Path = Field(..., description="dataset directory with train.jsonl (video and/or image records) and the media")
     name: str = "sft"
     model: str = Field("embedded", description="starting checkpoint: a directory, a hub id, 'embedded' or 'embedded-init'")
-    max_steps: int = Field(200, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="steps to train (default 200, or all of --epochs; with "
+                                  "both, whichever ends first)")
+    epochs: int | None = Field(None, ge=1, description="passes over the records, each in a seeded order (instead of "
+                               "--max-steps' seeded draws)")
     batch_size: int = Field(8, ge=1)
-    train_vision_tower: bool = Field(False, description="also train the vision tower (LLaVA's recipes keep it frozen; "
-                                     "training the embedded model's small random tower erases the shape information "
-                                     "its features carry: docs/embedded-default.md)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the LLM's attention projections (PEFT); 0 trains the full LLM")
+
+    @model_validator(mode="after")
+    def _lora_adapts_the_llm(self):
+        if self.lora_rank and "llm" not in self.train:
+            raise ValueError("--lora-rank adapts the LLM: --train must include llm")
+        return self
     frame_counts: tuple[int, ...] = Field((), description="e.g. 4,8,16,32: each step draws one of these frame counts "
                                           "(seeded by step) and takes batch-size x frames / count records, so a model "
                                           "trained on few frames also answers with the 16-56 that serving samples")
@@ -55,6 +61,19 @@ class SFTConfig(TrainRunConfig):
         if any(not 1 <= n <= MAX_FRAMES for n in value):
             raise ValueError(f"frame counts must be 1-{MAX_FRAMES}, got {value}")
         return value
+
+    def steps_of(self, records: int) -> list[tuple[int, int, int]]:
+        """Each step's (epoch, first position in the epoch's order, records) under ``--epochs`` over ``records``
+        records per worker: steps take ``step_shape``'s batch x ``--grad-accum`` records in order, the last of an epoch
+        what is left; cut at ``--max-steps``."""
+        steps: list[tuple[int, int, int]] = []
+        for epoch in range(self.epochs or 0):
+            position = 0
+            while position < records and (self.max_steps is None or len(steps) < self.max_steps):
+                take = min(self.step_shape(len(steps) + 1)[1] * self.grad_accum, records - position)
+                steps.append((epoch, position, take))
+                position += take
+        return steps
 
     def step_shape(self, step: int) -> tuple[int, int]:
         """(frames, batch size) of a step: ``frames``/``batch_size``, or a seeded draw from ``frame_counts`` (the
@@ -77,9 +96,22 @@ def train_loop(config: dict) -> None:
     from video_llava.train.step import chunks
 
     cfg = SFTConfig.model_validate(config)
-    run = start_worker(cfg, cfg.model, lora_rank=cfg.lora_rank, freeze_vision=not cfg.train_vision_tower)
+    run = start_worker(cfg, cfg.model, lora_rank=cfg.lora_rank)
     records = worker_rows()
     make_example = ExampleMaker(run.processor, cfg.frames)
+    epochs = cfg.steps_of(len(records)) if cfg.epochs else None
+    total = len(epochs) if epochs is not None else cfg.max_steps or 200
+
+    def records_of(step: int, batch_size: int) -> list[dict]:
+        """Under --epochs, the next records of the epoch's seeded order; else a seeded draw (a resumed run takes the
+        same records as an uninterrupted one either way)."""
+        if epochs is None:
+            return random.Random(f"{cfg.seed}-{run.rank}-{step}").sample(
+                records, min(batch_size * cfg.grad_accum, len(records)))
+        epoch, position, take = epochs[step - 1]
+        order = list(range(len(records)))
+        random.Random(f"{cfg.seed}-{run.rank}-epoch-{epoch}").shuffle(order)
+        return [records[k] for k in order[position:position + take]]
 
     def example(record: dict, frames: int) -> dict:
         """A video or an image record (both may share a batch), with every turn of its conversation trained on."""
@@ -89,17 +121,19 @@ def train_loop(config: dict) -> None:
     def loss_of(batch: dict):
         return run.model(**{k: v.to(run.device) for k, v in batch.items()}).loss
 
-    for step in range(run.start_step + 1, cfg.max_steps + 1):
-        # Seeded by step: a resumed run draws the same batches as an uninterrupted one.
+    for step in range(run.start_step + 1, total + 1):
         frames, batch_size = cfg.step_shape(step)
-        drawn = random.Random(f"{cfg.seed}-{run.rank}-{step}").sample(
-            records, min(batch_size * cfg.grad_accum, len(records)))
+        drawn = records_of(step, batch_size)
         parts = [collate([example(r, frames) for r in part], run.processor.tokenizer.pad_token_id)
                  for part in chunks(drawn, batch_size)]
         tokens = [answer_tokens(part) for part in parts]  # each micro-batch weighs as its share of answer tokens
-        done = run.step(step, cfg.max_steps, [(part, n / sum(tokens)) for part, n in zip(parts, tokens)], loss_of)
+        done = run.step(step, total, [(part, n / sum(tokens)) for part, n in zip(parts, tokens)], loss_of)
         metrics = {"step": step, "loss": done.loss, "frames": frames, "lr": done.lr, "grad_norm": done.grad_norm}
-        run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == cfg.max_steps, total_steps=cfg.max_steps,
+        if epochs is not None:
+            metrics["epoch"] = epochs[step - 1][0] + 1
+        if len(set(done.part_lrs.values())) > 1:  # parts at rates of their own
+            metrics |= {f"lr/{part}": lr for part, lr in done.part_lrs.items()}
+        run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == total, total_steps=total,
                      samples=len(drawn))
 
 
@@ -109,7 +143,7 @@ def main(cfg: SFTConfig):
     if cfg.dry_run:
         from video_llava.train.memory_plan import plan_run
 
-        print(plan_run(cfg, cfg.model, lora_rank=cfg.lora_rank, train_vision=cfg.train_vision_tower).describe())
+        print(plan_run(cfg, cfg.model, lora_rank=cfg.lora_rank).describe())
         return None
     records = cfg.data / "train.jsonl"
     if not records.is_file():

@@ -29,12 +29,15 @@ def cluster(embedded_cache):
              "--temp-dir", tempfile.mkdtemp(prefix="ray-", dir="/tmp")]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # the job agent comes up some seconds after `ray start` returns
+    deadline = time.time() + 300  # on a loaded 2-core machine the agent has taken over two minutes
+    while True:  # the job agent comes up some seconds after `ray start` returns
         probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
                                capture_output=True, text=True, timeout=120)
         if probe.returncode == 0:
             break
+        if time.time() > deadline:
+            stop_cluster(port)
+            pytest.fail(f"the cluster's job agent did not take a job in 300 s: {probe.stderr[-500:]}")
         time.sleep(2)
     yield address, env
     stop_cluster(port)

@@ -16,6 +16,7 @@ import torch
 from jobs.make_synthetic import SyntheticConfig
 from jobs.make_synthetic import main as make_synthetic
 from jobs.sft import SFTConfig
+from video_llava.train.parts import PARTS, part_of
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +118,36 @@ def test_sft_steps_lower_the_loss_train_the_projector_and_keep_the_vision_tower(
     assert projector and vision
     assert any(not torch.equal(b[k], a[k]) for k in projector)
     assert all(torch.equal(b[k], a[k]) for k in vision)
+
+
+def test_a_stage_trains_the_parts_it_names_at_their_own_rates_for_whole_epochs(data, tmp_path, embedded_cache):
+    """LLaVA's stage 1 shape (here with the vision tower as Yi-VL's first stage has it): the LLM frozen, each part at
+    its rate, one epoch over the 12 records in steps of 4 (--max-steps larger: the epoch ends first)."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    from video_llava.model.embedded import embedded_path
+
+    result = run_sft(data, tmp_path, embedded_cache, 100, "--train", "vision,projector", "--lr-vision", "1e-5",
+                     "--lr-projector", "1e-3", "--epochs", "1")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    metrics = _metrics(tmp_path)
+    assert [(m["step"], m["epoch"]) for m in metrics] == [(1, 1), (2, 1), (3, 1)]
+    assert all(m["lr/vision"] == 1e-5 and m["lr/projector"] == 1e-3 and "lr/llm" not in m for m in metrics)
+    b = LlavaNextVideoForConditionalGeneration.from_pretrained(embedded_path()).state_dict()
+    a = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "run" / "model").state_dict()
+    changed = {part: [not torch.equal(b[k], a[k]) for k in b if part_of(k) == part] for part in PARTS}
+    assert any(changed["projector"]) and any(changed["vision"])
+    assert changed["llm"] and not any(changed["llm"])  # frozen
+
+
+def test_epochs_walk_every_record_once_per_epoch_in_steps_of_the_batch():
+    cfg = SFTConfig(data="d", output="o", batch_size=4, epochs=2)
+    assert cfg.steps_of(10) == [(0, 0, 4), (0, 4, 4), (0, 8, 2), (1, 0, 4), (1, 4, 4), (1, 8, 2)]
+    assert SFTConfig(data="d", output="o", batch_size=4, epochs=2, max_steps=4).steps_of(10)[-1] == (1, 0, 4)
+    with pytest.raises(ValueError, match="--train must include llm"):
+        SFTConfig(data="d", output="o", lora_rank=8, train="projector")
+    with pytest.raises(ValueError):
+        SFTConfig(data="d", output="o", train="projector,decoder")
 
 
 def test_a_rerun_resumes_from_the_last_checkpoint_and_continues_the_step_count(data, tmp_path, embedded_cache):

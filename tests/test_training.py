@@ -84,6 +84,28 @@ def test_dpo_loss_is_log_two_at_the_start_and_falls_as_the_margin_grows():
     assert better.item() < loss.item() and acc.mean().item() == 1.0
 
 
+def test_the_parts_asked_train_and_under_lora_the_llms_weights_stay_frozen(model_and_processor):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from video_llava.train.parts import param_groups, part_of, select_trained
+    from video_llava.train.run import LORA_TARGETS
+
+    model = copy.deepcopy(model_and_processor[0])
+    select_trained(model, ["projector"])
+    assert {part_of(n) for n, p in model.named_parameters() if p.requires_grad} == {"projector"}
+    groups = param_groups(model, {"vision": 1.0, "projector": 2.0, "llm": 3.0}, weight_decay=0.1)
+    assert [(g["part"], g["lr"], g["base_lr"], g["weight_decay"]) for g in groups] == [("projector", 2.0, 2.0, 0.1)]
+    lora = get_peft_model(copy.deepcopy(model_and_processor[0]),
+                          LoraConfig(r=2, target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"]))
+    select_trained(lora, ["vision", "llm"], lora=True)
+    trained = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert any(part_of(n) == "vision" for n in trained)  # asked for: trained whole, though PEFT froze it
+    assert not any(part_of(n) == "projector" for n in trained)  # not asked for: its saved copy frozen too
+    assert all("lora_" in n for n in trained if part_of(n) == "llm") and any("lora_" in n for n in trained)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_conservative_and_robust_dpo_are_log_two_at_an_even_margin_and_weigh_label_noise(smoothing):
     import torch

@@ -106,17 +106,17 @@ def plan_memory(count: ParameterCount, text_config: Any, *, strategy: str, worke
                       reference=4 * count.total if reference else 0)
 
 
-def plan_run(cfg: Any, model: str, *, lora_rank: int = 0, train_vision: bool = False, train_projector: bool = True,
-             sequences_per_example: int = 1, reference: bool = False) -> MemoryPlan:
-    """The plan of a job's run (``cfg``: its ``TrainRunConfig``) on checkpoint ``model``: a micro-batch of
-    ``batch_size`` examples of ``frames`` frames each."""
+def plan_run(cfg: Any, model: str, *, lora_rank: int = 0, sequences_per_example: int = 1,
+             reference: bool = False) -> MemoryPlan:
+    """The plan of a job's run (``cfg``: its ``TrainRunConfig``, whose ``train`` names the parts that train) on
+    checkpoint ``model``: a micro-batch of ``batch_size`` examples of ``frames`` frames each."""
     from video_llava.model.loading import resolve_config, resolve_source
     from video_llava.model.settings import ModelSettings
 
     settings = ModelSettings(model=model, num_frames=cfg.frames, max_frames=max(cfg.frames, 1))
     source = resolve_source(settings)
     resolved = resolve_config(settings, source)
-    count = count_parameters(source, lora_rank, train_vision, train_projector)
+    count = count_parameters(source, lora_rank, "vision" in cfg.train, "projector" in cfg.train, "llm" in cfg.train)
     visual = cfg.frames * resolved.per_frame if resolved.per_frame else 576  # a family that takes images: one
     return plan_memory(count, resolved.config.get_text_config(), strategy=cfg.strategy, workers=cfg.num_workers,
                        precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing,

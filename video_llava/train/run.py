@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from video_llava.model.settings import MAX_FRAMES
+from video_llava.train.parts import Part
 from video_llava.train.schedule import Schedule, lr_factor
 from video_llava.train.step import Precision, StepResult
 from video_llava.train.tracking import Tracker
@@ -64,6 +65,12 @@ class TrainRunConfig(BaseModel):
     max_grad_norm: float = Field(0.0, ge=0, description="clip the gradients' global norm to this before each step "
                                  "(0: no clipping); metrics.jsonl logs the norm before clipping")
     weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay, on every trained parameter")
+    train: tuple[Part, ...] = Field(("projector", "llm"), description="the parts that train, comma-separated: "
+                                    "vision (the vision tower), projector, llm (LLaVA-1.5's stage 1 trains the "
+                                    "projector alone, stage 2 projector,llm); the others are frozen")
+    lr_vision: float | None = Field(None, gt=0, description="the vision tower's peak learning rate (default --lr)")
+    lr_projector: float | None = Field(None, gt=0, description="the projector's peak learning rate (default --lr)")
+    lr_llm: float | None = Field(None, gt=0, description="the LLM's peak learning rate (default --lr)")
     report_to: tuple[Tracker, ...] = Field(("tensorboard",), description="where metrics go besides metrics.jsonl: "
                                            "tensorboard (event files under <output>/<name>/tensorboard), mlflow "
                                            "(MLFLOW_TRACKING_URI), wandb (WANDB_API_KEY, WANDB_PROJECT), comma-separated; "
@@ -75,6 +82,20 @@ class TrainRunConfig(BaseModel):
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
         return value
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _parts(cls, value):
+        if isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        if not value:
+            raise ValueError("name at least one part to train: vision, projector, llm")
+        return tuple(dict.fromkeys(value))
+
+    def rates(self) -> dict[str, float]:
+        """Each part's peak learning rate."""
+        return {"vision": self.lr_vision or self.lr, "projector": self.lr_projector or self.lr,
+                "llm": self.lr_llm or self.lr}
 
     @field_validator("report_to")
     @classmethod
@@ -109,35 +130,31 @@ def setup_worker(cfg: TrainRunConfig) -> None:
         torch.set_num_threads(cfg.cpus_per_worker)
 
 
-def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, freeze_vision: bool = True,
-                      freeze_projector: bool = False):
+def load_for_training(source: str, parts: tuple[str, ...] = ("projector", "llm"), lora_rank: int = 0,
+                      lora_alpha: int = 16):
     """(model, processor, trainer_state or None, source) from Ray Train's checkpoint if the run is resuming, else from
     ``source``; the returned source is what the model started from (a resumed LoRA run's frozen base).
 
-    With ``lora_rank`` > 0 the language model's attention projections get PEFT LoRA adapters and only they
-    (and the projector) train; otherwise the projector and LLM train. The vision tower is frozen unless
-    ``freeze_vision`` is False; the projector is frozen with ``freeze_projector``.
+    The ``parts`` named train, the others are frozen (``train.parts``). With ``lora_rank`` > 0 the language model's
+    attention projections get PEFT LoRA adapters and they train instead of the LLM's weights.
     """
     import ray.train
     import torch
 
     from video_llava.model.loading import load_checkpoint
-    from video_llava.train.objectives import freeze_vision_tower
-
-    def freeze(model) -> None:
-        if freeze_vision:
-            freeze_vision_tower(model)
-        if freeze_projector:
-            model.model.multi_modal_projector.requires_grad_(False)
+    from video_llava.train.parts import select_trained
 
     def with_lora(model, adapter: Path | None):
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if adapter is not None:
-            return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=LORA_TARGETS,
-                            modules_to_save=["multi_modal_projector"])
-        return get_peft_model(model, config)
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        else:
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=LORA_TARGETS,
+                                modules_to_save=["multi_modal_projector"])
+            model = get_peft_model(model, config)
+        select_trained(model, parts, lora=True)
+        return model
 
     checkpoint = ray.train.get_checkpoint()
     state = None
@@ -149,26 +166,26 @@ def load_for_training(source: str, lora_rank: int = 0, lora_alpha: int = 16, fre
                 shutil.copytree(Path(ckpt) / "sharded", state["sharded"], dirs_exist_ok=True)
                 source = state["base"]
                 model, processor = load_checkpoint(source)
-                freeze(model)
+                select_trained(model, parts)
                 if lora_rank > 0:  # fresh adapters of the same shape: the shards hold their trained weights
                     model = with_lora(model, None)
             elif lora_rank > 0:  # the frozen base the adapter was trained on, plus the adapter
                 source = state["base"]
                 model, processor = load_checkpoint(source)
-                freeze(model)
                 model = with_lora(model, Path(ckpt) / "adapter")
             else:
                 model, processor = load_checkpoint(Path(ckpt) / "model")
-                freeze(model)
+                select_trained(model, parts)
     else:
         model, processor = load_checkpoint(source)
-        freeze(model)
         if lora_rank > 0:
             model = with_lora(model, None)
+        else:
+            select_trained(model, parts)
     return model, processor, state, source
 
 
-def prepare_training(model, state: dict | None, lr: float, gradient_checkpointing: bool = False,
+def prepare_training(model, state: dict | None, rates: dict[str, float], gradient_checkpointing: bool = False,
                      strategy: Strategy = "ddp", weight_decay: float = 0.01):
     """(DDP-ready or FSDP-sharded model, AdamW over its trainable parameters, first step): restores the optimizer
     (and, sharded, the model) when resuming."""
@@ -176,6 +193,7 @@ def prepare_training(model, state: dict | None, lr: float, gradient_checkpointin
     import torch
 
     from video_llava.train import sharding
+    from video_llava.train.parts import param_groups
     from video_llava.train.step import enable_gradient_checkpointing
 
     model.train()
@@ -186,12 +204,20 @@ def prepare_training(model, state: dict | None, lr: float, gradient_checkpointin
     else:
         # a part the batch did not use (LLaVA-NeXT's image_newline in a video batch) has no gradient on that worker
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    if state is not None and "sharded" in state:
-        sharding.load_sharded(model, optimizer, state["sharded"])
-        shutil.rmtree(state["sharded"], ignore_errors=True)
-    elif state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    groups = param_groups(model, rates, weight_decay)
+    optimizer = torch.optim.AdamW(groups)
+    try:
+        if state is not None and "sharded" in state:
+            sharding.load_sharded(model, optimizer, state["sharded"])
+            shutil.rmtree(state["sharded"], ignore_errors=True)
+        elif state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"cannot resume: the checkpoint's optimizer trained other parts than --train "
+                         f"{','.join(g['part'] for g in groups)} asks ({exc}); resume with the same --train, or "
+                         "start a new run (another --name)") from exc
+    for group, asked in zip(optimizer.param_groups, groups):  # the rates asked now, not the checkpoint's
+        group.update(base_lr=asked["base_lr"], weight_decay=weight_decay, part=asked["part"])
     return model, optimizer, state["step"] if state else 0
 
 
@@ -244,11 +270,13 @@ class WorkerRun:
         the schedule's learning rate, clipped and under the run's precision: ``step.optimizer_step``."""
         from video_llava.train.step import optimizer_step
 
-        lr = self.cfg.lr_at(step, total_steps)
+        factor = self.cfg.lr_at(step, total_steps) / self.cfg.lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return optimizer_step(self.model, self.optimizer, parts, loss_of, self.cfg.precision, self.device,
+            group["lr"] = group["base_lr"] * factor
+        done = optimizer_step(self.model, self.optimizer, parts, loss_of, self.cfg.precision, self.device,
                               max_grad_norm=self.cfg.max_grad_norm)
+        return StepResult(done.loss, done.grad_norm, self.cfg.lr * factor,
+                          {g["part"]: g["lr"] for g in self.optimizer.param_groups})
 
     def end_step(self, metrics: dict[str, Any], save: bool, total_steps: int, samples: int) -> None:
         """Log the step's metrics, print a progress line every ``log_every`` steps (rank 0) and, at a checkpoint
@@ -286,9 +314,9 @@ def start_worker(cfg: TrainRunConfig, model: str, **load: Any) -> WorkerRun:
     from video_llava.model.settings import ModelSettings
 
     setup_worker(cfg)
-    loaded, processor, state, source = load_for_training(resolve_source(ModelSettings(model=model)), **load)
-    wrapped, optimizer, start_step = prepare_training(loaded, state, cfg.lr, cfg.gradient_checkpointing, cfg.strategy,
-                                                      cfg.weight_decay)
+    loaded, processor, state, source = load_for_training(resolve_source(ModelSettings(model=model)), cfg.train, **load)
+    wrapped, optimizer, start_step = prepare_training(loaded, state, cfg.rates(), cfg.gradient_checkpointing,
+                                                      cfg.strategy, cfg.weight_decay)
     rank = ray.train.get_context().get_world_rank()
     log = MetricsLog(cfg.output.resolve() / cfg.name / "metrics.jsonl", rank, start_step, cfg.report_to,
                      cfg.model_dump(mode="json"))

@@ -19,11 +19,13 @@ Precision = Literal["fp32", "bf16"]
 @dataclass(frozen=True)
 class StepResult:
     """What an optimizer step did: its loss (the weighted sum over micro-batches), the gradients' global norm before
-    any clipping, and the learning rate it stepped with (``None`` where the caller set none)."""
+    any clipping, the learning rate it stepped with (``--lr`` scaled by the schedule; ``None`` where the caller set
+    none) and each part's (``train.parts``)."""
 
     loss: float
     grad_norm: float
     lr: float | None = None
+    part_lrs: dict[str, float] | None = None
 
 
 def autocast(precision: Precision, device: Any) -> contextlib.AbstractContextManager:
