@@ -164,6 +164,27 @@ def test_batched_generate_with_left_padding_matches_one_at_a_time(embedded_model
     assert [a.num_frames for a in batched] == [16, 16, 8]
 
 
+def test_an_options_log_probability_is_what_greedy_generate_scores_its_tokens(embedded_model, clip):
+    """Teacher-forced option scores (a closed answer set's probabilities) against transformers' own: the greedy
+    answer's first tokens, scored by ``generate``, and the same text scored as an option, alone and among others."""
+    import torch
+
+    prepared = embedded_model.prepare(clip, "What color is the circle?", max_new_tokens=3)
+    embeds, mask, _, _ = embedded_model.embedder([prepared])
+    with torch.inference_mode():
+        out = embedded_model.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=3,
+                                            do_sample=False, output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[0].tolist()
+    text = embedded_model.tokenizer.decode(tokens)
+    assert embedded_model.tokenizer(text, add_special_tokens=False).input_ids == tokens  # the text is those tokens
+    expected = sum(float(step[0].float().log_softmax(-1)[t]) for step, t in zip(out.scores, tokens))
+    alone = embedded_model.option_logprobs(prepared, [text])
+    among = embedded_model.option_logprobs(prepared, ["blue", text, "a green triangle"])
+    assert alone[0] == pytest.approx(expected, abs=1e-4)
+    assert among[1] == pytest.approx(expected, abs=1e-4)  # right padding of the shorter options changes nothing
+    assert among[0] == pytest.approx(embedded_model.option_logprobs(prepared, ["blue"])[0], abs=1e-4)
+
+
 def test_cpu_defaults_are_float32_and_sdpa(embedded_model):
     described = embedded_model.describe()
     assert described["device"] == "cpu" and described["dtype"] == "float32"

@@ -212,6 +212,13 @@ def test_eval_reports_accuracy_and_judge_reward_per_question_type(data, tmp_path
     assert set(figures) >= {"color", "shape", "count", "direction"}
     answers = json.loads(out.read_text())["answers"]
     assert len(answers) == 8 and all(len(a["candidates"]) == 1 for a in answers)
+    # the probability of the right answer among the possible ones, per type, from each question's own
+    assert all(0 < a["correct_option_prob"] < 1 for a in answers)
+    for name in ("all", "color", "shape", "count", "direction"):
+        mine = [a["correct_option_prob"] for a in answers if name in ("all", a["qa_type"])]
+        f = figures[name]["correct_option_probability"]
+        assert f["value"] == pytest.approx(sum(mine) / len(mine), abs=1e-4) and f["low"] <= f["value"] <= f["high"]
+        assert figures[name]["accuracy_interval"][0] <= figures[name]["accuracy"] <= figures[name]["accuracy_interval"][1]
 
 
 def test_eval_describe_scores_descriptions_against_each_clip_and_compares_with_a_baseline(data, tmp_path,

@@ -91,10 +91,11 @@ def describe_rows(record: dict[str, Any], root: Path) -> list[dict[str, Any]]:
 
 
 def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temperature: float, top_p: float = 1.0,
-                   min_margin: int = 1, binding: bool = False, describe: bool = False):
+                   min_margin: int = 1, binding: bool = False, describe: bool = False, option_probs: bool = False):
     """records -> sampled answers -> judged rows, as a lazy Ray Dataset. ``jobs.eval`` asks one greedy answer per
     question; ``binding``: the questions of ``binding_rows`` instead of each record's first; ``describe``: a
-    detailed description of each clip (``describe_rows``)."""
+    detailed description of each clip (``describe_rows``); ``option_probs``: each closed-set question's probability
+    of the right answer among the possible ones (``correct_option_prob``)."""
     import ray
 
     from video_llava.feedback.steps import AnswerSampler, JudgeStep
@@ -115,7 +116,8 @@ def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temp
         AnswerSampler,
         fn_constructor_kwargs=dict(settings=settings, samples=samples,
                                    temperature=temperature, top_p=top_p, max_new_tokens=cfg.max_new_tokens,
-                                   frames=cfg.frames, seed=cfg.seed, batches_in_flight=cfg.batches_in_flight),
+                                   frames=cfg.frames, seed=cfg.seed, batches_in_flight=cfg.batches_in_flight,
+                                   option_probs=option_probs),
         batch_size=cfg.batch_size,
         compute=model_actor_pool(cfg.concurrency, cfg.batches_in_flight),
         num_gpus=cfg.num_gpus,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from video_llava.feedback.intervals import wilson
+from video_llava.feedback.intervals import ratio_with_interval, wilson
 from video_llava.feedback.words import words
 
 
@@ -41,6 +41,9 @@ def score(rows: list[dict]) -> dict:
             "accuracy_interval": wilson(right, len(group)),  # 95%
             "mean_reward": round(sum(rewards) / len(rewards), 4) if rewards else None,
         }
+        probs = [r["correct_option_prob"] for r in answered if r.get("correct_option_prob") is not None]
+        if probs:  # the probability the model gives the right answer among the possible ones, with its interval
+            figures[name]["correct_option_probability"] = ratio_with_interval(probs, [1] * len(probs))
     return figures
 
 

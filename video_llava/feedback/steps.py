@@ -22,7 +22,8 @@ class AnswerSampler:
     other ``batches_in_flight`` calls running at once in threads of the actor."""
 
     def __init__(self, settings: dict[str, Any], samples: int, temperature: float, top_p: float,
-                 max_new_tokens: int, frames: int, seed: int = 0, batches_in_flight: int = 1):
+                 max_new_tokens: int, frames: int, seed: int = 0, batches_in_flight: int = 1,
+                 option_probs: bool = False):
         from video_llava.engine import Engine
         from video_llava.model.qa_model import VideoQAModel
         from video_llava.model.settings import ModelSettings
@@ -32,6 +33,7 @@ class AnswerSampler:
         self.engine = Engine(self.model, max_running=running, preprocess_ahead=running)
         self.samples, self.temperature, self.top_p = samples, temperature, top_p
         self.max_new_tokens, self.frames, self.seed = max_new_tokens, frames, seed
+        self.option_probs = option_probs
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         n = len(batch["id"])
@@ -54,8 +56,28 @@ class AnswerSampler:
                 errors[i] = f"sample: {type(result).__name__}: {str(result)[:300]}"
             else:
                 candidates[i] = [a.text for a in result]
-        return {**{k: list(v) for k, v in batch.items()}, "candidates": candidates, "error": errors,
-                "model": [self.model.model_id] * n}
+        out = {**{k: list(v) for k, v in batch.items()}, "candidates": candidates, "error": errors,
+               "model": [self.model.model_id] * n}
+        if self.option_probs:
+            out["correct_option_prob"] = [self._correct_option_prob(prepared[i], batch["qa_type"][i],
+                                                                    batch["reference"][i])
+                                          if i in prepared and not errors[i] else None for i in range(n)]
+        return out
+
+    def _correct_option_prob(self, prepared: Any, qa_type: str, reference: str) -> float | None:
+        """The probability the model gives the reference among its question type's possible answers (a softmax of
+        their log-probabilities); ``None`` for a question without a closed answer set."""
+        import math
+
+        from video_llava.data.synthetic_qa import QA_TYPES, answer_choices
+
+        if qa_type not in QA_TYPES or reference not in answer_choices(qa_type):
+            return None
+        options = answer_choices(qa_type)
+        logps = self.model.option_logprobs(prepared, options)
+        top = max(logps)
+        weights = [math.exp(lp - top) for lp in logps]
+        return weights[options.index(reference)] / sum(weights)
 
 
 class JudgeStep:

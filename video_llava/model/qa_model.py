@@ -185,6 +185,35 @@ class VideoQAModel:
         return [self.answer_from_tokens(p, row, elapsed, hit, seconds, stop)
                 for p, row, hit, seconds in zip(prepared, output.cpu().tolist(), cached, vision_s)]
 
+    def option_logprobs(self, prepared: PreparedQuestion, options: Sequence[str]) -> list[float]:
+        """The summed log-probability of each of ``options`` as the answer to ``prepared``, teacher-forced in one
+        batched forward (the prompt's rows right-padded): what the probabilities of a closed answer set are made
+        of. A reference-path call, in one process."""
+        import torch
+
+        self._one_process("option_logprobs")
+        if not options:
+            return []
+        embeds, mask, _, _ = self.embedder([prepared])
+        ids = [self.tokenizer(option, add_special_tokens=False).input_ids for option in options]
+        longest = max(len(option) for option in ids)
+        table = self.model.get_input_embeddings()
+        rows, masks = [], []
+        for option in ids:
+            pad = longest - len(option)
+            tokens = torch.tensor(option + [0] * pad, device=embeds.device)
+            rows.append(torch.cat([embeds[0], table(tokens).to(embeds.dtype)]))
+            masks.append(torch.cat([mask[0], torch.tensor([1] * len(option) + [0] * pad, device=mask.device,
+                                                          dtype=mask.dtype)]))
+        with torch.inference_mode():
+            logits = self.model(inputs_embeds=torch.stack(rows), attention_mask=torch.stack(masks)).logits.float()
+        start = embeds.shape[1]  # the logits at position start - 1 predict the option's first token
+        scores = []
+        for k, option in enumerate(ids):
+            picked = logits[k, start - 1:start - 1 + len(option)].log_softmax(-1)
+            scores.append(float(picked.gather(1, torch.tensor(option, device=picked.device).unsqueeze(1)).sum()))
+        return scores
+
     def stream(self, prepared: PreparedQuestion, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] = ()) -> Iterator[str | Answer]:
         """Text pieces of one prepared question as transformers' ``generate`` makes them, then its ``Answer`` (the
