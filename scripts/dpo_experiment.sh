@@ -76,7 +76,7 @@ scores = {p.name[len("eval-tune-"):-len("-describe-val.json")]: json.loads(p.rea
 print(min(sorted(scores), key=scores.get))  # the lowest validation hallucination rate
 PY
 )
-lr=${best%-*}; rpo=${best#*-}
+lr=${best%-*}; rpo=${best##*-}
 echo "dpo-new: lr $lr, rpo-alpha $rpo (the lowest hallucination rate on the validation split)"
 steps=$(wc -l < "$RUNS/chosen-data/train.jsonl"); steps=$(( (steps + 7) / 8 * 3 ))
 

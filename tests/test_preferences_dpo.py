@@ -214,6 +214,11 @@ def test_eval_reports_accuracy_and_judge_reward_per_question_type(data, tmp_path
     assert len(answers) == 8 and all(len(a["candidates"]) == 1 for a in answers)
     # the probability of the right answer among the possible ones, per type, from each question's own
     assert all(0 < a["correct_option_prob"] < 1 for a in answers)
+    from video_llava.data.synthetic_qa import answer_choices
+    from video_llava.feedback.scoring import is_correct
+
+    right = [a for a in answers if is_correct(a["candidates"][0], a["reference"], a["qa_type"])]
+    assert right and all(a["correct_option_prob"] > 1 / len(answer_choices(a["qa_type"])) for a in right)
     for name in ("all", "color", "shape", "count", "direction"):
         mine = [a["correct_option_prob"] for a in answers if name in ("all", a["qa_type"])]
         f = figures[name]["correct_option_probability"]

@@ -74,7 +74,10 @@ class AnswerSampler:
         if qa_type not in QA_TYPES or reference not in answer_choices(qa_type):
             return None
         options = answer_choices(qa_type)
-        logps = self.model.option_logprobs(prepared, options)
+        # each option as it may be said: on its own and after a space (byte-level BPE tokenizers, the embedded
+        # default's among them, answer " red" as one token where "red" alone is several)
+        both = self.model.option_logprobs(prepared, options + [" " + option for option in options])
+        logps = [max(a, b) + math.log1p(math.exp(-abs(a - b))) for a, b in zip(both, both[len(options):])]
         top = max(logps)
         weights = [math.exp(lp - top) for lp in logps]
         return weights[options.index(reference)] / sum(weights)
