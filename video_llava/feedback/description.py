@@ -5,22 +5,23 @@ not have (binding errors). The specification is the ground truth, so no judge's 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from video_llava.feedback.intervals import ratio_with_interval
 from video_llava.feedback.words import words
 
-KINDS = ("shape", "color", "direction", "count")
+KINDS = ("shape", "color", "direction", "count")  # synthetic_qa.QA_TYPES, the closed answer sets
 
 
+@functools.cache
 def vocabulary() -> dict[str, str]:
-    """Every word a description may name a clip's property with -> its kind (``count``: the number words)."""
-    from video_llava.data.synthetic_qa import NUMBER_WORDS
-    from video_llava.data.synthetic_video import COLORS, DIRECTIONS, SHAPES
+    """Every word a description may name a clip's property with -> its kind: the possible answers of each synthetic
+    question type (``count``: the number words)."""
+    from video_llava.data.synthetic_qa import answer_choices
 
-    kinds = {"shape": SHAPES, "color": tuple(COLORS), "direction": tuple(DIRECTIONS), "count": NUMBER_WORDS[1:4]}
-    return {word: kind for kind, vocab in kinds.items() for word in vocab}
+    return {word: kind for kind in KINDS for word in answer_choices(kind)}
 
 
 @dataclass(frozen=True)

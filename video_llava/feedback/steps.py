@@ -67,8 +67,6 @@ class AnswerSampler:
     def _correct_option_prob(self, prepared: Any, qa_type: str, reference: str) -> float | None:
         """The probability the model gives the reference among its question type's possible answers (a softmax of
         their log-probabilities); ``None`` for a question without a closed answer set."""
-        import math
-
         from video_llava.data.synthetic_qa import QA_TYPES, answer_choices
 
         if qa_type not in QA_TYPES or reference not in answer_choices(qa_type):
@@ -77,10 +75,9 @@ class AnswerSampler:
         # each option as it may be said: on its own and after a space (byte-level BPE tokenizers, the embedded
         # default's among them, answer " red" as one token where "red" alone is several)
         both = self.model.option_logprobs(prepared, options + [" " + option for option in options])
-        logps = [max(a, b) + math.log1p(math.exp(-abs(a - b))) for a, b in zip(both, both[len(options):])]
-        top = max(logps)
-        weights = [math.exp(lp - top) for lp in logps]
-        return weights[options.index(reference)] / sum(weights)
+        logps = np.logaddexp(both[:len(options)], both[len(options):])
+        weights = np.exp(logps - logps.max())
+        return float(weights[options.index(reference)] / weights.sum())
 
 
 class JudgeStep:
