@@ -1,10 +1,13 @@
 """Supervised fine-tuning of LLaVA-NeXT-Video on LLaVA-style video QA records, with Ray Train.
 
     python -m jobs.sft --data data/synthetic --output runs --name sft [--max-steps 200] [--batch-size 8]
+    python -m jobs.sft --records llava_v1_5_mix665k.json --media-root s3://bucket/images --on-bad-record skip ...
     ray job submit --working-dir . -- python -m jobs.sft --data /shared/data/synthetic --output /shared/runs --name sft
 
-Records are read with Ray Data and split across workers. Every gpt turn of a record's conversation is trained on
-(the first human turn carries the media; later ones are text). Loss only on answer tokens; vision tower frozen,
+Records come from ``<data>/train.jsonl`` or ``--records`` (LLaVA's released ``.json`` arrays or ``.jsonl``: video,
+image, several images with their placeholders anywhere in the human turns, or text-only records;
+``data.record_files``), are checked on the driver (bad ones reported by index and reason, fatal or skipped), and
+every worker takes its share by rank. Every gpt turn of a record's conversation is trained on. Loss only on answer tokens; vision tower frozen,
 projector + LLM trained (or, with ``--lora-rank N``, PEFT LoRA adapters on the LLM's attention projections
 plus the projector); DDP over ``--num-workers`` workers (1 CPU worker here, N GPUs on a cluster), or with
 ``--strategy fsdp`` FSDP2 (weights, gradients and optimizer state sharded across the workers, sharded checkpoints);
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from video_llava.data.record_files import BadRecordsError, OnBadRecord
 from video_llava.job_cli import run_job
 from video_llava.model.settings import MAX_FRAMES
 from video_llava.ray_runtime import ensure_ray
@@ -31,7 +35,15 @@ from video_llava.train.run import TrainRunConfig, fit
 
 
 class SFTConfig(TrainRunConfig):
-    data: Path = Field(..., description="dataset directory with train.jsonl (video and/or image records) and the media")
+    data: Path | None = Field(None, description="dataset directory with train.jsonl and the media (make_synthetic's "
+                              "layout); or give --records")
+    records: str | None = Field(None, description="a records file as LLaVA releases them: a .json array or .jsonl, "
+                                "local or s3:// (video, image, several images, or text-only records)")
+    media_root: str | None = Field(None, description="directory or s3:// prefix the records' relative media paths are "
+                                   "under (default: the records file's directory)")
+    on_bad_record: OnBadRecord = Field("fail", description="a record that cannot be trained on (malformed, media "
+                                       "missing or undecodable) stops the run (fail) or is reported and left out "
+                                       "(skip); either way each is listed with its index and reason")
     name: str = "sft"
     model: str = Field("embedded", description="starting checkpoint: a directory, a hub id, 'embedded' or 'embedded-init'")
     max_steps: int | None = Field(None, ge=1, description="steps to train (default 200, or all of --epochs; with "
@@ -40,6 +52,23 @@ class SFTConfig(TrainRunConfig):
                                "--max-steps' seeded draws)")
     batch_size: int = Field(8, ge=1)
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the LLM's attention projections (PEFT); 0 trains the full LLM")
+
+    @model_validator(mode="after")
+    def _records_named(self):
+        if (self.data is None) == (self.records is None):
+            raise ValueError("give --data (a directory with train.jsonl) or --records (a .json/.jsonl file), not both")
+        return self
+
+    @property
+    def records_uri(self) -> str:
+        return self.records if self.records is not None else str(self.data.resolve() / "train.jsonl")
+
+    @property
+    def media_root_uri(self) -> str:
+        """Where relative media paths point: --media-root, else the records file's directory."""
+        if self.media_root is not None:
+            return self.media_root if "://" in self.media_root else str(Path(self.media_root).resolve())
+        return self.records_uri.rsplit("/", 1)[0] if "://" in self.records_uri else str(Path(self.records_uri).resolve().parent)
 
     @model_validator(mode="after")
     def _lora_adapts_the_llm(self):
@@ -90,14 +119,14 @@ def train_loop(config: dict) -> None:
     """Runs on each Ray Train worker: its shard of the records, sampled in seeded random batches."""
     import random
 
-    from video_llava.data.records import conversation_turns, flatten_record
-    from video_llava.train.examples import ExampleMaker, answer_tokens, collate
+    from video_llava.data.record_files import BadRecordError, TrainingRecord
+    from video_llava.train.examples import ExampleMaker, answer_tokens, collate, conversation_example
     from video_llava.train.run import start_worker, worker_rows
     from video_llava.train.step import chunks
 
     cfg = SFTConfig.model_validate(config)
     run = start_worker(cfg, cfg.model, lora_rank=cfg.lora_rank)
-    records = worker_rows()
+    records = [TrainingRecord.from_row(row) for row in worker_rows()]
     make_example = ExampleMaker(run.processor, cfg.frames)
     epochs = cfg.steps_of(len(records)) if cfg.epochs else None
     total = len(epochs) if epochs is not None else cfg.max_steps or 200
@@ -113,10 +142,28 @@ def train_loop(config: dict) -> None:
         random.Random(f"{cfg.seed}-{run.rank}-epoch-{epoch}").shuffle(order)
         return [records[k] for k in order[position:position + take]]
 
-    def example(record: dict, frames: int) -> dict:
-        """A video or an image record (both may share a batch), with every turn of its conversation trained on."""
-        row = flatten_record(record, cfg.data.resolve())
-        return make_example(row, row["reference"], frames, follow_ups=conversation_turns(record)[1:])
+    unreadable: set[int] = set()  # records whose media failed (reported once)
+
+    def example(record: TrainingRecord, frames: int) -> dict:
+        """A record's example, every turn of its conversation trained on. A record whose media cannot be read fails
+        the run naming it, or under --on-bad-record skip is reported and the next readable record of this worker's
+        takes its place (the batch keeps its size, so every worker runs the same micro-batches)."""
+        start = records.index(record)
+        for k in range(len(records)):
+            candidate = records[(start + k) % len(records)]
+            if candidate.index in unreadable:
+                continue
+            try:
+                media = make_example.record_media(candidate, frames)
+            except Exception as e:  # whatever the decoder, PIL or S3 raised: this record's media are unreadable
+                reason = f"record {candidate.index} (id {candidate.id!r}): its media could not be read: {e}"
+                if cfg.on_bad_record == "fail":
+                    raise BadRecordError(reason + " (--on-bad-record skip leaves such records out)") from e
+                print(f"skipped {reason}", file=sys.stderr)
+                unreadable.add(candidate.index)
+                continue
+            return conversation_example(run.processor, candidate, media)
+        raise BadRecordError("no record on this worker has readable media")
 
     def loss_of(batch: dict):
         return run.model(**{k: v.to(run.device) for k, v in batch.items()}).loss
@@ -140,22 +187,27 @@ def train_loop(config: dict) -> None:
 def main(cfg: SFTConfig):
     import ray
 
+    from video_llava.data.record_files import load_training_records
+
     if cfg.dry_run:
         from video_llava.train.memory_plan import plan_run
 
         print(plan_run(cfg, cfg.model, lora_rank=cfg.lora_rank).describe())
         return None
-    records = cfg.data / "train.jsonl"
-    if not records.is_file():
-        raise FileNotFoundError(f"no train.jsonl in {cfg.data} (make one with python -m jobs.make_synthetic)")
+    if "://" not in cfg.records_uri and not Path(cfg.records_uri).is_file():
+        hint = " (make one with python -m jobs.make_synthetic)" if cfg.data is not None else ""
+        raise FileNotFoundError(f"no records file {cfg.records_uri}{hint}")
+    report = cfg.output.resolve() / cfg.name / "bad_records.jsonl"
+    records = load_training_records(cfg.records_uri, cfg.media_root_uri, cfg.on_bad_record, report=report)
+    print(f"sft: {len(records)} records from {cfg.records_uri}, media under {cfg.media_root_uri}", file=sys.stderr)
     ensure_ray()
-    result, final = fit(train_loop, cfg, datasets={"train": ray.data.read_json(str(records.resolve())).materialize()})
+    result, final = fit(train_loop, cfg, datasets={"train": ray.data.from_items([r.to_row() for r in records])})
     print(f"sft: finished at step {result.metrics.get('step')} loss {result.metrics.get('loss'):.4f}; model in {final}")
     return result
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(SFTConfig, main, "python -m jobs.sft", __doc__, argv, expected=(FileNotFoundError,))
+    return run_job(SFTConfig, main, "python -m jobs.sft", __doc__, argv, expected=(FileNotFoundError, BadRecordsError))
 
 
 if __name__ == "__main__":

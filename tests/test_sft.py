@@ -43,7 +43,8 @@ def data(tmp_path_factory) -> Path:
 def run_sft(data: Path, output: Path, cache: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(cache),
            "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
-    args = [sys.executable, "-m", "jobs.sft", "--data", str(data), "--output", str(output), "--name", "run",
+    source = ["--records", str(data)] if data.is_file() else ["--data", str(data)]
+    args = [sys.executable, "-m", "jobs.sft", *source, "--output", str(output), "--name", "run",
             "--max-steps", str(steps), "--batch-size", "4", "--checkpoint-every", "2", "--frames", "4", *extra]
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -133,24 +134,76 @@ def test_epochs_walk_every_record_once_per_epoch_in_steps_of_the_batch():
         SFTConfig(data="d", output="o", train="projector,decoder")
 
 
-def test_a_rerun_resumes_from_the_last_checkpoint_and_continues_the_step_count(data, tmp_path, embedded_cache):
+def test_a_rerun_resumes_from_the_last_checkpoint_continues_the_step_count_and_keeps_its_parts(
+        data, tmp_path, embedded_cache):
     first = run_sft(data, tmp_path, embedded_cache, steps=4)
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     second = run_sft(data, tmp_path, embedded_cache, steps=6)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
     assert "finished at step 6" in second.stdout
+    other_parts = run_sft(data, tmp_path, embedded_cache, 8, "--train", "projector")
+    assert other_parts.returncode != 0  # its AdamW state is for other parameters: a resume would mix them
+    assert "cannot resume: the checkpoint trained projector,llm, --train asks projector" in (
+        other_parts.stdout + other_parts.stderr)
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_sft_runs_on_a_onevision_checkpoint_with_mixed_records_in_bf16_checkpointed_micro_batches(
-        data, tmp_path, embedded_cache, tiny_checkpoint):
-    """The options a 7B run takes (bf16 autocast, gradient checkpointing, two micro-batches a step) through the
-    job's entry point (their effect on the update: tests/test_training_steps.py)."""
+@pytest.fixture(scope="module")
+def llava_file(data) -> Path:
+    """A ``.json`` array in LLaVA's released shapes, apart from its media (--media-root): LLaVA-Video records (a video
+    under an ``<image>`` placeholder), a LLaVA-1.5 image record, two images in two turns, a text-only ShareGPT record,
+    a video that does not decode (index 5) and a record with no conversation (index 6)."""
+    videos = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()][:3]
+    (data / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+
+    def turns(*values):
+        return [{"from": "human" if k % 2 == 0 else "gpt", "value": v} for k, v in enumerate(values)]
+
+    records = [
+        {"id": v["id"], "video": v["video"], "conversations": turns(
+            v["conversations"][0]["value"].replace("<video>", "<image>"), v["conversations"][1]["value"])}
+        for v in videos[:2]]
+    records += [
+        {"id": "img", "image": "images/0.png", "conversations": turns("<image>\nWhat color is the circle?", "red")},
+        {"id": "two", "image": ["images/0.png", "images/1.png"], "conversations": turns(
+            "Here: <image>\nWhat color is the circle?", "red", "And here: <image>\nWhat color is it?", "red")},
+        {"id": "chat", "conversations": [{"from": "system", "value": "Be brief."}, *turns("Hello?", "Hi.")]},
+        {"id": "broken", "video": "broken.mp4", "conversations": turns("<video>\nWhat is it?", "nothing")},
+        {"id": "empty", "image": "images/2.png"},
+        {"id": videos[2]["id"], "video": videos[2]["video"], "conversations": turns("<video>\nWhat?", "a shape")},
+        {"id": "img2", "image": "images/2.png", "conversations": turns("<image>\nWhat shape is red?", "circle")},
+    ]
+    (data / "sets").mkdir(exist_ok=True)
+    (data / "sets" / "mix.json").write_text(json.dumps(records))
+    return data / "sets" / "mix.json"
+
+
+def test_a_bad_record_stops_the_run_before_training_naming_its_index_and_reason(llava_file, data, tmp_path,
+                                                                               embedded_cache):
+    result = run_sft(llava_file, tmp_path, embedded_cache, 2, "--media-root", str(data))
+    assert result.returncode == 2  # the jobs' exit status for an input to fix
+    assert "record 6 (id 'empty'): no 'conversations' list" in result.stderr
+    assert "--on-bad-record skip" in result.stderr and not (tmp_path / "run" / "model").exists()
+    assert json.loads((tmp_path / "run" / "bad_records.jsonl").read_text())["index"] == 6
+
+
+def test_sft_runs_on_a_onevision_checkpoint_over_llava_files_in_bf16_checkpointed_micro_batches(
+        llava_file, data, tmp_path, embedded_cache, tiny_checkpoint):
+    """LLaVA's file shapes (videos, images, two images in two turns, text-only) on OneVision, which reads a sample's
+    several images together, with the options a 7B run takes (bf16 autocast, gradient checkpointing, two
+    micro-batches a step; their effect on the update: tests/test_training_steps.py). One epoch: every record is
+    trained on once, the undecodable video reported and replaced."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    result = run_sft(data, tmp_path, embedded_cache, 2, "--model", str(tiny_checkpoint("llava_onevision")),
+    result = run_sft(llava_file, tmp_path, embedded_cache, 2, "--media-root", str(data), "--on-bad-record", "skip",
+                     "--epochs", "1", "--model", str(tiny_checkpoint("llava_onevision")),
                      "--precision", "bf16", "--gradient-checkpointing", "--grad-accum", "2", "--batch-size", "2")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    output = result.stdout + result.stderr
+    assert "skipped record 6 (id 'empty'): no 'conversations' list" in output
+    assert "skipped record 5 (id 'broken'): its media could not be read" in output
+    assert "sft: 8 records from" in output
     losses = [m["loss"] for m in _metrics(tmp_path)]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     trained = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "run" / "model")

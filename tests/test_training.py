@@ -179,3 +179,75 @@ def test_records_may_name_their_media_by_s3_uri(tmp_path, monkeypatch):
         assert load_media("", "s3://train/i/frame.png", 3).shape == (1, 30, 40, 3)
     finally:
         server.stop()
+
+
+def record_of(raw: dict, root):
+    from video_llava.data.record_files import parse_record
+
+    return parse_record(raw, 0, str(root))
+
+
+def test_images_sit_where_their_placeholders_stand_in_any_turn_and_only_answers_are_labelled(
+        model_and_processor, tmp_path):
+    import torch
+
+    from video_llava.train.examples import conversation_example
+
+    model, processor = model_and_processor
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"x")
+    record = record_of({"id": "ov", "image": ["a.png", "b.png", "c.png"], "conversations": [
+        {"from": "human", "value": "First: <image> second: <image>\nWhat color is the circle?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "And here? <image>"}, {"from": "gpt", "value": "blue"}]}, tmp_path)
+    wide = render_frames(SAMPLE_SHAPES, num_frames=1, width=96, height=40)[0]
+    tall = render_frames(SAMPLE_SHAPES, num_frames=1, width=40, height=96)[0]
+    example = conversation_example(processor, record, [wide, tall, wide])
+    ids, tokenizer = example["input_ids"], processor.tokenizer
+    image = (ids == processor.image_token_id).int()
+    assert torch.nonzero(torch.diff(image)).numel() == 6  # three runs of image tokens, one per placeholder
+    text = tokenizer.decode(ids[ids != processor.image_token_id])
+    assert ("USER: First:  second: \nWhat color is the circle? ASSISTANT: red</s>"
+            "USER: \nAnd here? ASSISTANT: blue</s>") in text  # several in place; a lone one first, as LLaVA's trainers
+    assert tokenizer.decode(ids[example["labels"] != IGNORE_INDEX]) == " red</s> blue</s>"
+    assert example["image_sizes"].tolist() == [[40, 96], [96, 40], [40, 96]]
+    text_only = record_of({"id": "t", "conversations": [{"from": "system", "value": "Be brief."},
+                                                         {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hi."}]},
+                          tmp_path)
+    video = record_of({"id": "v", "video": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the circle?"}, {"from": "gpt", "value": "red"}]}, tmp_path)
+    frames = render_frames(SAMPLE_SHAPES, num_frames=2, width=64, height=48)
+    chat = conversation_example(processor, text_only, [])
+    assert tokenizer.decode(chat["input_ids"]) == "<s>Be brief. USER: Hi? ASSISTANT: Hi.</s>"
+    assert not set(chat) & {"pixel_values", "pixel_values_videos"}
+    batch = collate([example, chat, conversation_example(processor, video, [frames])], tokenizer.pad_token_id)
+    assert batch["pixel_values"].shape[0] == 3 and batch["pixel_values_videos"].shape[0] == 1
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava"])
+def test_several_images_of_one_record_train_on_every_family_shape(family, tiny_checkpoint, tmp_path):
+    """OneVision takes a turn's images together at base resolution (batch_num_images), LLaVA-1.5 one tensor per
+    image: the processor's token counts and the model's features agree (the forward would fail otherwise)."""
+    import torch
+
+    from video_llava.model.loading import load_checkpoint
+    from video_llava.train.examples import conversation_example
+
+    model, processor = load_checkpoint(tiny_checkpoint(family))
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"x")
+    images = [render_frames(SAMPLE_SHAPES, num_frames=1, width=w, height=h)[0] for w, h in ((96, 40), (40, 96), (64, 64))]
+    together = record_of({"id": "a", "image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nWhich is wider?"}, {"from": "gpt", "value": "The first."}]}, tmp_path)
+    alone = record_of({"id": "b", "image": "c.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "circle"}]}, tmp_path)
+    examples = [conversation_example(processor, together, images[:2]), conversation_example(processor, alone, images[2:])]
+    batch = collate(examples, processor.tokenizer.pad_token_id)
+    if family == "llava_onevision":
+        assert batch["batch_num_images"].tolist() == [2, 1]
+    assert batch["pixel_values"].shape[0] == 3
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)

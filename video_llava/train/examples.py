@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from video_llava.data.record_files import TrainingRecord
+
 IGNORE_INDEX = -100
-MEDIA_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos")  # what a batch feeds the vision tower
+MEDIA_KEYS = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")  # what feeds the vision tower
 
 
 def sft_example(processor, prompt: str, answer: str, frames: np.ndarray | None = None, image: np.ndarray | None = None,
@@ -19,30 +22,82 @@ def sft_example(processor, prompt: str, answer: str, frames: np.ndarray | None =
     ``follow_ups``: later (question, answer) turns of the conversation, each appended as a text-only user turn
     (``follow_up_prompt``) and its answer + EOS, with labels on every answer.
     """
-    import torch
-
     from video_llava.model.prompts import follow_up_prompt
 
-    tokenizer = processor.tokenizer
     if image is not None:
         prompt = prompt.replace(processor.video_token, processor.image_token)
-        inputs = processor(text=[prompt], images=[image], return_tensors="pt")
-        media = {"pixel_values": inputs["pixel_values"][0], "image_sizes": inputs["image_sizes"][0]}
-    else:
-        inputs = processor(text=[prompt], videos=[frames], return_tensors="pt")
-        media = {"pixel_values_videos": inputs["pixel_values_videos"][0]}
+    media = [image] if image is not None else [frames]
+    return tokenized_turns(processor, [(prompt, media, answer),
+                                       *((follow_up_prompt(processor, q), [], a) for q, a in follow_ups)])
+
+
+def conversation_example(processor, record: TrainingRecord, media: Sequence[np.ndarray]) -> dict[str, Any]:
+    """A checked record (``data.record_files``) as one example: its system turn and first user turn rendered with the
+    checkpoint's chat template, later user turns as ``follow_up_prompt``s, each medium where its placeholder stands
+    (``media``: the record's, in order: images ``(H, W, 3)``, a video ``(N, H, W, 3)``), labels on every answer."""
+    from video_llava.data.record_files import PLACEHOLDERS
+    from video_llava.model.prompts import Turn, build_conversation, follow_up_prompt
+
+    tokens = {PLACEHOLDERS["image"]: processor.image_token,
+              PLACEHOLDERS["video"]: getattr(processor, "video_token", PLACEHOLDERS["video"])}
+    system = [Turn("system", record.system)] if record.system else []
+    turns, used = [], 0
+    for i, (question, answer) in enumerate(record.exchanges()):
+        count = sum(question.count(p) for p in tokens)
+        for placeholder, token in tokens.items():
+            question = question.replace(placeholder, token)
+        context = build_conversation(processor, [*system, Turn("user", question)]) if i == 0 else (
+            follow_up_prompt(processor, question))
+        turns.append((context, media[used:used + count], answer))
+        used += count
+    return tokenized_turns(processor, turns)
+
+
+def tokenized_turns(processor, turns: Sequence[tuple[str, Sequence[np.ndarray], str]]) -> dict[str, Any]:
+    """(context, its media, reply) turns as one example: each context (the first with the tokenizer's special
+    tokens) with its placeholders expanded by the processor over its media, then `` reply`` + EOS labelled.
+
+    Images of one turn go to the processor together (OneVision reads several images of one sample at base
+    resolution, a lone one anyres) and the model gets the same grouping through ``batch_num_images``."""
+    import torch
+
+    tokenizer = processor.tokenizer
     eos = torch.tensor([tokenizer.eos_token_id])
 
-    def text_ids(text: str):
-        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    def text_ids(text: str, special: bool = False):
+        return tokenizer(text, add_special_tokens=special, return_tensors="pt")["input_ids"][0]
 
-    pieces, labels = [], []
-    for i, (context, reply) in enumerate([(None, answer), *follow_ups]):
-        context_ids = inputs["input_ids"][0] if i == 0 else text_ids(follow_up_prompt(processor, context))
+    pieces, labels, media = [], [], []
+    for i, (context, turn_media, reply) in enumerate(turns):
+        if len(turn_media):
+            images = [m for m in turn_media if np.ndim(m) == 3]
+            videos = [m for m in turn_media if np.ndim(m) == 4]
+            inputs = processor(text=[context], return_tensors="pt", add_special_tokens=i == 0,
+                               **({"images": [images]} if images else {}), **({"videos": videos} if videos else {}))
+            context_ids = inputs["input_ids"][0]
+            media.append({k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
+        else:
+            context_ids = text_ids(context, special=i == 0)
         reply_ids = torch.cat([text_ids(" " + reply), eos])
         pieces += [context_ids, reply_ids]
         labels += [torch.full_like(context_ids, IGNORE_INDEX), reply_ids]
-    return {"input_ids": torch.cat(pieces), "labels": torch.cat(labels), **media}
+    return {"input_ids": torch.cat(pieces), "labels": torch.cat(labels), **joined_media(media)}
+
+
+def joined_media(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Media inputs of several turns or examples as one: each key concatenated along its first (medium) axis;
+    anyres patch stacks ``(images, patches, C, H, W)`` zero-padded to the most patches (the model reads each
+    image's real patch count from ``image_sizes``). Videos must share a frame count."""
+    import torch
+
+    joined: dict[str, Any] = {}
+    for key in dict.fromkeys(k for part in parts for k in part):
+        values = [part[key] for part in parts if key in part]
+        if key == "pixel_values" and values[0].dim() == 5:
+            patches = max(v.shape[1] for v in values)
+            values = [torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 0, 0, patches - v.shape[1])) for v in values]
+        joined[key] = torch.cat(values)
+    return joined
 
 
 def fixed_length(frames: np.ndarray, count: int, is_image: bool = False) -> np.ndarray:
@@ -83,13 +138,15 @@ class ExampleMaker:
             return sft_example(self.processor, prompt, answer, image=media[0], follow_ups=follow_ups)
         return sft_example(self.processor, prompt, answer, media, follow_ups=follow_ups)
 
+    def record_media(self, record: TrainingRecord, frames: int | None = None) -> list[np.ndarray]:
+        """A checked record's media (``data.record_files``) in order, for ``conversation_example``: images
+        ``(H, W, 3)``, a video ``(frames, H, W, 3)``."""
+        return [self.media(m.uri, "", frames) if m.kind == "video" else self.media("", m.uri, frames)[0]
+                for m in record.media]
+
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
-    """Right-pad ``sft_example`` outputs into one batch; image and video examples may be mixed.
-
-    Videos must share a frame count. Images' anyres patch stacks are zero-padded to the longest (the model reads
-    each image's real patch count from ``image_sizes``).
-    """
+    """Right-pad examples into one batch; image, video and text-only examples may be mixed (media: ``joined_media``)."""
     import torch
 
     longest = max(len(e["input_ids"]) for e in examples)
@@ -100,19 +157,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
         n = len(e["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = e["input_ids"], e["labels"], 1
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    videos = [e["pixel_values_videos"] for e in examples if "pixel_values_videos" in e]
-    if videos:
-        batch["pixel_values_videos"] = torch.stack(videos)
-    images = [e for e in examples if "pixel_values" in e]
-    if images:
-        patches = max(e["pixel_values"].shape[0] for e in images)
-        stack = torch.zeros((len(images), patches, *images[0]["pixel_values"].shape[1:]), dtype=images[0]["pixel_values"].dtype)
-        for i, e in enumerate(images):
-            stack[i, : e["pixel_values"].shape[0]] = e["pixel_values"]
-        batch["pixel_values"] = stack
-        batch["image_sizes"] = torch.stack([e["image_sizes"] for e in images])
+    batch.update(joined_media([{k: v for k, v in e.items() if k in MEDIA_KEYS} for e in examples]))
     return batch
-
 
 
 def answer_tokens(batch: dict[str, Any]) -> int:

@@ -205,6 +205,11 @@ def prepare_training(model, state: dict | None, rates: dict[str, float], gradien
         # a part the batch did not use (LLaVA-NeXT's image_newline in a video batch) has no gradient on that worker
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     groups = param_groups(model, rates, weight_decay)
+    trained = [g["part"] for g in groups]
+    if state is not None and state.get("parts") not in (None, trained):
+        raise ValueError(f"cannot resume: the checkpoint trained {','.join(state['parts'])}, --train asks "
+                         f"{','.join(trained)}; resume with the same --train, or start a new run (another --name) "
+                         "from the checkpoint's model")
     optimizer = torch.optim.AdamW(groups)
     try:
         if state is not None and "sharded" in state:
@@ -351,8 +356,8 @@ def report(metrics: dict[str, Any], model, processor, optimizer, base_source: st
             else:
                 inner.save_pretrained(Path(tmp) / "model")
             processor.save_pretrained(Path(tmp) / "model")
-            torch.save({"step": metrics["step"], "optimizer": optimizer.state_dict(), "base": base_source},
-                       Path(tmp) / "trainer.pt")
+            torch.save({"step": metrics["step"], "optimizer": optimizer.state_dict(), "base": base_source,
+                        "parts": [g["part"] for g in optimizer.param_groups]}, Path(tmp) / "trainer.pt")
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
@@ -370,7 +375,8 @@ def _report_sharded(metrics: dict[str, Any], model, processor, optimizer, base_s
         sharding.save_sharded(model, optimizer, Path(tmp) / "sharded")
         weights = sharding.full_state_dict(model) if final else None  # a collective: every worker takes part
         if rank == 0:
-            torch.save({"step": metrics["step"], "base": base_source}, Path(tmp) / "trainer.pt")
+            torch.save({"step": metrics["step"], "base": base_source,
+                        "parts": [g["part"] for g in optimizer.param_groups]}, Path(tmp) / "trainer.pt")
             if weights is not None:
                 sharding.save_full(model, weights, base_source, Path(tmp) / "model")
                 processor.save_pretrained(Path(tmp) / "model")
@@ -378,8 +384,9 @@ def _report_sharded(metrics: dict[str, Any], model, processor, optimizer, base_s
 
 
 def worker_rows(name: str = "train") -> list[dict]:
-    """This worker's rows of dataset ``name``: every row, sorted by ``id``, the first ones repeated up to a multiple of
-    the workers (as torch's ``DistributedSampler`` pads), then every ``world``-th from this worker's rank. Each worker
+    """This worker's rows of dataset ``name``: every row, sorted by ``id`` (then ``index``: released files repeat
+    ids), the first ones repeated up to a multiple of the workers (as torch's ``DistributedSampler`` pads), then
+    every ``world``-th from this worker's rank. Each worker
     reads the whole dataset (``fit`` does not split it): Ray Data's streaming split hands rows to whichever worker
     asks first, so which worker trained on which row changed from run to run, and a run or a resume could not be
     repeated; and every worker has as many rows, so as many steps and micro-batches (FSDP's collectives run per
@@ -388,7 +395,7 @@ def worker_rows(name: str = "train") -> list[dict]:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    rows = sorted(ray.train.get_dataset_shard(name).iter_rows(), key=lambda r: str(r["id"]))
+    rows = sorted(ray.train.get_dataset_shard(name).iter_rows(), key=lambda r: (str(r["id"]), r.get("index", 0)))
     rows += (rows * world)[:-len(rows) % world]  # -n % world: the rows short of a multiple
     return rows[rank::world]
 
