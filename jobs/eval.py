@@ -20,6 +20,18 @@ shapes, colours, counts and directions the clip lacks), ``recall`` (the share of
 bootstrap interval. ``--baseline earlier.json`` (an earlier ``--json-out``) compares the two checkpoints on the same
 questions: paired bootstrap intervals of each difference and, for questions, McNemar's exact test. Prints a table
 and, last, one JSON line of the figures.
+
+Published benchmarks, from the files their authors publish (``data.benchmarks``):
+
+    python -m jobs.eval --benchmark videomme --bench-file videomme/test.parquet --media-root videomme/data --frames 32
+    python -m jobs.eval --benchmark mmbench --bench-file MMBench_DEV_EN.tsv     # or MMBench_DEV_CN.tsv
+    python -m jobs.eval --benchmark mmmu --bench-file MMMU/Art/validation.parquet [--format open --judge openai ...]
+    python -m jobs.eval --benchmark mvbench --bench-file MVBench/json --media-root MVBench/video/star
+
+``--format mc`` (the default) asks each multiple-choice item with its lettered options and reads the letter back as
+lmms-eval does (``feedback.choices``); ``--format open`` asks the open items and scores them with the judge and the
+reference's words. Accuracy per category (the file's task type, subject or category) with Wilson's 95% interval;
+answers without a letter and rows whose media failed count as wrong, and are counted.
 """
 
 from __future__ import annotations
@@ -28,8 +40,11 @@ import json
 import sys
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
+from video_llava.data.benchmarks import BenchmarkName
 from video_llava.feedback.description import DescriptionScore, describe_figures, score_description
 from video_llava.feedback.intervals import mcnemar, paired_ratio_difference
 from video_llava.feedback.judges import JudgeError, check_judge
@@ -44,6 +59,17 @@ class NothingToAsk(ValueError):
 
 
 class EvalConfig(GenerationConfig):
+    data: Path | None = Field(None, description="dataset directory with <split>.jsonl (--format synthetic)")
+    format: Literal["synthetic", "mc", "open"] | None = Field(
+        None, description="synthetic: the records of --data (the default without --benchmark); mc: a benchmark's "
+        "multiple-choice items, read back by option letter (the default with --benchmark); open: its open-ended "
+        "items, scored by the judge and by the reference's words")
+    benchmark: BenchmarkName | None = Field(None, description="mmbench (MMBench, MMBench-CN), mmmu, videomme or "
+                                            "mvbench: --bench-file in the shape the benchmark publishes")
+    bench_file: Path | None = Field(None, description="the benchmark's .tsv/.parquet (MMBench, MMMU, Video-MME) or "
+                                    "MVBench's task .json or directory of them")
+    media_root: Path | None = Field(None, description="where the benchmark's videos (or image paths) are (default: "
+                                    "beside --bench-file)")
     split: str = "test"
     json_out: Path | None = Field(None, description="also write the figures (and every answer) to this JSON file")
     binding: bool = Field(False, description="instead of each record's question, ask the colour of every shape and the "
@@ -57,10 +83,18 @@ class EvalConfig(GenerationConfig):
     def _one_task(self):
         if self.binding and self.task != "qa":
             raise ValueError("--binding asks questions: it goes with --task qa")
+        if self.benchmark is None:
+            if self.data is None or self.format not in (None, "synthetic"):
+                raise ValueError("give --data (the synthetic records), or --benchmark with --bench-file for "
+                                 "--format mc|open")
+        elif self.bench_file is None or self.format == "synthetic" or self.binding or self.task != "qa":
+            raise ValueError("--benchmark takes --bench-file and --format mc or open (no --binding, --task qa)")
         return self
 
 
 def main(cfg: EvalConfig) -> dict:
+    if cfg.benchmark is not None:
+        return benchmark_main(cfg)
     records = cfg.data / f"{cfg.split}.jsonl"
     if not records.is_file():
         raise FileNotFoundError(f"no {cfg.split}.jsonl in {cfg.data}")
@@ -86,11 +120,63 @@ def main(cfg: EvalConfig) -> dict:
     if baseline is not None:
         result["paired"] = {"baseline": str(cfg.baseline), **compare(answers, baseline, cfg.task)}
         print_paired(result["paired"])
+    return finish(cfg, result, answers)
+
+
+def finish(cfg: EvalConfig, result: dict, answers: list[dict]) -> dict:
+    """--json-out (the figures and every answer) and the figures as the last line."""
     if cfg.json_out:
         cfg.json_out.parent.mkdir(parents=True, exist_ok=True)
         cfg.json_out.write_text(json.dumps({**result, "answers": answers}, indent=1, default=list))
     print(json.dumps(result))
     return result
+
+
+def benchmark_main(cfg: EvalConfig) -> dict:
+    """A published benchmark's items of the asked format answered greedily; multiple choice read back by letter
+    (``feedback.choices``), open answers judged; accuracy per category with 95% intervals."""
+    from video_llava.data.benchmarks import BenchmarkItem, read_benchmark
+    from video_llava.feedback.choices import choice_figures, extract_letter
+
+    fmt = cfg.format or "mc"
+    items = read_benchmark(cfg.benchmark, cfg.bench_file, cfg.media_root)
+    asked = [item for item in items if item.format == fmt]
+    if not asked:
+        raise NothingToAsk(f"no {fmt} items in {cfg.bench_file} (all {len(items)} are of the other format)")
+    task = f"{cfg.benchmark}-{fmt}"
+    baseline = read_baseline(cfg.baseline, task) if cfg.baseline else None
+    if fmt == "open":
+        check_judge(cfg)
+    cfg = absolute_paths(cfg)
+    ensure_ray(cfg.num_cpus)
+    rows = sorted(build_pipeline(cfg, None, samples=1, temperature=0.0, rows=[i.to_row() for i in asked],
+                                 judge=fmt == "open").take_all(), key=lambda r: r["id"])
+    answers = []
+    for row in rows:
+        item = BenchmarkItem.from_row(row)
+        answer = {"id": item.id, "question": row["question"], "reference": item.answer, "qa_type": item.category,
+                  "candidates": list(row["candidates"]), "error": row["error"], **item.extra}
+        if fmt == "mc":
+            answer["said"] = extract_letter(row["candidates"][0], item.options) if row["candidates"] else ""
+            answer["right"] = answer["said"] == item.answer
+        else:
+            answer |= {"scores": list(row["scores"]), "reasons": list(row["reasons"])}
+            answer["right"] = bool(row["candidates"]) and is_correct(row["candidates"][0], item.answer, "")
+        answers.append(answer)
+    figures = choice_figures(rows) if fmt == "mc" else score(rows)
+    print(f"{cfg.benchmark} ({fmt}): {len(asked)} items" + (f", {len(items) - len(asked)} of the other format left out"
+                                                             if len(asked) < len(items) else ""))
+    print(f"{'category':<28} {'n':>5} {'accuracy':>9} {'95% interval':>15} {'no letter' if fmt == 'mc' else 'reward':>9}")
+    for name, f in figures.items():
+        interval = "{:.3f}-{:.3f}".format(*f["accuracy_interval"]) if f.get("accuracy_interval") else "-"
+        last = f["unparsed"] if fmt == "mc" else (f["mean_reward"] if f["mean_reward"] is not None else "-")
+        print(f"{name[:28]:<28} {f['n']:>5} {f['accuracy']:>9} {interval:>15} {last:>9}")
+    result = {"model": cfg.model, "task": task, "benchmark": cfg.benchmark, "format": fmt,
+              "file": str(cfg.bench_file), "frames": cfg.frames, "left_out": len(items) - len(asked), **figures}
+    if baseline is not None:
+        result["paired"] = {"baseline": str(cfg.baseline), **compare(answers, baseline, task)}
+        print_paired(result["paired"])
+    return finish(cfg, result, answers)
 
 
 def qa_result(rows: list[dict], binding: bool) -> dict:
@@ -158,11 +244,18 @@ def compare(answers: list[dict], baseline: list[dict], task: str) -> dict:
                 [getattr(mine[i], num) for i in ids], [getattr(mine[i], den) for i in ids],
                 [getattr(theirs[i], num) for i in ids], [getattr(theirs[i], den) for i in ids])
         return out
-    right_a = [is_correct(a["candidates"][0], a["reference"], a["qa_type"]) for a, _ in shared]
-    right_b = [is_correct(b["candidates"][0], b["reference"], b["qa_type"]) for _, b in shared]
+    right_a = [right(a) for a, _ in shared]
+    right_b = [right(b) for _, b in shared]
     out["accuracy_difference"] = paired_ratio_difference(right_a, [1] * len(shared), right_b, [1] * len(shared))
     out["mcnemar"] = mcnemar(right_a, right_b)
     return out
+
+
+def right(answer: dict) -> bool:
+    """Whether an answer of a --json-out is right: as scored then (benchmarks: the letter), else by ``is_correct``."""
+    if "right" in answer:
+        return bool(answer["right"])
+    return is_correct(answer["candidates"][0], answer["reference"], answer["qa_type"])
 
 
 def print_paired(paired: dict) -> None:

@@ -72,16 +72,27 @@ def read_s3_uri(uri: str) -> bytes:
 
 
 def load_media(video: str, image: str, num_frames: int) -> np.ndarray:
-    """Frames ``(N, H, W, 3)`` of a row's video, or its image as one frame; local paths or ``s3://`` URIs."""
+    """Frames ``(N, H, W, 3)`` of a row's video, or its image as one frame; local paths, ``s3://`` or ``data:``
+    URIs."""
     from video_llava.video.decode import DecodeOptions, sample_video
 
     if video:
         source = read_s3_uri(video) if video.startswith("s3://") else video
         return sample_video(source, DecodeOptions(num_frames=num_frames)).frames
+    return open_image(image)[None]
+
+
+def open_image(uri: str) -> np.ndarray:
+    """An image ``(H, W, 3)`` from a path, an ``s3://`` URI or a ``data:...;base64,`` URI (benchmarks that embed
+    their images: ``data.benchmarks``)."""
+    import base64
     import io
 
     from PIL import Image
 
-    source = io.BytesIO(read_s3_uri(image)) if image.startswith("s3://") else image
+    if uri.startswith("data:"):
+        source = io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))
+    else:
+        source = io.BytesIO(read_s3_uri(uri)) if uri.startswith("s3://") else uri
     with Image.open(source) as img:
-        return np.asarray(img.convert("RGB"))[None]
+        return np.asarray(img.convert("RGB"))

@@ -90,12 +90,14 @@ def describe_rows(record: dict[str, Any], root: Path) -> list[dict[str, Any]]:
              "spec": json.dumps([{k: s[k] for k in ("shape", "color", "direction")} for s in record["shapes"]])}]
 
 
-def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temperature: float, top_p: float = 1.0,
-                   min_margin: int = 1, binding: bool = False, describe: bool = False, option_probs: bool = False):
+def build_pipeline(cfg: GenerationConfig, records_path: Path | None, samples: int, temperature: float,
+                   top_p: float = 1.0, min_margin: int = 1, binding: bool = False, describe: bool = False,
+                   option_probs: bool = False, rows: list[dict[str, Any]] | None = None, judge: bool = True):
     """records -> sampled answers -> judged rows, as a lazy Ray Dataset. ``jobs.eval`` asks one greedy answer per
     question; ``binding``: the questions of ``binding_rows`` instead of each record's first; ``describe``: a
     detailed description of each clip (``describe_rows``); ``option_probs``: each closed-set question's probability
-    of the right answer among the possible ones (``correct_option_prob``)."""
+    of the right answer among the possible ones (``correct_option_prob``). ``rows``: flat rows to answer instead of
+    records (a benchmark's items); ``judge=False`` leaves the answers unjudged (multiple choice is read by letter)."""
     import ray
 
     from video_llava.feedback.steps import AnswerSampler, JudgeStep
@@ -103,14 +105,17 @@ def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temp
 
     require_resources({"CPU": 0 if cfg.num_gpus else 1, "GPU": cfg.num_gpus}, f"--num-gpus {cfg.num_gpus:g}")
 
-    ds = ray.data.read_json(str(records_path))
-    if cfg.limit:
-        ds = ds.limit(cfg.limit)
-    if binding or describe:
-        ds = ds.flat_map(binding_rows if binding else describe_rows, fn_kwargs={"root": cfg.data.resolve()},
-                         num_cpus=0.25)
+    if rows is not None:  # already the flat rows the sampler takes
+        ds = ray.data.from_items(rows[:cfg.limit] if cfg.limit else rows)
     else:
-        ds = ds.map(flatten_record, fn_kwargs={"root": cfg.data.resolve()}, num_cpus=0.25)
+        ds = ray.data.read_json(str(records_path))
+        if cfg.limit:
+            ds = ds.limit(cfg.limit)
+        if binding or describe:
+            ds = ds.flat_map(binding_rows if binding else describe_rows, fn_kwargs={"root": cfg.data.resolve()},
+                             num_cpus=0.25)
+        else:
+            ds = ds.map(flatten_record, fn_kwargs={"root": cfg.data.resolve()}, num_cpus=0.25)
     settings = {"model": cfg.model, "num_frames": cfg.frames, "max_frames": MAX_FRAMES, "max_new_tokens": cfg.max_new_tokens}
     ds = ds.map_batches(
         AnswerSampler,
@@ -123,6 +128,8 @@ def build_pipeline(cfg: GenerationConfig, records_path: Path, samples: int, temp
         num_gpus=cfg.num_gpus,
         num_cpus=0 if cfg.num_gpus else 1,
     )
+    if not judge:
+        return ds
     judge_config = JudgeConfig.model_validate(cfg.model_dump(include=set(JudgeConfig.model_fields))).model_dump()
     return ds.map_batches(JudgeStep, fn_constructor_kwargs=dict(judge_config=judge_config, min_margin=min_margin),
                           batch_size=cfg.batch_size, concurrency=cfg.judge_concurrency, num_cpus=0)  # waits on I/O or does string work

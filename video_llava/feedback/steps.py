@@ -13,7 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from video_llava.data.records import load_media
+from video_llava.data.records import load_media, open_image
+
+
+def row_media(batch: dict[str, Any], i: int, frames: int) -> Any:
+    """Row ``i``'s media: its ``images`` (a JSON list, benchmarks with several images a question), else its video
+    or image."""
+    import json
+
+    images = json.loads(batch["images"][i]) if "images" in batch and batch["images"][i] else []
+    if images:
+        return [open_image(uri) for uri in images]
+    return load_media(batch["video"][i], batch["image"][i], frames)
 
 
 class AnswerSampler:
@@ -44,8 +55,8 @@ class AnswerSampler:
         prepared, params = {}, {}
         for i in range(n):
             try:
-                frames = load_media(batch["video"][i], batch["image"][i], self.frames)
-                prepared[i] = self.model.prepare(frames, batch["question"][i], self.max_new_tokens)
+                prepared[i] = self.model.prepare(row_media(batch, i, self.frames), batch["question"][i],
+                                                 self.max_new_tokens)
                 seed = self.seed + zlib.crc32(str(batch["id"][i]).encode())  # same row, same samples, any batching
                 params[i] = SamplingParams(prepared[i].max_new_tokens, self.temperature, self.top_p, seed,
                                            n=self.samples)
