@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from video_llava.data.splits import held_out
 from video_llava.job_cli import run_job
 from video_llava.ray_runtime import ensure_ray
 from video_llava.train.objectives import PreferenceLossType, PreferenceObjective
@@ -98,7 +99,7 @@ def train_loop(config: dict) -> None:
     reference, _ = load_checkpoint(run.source)  # the same family's class as the policy
     reference = reference.to(run.device).eval().requires_grad_(False)
     pairs = worker_rows()
-    held_out = worker_rows("eval") if cfg.eval_fraction else []
+    eval_pairs = worker_rows("eval") if cfg.eval_fraction else []
     if not pairs:
         raise ValueError("this worker got no preference pairs")
     per_step = cfg.batch_size * cfg.grad_accum  # pairs a step takes, batch_size at a time
@@ -123,7 +124,7 @@ def train_loop(config: dict) -> None:
     started, ref_cache = time.perf_counter(), {}
     parts = [part for step in range(run.start_step + 1, total + 1) for part in chunks(pairs_of(step), cfg.batch_size)]
     with torch.no_grad(), autocast(cfg.precision, run.device):
-        for part in parts + chunks(held_out, cfg.batch_size):
+        for part in parts + chunks(eval_pairs, cfg.batch_size):
             if any(p["id"] not in ref_cache for p in part):
                 for p, scores in zip(part, answer_logprobs(reference, batch_of(part)).view(-1, 2).tolist()):
                     ref_cache[p["id"]] = tuple(scores)
@@ -152,7 +153,7 @@ def train_loop(config: dict) -> None:
         run.model.eval()
         mine = {}
         with torch.no_grad(), autocast(cfg.precision, run.device):
-            for part in chunks(held_out, cfg.batch_size):  # every worker as many micro-batches (FSDP's collectives)
+            for part in chunks(eval_pairs, cfg.batch_size):  # every worker as many micro-batches (FSDP's collectives)
                 _, figures = objective(scores_of(part))
                 for k, p in enumerate(part):
                     mine[p["id"]] = {name: values[k:k + 1].cpu() for name, values in figures.items()}
@@ -173,18 +174,10 @@ def train_loop(config: dict) -> None:
                         loss_of)
         metrics = {"step": step, "epoch": epoch + 1, **summarize_pairs(seen), "loss": done.loss,
                    "grad_norm": done.grad_norm, "lr": done.lr}
-        if held_out and (step % cfg.eval_every == 0 or step == total):
+        if eval_pairs and (step % cfg.eval_every == 0 or step == total):
             metrics |= evaluate()
         run.end_step(metrics, save=step % cfg.checkpoint_every == 0 or step == total, total_steps=total,
                      samples=len(step_pairs))
-
-
-def held_out(pair_id: str, fraction: float) -> bool:
-    """Whether pair ``pair_id`` is held out for evaluation: a stable hash of the id (the same pairs on every run and
-    machine, and a pair's place does not move when others are added)."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(str(pair_id).encode()).digest()[:8], "big") / 2**64 < fraction
 
 
 def read_pairs(preferences: Path):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fake_chat import fake_chat_endpoint
 from video_llava.feedback.judges import (
     CaptionJudge,
     JudgeConfig,
@@ -132,39 +131,21 @@ def test_a_description_pair_sets_a_faithful_description_against_one_that_halluci
     assert pick_pair(candidates, [5, 4, 4, 4], 1) == (0, 1)  # without the rule, a margin is enough
 
 
-class _FakeLLM(BaseHTTPRequestHandler):
-    """A stand-in for a hosted LLM behind the OpenAI chat API (an external service, not our code)."""
+SENT: list[dict] = []  # what the fake judge endpoint received
 
-    requests: list[dict] = []
 
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append(body)
-        if "broken" in body["messages"][-1]["content"]:
-            self.send_response(500)
-            self.end_headers()
-            return
-        candidate = body["messages"][-1]["content"].rsplit("Candidate answer:", 1)[1].strip()
-        content = json.dumps({"score": 5 if candidate == "red" else 2, "reason": f"judged {candidate}"})
-        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def _judge_reply(body: dict) -> str | None:
+    """Scores 5 for the candidate "red", 2 otherwise; fails (500) on a candidate that says "broken"."""
+    if "broken" in body["messages"][-1]["content"]:
+        return None
+    candidate = body["messages"][-1]["content"].rsplit("Candidate answer:", 1)[1].strip()
+    return json.dumps({"score": 5 if candidate == "red" else 2, "reason": f"judged {candidate}"})
 
 
 @pytest.fixture
 def fake_llm():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeLLM)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with fake_chat_endpoint(_judge_reply, SENT) as url:
+        yield url
 
 
 def test_openai_judge_sends_caption_question_reference_and_candidate_and_reads_the_score(fake_llm):
@@ -172,9 +153,14 @@ def test_openai_judge_sends_caption_question_reference_and_candidate_and_reads_t
     assert judge.judge(CAPTION, QUESTION, "red", "red").score == 5
     verdict = judge.judge(CAPTION, QUESTION, "red", "blue")
     assert (verdict.score, verdict.reason) == (2, "judged blue")
-    sent = _FakeLLM.requests[-1]
+    sent = SENT[-1]
     assert sent["model"] == "judge-model" and sent["temperature"] == 0.0
     assert all(part in sent["messages"][-1]["content"] for part in (CAPTION, QUESTION, "Reference answer: red"))
+    schema = sent["response_format"]["json_schema"]["schema"]  # asked as JSON of a schema: any model's reply parses
+    assert sent["response_format"]["type"] == "json_schema" and schema["required"] == ["score", "reason"]
+    assert schema["properties"]["score"]["enum"] == [1, 2, 3, 4, 5]
+    OpenAIJudge(fake_llm, "judge-model", max_retries=0, structured=False).judge(CAPTION, QUESTION, "red", "red")
+    assert "response_format" not in SENT[-1]  # --judge-plain-text, for endpoints without it
 
 
 def test_openai_judge_failures_are_judge_errors_not_crashes(fake_llm):

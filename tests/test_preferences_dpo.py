@@ -110,7 +110,8 @@ def test_dpo_steps_raise_the_margin_and_a_rerun_resumes_the_step_count(preferenc
     """With the anchors' options (RPO, warmup then linear decay, clipping, a held-out share scored every 2 steps):
     metrics.jsonl and TensorBoard hold TRL's figures, the learning rate follows the schedule of each run's length,
     the held-out pairs are never trained on, and a rerun resumes the step count."""
-    from jobs.dpo import DPOConfig, held_out
+    from jobs.dpo import DPOConfig
+    from video_llava.data.splits import held_out
     from video_llava.model.embedded import embedded_path
 
     ids = sorted(r["id"] for r in _rows(preferences) if r["status"] == "pair")

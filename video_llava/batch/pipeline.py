@@ -171,6 +171,17 @@ def write_manifest(cfg: CaptionConfig, manifest: dict) -> None:
         stream.write(json.dumps(manifest, indent=2).encode())
 
 
+def read_manifest(cfg_output: str, endpoint_url: str | None = None) -> dict | None:
+    """The ``_manifest.json`` of a caption output (its input location, counts), or ``None`` if it has none yet."""
+    output = Location.parse(cfg_output)
+    fs = pyarrow_filesystem(output, endpoint_url)
+    try:
+        with fs.open_input_stream(output.join("_manifest.json")) as stream:
+            return json.loads(stream.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def needed_resources(cfg: CaptionConfig) -> tuple[dict[str, float], str]:
     """What one decoder and one model replica need, and the flags that asked for it."""
     needed = {"CPU": 1.0, "GPU": cfg.num_gpus}

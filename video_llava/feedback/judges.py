@@ -17,13 +17,13 @@ Two backends:
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from video_llava.feedback.endpoint import EndpointError, chat_client, check_endpoint, json_schema_format
 from video_llava.feedback.words import words
 
 JUDGE_SYSTEM = (
@@ -41,7 +41,7 @@ FILLER = set(
 ) | set("的 是 了 在 有 一 个 这 那 和 与 它 吗 呢 吧 啊 视 频 中 颜 色".split())  # Chinese: function characters, "video", "colour"
 
 
-class JudgeError(RuntimeError):
+class JudgeError(EndpointError):
     """The judge could not produce a score (endpoint down, unparseable reply)."""
 
 
@@ -127,6 +127,12 @@ class SpecJudge:
         return Judgement(5, "Faithful and complete: every shape, colour, direction and the count, nothing else.")
 
 
+# The reply's shape, asked of the endpoint: a model that follows it always gives a score parse_judgement reads.
+JUDGEMENT_FORMAT = json_schema_format("judgement", {
+    "type": "object", "additionalProperties": False, "required": ["score", "reason"],
+    "properties": {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]}, "reason": {"type": "string", "maxLength": 300}}})
+
+
 def parse_judgement(reply: str) -> Judgement:
     """Read a judge model's reply: the JSON object we ask for, or failing that a bare 'score: N'."""
     match = re.search(r"\{.*\}", reply, re.S)
@@ -147,11 +153,10 @@ def parse_judgement(reply: str) -> Judgement:
 class OpenAIJudge:
     """A judge behind any OpenAI-compatible ``/v1/chat/completions`` endpoint (the ``openai`` client)."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0, max_retries: int = 3):
-        from openai import OpenAI
-
-        self.model = model
-        self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout_s, max_retries=max_retries)
+    def __init__(self, base_url: str, model: str, key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
+                 max_retries: int = 3, structured: bool = True):
+        self.model, self.structured = model, structured
+        self.client = chat_client(base_url, key_env, timeout_s, max_retries)
 
     def judge(self, caption: str, question: str, reference: str, candidate: str, spec: str = "") -> Judgement:
         import openai
@@ -163,6 +168,7 @@ class OpenAIJudge:
                 messages=[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}],
                 temperature=0.0,
                 max_tokens=200,
+                **({"response_format": JUDGEMENT_FORMAT} if self.structured else {}),
             )
         except openai.OpenAIError as exc:
             raise JudgeError(f"judge endpoint failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
@@ -181,6 +187,9 @@ class JudgeConfig(BaseModel):
     judge_model: str = Field("gpt-4o-mini", description="model name sent to the endpoint")
     judge_api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the endpoint's key")
     judge_timeout_s: float = Field(60.0, gt=0)
+    judge_plain_text: bool = Field(False, description="ask the judge endpoint for free text (for one without "
+                                   "structured output); by default its reply is asked as JSON of a schema "
+                                   "(response_format json_schema: OpenAI, vLLM, SGLang and this service serve it)")
 
     def model_post_init(self, __context) -> None:
         if self.judge == "openai" and not self.judge_url:
@@ -188,32 +197,10 @@ class JudgeConfig(BaseModel):
 
 
 def check_judge(cfg: JudgeConfig) -> None:
-    """Before any answer is sampled: the openai judge's key is set and its endpoint answers (``JudgeError`` if not).
-
-    An endpoint that does not list models (404, 5xx on ``/models``) still passes: it was reached.
-    """
-    if cfg.judge != "openai":
-        return
-    key = os.environ.get(cfg.judge_api_key_env)
-    if not key:
-        raise JudgeError(
-            f"--judge openai reads the endpoint's key from ${cfg.judge_api_key_env}, which is not set: export it (an "
-            f"endpoint that needs no key takes any value, e.g. {cfg.judge_api_key_env}=none), or name another variable "
-            "with --judge-api-key-env"
-        )
-    import openai
-
-    client = openai.OpenAI(base_url=cfg.judge_url, api_key=key, timeout=min(cfg.judge_timeout_s, 15.0), max_retries=0)
-    try:
-        client.models.list()
-    except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-        raise JudgeError(f"the judge endpoint {cfg.judge_url} refused the key in ${cfg.judge_api_key_env} "
-                         f"(HTTP {exc.status_code})") from exc
-    except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-        raise JudgeError(f"cannot reach the judge endpoint {cfg.judge_url}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]}") from exc
-    except openai.APIStatusError:
-        pass
+    """Before any answer is sampled: the openai judge's key is set and its endpoint answers (``JudgeError`` if not)."""
+    if cfg.judge == "openai":
+        check_endpoint(cfg.judge_url, cfg.judge_api_key_env, "judge", "--judge-api-key-env", cfg.judge_timeout_s,
+                       JudgeError)
 
 
 def make_judge(cfg: JudgeConfig) -> Judge:
@@ -221,4 +208,5 @@ def make_judge(cfg: JudgeConfig) -> Judge:
         return CaptionJudge()
     if cfg.judge == "spec":
         return SpecJudge()
-    return OpenAIJudge(cfg.judge_url, cfg.judge_model, os.environ.get(cfg.judge_api_key_env), cfg.judge_timeout_s)
+    return OpenAIJudge(cfg.judge_url, cfg.judge_model, cfg.judge_api_key_env, cfg.judge_timeout_s,
+                       structured=not cfg.judge_plain_text)
