@@ -474,3 +474,33 @@ def test_a_repeat_question_reuses_the_prefix_kv_and_gives_the_tokens_of_a_full_p
         assert engine.stats.prefix_hits == 3 and other.text  # other pixels: no reuse
     finally:
         engine.close()
+
+
+def test_a_script_that_exits_without_closing_its_engine_ends_its_requests_and_exits_cleanly(tmp_path, embedded_cache):
+    """The interpreter's exit closes a running engine first: the request still decoding ends with its error (a
+    daemon loop killed mid-step during finalization could abort the process instead)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import sys, threading\n"
+        "from video_llava.data.synthetic_video import SAMPLE_SHAPES, render_frames\n"
+        "from video_llava.engine import Failed, SamplingParams, TextPiece\n"
+        "from video_llava.model.qa_model import VideoQAModel\n"
+        "from video_llava.model.settings import ModelSettings\n"
+        "model = VideoQAModel(ModelSettings())\n"
+        "started = threading.Event()\n"
+        "def on(event):\n"
+        "    started.set()\n"
+        "    if isinstance(event, Failed):\n"
+        "        print('ended:', type(event.error).__name__, flush=True)\n"
+        "prepared = model.prepare(render_frames(SAMPLE_SHAPES, num_frames=4, width=64, height=48), 'Describe it.', 4000)\n"
+        "model.engine.submit(prepared, SamplingParams(4000, ignore_eos=True), on, stream=True)\n"
+        "started.wait(120)\n"
+        "sys.exit(0)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VIDEO_LLAVA_CACHE": str(embedded_cache)}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ended: EngineClosedError" in result.stdout

@@ -32,10 +32,12 @@ requests' media ready (``ahead.py``) while the loop decodes.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import threading
 import time
+import weakref
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from video_llava.engine.ahead import Ahead, MediaAhead
@@ -179,6 +181,7 @@ class Engine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
                 self._thread.start()
+                atexit.register(_close_at_exit, weakref.ref(self))
             self._ahead.start()
             self._cond.notify_all()
         return request.id
@@ -526,3 +529,12 @@ class Engine:
 def _one_answer(params: SamplingParams) -> None:
     if params.n != 1:
         raise ValueError(f"stream gives one answer per request (n=1), got n={params.n}: use events or run")
+
+
+def _close_at_exit(engine_ref: "weakref.ref[Engine]") -> None:
+    """An engine still running when the interpreter exits (a script that never called ``close``) is closed first:
+    its daemon loop, killed mid-step during finalization, could abort the process ("terminate called without an
+    active exception") and its requests would never end."""
+    engine = engine_ref()
+    if engine is not None:
+        engine.close()
