@@ -1,6 +1,7 @@
 """The continuous-batching engine in one process: throughput and time to first token vs one request at a time.
 
     python -m bench.engine [--json] [--quick] [--concurrency 32] [--new-tokens 64]
+    python -m bench.engine --video-prune-rates 0 0.5 0.75 [--json]     (the video token budget alone)
 
 The embedded default (or ``--model``), answers forced to ``--new-tokens`` (EOS ignored, in this bench only), questions
 of mixed lengths about distinct clips of 16 and 32 frames, half of them streamed. Side by side in one run, on the
@@ -9,6 +10,10 @@ engine limited to one sequence, and a plain loop of transformers' ``generate`` o
 measured on the streamed half. Also the burst with the videos preprocessed ahead in a thread of their own (as the
 service runs it), and the ceiling: vision + prefill alone for the same requests (``engine_speedup_ceiling``: the
 most that batching the decode steps can give one-at-a-time, since every request's vision pass and prefill remain).
+
+``--video-prune-rates``: the same requests with each share of their video tokens pruned (``model.pruning``), side by
+side: vision + prefill alone (prefill tokens/s and seconds a request), and the engine's burst at ``--concurrency``
+(requests/s, TTFT), each rate's against rate 0's.
 """
 
 from __future__ import annotations
@@ -195,12 +200,41 @@ def kv_mixed_figures(model) -> dict:
     return {"kv_positions_held": held, "kv_positions_own": own, "kv_bytes_ratio_mixed": round(held / own, 2)}
 
 
+def pruning_figures(model, rates: list[float], c: int, new_tokens: int) -> dict:
+    """Per rate: the prompt tokens, vision + prefill alone, and the engine's burst of the same ``c`` requests."""
+    from video_llava.engine import Engine, SamplingParams
+    from video_llava.model.pruning import VideoPruning
+
+    params = SamplingParams(new_tokens, ignore_eos=True)
+    out: dict = {}
+    for rate in rates:
+        prepared = [model.prepare(clip(i, 16 if i % 2 else 32), QUESTIONS[i % len(QUESTIONS)], new_tokens,
+                                  VideoPruning(rate)) for i in range(c)]
+        tokens = sum(p.visual_tokens + p.prompt_tokens for p in prepared)
+        ceiling = ceiling_videos_per_s(model, prepared)
+        engine = Engine(model, max_running=c)
+        try:
+            burst = run_engine(engine, prepared, params, 0.0)
+        finally:
+            engine.close()
+        out[str(rate)] = {"prompt_tokens": tokens, "prefill_tokens_per_s": round(tokens * ceiling / c, 1),
+                          "vision_prefill_s_per_request": round(1 / ceiling, 4), **burst}
+        print(f"rate {rate}: {out[str(rate)]}", flush=True)
+    base = out[str(rates[0])]
+    for figures in out.values():
+        figures["requests_per_s_ratio"] = round(figures["requests_per_s"] / base["requests_per_s"], 2)
+        figures["ttft_p50_ratio"] = round(figures["ttft_p50_s"] / base["ttft_p50_s"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="8 requests, 16 new tokens")
+    parser.add_argument("--video-prune-rates", type=float, nargs="+", default=None,
+                        help="only the video token budget: these rates side by side (the first is the baseline)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -216,6 +250,14 @@ def main() -> None:
     print(f"machine: {machine['cpu']} x{machine['cpus']} ({machine['torch_threads']} torch threads); "
           f"torch {machine['torch']}, transformers {machine['transformers']}", flush=True)
     model = VideoQAModel(ModelSettings(model=args.model, max_new_tokens=new_tokens, feature_cache_mb=0))
+    if args.video_prune_rates:
+        model.generate(make_requests(model, 1, new_tokens))  # warm-up
+        figures = {"bench": "engine_pruning", "machine": machine, "model": args.model, "requests": c,
+                   "new_tokens": new_tokens, "frames": [16, 32],
+                   "rates": pruning_figures(model, args.video_prune_rates, c, new_tokens)}
+        if args.json:
+            print(json.dumps(figures))
+        return
     prepared = make_requests(model, c, new_tokens)
     params = SamplingParams(new_tokens, ignore_eos=True)
     model.generate(prepared[:1])  # warm-up

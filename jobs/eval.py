@@ -112,7 +112,8 @@ def main(cfg: EvalConfig) -> dict:
         raise NothingToAsk(f"no questions to ask in {records}" + why.get("binding" if cfg.binding else cfg.task, ""))
     answers = [{k: r[k] for k in ("id", "question", "reference", "qa_type", "candidates", "scores", "reasons", "error",
                                   "spec", "correct_option_prob") if k in r} for r in rows]
-    result = {"model": cfg.model, "split": cfg.split, "task": cfg.task, "judge": cfg.judge, "frames": cfg.frames}
+    result = {"model": cfg.model, "split": cfg.split, "task": cfg.task, "judge": cfg.judge, "frames": cfg.frames,
+              "video_pruning_rate": cfg.video_pruning_rate}
     if cfg.task == "describe":
         result |= describe_result(answers)
     else:
@@ -172,7 +173,8 @@ def benchmark_main(cfg: EvalConfig) -> dict:
         last = f["unparsed"] if fmt == "mc" else (f["mean_reward"] if f["mean_reward"] is not None else "-")
         print(f"{name[:28]:<28} {f['n']:>5} {f['accuracy']:>9} {interval:>15} {last:>9}")
     result = {"model": cfg.model, "task": task, "benchmark": cfg.benchmark, "format": fmt,
-              "file": str(cfg.bench_file), "frames": cfg.frames, "left_out": len(items) - len(asked), **figures}
+              "file": str(cfg.bench_file), "frames": cfg.frames, "video_pruning_rate": cfg.video_pruning_rate,
+              "left_out": len(items) - len(asked), **figures}
     if baseline is not None:
         result["paired"] = {"baseline": str(cfg.baseline), **compare(answers, baseline, task)}
         print_paired(result["paired"])

@@ -133,3 +133,12 @@ def test_feature_probe_reports_shape_and_colour_accuracy_per_checkpoint(embedded
         assert row["colour_accuracy"] > 0.8  # a shape's colour is what its tokens show most plainly: far above 0.17
         # on these clips (fixed-size shapes, fully in view) the tokens around a shape tell a circle from a square
         assert 0 <= row["circle_vs_square"] <= 1 and row["circle_vs_square_window"] > 0.8
+
+
+@pytest.mark.slow
+def test_the_engine_bench_sets_video_pruning_rates_side_by_side():
+    result = subprocess.run([sys.executable, "-m", "bench.engine", "--quick", "--video-prune-rates", "0", "0.5", "--json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rates = json.loads(result.stdout.strip().splitlines()[-1])["rates"]
+    assert rates["0.5"]["prompt_tokens"] < rates["0.0"]["prompt_tokens"] and rates["0.0"]["requests_per_s_ratio"] == 1.0

@@ -103,14 +103,23 @@ def test_invalid_options_are_one_line_errors(embedded_cache):
     assert result.returncode == 2 and result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
 
 
-def test_info_counts_a_question_exactly_as_ask_does(embedded_cache):
+@pytest.mark.parametrize("budget, kept", [([], 1152), (["--video-pruning-rate", "0.5", "--video-tokens", "500"], 500)])
+def test_info_counts_a_question_exactly_as_ask_does(embedded_cache, budget, kept):
     question = "What color is the circle?"
-    asked = run_cli("ask", str(SAMPLE), question, "--frames", "8", "--max-new-tokens", "2", "--json", cache=embedded_cache)
+    asked = run_cli("ask", str(SAMPLE), question, "--frames", "8", "--max-new-tokens", "2", "--json", *budget,
+                    cache=embedded_cache)
     info = run_cli("info", str(SAMPLE), "--question", question, "--frames", "8", "--max-new-tokens", "2", "--json",
-                   cache=embedded_cache)
+                   *budget, cache=embedded_cache)
     asked, info = json.loads(asked.stdout.strip().splitlines()[-1]), json.loads(info.stdout)
     assert (info["visual_tokens"], info["prompt_tokens"]) == (asked["visual_tokens"], asked["prompt_tokens"])
     assert info["tokens_needed"] == asked["visual_tokens"] + asked["prompt_tokens"] + 2
+    assert info["visual_tokens"] == kept
+    assert info["video_tokens_pruned"] == 1152 - info["visual_tokens"]
+
+
+def test_a_video_token_budget_below_one_frame_is_a_one_line_error(embedded_cache):
+    result = run_cli("info", str(SAMPLE), "--frames", "8", "--video-tokens", "100", cache=embedded_cache)
+    assert result.returncode == 2 and "video_token_budget=100 is below one frame's 144 tokens" in result.stderr
 
 
 @pytest.mark.parametrize("command", ["ask", "info"])

@@ -714,3 +714,24 @@ def test_parameters_sent_at_values_that_change_nothing_are_accepted(service):
                       user="client-42")
     response = httpx.post(f"{service}/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
+
+
+def test_a_video_token_budget_per_request_prunes_the_prompt_and_one_below_a_frame_is_400(service):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{service}/v1", api_key="unused")
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "s3://videos/clips/sample.mp4"}},
+                                             {"type": "text", "text": "What color is the circle?"}]}]
+    whole = client.chat.completions.create(model="embedded", messages=messages, max_tokens=4,
+                                           extra_body={"num_frames": 8})
+    half = client.chat.completions.create(model="embedded", messages=messages, max_tokens=4,
+                                          extra_body={"num_frames": 8, "video_pruning_rate": 0.5})
+    assert whole.usage.prompt_tokens - half.usage.prompt_tokens == 4 * 144  # usage counts the kept tokens
+    kept = qa_upload(service, SAMPLE.read_bytes(), num_frames=8, video_token_budget=300)
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["usage"]["visual_tokens"] == 300
+    refused = qa_upload(service, SAMPLE.read_bytes(), num_frames=8, video_token_budget=100)
+    error = error_of(refused, 400, "video_token_budget_too_small")
+    assert "video_token_budget=100 is below one frame's 144 tokens" in error["message"]
+    assert error_of(qa_upload(service, SAMPLE.read_bytes(), video_pruning_rate=1.0), 400)["param"] == "video_pruning_rate"
+    assert_still_answers(service)

@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--rope-factor", type=float, default=None, help="force the RoPE linear scaling factor")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed for decoding the video")
+        p.add_argument("--video-tokens", type=int, default=None, help="at most this many of the video's tokens reach "
+                       "the LLM (at least one frame's): the first frame whole, of the later frames' tokens those that "
+                       "changed most from the frame before")
+        p.add_argument("--video-pruning-rate", type=float, default=0.0, help="share of the video's tokens dropped "
+                       "by the same rule (0 <= rate < 1)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
     ask = sub.add_parser("ask", help="answer a question about a video")
@@ -116,6 +121,13 @@ def _decode(args: argparse.Namespace, settings: ModelSettings, frames: int):
     return video, time.perf_counter() - start
 
 
+def _pruning(args: argparse.Namespace):
+    """The video token budget of --video-tokens/--video-pruning-rate (``VideoTokenBudgetError`` if out of range)."""
+    from video_llava.model.pruning import VideoPruning
+
+    return VideoPruning(args.video_pruning_rate, args.video_tokens)
+
+
 def _ask(args: argparse.Namespace) -> dict:
     settings, frames = _settings(args, device=args.device)
     media, decode_s = _decode(args, settings, frames)  # a bad file fails here, before the weights are read
@@ -130,7 +142,7 @@ def _ask(args: argparse.Namespace) -> dict:
     try:
         (answer,) = model.answer([media.pixels if image else media], [args.question],
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                 seed=args.seed)
+                                 seed=args.seed, pruning=_pruning(args))
     finally:
         model.close()
     described = media.describe() if image else {
@@ -166,7 +178,7 @@ def _info(args: argparse.Namespace) -> dict:
     image = isinstance(media, DecodedImage)
     # counted as the loaded model counts a question, with the processor only: no weights are read
     cost = conversation_cost(processor, family, [Turn("user", args.question, (media.pixels if image else media.frames,))],
-                             settings.chat_template)
+                             settings.chat_template, _pruning(args))
     budget = TokenBudget(resolved.budget_context, cost.per_frame, settings.max_frames)
     try:
         needed = cost.check(budget, settings.max_new_tokens)
@@ -181,6 +193,7 @@ def _info(args: argparse.Namespace) -> dict:
         "family": family.label,
         "tokens_per_frame": cost.per_frame,
         "visual_tokens": cost.visual_tokens,
+        "video_tokens_pruned": cost.pruned,
         "prompt_tokens": cost.prompt_tokens,
         "max_new_tokens": settings.max_new_tokens,
         "tokens_needed": needed,

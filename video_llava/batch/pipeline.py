@@ -42,6 +42,8 @@ class CaptionConfig(BaseModel):
     frames: int = Field(DEFAULT_FRAMES, ge=1, le=MAX_FRAMES)
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = Field(64, ge=1, le=1024)
+    video_pruning_rate: float = Field(0.0, ge=0.0, lt=1.0, description="share of each video's tokens dropped before "
+                                      "the LLM (model.pruning: the first frame whole, then the tokens that changed most)")
     batch_size: int = Field(4, ge=1, description="videos per Ray Data batch, captioned together (continuous batching)")
     batches_in_flight: int = Field(
         2, ge=1, le=16, description="Ray Data batches each model actor captions at once, in threads of its own: their "
@@ -136,7 +138,8 @@ def build_pipeline(cfg: CaptionConfig, todo: list[dict]):
     from video_llava.model.settings import ModelSettings
     from video_llava.ray_runtime import model_actor_pool
 
-    settings = {"model": cfg.model, "num_frames": cfg.frames, "max_frames": MAX_FRAMES, "max_new_tokens": cfg.max_new_tokens}
+    settings = {"model": cfg.model, "num_frames": cfg.frames, "max_frames": MAX_FRAMES, "max_new_tokens": cfg.max_new_tokens,
+                "video_pruning_rate": cfg.video_pruning_rate}
     short_side = checkpoint_inputs(ModelSettings(**settings)).frame_short_side  # config and processor, no weights
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * cfg.decode_workers * cfg.batch_size)))
     ds = ds.map_batches(

@@ -108,8 +108,8 @@ class VisionWork:
 
     def features(self) -> MediaFeatures:
         """Its media features, once ``done``."""
-        return MediaFeatures(self.images, [v.features for v in self.videos], self.cached and self.images_cached,
-                             self.seconds)
+        return MediaFeatures(self.images, self.embedder.pruned(self.prepared, [v.features for v in self.videos]),
+                             self.cached and self.images_cached, self.seconds)
 
 
 def run_vision(embedder: MediaEmbedder, works: Sequence[VisionWork], budget: int) -> int:

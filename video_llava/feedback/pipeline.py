@@ -20,6 +20,8 @@ class GenerationConfig(JudgeConfig):
     data: Path = Field(..., description="dataset directory with <split>.jsonl (LLaVA-style records with a caption)")
     model: str = Field("embedded", description="the model that answers: a checkpoint directory (e.g. runs/sft/model)")
     frames: int = Field(8, ge=1, le=MAX_FRAMES)
+    video_pruning_rate: float = Field(0.0, ge=0.0, lt=1.0, description="share of each video's tokens dropped before "
+                                      "the LLM (model.pruning)")
     max_new_tokens: int = Field(16, ge=1, le=512)
     limit: int | None = Field(None, ge=1, description="use only the first N records")
     batch_size: int = Field(4, ge=1)
@@ -116,7 +118,8 @@ def build_pipeline(cfg: GenerationConfig, records_path: Path | None, samples: in
                              num_cpus=0.25)
         else:
             ds = ds.map(flatten_record, fn_kwargs={"root": cfg.data.resolve()}, num_cpus=0.25)
-    settings = {"model": cfg.model, "num_frames": cfg.frames, "max_frames": MAX_FRAMES, "max_new_tokens": cfg.max_new_tokens}
+    settings = {"model": cfg.model, "num_frames": cfg.frames, "max_frames": MAX_FRAMES, "max_new_tokens": cfg.max_new_tokens,
+                "video_pruning_rate": cfg.video_pruning_rate}
     ds = ds.map_batches(
         AnswerSampler,
         fn_constructor_kwargs=dict(settings=settings, samples=samples,

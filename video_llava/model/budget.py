@@ -52,18 +52,22 @@ class TokenBudget:
             return 0
         return max(0, min(self.max_frames, room // self.per_frame))
 
-    def check(self, num_frames: int, prompt_tokens: int, max_new_tokens: int, fixed_visual: int = 0) -> int:
+    def check(self, num_frames: int, prompt_tokens: int, max_new_tokens: int, fixed_visual: int = 0,
+              pruned: int = 0) -> int:
         """Total tokens needed; raises ``ContextBudgetError`` naming the numbers and the largest frame count that fits.
 
-        ``fixed_visual``: visual tokens that do not scale with the frame count (images, a video's newline token).
+        ``fixed_visual``: visual tokens that do not scale with the frame count (images, a video's newline token);
+        ``pruned``: video tokens a token budget dropped (``model.pruning``).
         """
         video = num_frames * self.per_frame
-        needed = video + fixed_visual + prompt_tokens + max_new_tokens
+        needed = video - pruned + fixed_visual + prompt_tokens + max_new_tokens
         fit = self.frames_that_fit(prompt_tokens, max_new_tokens, fixed_visual)
         too_many = num_frames > self.max_frames
         if not too_many and needed <= self.context:
             return needed
         visual = f"{num_frames} frames x {self.per_frame} = {video} visual tokens" if num_frames else ""
+        if pruned:
+            visual = f"{visual} - {pruned} pruned"
         if fixed_visual:
             visual = f"{visual} + {fixed_visual} image and separator tokens" if num_frames else f"{fixed_visual} image tokens"
         math_ = f"{visual} + {prompt_tokens} prompt + {max_new_tokens} new = {needed} tokens, context {self.context}"

@@ -82,12 +82,21 @@ class MediaEmbedder:
         seconds = self._run_videos(missing, found)
         images = self._run_images(prepared, every)
         out = []
-        for question_keys, (image_features, images_cached, image_s) in zip(keys, images):
-            videos = [found[k] for k in question_keys if k is not None]
+        for p, question_keys, (image_features, images_cached, image_s) in zip(prepared, keys, images):
+            videos = self.pruned(p, [found[k] for k in question_keys if k is not None])
             out.append(MediaFeatures(image_features, videos,
                                      images_cached and not any(k in missing for k in question_keys if k is not None),
                                      image_s + sum(seconds.get(k, 0.0) for k in set(question_keys))))
         return out
+
+    def pruned(self, prepared: Embeddable, videos: Sequence[Any]) -> list[Any]:
+        """Each of a question's video features (whole, as cached) cut to the tokens its prompt holds for it: the
+        tokens ``model.pruning``'s rule keeps under the question's video token budget (none cut without one)."""
+        from video_llava.model.pruning import prune_video
+
+        lengths = [(m.shape[0], n) for m, n in zip(prepared.media, prepared.media_tokens) if media_kind(m) == VIDEO]
+        per_frame = self.family.tokens_per_frame(self.processor) if lengths else 0
+        return [f if f.shape[0] == n else prune_video(f, frames, per_frame, n) for f, (frames, n) in zip(videos, lengths)]
 
     # ---- pieces of videos, for a caller that spreads a vision pass over several steps ---------------------------
     @property

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from video_llava.model.accounting import MediaArg, as_media_list, conversation_cost
+from video_llava.model.pruning import VideoPruning
 from video_llava.model.allocator import retain_freed_memory
 from video_llava.model.answers import Answer, PreparedQuestion, TokenLogprob
 from video_llava.model.budget import TokenBudget
@@ -88,42 +89,50 @@ class VideoQAModel:
                                  self.settings.chat_template)
         return cost.check(self.budget, max_new_tokens or self.settings.max_new_tokens)
 
-    def prepare(self, media: VideoArg, question: str, max_new_tokens: int | None = None) -> PreparedQuestion:
+    def prepare(self, media: VideoArg, question: str, max_new_tokens: int | None = None,
+                pruning: VideoPruning | None = None) -> PreparedQuestion:
         """One question about its media (images and/or videos, placed in order before the text); see
         ``prepare_conversation``."""
-        return self.prepare_conversation([Turn("user", question, as_media_list(media))], max_new_tokens)
+        return self.prepare_conversation([Turn("user", question, as_media_list(media))], max_new_tokens, pruning)
 
-    def prepare_conversation(self, turns: Sequence[Turn], max_new_tokens: int | None = None) -> PreparedQuestion:
+    def prepare_conversation(self, turns: Sequence[Turn], max_new_tokens: int | None = None,
+                             pruning: VideoPruning | None = None) -> PreparedQuestion:
         """A conversation (system text, earlier turns, media in any user turn) checked and rendered with the
         family's chat template: ``UnsupportedMediaError`` for media the family does not take,
-        ``InvalidQuestionError`` for markup in any text, ``ContextBudgetError`` unless the whole conversation fits.
+        ``InvalidQuestionError`` for markup in any text, ``ContextBudgetError`` unless the whole conversation fits,
+        ``VideoTokenBudgetError`` for a video token budget below one frame. ``pruning``: how many of each video's
+        tokens reach the LLM (default: the settings' ``video_pruning_rate``; ``model.pruning``).
         """
         new_tokens = max_new_tokens or self.settings.max_new_tokens
-        cost = conversation_cost(self.processor, self.family, turns, self.settings.chat_template)
+        pruning = pruning if pruning is not None else VideoPruning(self.settings.video_pruning_rate)
+        cost = conversation_cost(self.processor, self.family, turns, self.settings.chat_template, pruning)
         cost.check(self.budget, new_tokens)
         return PreparedQuestion(cost.media, cost.media_tokens, cost.prompt, cost.prompt_tokens, cost.visual_tokens,
                                 new_tokens)
 
     # ---- generation ----------------------------------------------------------------------------------------
     def answer(self, videos: Sequence[VideoArg], questions: Sequence[str], max_new_tokens: int | None = None,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Answer]:
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               pruning: VideoPruning | None = None) -> list[Answer]:
         """Answer ``questions[i]`` about ``videos[i]`` (frames ``(N,H,W,3)`` uint8, or an image ``(H,W,3)``) on this
         model's engine (continuous batching, as the service and the jobs run), each question sampled as a request of
         its own with ``seed``: the same answer the service gives that request.
 
         ``videos[i]`` may also be a list of media for one question (placed in order before the text). The whole
         batch is refused before any compute if one question does not fit. Vision features of frames seen before come
-        from a content-keyed cache, so a second question about a video skips the vision tower.
+        from a content-keyed cache, so a second question about a video skips the vision tower. ``pruning``: the
+        video token budget (``model.pruning``; default the settings').
         """
         if len(videos) != len(questions):
             raise ValueError(f"{len(videos)} videos but {len(questions)} questions")
-        prepared = [self.prepare(v, q, max_new_tokens) for v, q in zip(videos, questions)]
+        prepared = [self.prepare(v, q, max_new_tokens, pruning) for v, q in zip(videos, questions)]
         return self.engine.generate(prepared, [self.sampling(p, temperature, top_p, seed) for p in prepared])
 
     def stream_answer(self, video: VideoArg, question: str, max_new_tokens: int | None = None,
-                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str | Answer]:
+                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                      pruning: VideoPruning | None = None) -> Iterator[str | Answer]:
         """Yield the answer's text as it is generated (on the engine, as ``answer``), then one final ``Answer``."""
-        prepared = self.prepare(video, question, max_new_tokens)
+        prepared = self.prepare(video, question, max_new_tokens, pruning)
         return self.engine.stream(prepared, self.sampling(prepared, temperature, top_p, seed))
 
     @staticmethod

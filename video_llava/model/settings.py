@@ -46,6 +46,10 @@ class ModelSettings(BaseModel):
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     chat_template: ChatTemplateName = "auto"
     max_new_tokens: int = Field(128, ge=1, le=4096)
+    video_pruning_rate: float = Field(0.0, ge=0.0, lt=1.0, description="share of each video's tokens dropped before "
+                                      "the LLM by default (the first frame kept whole; of the later frames' tokens, "
+                                      "those least changed from the frame before; model.pruning); a request may ask "
+                                      "its own")
     feature_cache_mb: int = Field(
         256, ge=0, description="vision features kept for repeat questions about the same frames (0 disables)"
     )

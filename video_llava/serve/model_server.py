@@ -16,6 +16,7 @@ from ray import serve
 
 from video_llava.engine import Failed, Finished, GrammarError, KVBudgetError, QueueFullError, SamplingParams, TextPiece
 from video_llava.model.budget import ContextBudgetError
+from video_llava.model.pruning import VideoTokenBudgetError
 from video_llava.model.families import UnsupportedMediaError
 from video_llava.model.prompts import InvalidQuestionError
 from video_llava.model.qa_model import PreparedQuestion
@@ -88,9 +89,11 @@ class ModelServer:
         """The one token-budget check of a request (the whole conversation), its media against the family, and
         its prompt."""
         try:
-            return self.model.prepare_conversation(request.turns, request.max_new_tokens)
+            return self.model.prepare_conversation(request.turns, request.max_new_tokens, request.pruning)
         except ContextBudgetError as exc:
             return budget_error(exc)
+        except VideoTokenBudgetError as exc:
+            return ModelError(400, str(exc), "video_token_budget_too_small", "video_token_budget")
         except InvalidQuestionError as exc:
             return ModelError(400, str(exc), "invalid_question", "question")
         except UnsupportedMediaError as exc:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from video_llava.engine.grammar import OutputFormat
 from video_llava.model.prompts import Turn
+from video_llava.model.pruning import VideoPruning
 from video_llava.model.qa_model import Answer
 from video_llava.video.sampling import SamplingMode
 
@@ -58,6 +59,7 @@ class ModelRequest:
     top_logprobs: int = 0
     top_k: int = 0  # 0: no bound
     priority: int = 0  # lower is admitted first (clients do not set it: the service's own classes of traffic)
+    pruning: VideoPruning | None = None  # the video token budget asked (None: the model's default)
     response_format: OutputFormat | None = None  # structured output: the answer is JSON of this format
 
     @property
@@ -133,6 +135,18 @@ class GenerationOptions(BaseModel):
     json_schema: dict[str, Any] | None = Field(
         None, description="the answer is JSON valid under this schema (structured output; on /v1/video/qa, a JSON "
         "string in a multipart form)")
+    video_pruning_rate: float | None = Field(
+        None, ge=0.0, lt=1.0, description="share of each video's tokens dropped before the LLM: the first frame kept "
+        "whole, of the later frames' tokens those least changed from the frame before (default: the service's)")
+    video_token_budget: int | None = Field(
+        None, ge=1, description="at most this many tokens of each video reach the LLM (at least one frame's), the "
+        "same rule choosing them; with video_pruning_rate, the smaller count")
+
+    def video_pruning(self) -> VideoPruning | None:
+        """The video token budget asked, if any (``model.pruning``)."""
+        if self.video_pruning_rate is None and self.video_token_budget is None:
+            return None
+        return VideoPruning(self.video_pruning_rate or 0.0, self.video_token_budget)
 
     @field_validator("json_schema", mode="before")
     @classmethod

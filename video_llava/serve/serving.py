@@ -203,7 +203,7 @@ class QAService:
         return ModelRequest(tuple(turns), new_tokens or opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed,
                             opts.stop_strings(), n=opts.n if chat else 1, logprobs=bool(chat and opts.logprobs),
                             top_logprobs=(opts.top_logprobs or 0) if chat else 0, top_k=opts.top_k,
-                            response_format=output)
+                            response_format=output, pruning=opts.video_pruning())
 
     async def _ask_model(self, request: ModelRequest) -> ModelReply:
         from ray.serve.exceptions import BackPressureError
