@@ -18,6 +18,9 @@ and ``--weight-decay`` as in transformers' Trainer. Checkpoints every ``--checkp
 model is saved with ``save_pretrained`` to ``<output>/<name>/model``; ``<output>/<name>/metrics.jsonl`` logs
 step and loss as training goes. ``--frame-counts 4,8,16,32`` varies the frames per step (at a constant
 frames x batch), so a model trained on short clips also answers when serving samples more frames.
+``--video-prune-rates 0,0.25,0.5,0.75`` trains each video example with one of these shares of its video tokens
+pruned by the rule serving applies (``model.pruning``, ``train.pruned``), so the model answers well under a video
+token budget.
 """
 
 from __future__ import annotations
@@ -79,10 +82,28 @@ class SFTConfig(TrainRunConfig):
                                           "(seeded by step) and takes batch-size x frames / count records, so a model "
                                           "trained on few frames also answers with the 16-56 that serving samples")
 
+    video_prune_rates: tuple[float, ...] = Field((), description="e.g. 0,0.25,0.5,0.75: each video example is trained "
+                                                 "with one of these shares of its video tokens pruned (drawn per "
+                                                 "example), as a request with that video_pruning_rate is served")
+
     @field_validator("frame_counts", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         return tuple(int(v) for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @field_validator("video_prune_rates", mode="before")
+    @classmethod
+    def _comma_separated_rates(cls, value):
+        return tuple(float(v) for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _rates_in_range(self):
+        if any(not 0 <= rate < 1 for rate in self.video_prune_rates):
+            raise ValueError(f"video prune rates must be in [0, 1), got {self.video_prune_rates}")
+        if self.video_prune_rates and self.strategy == "fsdp":
+            raise ValueError("--video-prune-rates runs the vision tower outside the model's forward, which FSDP's "
+                             "sharded units do not allow yet: use --strategy ddp")
+        return self
 
     @field_validator("frame_counts")
     @classmethod
@@ -120,7 +141,11 @@ def train_loop(config: dict) -> None:
     import random
 
     from video_llava.data.record_files import BadRecordError, TrainingRecord
-    from video_llava.train.examples import ExampleMaker, answer_tokens, collate, conversation_example
+    from video_llava.model.families import family_of
+    from video_llava.model.pruning import VideoPruning
+    from video_llava.train.examples import (VIDEO_KEPT, ExampleMaker, answer_tokens, collate, conversation_example,
+                                            pruned_example)
+    from video_llava.train.pruned import pruned_video_inputs
     from video_llava.train.run import start_worker, worker_rows
     from video_llava.train.step import chunks
 
@@ -128,6 +153,11 @@ def train_loop(config: dict) -> None:
     run = start_worker(cfg, cfg.model, lora_rank=cfg.lora_rank)
     records = [TrainingRecord.from_row(row) for row in worker_rows()]
     make_example = ExampleMaker(run.processor, cfg.frames)
+    unwrapped = run.model.module if hasattr(run.model, "module") else run.model
+    per_frame = closing = 0
+    if cfg.video_prune_rates:
+        family = family_of(unwrapped.config)
+        per_frame, closing = family.tokens_per_frame(run.processor), family.video_tokens(run.processor, 0)
     epochs = cfg.steps_of(len(records)) if cfg.epochs else None
     total = len(epochs) if epochs is not None else cfg.max_steps or 200
 
@@ -144,10 +174,11 @@ def train_loop(config: dict) -> None:
 
     unreadable: set[int] = set()  # records whose media failed (reported once)
 
-    def example(record: TrainingRecord, frames: int) -> dict:
+    def example(record: TrainingRecord, frames: int, step: int) -> dict:
         """A record's example, every turn of its conversation trained on. A record whose media cannot be read fails
         the run naming it, or under --on-bad-record skip is reported and the next readable record of this worker's
-        takes its place (the batch keeps its size, so every worker runs the same micro-batches)."""
+        takes its place (the batch keeps its size, so every worker runs the same micro-batches). With
+        --video-prune-rates, a video's tokens are pruned at a rate drawn for the record and step."""
         start = records.index(record)
         for k in range(len(records)):
             candidate = records[(start + k) % len(records)]
@@ -162,16 +193,24 @@ def train_loop(config: dict) -> None:
                 print(f"skipped {reason}", file=sys.stderr)
                 unreadable.add(candidate.index)
                 continue
-            return conversation_example(run.processor, candidate, media)
+            made = conversation_example(run.processor, candidate, media)
+            if cfg.video_prune_rates and "pixel_values_videos" in made:
+                rate = random.Random(f"{cfg.seed}-{step}-{candidate.index}-prune").choice(cfg.video_prune_rates)
+                kept = VideoPruning(rate).kept(frames, per_frame) + closing
+                made = pruned_example(made, run.processor.video_token_id, kept)
+            return made
         raise BadRecordError("no record on this worker has readable media")
 
     def loss_of(batch: dict):
-        return run.model(**{k: v.to(run.device) for k, v in batch.items()}).loss
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        if VIDEO_KEPT in batch:
+            batch = pruned_video_inputs(unwrapped, batch, run.processor.video_token_id, per_frame)
+        return run.model(**batch).loss
 
     for step in range(run.start_step + 1, total + 1):
         frames, batch_size = cfg.step_shape(step)
         drawn = records_of(step, batch_size)
-        parts = [collate([example(r, frames) for r in part], run.processor.tokenizer.pad_token_id)
+        parts = [collate([example(r, frames, step) for r in part], run.processor.tokenizer.pad_token_id)
                  for part in chunks(drawn, batch_size)]
         tokens = [answer_tokens(part) for part in parts]  # each micro-batch weighs as its share of answer tokens
         done = run.step(step, total, [(part, n / sum(tokens)) for part, n in zip(parts, tokens)], loss_of)

@@ -124,6 +124,14 @@ def test_sft_steps_lower_the_loss_train_the_projector_and_llm_at_their_rates_and
     assert changed["vision"] and not any(changed["vision"])  # frozen
 
 
+def test_video_prune_rates_are_read_checked_and_refused_under_fsdp():
+    assert SFTConfig.model_validate({"data": "d", "output": "o", "video_prune_rates": "0,0.5"}).video_prune_rates == (0, 0.5)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        SFTConfig.model_validate({"data": "d", "output": "o", "video_prune_rates": "0,1"})
+    with pytest.raises(ValueError, match="use --strategy ddp"):
+        SFTConfig.model_validate({"data": "d", "output": "o", "video_prune_rates": "0.5", "strategy": "fsdp"})
+
+
 def test_epochs_walk_every_record_once_per_epoch_in_steps_of_the_batch():
     cfg = SFTConfig(data="d", output="o", batch_size=4, epochs=2)
     assert cfg.steps_of(10) == [(0, 0, 4), (0, 4, 4), (0, 8, 2), (1, 0, 4), (1, 4, 4), (1, 8, 2)]
@@ -192,12 +200,13 @@ def test_sft_runs_on_a_onevision_checkpoint_over_llava_files_in_bf16_checkpointe
         llava_file, data, tmp_path, embedded_cache, tiny_checkpoint):
     """LLaVA's file shapes (videos, images, two images in two turns, text-only) on OneVision, which reads a sample's
     several images together, with the options a 7B run takes (bf16 autocast, gradient checkpointing, two
-    micro-batches a step; their effect on the update: tests/test_training_steps.py). One epoch: every record is
-    trained on once, the undecodable video reported and replaced."""
+    micro-batches a step; their effect on the update: tests/test_training_steps.py) and videos pruned at a rate drawn
+    per example (tests/test_video_pruning.py: what the forward sees). One epoch: every record is trained on once, the
+    undecodable video reported and replaced."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     result = run_sft(llava_file, tmp_path, embedded_cache, 2, "--media-root", str(data), "--on-bad-record", "skip",
-                     "--epochs", "1", "--model", str(tiny_checkpoint("llava_onevision")),
+                     "--epochs", "1", "--model", str(tiny_checkpoint("llava_onevision")), "--video-prune-rates", "0,0.75",
                      "--precision", "bf16", "--gradient-checkpointing", "--grad-accum", "2", "--batch-size", "2")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     output = result.stdout + result.stderr

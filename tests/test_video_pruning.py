@@ -123,3 +123,41 @@ def test_onevision_keeps_its_closing_newline_after_the_kept_tokens(tiny_checkpoi
         assert said(answer) == said(model.generate([pruned])[0])
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("family", ["embedded", "llava_onevision"])
+def test_training_on_a_pruned_video_sees_the_embeddings_serving_gives_that_budget(family, tiny_checkpoint, clip):
+    """jobs.sft --video-prune-rates: the example keeps the budget's count of video tokens and the forward fills them
+    with the features the serving rule keeps, so the prompt's embeddings are the service's for that rate."""
+    import torch
+
+    from video_llava.model.embedded import embedded_path
+    from video_llava.model.loading import load_checkpoint
+    from video_llava.model.prompts import build_prompt
+    from video_llava.model.qa_model import VideoQAModel
+    from video_llava.model.settings import ModelSettings
+    from video_llava.train.examples import IGNORE_INDEX, collate, pruned_example, sft_example
+    from video_llava.train.pruned import pruned_video_inputs
+
+    path = embedded_path() if family == "embedded" else tiny_checkpoint(family)
+    model, processor = load_checkpoint(path)
+    serving = VideoQAModel(ModelSettings(model=str(path)))
+    try:
+        per_frame = serving.family.tokens_per_frame(processor)
+        prepared = serving.prepare(clip, QUESTION, 4, VideoPruning(0.5))
+        (kept,) = prepared.media_tokens
+        expected, _, _, _ = serving.embedder([prepared])
+        example = pruned_example(sft_example(processor, build_prompt(processor, QUESTION), "red", clip),
+                                 processor.video_token_id, kept)
+        assert int((example["input_ids"] == processor.video_token_id).sum()) == kept
+        assert example["labels"][example["input_ids"] == processor.video_token_id].eq(IGNORE_INDEX).all()
+        batch = collate([example], processor.tokenizer.pad_token_id)
+        with torch.no_grad():
+            inputs = pruned_video_inputs(model, batch, processor.video_token_id, per_frame)
+            loss = model(**inputs).loss
+        prompt = expected.shape[1]
+        assert batch["input_ids"][0, :prompt].tolist() == serving.embedder.prompt_ids(prepared)
+        assert torch.allclose(inputs["inputs_embeds"][0, :prompt], expected[0], atol=1e-5)
+        assert torch.isfinite(loss)
+    finally:
+        serving.close()

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 MEDIA_KEYS = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")  # what feeds the vision tower
+VIDEO_KEPT = "video_kept"  # each video's tokens in the prompt when a video token budget pruned it (train.pruned)
 
 
 def sft_example(processor, prompt: str, answer: str, frames: np.ndarray | None = None, image: np.ndarray | None = None,
@@ -100,6 +101,20 @@ def joined_media(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return joined
 
 
+def pruned_example(example: dict[str, Any], video_token_id: int, kept: int) -> dict[str, Any]:
+    """An example of one video with its video tokens cut to ``kept`` (``model.pruning``'s count, closing tokens
+    included) and ``video_kept`` saying so: which of them the features fill is decided in the forward
+    (``train.pruned``), as serving decides it; the placeholder ids are all alike, so the last ones go."""
+    import torch
+
+    ids, labels = example["input_ids"], example["labels"]
+    positions = torch.nonzero(ids == video_token_id).flatten()
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[positions[kept:]] = False
+    return {**example, "input_ids": ids[keep], "labels": labels[keep],
+            VIDEO_KEPT: torch.tensor([min(kept, len(positions))])}
+
+
 def fixed_length(frames: np.ndarray, count: int, is_image: bool = False) -> np.ndarray:
     """``count`` frames: a video shorter than asked repeats frames evenly (videos in a batch share a length)."""
     if is_image or len(frames) == count:
@@ -157,7 +172,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
         n = len(e["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = e["input_ids"], e["labels"], 1
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    batch.update(joined_media([{k: v for k, v in e.items() if k in MEDIA_KEYS} for e in examples]))
+    batch.update(joined_media([{k: v for k, v in e.items() if k in MEDIA_KEYS or k == VIDEO_KEPT} for e in examples]))
     return batch
 
 
