@@ -53,14 +53,19 @@ def test_captions_become_records_questions_pairs_a_dpo_model_and_an_evaluation(s
     manifest = job("jobs.caption", "--input", str(videos), "--output", str(captions), "--frames", "4",
                    "--max-new-tokens", "24", "--num-cpus", "2", figures=captions / "_manifest.json")
     assert manifest["ok"] == 5
-    records = job("jobs.make_records", "--captions", str(captions), "--output", str(tmp_path / "records"),
-                  "--val-fraction", "0.4")
+    from jobs.make_questions import MakeQuestionsConfig
+    from jobs.make_questions import main as make_questions
+    from jobs.make_records import MakeRecordsConfig
+    from jobs.make_records import main as make_records
+
+    # the two hops that need no CPU of Ray's run here, on the service's Ray (the others start their own)
+    records = make_records(MakeRecordsConfig(captions=str(captions), output=tmp_path / "records", val_fraction=0.4))
     assert records["records"] == 5 and records["train"] + records["val"] == 5 and records["val"] >= 1
     first = json.loads((tmp_path / "records" / "train.jsonl").read_text().splitlines()[0])
     assert Path(first["video"]).is_file() and first["caption"] and first["conversations"][1]["value"] == first["caption"]
 
-    questions = job("jobs.make_questions", "--data", str(tmp_path / "records"), "--output", str(tmp_path / "qa"),
-                    "--llm-url", f"{service}/v1", "--llm-model", "writer", "--questions", "2", "--concurrency", "2")
+    questions = make_questions(MakeQuestionsConfig(data=tmp_path / "records", output=tmp_path / "qa", questions=2,
+                                                   llm_url=f"{service}/v1", llm_model="writer", concurrency=2))
     assert questions["train"]["questions"] >= records["train"] and questions["train"]["errors"] == 0
     asked = [json.loads(line) for line in (tmp_path / "qa" / "train.jsonl").read_text().splitlines()]
     assert all(r["conversations"][0]["value"].startswith("<video>\n") and r["caption"] for r in asked)

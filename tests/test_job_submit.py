@@ -76,9 +76,7 @@ def _submit(address: str, env: dict, *args: str, env_vars: dict | None = None) -
     )
 
 
-def test_sft_and_dpo_jobs_submitted_with_ray_job_submit_succeed(cluster, tmp_path):
-    import json
-
+def test_an_sft_job_submitted_with_ray_job_submit_succeeds(cluster, tmp_path):
     from jobs.make_synthetic import SyntheticConfig
     from jobs.make_synthetic import main as make_synthetic
 
@@ -89,21 +87,7 @@ def test_sft_and_dpo_jobs_submitted_with_ray_job_submit_succeed(cluster, tmp_pat
                   "--max-steps", "2", "--batch-size", "2", "--frames", "2", "--cpus-per-worker", "1")
     assert sft.returncode == 0, (sft.stdout + sft.stderr)[-3000:]
     assert "succeeded" in sft.stdout.lower() and "finished at step 2" in sft.stdout
-    # Preference pairs as jobs.make_preferences writes them (one JSON shard), for a short DPO run.
-    shards = tmp_path / "prefs" / "shards"
-    shards.mkdir(parents=True)
-    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
-    with open(shards / "part-0.json", "w") as f:
-        for r in rows:
-            f.write(json.dumps({"id": r["id"], "video": str(data / r["video"]), "image": "", "status": "pair",
-                                "question": r["conversations"][0]["value"].replace("<video>\n", ""),
-                                "chosen": r["answer"], "rejected": "purple"}) + "\n")
-    dpo = _submit(address, env, "jobs.dpo", "--preferences", str(tmp_path / "prefs"), "--model",
-                  str(tmp_path / "runs" / "sft" / "model"), "--output", str(tmp_path / "runs"), "--name", "dpo",
-                  "--max-steps", "2", "--batch-size", "2", "--frames", "2", "--cpus-per-worker", "1")
-    assert dpo.returncode == 0, (dpo.stdout + dpo.stderr)[-3000:]
-    assert "succeeded" in dpo.stdout.lower() and "finished at step 2" in dpo.stdout
-    assert (tmp_path / "runs" / "dpo" / "model" / "config.json").exists()
+    # (DPO is submitted the same way; tests/test_captions_to_dpo.py runs it on another run's output.)
 
 
 def test_a_submitted_job_given_the_readmes_relative_paths_says_to_use_shared_storage(cluster):

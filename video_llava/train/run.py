@@ -185,6 +185,14 @@ def load_for_training(source: str, parts: tuple[str, ...] = ("projector", "llm")
     return model, processor, state, source
 
 
+def check_resumed_parts(state: dict | None, trained: list[str]) -> None:
+    """A resume trains the parts its checkpoint trained (its AdamW state is theirs): ``ValueError`` naming both."""
+    if state is not None and state.get("parts") not in (None, trained):
+        raise ValueError(f"cannot resume: the checkpoint trained {','.join(state['parts'])}, --train asks "
+                         f"{','.join(trained)}; resume with the same --train, or start a new run (another --name) "
+                         "from the checkpoint's model")
+
+
 def prepare_training(model, state: dict | None, rates: dict[str, float], gradient_checkpointing: bool = False,
                      strategy: Strategy = "ddp", weight_decay: float = 0.01):
     """(DDP-ready or FSDP-sharded model, AdamW over its trainable parameters, first step): restores the optimizer
@@ -205,11 +213,7 @@ def prepare_training(model, state: dict | None, rates: dict[str, float], gradien
         # a part the batch did not use (LLaVA-NeXT's image_newline in a video batch) has no gradient on that worker
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     groups = param_groups(model, rates, weight_decay)
-    trained = [g["part"] for g in groups]
-    if state is not None and state.get("parts") not in (None, trained):
-        raise ValueError(f"cannot resume: the checkpoint trained {','.join(state['parts'])}, --train asks "
-                         f"{','.join(trained)}; resume with the same --train, or start a new run (another --name) "
-                         "from the checkpoint's model")
+    check_resumed_parts(state, [g["part"] for g in groups])
     optimizer = torch.optim.AdamW(groups)
     try:
         if state is not None and "sharded" in state:
