@@ -173,13 +173,14 @@ def train_loop(config: dict) -> None:
         return [records[k] for k in order[position:position + take]]
 
     unreadable: set[int] = set()  # records whose media failed (reported once)
+    position = {r.index: k for k, r in enumerate(records)}  # where a record sits in this worker's list
 
     def example(record: TrainingRecord, frames: int, step: int) -> dict:
         """A record's example, every turn of its conversation trained on. A record whose media cannot be read fails
         the run naming it, or under --on-bad-record skip is reported and the next readable record of this worker's
         takes its place (the batch keeps its size, so every worker runs the same micro-batches). With
         --video-prune-rates, a video's tokens are pruned at a rate drawn for the record and step."""
-        start = records.index(record)
+        start = position[record.index]
         for k in range(len(records)):
             candidate = records[(start + k) % len(records)]
             if candidate.index in unreadable:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from video_llava.data.records import media_path
 from video_llava.data.record_files import (
     BadRecordsError,
     Medium,
     Message,
     TrainingRecord,
     load_training_records,
-    media_uri,
     raw_records,
 )
 
@@ -68,10 +68,10 @@ def test_json_arrays_and_jsonl_give_the_same_records_of_every_shape(media):
 
 
 def test_media_paths_are_under_the_media_root_a_directory_or_an_s3_prefix():
-    assert media_uri("v/1.mp4", "s3://bucket/llava/") == "s3://bucket/llava/v/1.mp4"
-    assert media_uri("v/1.mp4", "/data") == "/data/v/1.mp4"
-    assert media_uri("/abs/1.mp4", "s3://bucket") == "/abs/1.mp4"
-    assert media_uri("s3://other/1.mp4", "/data") == "s3://other/1.mp4"
+    assert media_path("v/1.mp4", "s3://bucket/llava/") == "s3://bucket/llava/v/1.mp4"
+    assert media_path("v/1.mp4", "/data") == "/data/v/1.mp4"
+    assert media_path("/abs/1.mp4", "s3://bucket") == "/abs/1.mp4"
+    assert media_path("s3://other/1.mp4", "/data") == "s3://other/1.mp4"
 
 
 def test_media_under_an_s3_root_are_not_looked_up_on_the_driver(tmp_path):

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from video_llava.data.records import media_path
+
 OnBadRecord = Literal["skip", "fail"]
 MediaKind = Literal["image", "video"]
 Role = Literal["system", "user", "assistant"]
@@ -130,15 +132,6 @@ def raw_records(uri: str) -> Iterator[tuple[int, Any]]:
             yield index, BadRecordError(f"not JSON ({e.msg} at column {e.colno})")
 
 
-def media_uri(value: str, root: str) -> str:
-    """A record's media path under ``root`` (a directory or an ``s3://`` prefix); absolute paths and URIs kept."""
-    if "://" in value or Path(value).is_absolute():
-        return value
-    if "://" in root:
-        return root.rstrip("/") + "/" + value.lstrip("/")
-    return str((Path(root) / value).resolve())
-
-
 def _media(raw: dict, root: str) -> tuple[Medium, ...]:
     images, video = raw.get("image"), raw.get("video")
     if images and video:
@@ -146,13 +139,13 @@ def _media(raw: dict, root: str) -> tuple[Medium, ...]:
     if video:
         if not isinstance(video, str):
             raise BadRecordError(f"'video' must be one path, got {type(video).__name__}")
-        return (Medium("video", media_uri(video, root)),)
+        return (Medium("video", media_path(video, root)),)
     if not images:
         return ()
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
         raise BadRecordError("'image' must be a path or a list of paths")
-    return tuple(Medium("image", media_uri(i, root)) for i in images)
+    return tuple(Medium("image", media_path(i, root)) for i in images)
 
 
 def _messages(raw: dict, media: tuple[Medium, ...]) -> tuple[Message, ...]:

@@ -36,14 +36,17 @@ def question_answer(record: dict) -> tuple[str, str]:
     return conversation_turns(record)[0]
 
 
-def media_path(value: Any, root: Path) -> str:
-    """A record's ``video``/``image`` as an absolute path (relative ones are under ``root``); URIs are kept."""
+def media_path(value: Any, root: Path | str) -> str:
+    """A record's ``video``/``image`` as an absolute path or URI: relative ones are under ``root`` (a directory or
+    an ``s3://`` prefix); absolute paths and URIs are kept."""
     if not value:
         return ""
     value = str(value)
     if "://" in value or Path(value).is_absolute():
         return value
-    return str((root / value).resolve())
+    if "://" in str(root):
+        return str(root).rstrip("/") + "/" + value.lstrip("/")
+    return str((Path(root) / value).resolve())
 
 
 def flatten_record(record: dict[str, Any], root: Path) -> dict[str, Any]:

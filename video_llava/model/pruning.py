@@ -61,8 +61,7 @@ def kept_positions(features: Any, frames: int, per_frame: int, kept: int) -> Any
         return torch.arange(total, device=features.device)
     grid = features[:total].float().reshape(frames, per_frame, -1)
     change = torch.full((frames, per_frame), float("inf"), device=features.device)  # frame 0: always kept
-    for t in range(1, frames):
-        change[t] = 1 - torch.nn.functional.cosine_similarity(grid[t], grid[t - 1], dim=-1)
+    change[1:] = 1 - torch.nn.functional.cosine_similarity(grid[1:], grid[:-1], dim=-1)
     # ties broken by position (stable), so the choice does not depend on the device's sort
     order = torch.sort(change.flatten(), descending=True, stable=True).indices
     return torch.sort(order[:kept]).values
